@@ -1,0 +1,2793 @@
+#!/usr/bin/env python3
+# /// script
+# requires-python = ">=3.10"
+# dependencies = ["aiortc>=1.9", "paho-mqtt>=2", "prompt_toolkit>=3", "cryptography>=42"]
+# ///
+"""rtchat: serverless, end-to-end encrypted group chat in one file.
+
+Peers meet on an MQTT broker, then talk directly over WebRTC data channels.
+Speaks the RTChat wire protocol, so terminals and the RTChat web page share rooms.
+
+    python rtchat.py alice                        chat in room "chat"
+    python rtchat.py alice --room ops             chat in room "ops"
+    echo "deploy done" | python rtchat.py ci      pipe lines into a room
+    python rtchat.py bot --listen --json          NDJSON on stdout for scripts
+
+Library: import rtchat (see __all__). Plugins: contrib/*.py next to this file.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import getpass
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import secrets
+import sys
+import tempfile
+import time
+import unicodedata
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+try:  # Unix only; on other systems the state file is not locked across processes.
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+try:  # Checked in main() and Client(): a missing package is one clear line, not a traceback.
+    import paho.mqtt.client as mqtt
+    from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+    from aiortc.sdp import candidate_from_sdp
+    from cryptography.exceptions import InvalidSignature, InvalidTag
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+except ImportError:
+    pass
+
+__version__ = "0.1.0"
+__all__ = [
+    "Client", "Room", "Peer", "Message", "Question", "Context", "Store", "Identity",
+    "command", "question", "on", "RtchatError", "UsageError", "EVENTS", "__version__",
+]
+
+log = logging.getLogger("rtchat")
+
+DEFAULT_BROKER = "wss://broker.emqx.io:8084/mqtt"          # rtchat-wire.md §1.1
+DEFAULT_ROOM = "chat"                                       # the widget's default room, §3.3
+TOPIC_BASE = "mrtchat/"                                     # §3.1
+DEFAULT_ICE = ["stun:stun.l.google.com:19302"] + [f"stun:stun{n}.l.google.com:19302" for n in range(1, 5)]  # §1.2
+CHANNELS = ("connectedViaRTC", "dm", "chat", "question", "answer", "ping", "pong",
+            "streamice", "streamoffer", "streamanswer", "endcall")  # offerer creates these, §5.2
+CLIENT_TAG = f"rtchat-py/{__version__}"                     # userInfo.client, §9.3
+
+MAX_PAYLOAD_BYTES = 64 * 1024          # MQTT payload cap, §9.2
+MAX_DECOMPRESSED_CHARS = 256 * 1024    # lz-string output cap, §9.2
+MAX_FRAME_CHARS = 256 * 1024           # data-channel frame cap (aiortc max-message-size)
+MAX_TEXT_CHARS = 16 * 1024             # longest chat line we send or show
+MAX_NAME_CHARS = 64
+MAX_KEY_CHARS = 4096
+MAX_PENDING_CANDIDATES = 64            # per sender, §5.3
+CLOCK_SKEW_S = 120                     # envelope timestamp window, §9.2
+RATE_PER_SENDER = (20.0, 60)           # signaling messages: per second, burst
+ANNOUNCE_EVERY_S = (3, 3, 3, 3, 3, 30)  # while no peer is connected; the last repeats, §4.4
+REANNOUNCE_MIN_S = 1.0                 # answering a newcomer's connect at most this often
+OFFER_DEDUP_S = 1.1                    # one offer per peer per this interval, §4.4
+FALLBACK_OFFER_S = 2.0                 # we offer anyway if the initiator stays silent
+VERIFY_TIMEOUT_S = 10.0
+PING_EVERY_S = 2.0
+PEER_SILENT_S = 8.0                    # no pong from a peer that used to answer: gone
+PROBE_TIMEOUT_S = 1.5                  # an unload/offer hint for a live session is checked by ping
+ASK_TIMEOUT_S = 10.0
+HISTORY_PER_ROOM = 500
+INPUT_HISTORY = 500
+STATE_FORMAT = 1
+
+EVENTS = ("message", "dm", "join", "leave", "verified", "key-changed", "status")
+"""Event names: what Room emits, what plugins subscribe to with @on, and the --json `type` values."""
+
+EX_USAGE, EX_UNAVAILABLE, EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 2, 69, 75, 77, 78
+
+_CONTROL_RE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b.|[\x00-\x1f\x7f-\x9f]")
+
+
+def clean(text: Any, limit: int = MAX_TEXT_CHARS, keep_newlines: bool = False) -> str:
+    """Make a peer-controlled value safe for a terminal: no escapes, no control characters, bounded."""
+    text = str(text)[: limit * 2]
+    if keep_newlines:
+        return "\n".join(_CONTROL_RE.sub("", line) for line in text.split("\n"))[:limit]
+    text = _CONTROL_RE.sub(lambda m: " " if m.group() in "\t\n\r" else "", text)
+    text = "".join(c for c in text if unicodedata.category(c) not in ("Cs", "Co", "Cf") or c == "\u200d")
+    return text[:limit]
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _spawn(coro, name: str | None = None) -> asyncio.Task:
+    """Start a task whose failure is logged rather than lost."""
+    task = asyncio.ensure_future(coro)
+    task.add_done_callback(_log_task_failure)
+    if name:
+        task.set_name(name)
+    return task
+
+
+def _log_task_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+
+class Emitter:
+    """Minimal event emitter: a listener's exception is logged and never reaches the emitter."""
+
+    def __init__(self) -> None:
+        self._listeners: dict[str, list[Callable]] = {}
+
+    def on(self, event: str, listener: Callable) -> Callable:
+        self._listeners.setdefault(event, []).append(listener)
+        return listener
+
+    def off(self, event: str, listener: Callable) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self._listeners[event].remove(listener)
+
+    def emit(self, event: str, *args: Any) -> None:
+        for listener in list(self._listeners.get(event, ())):
+            try:
+                result = listener(*args)
+                if asyncio.iscoroutine(result):
+                    _spawn(result, f"on-{event}")
+            except Exception:
+                log.exception("listener for %r failed", event)
+
+
+# =============================================================================
+# Errors: problems a user can fix. str(e) is the whole message; main() prints it
+# and exits with exit_code. Library sections raise these, only main() exits.
+# =============================================================================
+
+class RtchatError(Exception):
+    """A problem the user can fix; str(e) is the whole message."""
+    exit_code = 1
+
+
+class UsageError(RtchatError):
+    """Bad input from the user (a command, an option, a name)."""
+    exit_code = EX_USAGE
+
+
+class BrokerUnreachable(RtchatError):
+    exit_code = EX_UNAVAILABLE
+
+
+class NoPeers(RtchatError):
+    exit_code = EX_TEMPFAIL
+
+
+class StateError(RtchatError):
+    exit_code = EX_CONFIG
+
+
+class KeyMismatch(RtchatError):
+    exit_code = EX_NOPERM
+
+
+class AskError(RtchatError):
+    """A question got no usable answer (timeout, no handler, peer gone)."""
+
+
+_PACKAGES = {"aiortc": "aiortc", "paho": "paho-mqtt", "prompt_toolkit": "prompt_toolkit",
+             "cryptography": "cryptography"}
+
+
+def missing_packages() -> list[str]:
+    return [pkg for module, pkg in _PACKAGES.items() if importlib.util.find_spec(module) is None]
+
+
+def require_packages() -> None:
+    missing = missing_packages()
+    if missing:
+        raise RtchatError(
+            f"missing Python packages: {', '.join(missing)}. Install them with:\n"
+            f"    {Path(sys.executable).name} -m pip install {' '.join(_PACKAGES.values())}\n"
+            f"  (or run this file with `uv run rtchat.py` / `pipx run rtchat.py`)")
+
+
+# =============================================================================
+# Wire: lz-string (compressToUint8Array), RTChat envelopes, canonical JSON.
+# Pure functions of bytes and strings; everything from the network is capped.
+# =============================================================================
+
+def _to_units(text: str) -> str:
+    """The string as JS sees it: one character per UTF-16 code unit."""
+    raw = text.encode("utf-16-be", "surrogatepass")
+    return "".join(chr((raw[i] << 8) | raw[i + 1]) for i in range(0, len(raw), 2))
+
+
+def _from_units(units: str) -> str:
+    """Join UTF-16 code units back into a Python string (surrogate pairs become one character)."""
+    return units.encode("utf-16-be", "surrogatepass").decode("utf-16-be", "surrogatepass")
+
+
+def lz_compress(text: str) -> bytes:
+    """lz-string 1.4.4 compressToUint8Array: byte-for-byte what browsers produce."""
+    dictionary: dict[str, int] = {}
+    to_create: set[str] = set()
+    out: list[int] = []
+    value = position = 0
+    w = ""
+    enlarge_in, dict_size, num_bits = 2, 3, 2
+
+    def write(bits: int, count: int) -> None:
+        nonlocal value, position
+        for _ in range(count):
+            value = (value << 1) | (bits & 1)
+            bits >>= 1
+            if position == 15:
+                out.append(value)
+                value = position = 0
+            else:
+                position += 1
+
+    def emit_w() -> None:
+        nonlocal enlarge_in, num_bits
+        if w in to_create:
+            code = ord(w[0])
+            if code < 256:
+                write(0, num_bits)
+                write(code, 8)
+            else:
+                write(1, num_bits)
+                write(code, 16)
+            enlarge_in -= 1
+            if enlarge_in == 0:
+                enlarge_in, num_bits = 1 << num_bits, num_bits + 1
+            to_create.discard(w)
+        else:
+            write(dictionary[w], num_bits)
+        enlarge_in -= 1
+        if enlarge_in == 0:
+            enlarge_in, num_bits = 1 << num_bits, num_bits + 1
+
+    for c in _to_units(text):
+        if c not in dictionary:
+            dictionary[c] = dict_size
+            dict_size += 1
+            to_create.add(c)
+        wc = w + c
+        if wc in dictionary:
+            w = wc
+        else:
+            emit_w()
+            dictionary[wc] = dict_size
+            dict_size += 1
+            w = c
+    if w:
+        emit_w()
+    write(2, num_bits)
+    while True:
+        value <<= 1
+        if position == 15:
+            out.append(value)
+            break
+        position += 1
+    return b"".join(v.to_bytes(2, "big") for v in out)
+
+
+def lz_decompress(data: bytes, max_chars: int = MAX_DECOMPRESSED_CHARS) -> str | None:
+    """lz-string 1.4.4 decompressFromUint8Array; None where JS gives null, "" or throws, or past max_chars."""
+    if not data or len(data) % 2:
+        return None
+    codes = [(data[i] << 8) | data[i + 1] for i in range(0, len(data), 2)]
+    length = len(codes)
+    val, pos, index = codes[0], 32768, 1
+
+    def read(count: int) -> int:
+        nonlocal val, pos, index
+        bits = 0
+        for shift in range(count):
+            if val & pos:
+                bits |= 1 << shift
+            pos >>= 1
+            if pos == 0:
+                pos = 32768
+                val = codes[index] if index < length else 0
+                index += 1
+        return bits
+
+    dictionary: list[str] = ["", "", ""]
+    kind = read(2)
+    if kind == 2:
+        return None
+    c = chr(read(8 if kind == 0 else 16))
+    dictionary.append(c)
+    w, result, total = c, [c], 1
+    enlarge_in, num_bits = 4, 3
+    while True:
+        if index > length:
+            return None
+        code = read(num_bits)
+        if code in (0, 1):
+            dictionary.append(chr(read(8 if code == 0 else 16)))
+            code = len(dictionary) - 1
+            enlarge_in -= 1
+        elif code == 2:
+            return _from_units("".join(result))
+        if enlarge_in == 0:
+            enlarge_in, num_bits = 1 << num_bits, num_bits + 1
+        if code < len(dictionary):
+            entry = dictionary[code]
+        elif code == len(dictionary):
+            entry = w + w[0]
+        else:
+            return None
+        total += len(entry)
+        if total > max_chars:
+            return None
+        result.append(entry)
+        dictionary.append(w + entry[0])
+        enlarge_in -= 1
+        w = entry
+        if enlarge_in == 0:
+            enlarge_in, num_bits = 1 << num_bits, num_bits + 1
+
+
+def to_json(value: Any) -> str:
+    """Compact ASCII JSON, as JS JSON.stringify would send it (ASCII sidesteps UTF-16 length differences)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=True)
+
+
+def canonical_json(value: Any) -> bytes:
+    """The bytes a signature covers: sorted keys, compact, ASCII."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=True, sort_keys=True).encode()
+
+
+def parse_json(text: str | bytes) -> Any:
+    """json.loads that turns every failure (bad syntax, deep nesting, bad UTF-8) into ValueError."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError, UnicodeDecodeError) as exc:
+        raise ValueError(str(exc)[:200]) from None
+
+
+def encode_envelope(envelope: dict) -> bytes:
+    """Always lz-compressed: browsers drop raw payloads of even length (rtchat-wire.md §4.1)."""
+    return lz_compress(to_json(envelope))
+
+
+def decode_envelope(payload: bytes) -> dict | None:
+    """Both dialects (raw JSON, lz-string); None for anything that is not a well-formed envelope."""
+    if not payload or len(payload) > MAX_PAYLOAD_BYTES:
+        return None
+    envelope = None
+    with contextlib.suppress(ValueError):
+        envelope = parse_json(payload.decode("utf-8"))
+    if not isinstance(envelope, dict):
+        text = lz_decompress(payload)
+        if not text:
+            return None
+        try:
+            envelope = parse_json(text)
+        except ValueError:
+            return None
+    if not isinstance(envelope, dict):
+        return None
+    sender, subtopic, stamp = envelope.get("sender"), envelope.get("subtopic"), envelope.get("timestamp")
+    if not (isinstance(sender, str) and 0 < len(sender) <= MAX_NAME_CHARS + 16):
+        return None
+    if not (isinstance(subtopic, str) and len(subtopic) <= 64):
+        return None
+    if not isinstance(stamp, (int, float)) or isinstance(stamp, bool):
+        return None
+    return envelope
+
+
+def topic_for(room: str) -> str:
+    return TOPIC_BASE + room
+
+
+def check_room_name(room: str) -> str:
+    room = room.strip()
+    if room.startswith("#"):
+        room = room[1:]
+    if not room or len(room) > 200:
+        raise UsageError("a room name must be 1 to 200 characters")
+    if any(c in room for c in "+#\x00") or any(unicodedata.category(c) == "Cc" for c in room):
+        raise UsageError(f"room {room!r} is not allowed: MQTT topics cannot contain +, # or control characters")
+    return room
+
+
+def check_display_name(name: str) -> str:
+    """RTChat's rules (no parentheses or |, trimmed), plus: printable and short (rtchat-wire.md §2.1)."""
+    name = name.strip()
+    if not name:
+        raise UsageError("a name is needed, e.g. `python rtchat.py alice`")
+    if len(name) > MAX_NAME_CHARS:
+        raise UsageError(f"a name has at most {MAX_NAME_CHARS} characters")
+    if any(c in name for c in "()|") or clean(name) != name:
+        raise UsageError(f"name {name!r} is not allowed: no parentheses, '|' or control characters")
+    if name.lower().startswith("anon") or name.startswith("User #"):
+        raise UsageError("names starting with 'anon' or 'User #' are treated as anonymous by browsers; pick another")
+    return name
+
+
+def bare_name(wire_name: str) -> str:
+    """'alice(2)' -> 'alice': the part browsers pin keys to (rtchat-wire.md §2.3)."""
+    return wire_name.split("|", 1)[0].split("(", 1)[0].strip()
+
+
+def collation_key(name: str) -> tuple:
+    """Approximates JS localeCompare (ICU root collation) for deciding who offers (§4.4).
+
+    Primary: base letters, case-insensitive, with spaces < punctuation < symbols < digits < letters;
+    then accents; then case, lowercase first.
+    """
+    primary, accents, case = [], [], []
+    for ch in unicodedata.normalize("NFD", name):
+        if unicodedata.combining(ch):
+            accents.append(ord(ch))
+            continue
+        cat = unicodedata.category(ch)
+        group = 0 if cat.startswith("Z") else 1 if cat.startswith("P") else 2 if cat.startswith("S") \
+            else 3 if cat.startswith("N") else 4
+        primary.append((group, ch.lower()))
+        accents.append(0)
+        case.append(0 if ch.islower() or not ch.isalpha() else 1)
+    return (primary, accents, case)
+
+
+def sdp_field(sdp: str, name: str) -> str | None:
+    """The value of the first `a=name:` line of an SDP."""
+    match = re.search(rf"^a={re.escape(name)}:(.+?)\s*$", sdp, re.MULTILINE)
+    return match.group(1) if match else None
+
+
+def sdp_fingerprint(sdp: str) -> str | None:
+    """The sha-256 DTLS fingerprint an SDP declares, upper-case hex with colons."""
+    for match in re.finditer(r"^a=fingerprint:(\S+) (\S+)\s*$", sdp, re.MULTILINE):
+        if match.group(1).lower() == "sha-256":
+            return match.group(2).upper()
+    return None
+
+
+# =============================================================================
+# Identity: the RSA-PSS key RTChat uses (JWK text exactly as browsers send it),
+# fingerprints, signatures, safety numbers, the key at rest. Uses Wire.
+# =============================================================================
+
+_PSS = None
+
+
+def _pss():
+    """RSA-PSS, SHA-256, salt 32: the parameters browsers use (rtchat-wire.md §6.3)."""
+    global _PSS
+    if _PSS is None:
+        _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+    return _PSS
+
+
+def _b64url(number: int) -> str:
+    raw = number.to_bytes((number.bit_length() + 7) // 8, "big")
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _b64url_int(text: str) -> int:
+    return int.from_bytes(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)), "big")
+
+
+def jwk_text(public_key) -> str:
+    """The public key as browsers serialize it: compact, members in this order (§6.2)."""
+    numbers = public_key.public_numbers()
+    return to_json({"alg": "PS256", "e": _b64url(numbers.e), "ext": True, "key_ops": ["verify"], "kty": "RSA",
+                    "n": _b64url(numbers.n)})
+
+
+_KEY_CACHE: dict[str, Any] = {}
+
+
+def load_public_key(key_string: str):
+    """Parse a peer's publicKeyString; ValueError for anything that is not a sane RSA public JWK."""
+    if key_string in _KEY_CACHE:
+        return _KEY_CACHE[key_string]
+    if not isinstance(key_string, str) or len(key_string) > MAX_KEY_CHARS:
+        raise ValueError("key too long or not text")
+    jwk = parse_json(key_string)
+    if not isinstance(jwk, dict) or jwk.get("kty") != "RSA" or not isinstance(jwk.get("n"), str) \
+            or not isinstance(jwk.get("e"), str):
+        raise ValueError("not an RSA JWK")
+    try:
+        key = rsa.RSAPublicNumbers(_b64url_int(jwk["e"]), _b64url_int(jwk["n"])).public_key()
+    except Exception as exc:
+        raise ValueError(f"bad RSA key: {exc}") from None
+    if not 2048 <= key.key_size <= 4096:
+        raise ValueError(f"RSA key of {key.key_size} bits")
+    if len(_KEY_CACHE) > 1024:
+        _KEY_CACHE.clear()
+    _KEY_CACHE[key_string] = key
+    return key
+
+
+def fingerprint(key_string: str) -> str:
+    """SHA-256 of the DER public key, as 64 hex digits; the name a key is pinned under."""
+    der = load_public_key(key_string).public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
+
+
+def show_fingerprint(fp: str) -> str:
+    """'3f2a 91bc …': the first 128 bits in groups of four, for reading aloud."""
+    return " ".join(fp[i:i + 4] for i in range(0, 32, 4))
+
+
+def safety_number(fp_a: str, fp_b: str) -> str:
+    """The same 20 digits on both sides; two people compare them by voice to rule out a man in the middle."""
+    digest = hashlib.sha256(b"rtchat-safety-number:" + "".join(sorted((fp_a, fp_b))).encode()).digest()
+    digits = str(int.from_bytes(digest[:16], "big") % 10**20).zfill(20)
+    return " ".join(digits[i:i + 5] for i in range(0, 20, 5))
+
+
+def verify_signature(key_string: str, signature: bytes, data: bytes) -> bool:
+    try:
+        load_public_key(key_string).verify(signature, data, _pss(), hashes.SHA256())
+        return True
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+
+
+class Identity:
+    """Our key pair. public_key_string is sent byte-identical everywhere, so browsers recognise us."""
+
+    def __init__(self, private_key) -> None:
+        self.private_key = private_key
+        self.public_key_string = jwk_text(private_key.public_key())
+        self.fingerprint = fingerprint(self.public_key_string)
+
+    @classmethod
+    def generate(cls) -> Identity:
+        return cls(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+
+    @classmethod
+    def from_pem(cls, pem: str, passphrase: str | None = None) -> Identity:
+        try:
+            key = serialization.load_pem_private_key(pem.encode(), passphrase.encode() if passphrase else None)
+        except TypeError:
+            raise StateError("the identity key is encrypted: give its passphrase with --passphrase "
+                             "or RTCHAT_PASSPHRASE") from None
+        except ValueError:
+            raise StateError("the identity key could not be read: wrong passphrase, or the key is damaged. "
+                             "It was left as it is.") from None
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise StateError("the identity key in the state file is not an RSA key")
+        return cls(key)
+
+    def to_pem(self, passphrase: str | None = None) -> str:
+        encryption = (serialization.BestAvailableEncryption(passphrase.encode()) if passphrase
+                      else serialization.NoEncryption())
+        return self.private_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption).decode()
+
+    def sign(self, data: bytes) -> bytes:
+        return self.private_key.sign(data, _pss(), hashes.SHA256())
+
+
+# =============================================================================
+# Store: the dotfile JSON (name, key, pins, rooms, history, settings). Writes are
+# atomic (temp file, fsync, rename) and locked across processes; every update
+# re-reads the file first, so two processes of one user merge rather than clobber.
+# =============================================================================
+
+def _empty_state() -> dict:
+    return {"format": STATE_FORMAT, "name": None, "identity": None, "pins": {}, "rooms": {},
+            "last_room": None, "history": {}, "input_history": [], "plugins": {}, "instances": {}}
+
+
+class Store:
+    """The state file. A corrupt or newer file is never overwritten: it raises StateError instead."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path).expanduser()
+        self.data = _empty_state()
+        self._pending: list[Callable[[dict], Any]] = []
+        self._flush_timer: asyncio.TimerHandle | None = None
+
+    def load(self) -> dict:
+        with self._locked():
+            self.data = self._read()
+        return self.data
+
+    def update(self, mutate: Callable[[dict], Any]) -> Any:
+        """Apply mutate to the freshest state on disk and write it back, under the lock."""
+        with self._locked():
+            data = self._read()
+            for pending in self._pending:
+                pending(data)
+            self._pending.clear()
+            result = mutate(data)
+            self._write(data)
+            self.data = data
+        return result
+
+    def defer(self, mutate: Callable[[dict], Any], delay: float = 0.3) -> None:
+        """Apply mutate now in memory, and on disk with others shortly (one write for a burst)."""
+        mutate(self.data)
+        self._pending.append(mutate)
+        if self._flush_timer is None:
+            with contextlib.suppress(RuntimeError):  # no running loop: flush() at exit writes it
+                self._flush_timer = asyncio.get_running_loop().call_later(delay, self.flush)
+
+    def flush(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        if self._pending:
+            try:
+                self.update(lambda data: None)
+            except RtchatError as exc:
+                log.error("%s", exc)
+
+    @contextlib.contextmanager
+    def _locked(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(str(self.path) + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if fcntl:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _read(self) -> dict:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return _empty_state()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StateError(f"cannot read state file {self.path}: {exc}. It was left untouched.") from None
+        try:
+            data = parse_json(text)
+        except ValueError as exc:
+            raise StateError(
+                f"state file {self.path} is damaged ({exc}). It was left untouched: repair it, move it "
+                f"away (a new one is then made, with a new identity), or use --state PATH.") from None
+        if not isinstance(data, dict) or not isinstance(data.get("format"), int):
+            raise StateError(f"{self.path} is not an rtchat state file. It was left untouched; "
+                             f"use --state PATH for another file.")
+        if data["format"] > STATE_FORMAT:
+            raise StateError(f"{self.path} was written by a newer rtchat (format {data['format']}, this is "
+                             f"format {STATE_FORMAT}). Upgrade rtchat.py, or use --state PATH.")
+        for key, value in _empty_state().items():
+            if not isinstance(data.get(key), type(value)) and value is not None:
+                data[key] = value
+            data.setdefault(key, value)
+        return data
+
+    def _write(self, data: dict) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                os.fchmod(f.fileno(), 0o600)
+                json.dump(data, f, ensure_ascii=False, separators=(",", ":"))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise StateError(f"cannot write state file {self.path}: {exc}") from None
+        with contextlib.suppress(OSError):
+            dir_fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+    def identity(self, passphrase: str | None = None) -> Identity:
+        """Our identity key: loaded, or made once and saved (0600, optionally passphrase-encrypted)."""
+        stored = self.data.get("identity")
+        if isinstance(stored, dict) and isinstance(stored.get("private_key"), str):
+            return Identity.from_pem(stored["private_key"], passphrase)
+        if stored is not None:
+            raise StateError(f"the identity in {self.path} is damaged; it was left untouched. Move the file "
+                             f"away to start with a new identity (peers will see a new key).")
+        identity = Identity.generate()
+        record = {"private_key": identity.to_pem(passphrase), "public_key": identity.public_key_string,
+                  "encrypted": bool(passphrase), "created": now_ms()}
+
+        def save(data: dict) -> Identity:
+            if data.get("identity"):  # another process made one meanwhile: use that
+                return Identity.from_pem(data["identity"]["private_key"], passphrase)
+            data["identity"] = record
+            return identity
+        return self.update(save)
+
+
+# =============================================================================
+# Signaling: one MQTT connection (paho, v2 callbacks) shared by the rooms of a
+# client. mqtt:// mqtts:// ws:// wss://. paho's thread only hops payloads onto
+# the event loop. Emits "connected" and "disconnected"; delivers (topic, bytes).
+# =============================================================================
+
+_SCHEMES = {"mqtt": ("tcp", False, 1883), "tcp": ("tcp", False, 1883), "mqtts": ("tcp", True, 8883),
+            "ssl": ("tcp", True, 8883), "ws": ("websockets", False, 80), "wss": ("websockets", True, 443)}
+
+
+@dataclasses.dataclass(frozen=True)
+class BrokerURL:
+    url: str
+    transport: str
+    tls: bool
+    host: str
+    port: int
+    path: str
+    username: str | None
+    password: str | None
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerURL:
+        parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+        scheme = parts.scheme.lower()
+        if scheme not in _SCHEMES:
+            raise UsageError(f"broker URL {url!r}: use mqtt://, mqtts://, ws:// or wss://")
+        transport, tls, default_port = _SCHEMES[scheme]
+        try:
+            port = parts.port or default_port
+        except ValueError:
+            raise UsageError(f"broker URL {url!r} has a bad port") from None
+        if not parts.hostname:
+            raise UsageError(f"broker URL {url!r} has no host")
+        path = parts.path or "/mqtt"
+        if parts.query:
+            path += "?" + parts.query
+        return cls(url, transport, tls, parts.hostname, port, path,
+                   unquote(parts.username) if parts.username else None,
+                   unquote(parts.password) if parts.password else None)
+
+    def __str__(self) -> str:
+        return self.url
+
+
+class Signaling(Emitter):
+    """An MQTT client on the event loop. Handlers get (topic, payload) for their subscribed topic."""
+
+    def __init__(self, broker: str, connect_timeout: float = 10.0) -> None:
+        super().__init__()
+        self.broker = BrokerURL.parse(broker)
+        self.connect_timeout = connect_timeout
+        self.is_connected = False
+        self.published_bytes = 0
+        self._handlers: dict[str, Callable[[str, bytes], None]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._first_connack: asyncio.Future | None = None
+        self._client = None
+
+    async def connect(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._first_connack = self._loop.create_future()
+        b = self.broker
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"rtchat-py-{secrets.token_hex(8)}",
+                             transport=b.transport, protocol=mqtt.MQTTv311, reconnect_on_failure=True)
+        if b.transport == "websockets":
+            client.ws_set_options(path=b.path)
+        if b.tls:
+            client.tls_set()
+        if b.username:
+            client.username_pw_set(b.username, b.password)
+        client.connect_timeout = self.connect_timeout
+        client.reconnect_delay_set(0.5, 10)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        self._client = client
+        try:
+            await asyncio.wait_for(self._loop.run_in_executor(None, client.connect, b.host, b.port, 30),
+                                   self.connect_timeout + 1)
+            client.loop_start()
+            await asyncio.wait_for(self._first_connack, self.connect_timeout)
+        except (OSError, asyncio.TimeoutError, ValueError) as exc:
+            client.loop_stop()
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc) or "timed out")
+            raise BrokerUnreachable(f"cannot reach broker {b}: {reason}") from None
+
+    def subscribe(self, topic: str, handler: Callable[[str, bytes], None]) -> None:
+        self._handlers[topic] = handler
+        if self.is_connected:
+            self._client.subscribe(topic, qos=0)
+
+    def unsubscribe(self, topic: str) -> None:
+        if self._handlers.pop(topic, None) and self.is_connected:
+            self._client.unsubscribe(topic)
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        """QoS 0, no retain, like browsers. While the broker is away the message is dropped (peers re-announce)."""
+        if self._client is not None and self.is_connected:
+            self.published_bytes += len(payload)
+            self._client.publish(topic, payload, qos=0, retain=False)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await asyncio.get_running_loop().run_in_executor(None, self._stop, client)
+        self.is_connected = False
+
+    @staticmethod
+    def _stop(client) -> None:
+        client.disconnect()
+        client.loop_stop()
+
+    # paho's thread: hop to the event loop and do nothing else here.
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._loop.call_soon_threadsafe(self._connected, reason_code.is_failure, str(reason_code))
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._loop.call_soon_threadsafe(self._disconnected, str(reason_code))
+
+    def _on_message(self, client, userdata, message) -> None:
+        self._loop.call_soon_threadsafe(self._deliver, message.topic, message.payload)
+
+    def _connected(self, failed: bool, reason: str) -> None:
+        if failed:
+            if not self._first_connack.done():
+                self._first_connack.set_exception(OSError(0, f"broker refused the connection: {reason}"))
+            return
+        self.is_connected = True
+        for topic in self._handlers:
+            self._client.subscribe(topic, qos=0)
+        if not self._first_connack.done():
+            self._first_connack.set_result(None)
+        self.emit("connected")
+
+    def _disconnected(self, reason: str) -> None:
+        was_connected, self.is_connected = self.is_connected, False
+        if was_connected and self._client is not None:
+            log.warning("lost the broker %s (%s); reconnecting", self.broker, reason)
+            self.emit("disconnected", reason)
+
+    def _deliver(self, topic: str, payload: bytes) -> None:
+        handler = self._handlers.get(topic)
+        if handler is not None:
+            try:
+                handler(topic, payload)
+            except Exception:
+                log.exception("dropped a message on %s that broke its handler", topic)
+
+
+# =============================================================================
+# Peer: one remote wire name, its RTCPeerConnection and RTChat's 11 data
+# channels, ask/answer by n, ping/pong liveness, call declining. Uses Wire.
+# Emits "open", "frame" (label, value), "closed" (reason); knows no Room.
+# =============================================================================
+
+def ice_configuration(urls: list[str]) -> RTCConfiguration:
+    """STUN/TURN URLs; TURN credentials go before the host: turn:USER:PASS@host:3478."""
+    servers = []
+    for url in urls:
+        match = re.match(r"^(turns?):([^:@]+):([^@]+)@(.+)$", url)
+        if match:
+            scheme, user, password, rest = match.groups()
+            servers.append(RTCIceServer(urls=f"{scheme}:{rest}", username=user, credential=password))
+        else:
+            servers.append(RTCIceServer(urls=url))
+    return RTCConfiguration(iceServers=servers)
+
+
+def restrict_ice_hosts(addresses: list[str]) -> None:
+    """Offer only these host addresses in ICE (process-wide: aioice has no per-connection setting).
+
+    aioice never offers loopback addresses on its own, so `--ice-host 127.0.0.1` is what makes a
+    loopback-only connection possible, and a way to keep other interfaces' addresses private.
+    """
+    import aioice.ice
+
+    def host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        return [a for a in addresses if (":" in a and use_ipv6) or (":" not in a and use_ipv4)]
+    aioice.ice.get_host_addresses = host_addresses
+
+
+def negotiated_fingerprint(pc) -> str | None:
+    """The sha-256 fingerprint of the certificate the remote actually used in DTLS."""
+    try:
+        from aiortc.rtcdtlstransport import certificate_digest
+        cert = pc.sctp.transport._ssl.get_peer_certificate(as_cryptography=True)
+        return certificate_digest(cert, "sha-256").upper()
+    except Exception:  # aiortc internals moved: aiortc itself has checked the SDP fingerprint in DTLS
+        log.debug("cannot read the negotiated DTLS fingerprint", exc_info=True)
+        return None
+
+
+class Peer(Emitter):
+    """One remote. A Peer is one session: a reconnect is a new Peer, so nothing verified carries over."""
+
+    def __init__(self, name: str, ice: RTCConfiguration, key_string: str | None = None,
+                 client_tag: str | None = None) -> None:
+        super().__init__()
+        self.name = name
+        self.key_string = key_string
+        self.fingerprint: str | None = None
+        self.client_tag = client_tag
+        self.signed_key: str | None = None   # key that signed this session's offer/answer
+        self.state = "seen"                  # seen, connecting, open, verified, closed
+        self.is_offerer = False
+        self.channel_bound = False
+        self.rtt_ms: float | None = None
+        self.remote_sdp: str | None = None
+        self.created = time.monotonic()
+        self.last_pong: float | None = None
+        self.verified_at: float | None = None
+        self.pc = None
+        self.channels: dict[str, Any] = {}
+        self._ice = ice
+        self._answers: dict[int, asyncio.Future] = {}
+        self._next_n = 0
+        self._candidates: list[dict] = []
+        self._ping_sent: float | None = None
+        self._tasks: list[asyncio.Task] = []
+        if key_string:
+            with contextlib.suppress(ValueError):
+                self.fingerprint = fingerprint(key_string)
+
+    def __repr__(self) -> str:
+        return f"Peer({self.name!r}, {self.state})"
+
+    @property
+    def is_rtchat_py(self) -> bool:
+        return bool(self.client_tag and self.client_tag.startswith("rtchat-py/"))
+
+    @property
+    def is_verified(self) -> bool:
+        return self.state == "verified"
+
+    @property
+    def is_open(self) -> bool:
+        return self.state in ("open", "verified")
+
+    # -- session set-up ---------------------------------------------------------------------
+    def _make_pc(self):
+        self.state = "connecting"
+        self.pc = pc = RTCPeerConnection(self._ice)
+        pc.on("datachannel", self._adopt)
+        pc.on("connectionstatechange", self._on_connection_state)
+        return pc
+
+    async def create_offer(self) -> str:
+        self.is_offerer = True
+        pc = self._make_pc()
+        for label in CHANNELS:
+            self._adopt(pc.createDataChannel(label))
+        await pc.setLocalDescription(await pc.createOffer())
+        return pc.localDescription.sdp
+
+    async def accept_offer(self, sdp: str) -> str:
+        pc = self._make_pc()
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        self.remote_sdp = sdp
+        await self._flush_candidates()
+        await pc.setLocalDescription(await pc.createAnswer())
+        return pc.localDescription.sdp
+
+    async def accept_answer(self, sdp: str) -> None:
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
+        self.remote_sdp = sdp
+        await self._flush_candidates()
+
+    @property
+    def awaits_answer(self) -> bool:
+        return self.pc is not None and self.pc.signalingState == "have-local-offer"
+
+    async def add_candidate(self, data: dict) -> None:
+        """A trickled candidate from a browser: buffered until the remote SDP is known, then ufrag-checked."""
+        if self.remote_sdp is None:
+            if len(self._candidates) < MAX_PENDING_CANDIDATES:
+                self._candidates.append(data)
+            return
+        ufrag = data.get("usernameFragment")
+        if ufrag and ufrag != sdp_field(self.remote_sdp, "ice-ufrag"):
+            return  # meant for another of the sender's sessions (candidates carry no target, §5.3)
+        line = data.get("candidate")
+        if not isinstance(line, str) or not line.strip() or len(line) > 512:
+            return
+        try:
+            candidate = candidate_from_sdp(line.split(":", 1)[1] if line.startswith(("candidate:", "a=")) else line)
+        except (ValueError, IndexError):
+            return
+        mid, index = data.get("sdpMid"), data.get("sdpMLineIndex")
+        candidate.sdpMid = mid if isinstance(mid, str) else None
+        candidate.sdpMLineIndex = index if isinstance(index, int) else (0 if candidate.sdpMid is None else None)
+        try:
+            await self.pc.addIceCandidate(candidate)
+        except Exception as exc:
+            log.debug("%r: candidate refused: %s", self, exc)
+
+    async def _flush_candidates(self) -> None:
+        buffered, self._candidates = self._candidates, []
+        for data in buffered:
+            await self.add_candidate(data)
+
+    # -- channels -----------------------------------------------------------------------------
+    def _adopt(self, channel) -> None:
+        label = channel.label
+        if label in self.channels and self.channels[label] is not channel:
+            return  # a second channel with a known label: keep the first
+        self.channels[label] = channel
+        channel.on("message", lambda data: self._on_message(label, data))
+        if self.is_offerer:
+            channel.on("open", self._maybe_all_open)
+        if label == "chat":
+            channel.on("close", lambda: self.close("chat channel closed"))
+
+    def _maybe_all_open(self) -> None:
+        if self.state == "connecting" and all(
+                c.readyState == "open" for c in self.channels.values()) and len(self.channels) == len(CHANNELS):
+            self.send("connectedViaRTC", None)
+            self._set_open()
+
+    def _on_connection_state(self) -> None:
+        state = self.pc.connectionState if self.pc else "closed"
+        if state in ("failed", "closed"):
+            self.close(f"connection {state}")
+        elif state == "connected" and not self.is_offerer:
+            self._tasks.append(_spawn(self._answerer_fallback_open(), f"open-{self.name}"))
+
+    async def _answerer_fallback_open(self) -> None:
+        """connectedViaRTC opens an answerer; if it never comes, chat and question channels suffice (§5.4)."""
+        await asyncio.sleep(2.0)
+        if self.state == "connecting" and {"chat", "question", "answer"} <= set(self.channels):
+            self._set_open()
+
+    def _set_open(self) -> None:
+        if self.state != "connecting":
+            return
+        self.state = "open"
+        self._tasks.append(_spawn(self._keep_alive(), f"ping-{self.name}"))
+        self.emit("open", self)
+
+    def send(self, label: str, value: Any) -> bool:
+        """One JSON text frame on the channel named label; False if that channel is not open."""
+        channel = self.channels.get(label)
+        if channel is None or channel.readyState != "open":
+            return False
+        channel.send(to_json(value))
+        return True
+
+    def _on_message(self, label: str, data: Any) -> None:
+        if isinstance(data, bytes):
+            try:
+                data = data.decode("utf-8")
+            except UnicodeDecodeError:
+                return
+        if len(data) > MAX_FRAME_CHARS:
+            log.debug("%r: oversized frame on %s dropped", self, label)
+            return
+        try:
+            value = parse_json(data)
+        except ValueError:
+            log.debug("%r: non-JSON frame on %s dropped", self, label)
+            return
+        if label == "connectedViaRTC":
+            if not self.is_offerer:
+                self._set_open()
+        elif label == "answer":
+            n = value.get("n") if isinstance(value, dict) else None
+            future = self._answers.get(n) if isinstance(n, int) else None
+            if future is not None and not future.done():
+                future.set_result(value)
+        elif label == "ping":
+            if self.is_verified:
+                self.send("pong", "pong")
+        elif label == "pong":
+            if self._ping_sent is not None:
+                self.rtt_ms = (time.monotonic() - self._ping_sent) * 1000
+                self._ping_sent = None
+            self.last_pong = time.monotonic()
+        elif label == "streamoffer":
+            self.send("endcall", None)  # a text client declines calls (§7)
+        elif label in ("chat", "dm", "question"):
+            self.emit("frame", self, label, value)
+
+    # -- ask / answer and liveness ----------------------------------------------------------
+    async def ask(self, topic: str, content: Any = None, timeout: float = ASK_TIMEOUT_S) -> Any:
+        """RTChat's question RPC; the answer is matched by this peer and n, never by n alone."""
+        n, self._next_n = self._next_n, self._next_n + 1
+        future = asyncio.get_running_loop().create_future()
+        self._answers[n] = future
+        try:
+            if not self.send("question", {"n": n, "question": {"topic": topic, "content": content}}):
+                raise AskError(f"{self.name} is not connected")
+            reply = await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise AskError(f"no answer from {self.name} within {timeout:g} s") from None
+        finally:
+            self._answers.pop(n, None)
+        if isinstance(reply, dict) and isinstance(reply.get("error"), str):
+            raise AskError(f"{self.name}: {clean(reply['error'], 200)}")
+        return reply.get("answer") if isinstance(reply, dict) else None
+
+    def reply(self, n: Any, question: Any, answer: Any = None, error: str | None = None) -> None:
+        body = {"n": n, "answer": answer, "question": question}
+        if error is not None:
+            body["error"] = error
+        self.send("answer", body)
+
+    async def _keep_alive(self) -> None:
+        while self.is_open:
+            self._ping_sent = time.monotonic()
+            self.send("ping", "ping")
+            await asyncio.sleep(PING_EVERY_S)
+            if self.last_pong is not None and time.monotonic() - self.last_pong > PEER_SILENT_S:
+                self.close("stopped answering pings")
+
+    async def probe(self, timeout: float = PROBE_TIMEOUT_S) -> bool:
+        """Is this session alive? Used before acting on an unauthenticated hint that it is not."""
+        if not self.is_open:
+            return False
+        since = time.monotonic()
+        self._ping_sent = since
+        self.send("ping", "ping")
+        deadline = since + timeout
+        while time.monotonic() < deadline and self.is_open:
+            if self.last_pong is not None and self.last_pong >= since:
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    def is_idle(self) -> bool:
+        """Everything sent has left our buffers and been acknowledged by the remote SCTP stack."""
+        if not self.is_open or self.pc is None:
+            return True
+        if any(c.bufferedAmount for c in self.channels.values() if c.readyState == "open"):
+            return False
+        sctp = getattr(self.pc, "sctp", None)
+        return not any(getattr(sctp, attr, None) for attr in
+                       ("_data_channel_queue", "_outbound_queue", "_sent_queue"))
+
+    def close(self, reason: str = "closed") -> None:
+        if self.state == "closed":
+            return
+        self.state = "closed"
+        for task in self._tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
+        for future in self._answers.values():
+            if not future.done():
+                future.set_exception(AskError(f"{self.name} left"))
+        if self.pc is not None:
+            _spawn(self.pc.close(), f"close-{self.name}")
+        self.emit("closed", self, reason)
+
+
+# =============================================================================
+# Room: the mesh in one room. Who is seen, connected and verified; signed
+# signaling; trust (TOFU pins); chat, DM, ask; history. Uses everything above.
+# Emits the EVENTS; a bot or a test uses it with no UI. Client builds Rooms.
+# =============================================================================
+
+SIGNING_CONTEXT = b"rtchat-signaling-v1\n"   # keeps signaling signatures apart from identify/challenge ones
+
+
+@dataclasses.dataclass
+class Message:
+    """A chat line. ts is epoch milliseconds; trust is 'channel-bound', 'legacy', 'self' or 'unverified'."""
+    id: str
+    room: str
+    sender: str
+    text: str
+    ts: int
+    kind: str = "message"          # "message" or "dm"
+    fingerprint: str | None = None
+    trust: str = "unverified"
+    action: bool = False
+    to: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"type": self.kind, "room": self.room, "from": self.sender, "text": self.text, "ts": self.ts,
+                "id": self.id, "fingerprint": self.fingerprint, "trust": self.trust, "action": self.action,
+                **({"to": self.to} if self.to else {})}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Message:
+        return cls(id=str(data.get("id", "")), room=str(data.get("room", "")), sender=str(data.get("from", "")),
+                   text=str(data.get("text", "")), ts=int(data.get("ts", 0)), kind=str(data.get("type", "message")),
+                   fingerprint=data.get("fingerprint"), trust=str(data.get("trust", "unverified")),
+                   action=bool(data.get("action")), to=data.get("to"))
+
+
+@dataclasses.dataclass
+class Question:
+    """What a question handler gets: who asked, the topic (e.g. 'time') and the rest of the question."""
+    sender: Peer
+    topic: str
+    content: Any
+
+
+def new_id() -> str:
+    return secrets.token_hex(8)
+
+
+class Trust:
+    """Pinned keys (TOFU, like SSH known_hosts), kept by fingerprint in the state file.
+
+    policy: 'new' pins keys of names never seen and refuses changed keys; 'known' accepts only pinned
+    keys; 'any' accepts everything (and still never re-pins silently).
+    """
+
+    POLICIES = ("new", "known", "any")
+
+    def __init__(self, store: Store, policy: str = "new") -> None:
+        if policy not in self.POLICIES:
+            raise UsageError(f"trust policy must be one of {', '.join(self.POLICIES)}")
+        self.store = store
+        self.policy = policy
+
+    def pins_for(self, name: str) -> dict[str, dict]:
+        return {fp: pin for fp, pin in self.store.data["pins"].items() if name in pin.get("names", ())}
+
+    def verdict(self, name: str, key_string: str) -> str:
+        """'known' (pinned for this name), 'new' (name never pinned) or 'changed' (pinned to another key)."""
+        fp = fingerprint(key_string)
+        pins = self.pins_for(name)
+        if fp in pins:
+            return "known"
+        return "changed" if pins else "new"
+
+    def allows(self, verdict: str) -> bool:
+        return verdict == "known" or (verdict == "new" and self.policy != "known") or self.policy == "any"
+
+    def signs(self, name: str) -> bool:
+        """Does a key pinned for this name sign its signaling (an rtchat.py peer)? Then unsigned is forged."""
+        return any(pin.get("signs") for pin in self.pins_for(name).values())
+
+    def pin(self, name: str, key_string: str, signs: bool = False, replace: bool = False) -> None:
+        fp = fingerprint(key_string)
+
+        def add(data: dict) -> None:
+            pins = data["pins"]
+            if replace:
+                for other in pins.values():
+                    if name in other.get("names", ()):
+                        other["names"].remove(name)
+                for other_fp in [f for f, p in pins.items() if not p.get("names")]:
+                    del pins[other_fp]
+            pin = pins.setdefault(fp, {"key": key_string, "names": [], "since": now_ms()})
+            if name not in pin["names"]:
+                pin["names"].append(name)
+            pin["signs"] = pin.get("signs", False) or signs
+            pin["seen"] = now_ms()
+        if fp in self.pins_for(name) and not replace:
+            self.store.defer(add)
+        else:
+            self.store.update(add)
+
+    def unpin(self, name: str) -> int:
+        def drop(data: dict) -> int:
+            count = 0
+            for fp in list(data["pins"]):
+                names = data["pins"][fp].get("names", [])
+                if name in names:
+                    names.remove(name)
+                    count += 1
+                    if not names:
+                        del data["pins"][fp]
+            return count
+        return self.store.update(drop)
+
+
+class Seal:
+    """A sealed room: topic and AEAD key from room + secret through scrypt, so the broker sees only ciphertext."""
+
+    def __init__(self, room: str, secret: str) -> None:
+        material = Scrypt(salt=b"rtchat-sealed-room:" + room.encode(), length=64, n=2**15, r=8, p=1
+                          ).derive(secret.encode())
+        self.topic = f"{TOPIC_BASE}sealed/{material[32:48].hex()}"
+        self._aead = AESGCM(material[:32])
+
+    def seal(self, payload: bytes) -> bytes:
+        nonce = os.urandom(12)
+        return nonce + self._aead.encrypt(nonce, payload, self.topic.encode())
+
+    def open(self, payload: bytes) -> bytes | None:
+        try:
+            return self._aead.decrypt(payload[:12], payload[12:], self.topic.encode())
+        except (InvalidTag, ValueError):
+            return None
+
+
+class Room(Emitter):
+    """One room: peers keyed by wire name, messages in and out. Create with Client.join()."""
+
+    def __init__(self, name: str, *, me: str, identity: Identity, signaling: Signaling, trust: Trust,
+                 store: Store, ice: RTCConfiguration, questions: dict[str, Callable],
+                 seal: Seal | None = None) -> None:
+        super().__init__()
+        self.name = name
+        self.me = me
+        self.identity = identity
+        self.signaling = signaling
+        self.trust = trust
+        self.store = store
+        self.ice = ice
+        self.questions = questions
+        self.seal = seal
+        self.topic = seal.topic if seal else topic_for(name)
+        self.peers: dict[str, Peer] = {}
+        self.dropped = 0                      # signaling messages refused (malformed, forged, replayed, limited)
+        self.user_info = {"publicKeyString": identity.public_key_string, "client": CLIENT_TAG}
+        self._offered_at: dict[str, float] = {}
+        self._fallbacks: dict[str, asyncio.TimerHandle] = {}
+        self._candidates: dict[str, list[dict]] = {}
+        self._early: dict[str, list[tuple[str, Any]]] = {}
+        self._seen_nonces: dict[Any, float] = {}
+        self._rates: dict[str, list[float]] = {}
+        self._warned: set[tuple[str, str]] = set()
+        self._unacked: dict[str, set[str]] = {}
+        self._seen_ids: dict[str, None] = {}
+        self._last_announce = 0.0
+        self._tasks: list[asyncio.Task] = []
+        self._peer_event = asyncio.Event()
+        self._delivered = asyncio.Event()
+        self.joined = False
+
+    def __repr__(self) -> str:
+        return f"Room({self.name!r}, {len(self.verified_peers())} verified)"
+
+    # -- public API ---------------------------------------------------------------------------
+    async def join(self) -> None:
+        self.signaling.subscribe(self.topic, self._on_payload)
+        self.signaling.on("connected", self._on_broker_back)
+        self.joined = True
+        self._tasks.append(_spawn(self._announce_loop(), f"announce-{self.name}"))
+        self.store.defer(lambda d: (d["rooms"].setdefault(self.name, {}).update(last_joined=now_ms()),
+                                    d.update(last_room=self.name)))
+
+    async def leave(self) -> None:
+        if not self.joined:
+            return
+        self.joined = False
+        self._publish("unload", "disconnecting")
+        for task in self._tasks:
+            task.cancel()
+        for handle in self._fallbacks.values():
+            handle.cancel()
+        self.signaling.off("connected", self._on_broker_back)
+        self.signaling.unsubscribe(self.topic)
+        pcs = [p.pc for p in self.peers.values() if p.pc is not None]
+        for peer in list(self.peers.values()):
+            peer.close("we left")
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(*(pc.close() for pc in pcs), return_exceptions=True), 2)
+
+    def verified_peers(self) -> list[Peer]:
+        return [p for p in self.peers.values() if p.is_verified]
+
+    def label(self, peer_or_name: Peer | str) -> str:
+        """A peer's name for display: 'alice', or 'alice#3f2a' while two keys share that name."""
+        peer = self.peers.get(peer_or_name) if isinstance(peer_or_name, str) else peer_or_name
+        if peer is None:
+            return clean(peer_or_name, MAX_NAME_CHARS + 8)
+        name = clean(peer.name, MAX_NAME_CHARS + 8)
+        twins = {p.fingerprint for p in self.peers.values() if bare_name(p.name) == bare_name(peer.name)}
+        return f"{name}#{peer.fingerprint[:4]}" if len(twins) > 1 and peer.fingerprint else name
+
+    def find(self, name: str) -> Peer:
+        """A connected peer by wire name, bare name or label; UsageError if unknown or ambiguous."""
+        name = name.lstrip("@").rstrip(":,")
+        if name in self.peers and self.peers[name].state != "closed":
+            return self.peers[name]
+        matches = [p for p in self.peers.values() if p.state != "closed" and
+                   (self.label(p) == name or bare_name(p.name) == name or (p.fingerprint or "").startswith(name))]
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            raise UsageError(f"{name!r} could be {', '.join(self.label(p) for p in matches)}; say which")
+        raise UsageError(f"no peer called {name!r} in #{self.name} (see /peers)")
+
+    async def send(self, text: str, action: bool = False) -> Message:
+        """Say something to everyone verified in the room."""
+        msg = self._own_message(text, "message", action)
+        for peer in self.verified_peers():
+            self._send_text(peer, "chat", msg)
+        self._remember(msg)
+        return msg
+
+    async def dm(self, name: str, text: str) -> Message:
+        peer = self.find(name)
+        if not peer.is_verified:
+            raise UsageError(f"{self.label(peer)} is not verified yet; a direct message waits for that")
+        msg = self._own_message(text, "dm", to=peer.name)
+        self._send_text(peer, "dm", msg)
+        self._remember(msg)
+        return msg
+
+    async def ask(self, name: str, topic: str, content: Any = None, timeout: float = ASK_TIMEOUT_S) -> Any:
+        """Ask one peer a question (RTChat's question/answer RPC). Raises AskError with no answer."""
+        peer = self.find(name)
+        if not peer.is_verified:
+            raise UsageError(f"{self.label(peer)} is not verified yet")
+        return await peer.ask(topic, content, timeout)
+
+    async def wait_for_peers(self, count: int = 1, timeout: float = 30.0) -> list[Peer]:
+        """Until count peers are verified; NoPeers after timeout."""
+        deadline = time.monotonic() + timeout
+        while len(self.verified_peers()) < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise NoPeers(f"no peer in #{self.name} within {timeout:g} s "
+                              f"({len(self.verified_peers())} of {count} verified)")
+            self._peer_event.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._peer_event.wait(), remaining)
+        return self.verified_peers()
+
+    async def flush(self, timeout: float = 10.0) -> bool:
+        """Until every message sent is acknowledged by rtchat.py peers and acked by browsers' SCTP."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            live = {p.name for p in self.peers.values() if p.is_open}
+            for ids in self._unacked.values():
+                ids &= live
+            self._unacked = {k: v for k, v in self._unacked.items() if v}
+            if not self._unacked and all(p.is_idle() for p in self.peers.values()):
+                return True
+            self._delivered.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._delivered.wait(), 0.05)
+        return False
+
+    def history(self, count: int = 20) -> list[Message]:
+        entries = self.store.data["history"].get(self.name, [])
+        return [Message.from_dict(e) for e in entries[-count:] if isinstance(e, dict)] if count > 0 else []
+
+    # -- signaling out ------------------------------------------------------------------------
+    def _publish(self, subtopic: str, data: Any) -> None:
+        """Every signaling message is signed: browsers ignore the extra fields (rtchat-wire.md §9.3)."""
+        stamp, nonce = now_ms(), new_id()
+        signature = self.identity.sign(SIGNING_CONTEXT + canonical_json([self.topic, self.me, subtopic, stamp,
+                                                                          nonce, data]))
+        envelope = {"sender": self.me, "timestamp": stamp, "subtopic": subtopic, "data": data,
+                    "nonce": nonce, "sig": base64.b64encode(signature).decode()}
+        payload = encode_envelope(envelope)
+        self.signaling.publish(self.topic, self.seal.seal(payload) if self.seal else payload)
+
+    def announce(self) -> None:
+        self._last_announce = time.monotonic()
+        self._publish("connect", self.user_info)
+
+    async def _announce_loop(self) -> None:
+        self.announce()
+        for delay in ANNOUNCE_EVERY_S[:-1]:
+            await asyncio.sleep(delay)
+            if not any(p.is_open for p in self.peers.values()):
+                self.announce()
+        while True:
+            await asyncio.sleep(ANNOUNCE_EVERY_S[-1])
+            if not any(p.is_open for p in self.peers.values()):
+                self.announce()
+
+    def _announce_soon(self) -> None:
+        """Answer a newcomer's connect with ours, so it can offer; at most once per REANNOUNCE_MIN_S."""
+        if time.monotonic() - self._last_announce >= REANNOUNCE_MIN_S:
+            self.announce()
+
+    def _on_broker_back(self) -> None:
+        self.announce()
+
+    # -- signaling in -------------------------------------------------------------------------
+    def _on_payload(self, topic: str, payload: bytes) -> None:
+        if self.seal:
+            payload = self.seal.open(payload)
+            if payload is None:
+                self.dropped += 1
+                return
+        envelope = decode_envelope(payload)
+        if envelope is None:
+            self.dropped += 1
+            return
+        sender = envelope["sender"]
+        if sender == self.me:
+            return
+        if not self._fresh(envelope) or not self._within_rate(sender):
+            self.dropped += 1
+            return
+        signer = self._signer(envelope)
+        if signer is False or (signer is None and self.trust.signs(bare_name(sender))):
+            self.dropped += 1
+            log.debug("dropped %s from %r: bad or missing signature", envelope["subtopic"], sender)
+            return
+        handler = {"connect": self._on_connect, "RTCOffer": self._on_offer, "RTCAnswer": self._on_answer,
+                   "RTCIceCandidate": self._on_candidate, "unload": self._on_unload,
+                   "nameChange": self._on_name_change}.get(envelope["subtopic"])
+        if handler is not None:
+            handler(sender, envelope["data"], signer)
+
+    def _fresh(self, envelope: dict) -> bool:
+        """Inside the clock window and not seen before (replay protection, §9.2)."""
+        now = time.monotonic()
+        if abs(now_ms() - envelope["timestamp"]) > CLOCK_SKEW_S * 1000:
+            return False
+        nonce = envelope.get("nonce")
+        key = nonce if isinstance(nonce, str) and len(nonce) <= 64 else (
+            envelope["sender"], envelope["subtopic"], envelope["timestamp"])
+        if key in self._seen_nonces:
+            return False
+        if len(self._seen_nonces) > 20000:
+            self._seen_nonces = {k: t for k, t in self._seen_nonces.items() if now - t < 2 * CLOCK_SKEW_S}
+        self._seen_nonces[key] = now
+        return True
+
+    def _within_rate(self, sender: str) -> bool:
+        per_second, burst = RATE_PER_SENDER
+        now = time.monotonic()
+        tokens, last = self._rates.get(sender, (burst, now))
+        tokens = min(burst, tokens + (now - last) * per_second)
+        if len(self._rates) > 4096:
+            self._rates.clear()
+        self._rates[sender] = (tokens - 1, now)
+        return tokens >= 1
+
+    def _signer(self, envelope: dict) -> str | None | bool:
+        """The key that signed this envelope; None if unsigned; False if the signature is bad."""
+        sig, nonce = envelope.get("sig"), envelope.get("nonce")
+        if sig is None:
+            return None
+        data, subtopic = envelope["data"], envelope["subtopic"]
+        if subtopic == "connect":
+            key = data.get("publicKeyString") if isinstance(data, dict) else None
+        elif subtopic == "RTCOffer":
+            info = data.get("userInfo") if isinstance(data, dict) else None
+            key = info.get("publicKeyString") if isinstance(info, dict) else None
+        else:
+            peer = self.peers.get(envelope["sender"])
+            key = peer.key_string if peer else None
+        if not (isinstance(key, str) and isinstance(sig, str) and isinstance(nonce, str) and len(sig) < 2048):
+            return False
+        try:
+            signature = base64.b64decode(sig, validate=True)
+        except ValueError:
+            return False
+        signed = SIGNING_CONTEXT + canonical_json([self.topic, envelope["sender"], subtopic,
+                                                   envelope["timestamp"], nonce, data])
+        return key if verify_signature(key, signature, signed) else False
+
+    def _admit(self, name: str, key: str | None) -> bool:
+        """May we connect to this name with this key? A changed key is refused loudly, once per key."""
+        if key is None:
+            return self.trust.policy != "known"
+        try:
+            verdict = self.trust.verdict(bare_name(name), key)
+        except ValueError:
+            return False
+        if self.trust.allows(verdict):
+            return True
+        if (name, key) not in self._warned:
+            self._warned.add((name, key))
+            self.emit("key-changed", name, fingerprint(key), verdict)
+        return False
+
+    @staticmethod
+    def _info(data: Any) -> tuple[str | None, str | None]:
+        """(publicKeyString, client tag) from a userInfo object, each None unless sane."""
+        if not isinstance(data, dict):
+            return None, None
+        key, tag = data.get("publicKeyString"), data.get("client")
+        key = key if isinstance(key, str) and len(key) <= MAX_KEY_CHARS else None
+        tag = tag[:64] if isinstance(tag, str) else None
+        return key, tag
+
+    def _should_offer(self, name: str) -> bool:
+        return collation_key(self.me) < collation_key(name)
+
+    def _on_connect(self, sender: str, data: Any, signer: str | None) -> None:
+        key, tag = self._info(data)
+        peer = self.peers.get(sender)
+        if peer is not None and peer.state not in ("seen", "closed"):
+            if peer.is_open or time.monotonic() - peer.created < 10:
+                return
+            peer.close("stuck; trying again")
+        if not self._admit(sender, key):
+            return
+        peer = self._register(Peer(sender, self.ice, key, tag))
+        if self._should_offer(sender):
+            self._offer(peer)
+        else:
+            self._announce_soon()
+            if sender not in self._fallbacks:
+                self._fallbacks[sender] = asyncio.get_running_loop().call_later(
+                    FALLBACK_OFFER_S, self._fallback_offer, sender)
+
+    def _fallback_offer(self, name: str) -> None:
+        self._fallbacks.pop(name, None)
+        peer = self.peers.get(name)
+        if peer is not None and peer.state == "seen" and self.joined:
+            self._offer(peer)
+
+    def _offer(self, peer: Peer) -> None:
+        now = time.monotonic()
+        if now - self._offered_at.get(peer.name, -OFFER_DEDUP_S) < OFFER_DEDUP_S:
+            return
+        self._offered_at[peer.name] = now
+        handle = self._fallbacks.pop(peer.name, None)
+        if handle:
+            handle.cancel()
+        _spawn(self._send_offer(peer), f"offer-{peer.name}")
+
+    async def _send_offer(self, peer: Peer) -> None:
+        try:
+            sdp = await peer.create_offer()
+        except Exception as exc:
+            peer.close(f"could not make an offer: {exc}")
+            return
+        if peer.state != "closed" and self.joined:
+            self._publish("RTCOffer", {"userInfo": self.user_info, "offer": {
+                "localDescription": {"type": "offer", "sdp": sdp}, "target": peer.name}})
+
+    def _on_offer(self, sender: str, data: Any, signer: str | None) -> None:
+        offer = data.get("offer") if isinstance(data, dict) else None
+        if not isinstance(offer, dict) or offer.get("target") != self.me:
+            return  # not for us: never prompt or act on others' offers (§9.1 #4)
+        description = offer.get("localDescription")
+        sdp = description.get("sdp") if isinstance(description, dict) else None
+        if not isinstance(sdp, str) or len(sdp) > 32768:
+            return
+        key, tag = self._info(data.get("userInfo"))
+        if not self._admit(sender, key):
+            return
+        existing = self.peers.get(sender)
+        if existing is not None and existing.state not in ("seen", "closed"):
+            if existing.awaits_answer and (not (tag or "").startswith("rtchat-py/") or self._should_offer(sender)):
+                return  # glare: ours stands; a browser gives up its own offer and answers ours (§4.4)
+            if existing.is_open:
+                _spawn(self._replace_if_dead(existing, sender, sdp, key, tag, signer), f"probe-{sender}")
+                return
+            existing.close("replaced by a new offer")
+        self._answer(sender, sdp, key, tag, signer)
+
+    async def _replace_if_dead(self, existing: Peer, sender: str, sdp: str, key, tag, signer) -> None:
+        """An offer for a live session is a reload or a forgery: answer only if the old session is dead."""
+        if signer is None and await existing.probe():
+            log.info("ignored an offer in %s's name: the current session is alive", sender)
+            return
+        existing.close("replaced by a new session")
+        self._answer(sender, sdp, key, tag, signer)
+
+    def _answer(self, sender: str, sdp: str, key, tag, signer) -> None:
+        peer = self._register(Peer(sender, self.ice, key, tag))
+        peer.signed_key = signer
+        _spawn(self._send_answer(peer, sdp), f"answer-{sender}")
+
+    async def _send_answer(self, peer: Peer, sdp: str) -> None:
+        try:
+            answer = await peer.accept_offer(sdp)
+        except Exception as exc:
+            peer.close(f"bad offer: {exc}")
+            return
+        if peer.state != "closed" and self.joined:
+            self._publish("RTCAnswer", {"localDescription": {"type": "answer", "sdp": answer}, "target": peer.name})
+
+    def _on_answer(self, sender: str, data: Any, signer: str | None) -> None:
+        if not isinstance(data, dict) or data.get("target") != self.me:
+            return
+        peer = self.peers.get(sender)
+        description = data.get("localDescription")
+        sdp = description.get("sdp") if isinstance(description, dict) else None
+        if peer is None or not peer.awaits_answer or not isinstance(sdp, str) or len(sdp) > 32768:
+            return  # only the peer we offered to, and only once (§9.2)
+        if signer is None and peer.is_rtchat_py:
+            return
+        peer.signed_key = signer
+        _spawn(self._accept_answer(peer, sdp), f"accept-{sender}")
+
+    @staticmethod
+    async def _accept_answer(peer: Peer, sdp: str) -> None:
+        try:
+            await peer.accept_answer(sdp)
+        except Exception as exc:
+            peer.close(f"bad answer: {exc}")
+
+    def _on_candidate(self, sender: str, data: Any, signer: str | None) -> None:
+        if not isinstance(data, dict):
+            return
+        peer = self.peers.get(sender)
+        if peer is not None and peer.pc is not None:
+            _spawn(peer.add_candidate(data), f"candidate-{sender}")
+        elif len(self._candidates) < 256:
+            pending = self._candidates.setdefault(sender, [])
+            if len(pending) < MAX_PENDING_CANDIDATES:
+                pending.append(data)
+
+    def _on_unload(self, sender: str, data: Any, signer: str | None) -> None:
+        peer = self.peers.get(sender)
+        if peer is None:
+            return
+        if signer is not None or not peer.is_open:
+            peer.close("left")
+        else:
+            _spawn(self._close_if_dead(peer, "left"), f"probe-{sender}")
+
+    def _on_name_change(self, sender: str, data: Any, signer: str | None) -> None:
+        """Only a hint (§9.2): the old name is checked like an unload; the new one announces itself."""
+        if isinstance(data, dict) and data.get("newName") == sender and isinstance(data.get("oldName"), str):
+            self._on_unload(data["oldName"], None, None)
+
+    @staticmethod
+    async def _close_if_dead(peer: Peer, reason: str) -> None:
+        if not await peer.probe():
+            peer.close(reason)
+
+    # -- sessions -----------------------------------------------------------------------------
+    def _register(self, peer: Peer) -> Peer:
+        old = self.peers.get(peer.name)
+        if old is not None and old is not peer:
+            old.close("replaced")
+        self.peers[peer.name] = peer
+        peer._candidates = self._candidates.pop(peer.name, [])
+        peer.on("open", self._on_open)
+        peer.on("frame", self._on_frame)
+        peer.on("closed", self._on_closed)
+        return peer
+
+    def _on_open(self, peer: Peer) -> None:
+        if peer.signed_key and peer.signed_key == peer.key_string:
+            declared = sdp_fingerprint(peer.remote_sdp or "")
+            actual = negotiated_fingerprint(peer.pc)
+            if declared is None or (actual is not None and actual != declared):
+                self.emit("status", f"-!- {self.label(peer)}: the connection's DTLS key ({actual}) is not the "
+                                    f"signed one ({declared}); someone is in the middle. Dropped.")
+                peer.close("channel binding failed")
+                return
+            peer.channel_bound = True
+            self._verified(peer)
+        else:
+            _spawn(self._verify_legacy(peer), f"verify-{peer.name}")
+
+    async def _verify_legacy(self, peer: Peer) -> None:
+        """RTChat's identify/challenge (§6.4) with the holes closed: a false result fails, nothing is sticky."""
+        challenge = secrets.token_bytes(32)
+        pins = self.trust.pins_for(bare_name(peer.name))
+        key = None
+        try:
+            if pins:
+                answer = await peer.ask("challenge", challenge.decode("latin-1"), VERIFY_TIMEOUT_S)
+                signature = answer.encode("latin-1") if isinstance(answer, str) else b""
+                key = next((p["key"] for p in pins.values() if verify_signature(p["key"], signature, challenge)), None)
+            else:
+                answer = await peer.ask("identify", challenge.decode("latin-1"), VERIFY_TIMEOUT_S)
+                if isinstance(answer, dict) and isinstance(answer.get("signature"), str):
+                    offered = answer.get("publicKeyString")
+                    signature = answer["signature"].encode("latin-1")
+                    if isinstance(offered, str) and verify_signature(offered, signature, challenge) \
+                            and peer.key_string in (None, offered) and self._admit(peer.name, offered):
+                        key = offered
+        except (AskError, UnicodeEncodeError) as exc:
+            log.debug("%r: verification failed: %s", peer, exc)
+        if peer.state != "open":
+            return
+        if key is None:
+            self.emit("status", f"-!- could not verify {self.label(peer)}'s key; disconnected")
+            peer.close("verification failed")
+            return
+        peer.key_string, peer.fingerprint = key, fingerprint(key)
+        self._verified(peer)
+
+    def _verified(self, peer: Peer) -> None:
+        peer.state = "verified"
+        peer.verified_at = time.monotonic()
+        with contextlib.suppress(RtchatError, ValueError):
+            self.trust.pin(bare_name(peer.name), peer.key_string, signs=peer.channel_bound)
+        self._peer_event.set()
+        self.emit("verified", peer)
+        self.emit("join", peer)
+        for label, value in self._early.pop(peer.name, []):
+            self._on_frame(peer, label, value)
+
+    def _on_closed(self, peer: Peer, reason: str) -> None:
+        if self.peers.get(peer.name) is peer:
+            del self.peers[peer.name]
+        self._early.pop(peer.name, None)
+        self._delivered.set()
+        if peer.verified_at is not None and reason != "we left":
+            self.emit("leave", peer, reason)
+        if peer.remote_sdp is not None and self.joined and reason not in ("left", "we left") \
+                and not reason.startswith("replaced"):
+            self._announce_soon()  # the other side may still be there: let it offer again
+
+    # -- frames ---------------------------------------------------------------------------------
+    def _on_frame(self, peer: Peer, label: str, value: Any) -> None:
+        if label == "question" and self._answer_identity(peer, value):
+            return
+        if not peer.is_verified:
+            early = self._early.setdefault(peer.name, [])
+            if len(early) < 100:
+                early.append((label, value))
+            return
+        if label == "question":
+            _spawn(self._answer_question(peer, value), f"question-{peer.name}")
+        else:
+            self._on_text(peer, label, value)
+
+    def _answer_identity(self, peer: Peer, value: Any) -> bool:
+        """Answer identify/challenge at once, from anyone: browsers ask before they talk to us (§6.4)."""
+        question = value.get("question") if isinstance(value, dict) else None
+        topic = question.get("topic") if isinstance(question, dict) else None
+        if topic not in ("identify", "challenge"):
+            return False
+        content = question.get("content")
+        try:
+            # Exactly 32 bytes, as browsers send: we never sign anything that could be a signaling message.
+            challenge = content.encode("latin-1") if isinstance(content, str) and len(content) == 32 else None
+        except UnicodeEncodeError:
+            challenge = None
+        if challenge is not None:
+            signature = self.identity.sign(challenge).decode("latin-1")
+            answer = signature if topic == "challenge" else {
+                "publicKeyString": self.identity.public_key_string, "signature": signature}
+            peer.reply(value.get("n"), question, answer)
+        return True
+
+    async def _answer_question(self, peer: Peer, value: Any) -> None:
+        question = value.get("question") if isinstance(value, dict) else None
+        if not isinstance(question, dict) or not isinstance(question.get("topic"), str):
+            return
+        topic = question["topic"][:64]
+        handler = self.questions.get(topic)
+        if handler is None:
+            peer.reply(value.get("n"), question, error=f"no answer for {topic!r} here")
+            return
+        try:
+            answer = handler(Question(peer, topic, question.get("content")))
+            if asyncio.iscoroutine(answer):
+                answer = await asyncio.wait_for(answer, ASK_TIMEOUT_S)
+            to_json(answer)
+        except (TypeError, ValueError):
+            answer = str(answer)
+        except Exception as exc:
+            log.exception("question %r from %s failed", topic, peer.name)
+            peer.reply(value.get("n"), question, error=f"{topic} failed: {type(exc).__name__}")
+            return
+        peer.reply(value.get("n"), question, answer)
+
+    def _on_text(self, peer: Peer, label: str, value: Any) -> None:
+        kind = "message" if label == "chat" else "dm"
+        msg_id, stamp, action = None, now_ms(), False
+        if isinstance(value, dict) and peer.is_rtchat_py:
+            if value.get("t") == "ack":
+                self._on_ack(peer, value.get("ids"))
+                return
+            if value.get("t") != "msg" or not isinstance(value.get("text"), str):
+                return
+            text, action = value["text"], bool(value.get("action"))
+            msg_id = value.get("id") if isinstance(value.get("id"), str) and len(value["id"]) <= 64 else None
+            if isinstance(value.get("ts"), int) and abs(value["ts"] - stamp) < 86400_000:
+                stamp = value["ts"]
+            if msg_id:
+                peer.send(label, {"t": "ack", "ids": [msg_id]})
+        else:
+            text = value if isinstance(value, str) else to_json(value)
+        msg_id = msg_id or new_id()
+        if msg_id in self._seen_ids:
+            return
+        self._seen_ids[msg_id] = None
+        if len(self._seen_ids) > 10000:
+            for old in list(self._seen_ids)[:5000]:
+                del self._seen_ids[old]
+        msg = Message(id=msg_id, room=self.name, sender=self.label(peer), text=clean(text, keep_newlines=True),
+                      ts=stamp, kind=kind, fingerprint=peer.fingerprint,
+                      trust="channel-bound" if peer.channel_bound else "legacy", action=action,
+                      to=self.me if kind == "dm" else None)
+        self._remember(msg)
+        self.emit(kind, msg)
+
+    def _on_ack(self, peer: Peer, ids: Any) -> None:
+        if isinstance(ids, list):
+            for msg_id in ids[:1000]:
+                if isinstance(msg_id, str) and msg_id in self._unacked:
+                    self._unacked[msg_id].discard(peer.name)
+            self._delivered.set()
+
+    def _own_message(self, text: str, kind: str, action: bool = False, to: str | None = None) -> Message:
+        if not text:
+            raise UsageError("nothing to send")
+        if len(text) > MAX_TEXT_CHARS:
+            raise UsageError(f"a message has at most {MAX_TEXT_CHARS} characters")
+        return Message(id=new_id(), room=self.name, sender=self.me, text=text, ts=now_ms(), kind=kind,
+                       fingerprint=self.identity.fingerprint, trust="self", action=action, to=to)
+
+    def _send_text(self, peer: Peer, label: str, msg: Message) -> None:
+        if peer.is_rtchat_py:
+            if peer.send(label, {"t": "msg", "id": msg.id, "ts": msg.ts, "text": msg.text, "action": msg.action}):
+                self._unacked.setdefault(msg.id, set()).add(peer.name)
+        else:
+            peer.send(label, f"* {self.me} {msg.text}" if msg.action else msg.text)
+
+    def _remember(self, msg: Message) -> None:
+        entry = msg.to_dict()
+
+        def append(data: dict) -> None:
+            history = data["history"].setdefault(self.name, [])
+            history.append(entry)
+            del history[:-HISTORY_PER_ROOM]
+        self.store.defer(append)
+
+
+def default_state_path() -> Path:
+    return Path(os.environ.get("RTCHAT_STATE") or "~/.rtchat.json").expanduser()
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Client(Emitter):
+    """The library's entry point: owns the state file, the identity and the broker; joins Rooms.
+
+        async with rtchat.Client("bot", broker="mqtt://127.0.0.1") as client:
+            room = await client.join("ops")
+            await room.wait_for_peers()
+            await room.send("deploy finished")
+    """
+
+    def __init__(self, name: str, *, broker: str = DEFAULT_BROKER, state: str | os.PathLike | None = None,
+                 ice: list[str] | None = None, ice_hosts: list[str] | None = None, trust: str = "new",
+                 passphrase: str | None = None) -> None:
+        super().__init__()
+        require_packages()
+        self.name = check_display_name(name)
+        self.store = Store(state or default_state_path())
+        self.signaling = Signaling(broker)
+        self.trust = Trust(self.store, trust)
+        self.ice = ice_configuration(DEFAULT_ICE if ice is None else ice)
+        if ice_hosts:
+            restrict_ice_hosts(ice_hosts)
+        self.passphrase = passphrase
+        self.questions: dict[str, Callable[[Question], Any]] = {}
+        self.rooms: dict[str, Room] = {}
+        self.identity: Identity | None = None
+        self.me = self.name
+        self._instance: int | None = None
+
+    async def start(self) -> Client:
+        self.store.load()
+        self.identity = self.store.identity(self.passphrase)
+        self._instance = self.store.update(self._claim_instance)
+        self.me = self.name if self._instance == 0 else f"{self.name}({self._instance})"
+        self.store.defer(lambda d: d.update(name=self.name))
+        await self.signaling.connect()
+        return self
+
+    def _claim_instance(self, data: dict) -> int:
+        """RTChat-style suffixes: the first alice is 'alice', a second one on this state file 'alice(1)'."""
+        taken = data["instances"].setdefault(self.name, {})
+        for number, pid in list(taken.items()):
+            if not _pid_alive(pid):
+                del taken[number]
+        number = 0
+        while str(number) in taken:
+            number += 1
+        taken[str(number)] = os.getpid()
+        return number
+
+    async def join(self, room: str, secret: str | None = None) -> Room:
+        """Join a room (sealed when a secret is given: only peers with the same secret find it)."""
+        name = check_room_name(room)
+        if name in self.rooms:
+            return self.rooms[name]
+        seal = await asyncio.get_running_loop().run_in_executor(None, Seal, name, secret) if secret else None
+        joined = Room(name, me=self.me, identity=self.identity, signaling=self.signaling, trust=self.trust,
+                      store=self.store, ice=self.ice, questions=self.questions, seal=seal)
+        self.rooms[name] = joined
+        await joined.join()
+        return joined
+
+    async def leave(self, room: Room) -> None:
+        self.rooms.pop(room.name, None)
+        await room.leave()
+
+    async def close(self) -> None:
+        for room in list(self.rooms.values()):
+            await self.leave(room)
+        await self.signaling.close()
+        if self._instance is not None:
+            number, self._instance = str(self._instance), None
+            self.store.defer(lambda d: d["instances"].get(self.name, {}).pop(number, None))
+        self.store.flush()
+
+    async def __aenter__(self) -> Client:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.close()
+
+
+# =============================================================================
+# Commands: one registry for slash commands, question handlers and event hooks.
+# Built-ins use the same decorators as plugins. handle_line() serves every UI.
+# =============================================================================
+
+def _tag(kind: str, name: str, **options: Any) -> Callable:
+    """Decorators only tag a function; the loader collects tags, so importing a plugin changes nothing."""
+    def tag(func: Callable) -> Callable:
+        func.__dict__.setdefault("_rtchat_hooks", []).append((kind, name, options))
+        return func
+    return tag
+
+
+def command(name: str, *aliases: str, help: str = "", usage: str = "", example: str = "") -> Callable:
+    """A slash command: `async def f(ctx, args: str)`. help is the /help line, the docstring the detail."""
+    return _tag("command", name, aliases=aliases, help=help, usage=usage, example=example)
+
+
+def question(topic: str) -> Callable:
+    """Answer `/ask NAME topic ...` from verified peers: `def f(ctx, q: Question)`; it returns the answer."""
+    return _tag("question", topic)
+
+
+def on(event: str) -> Callable:
+    """Run on a room event (one of EVENTS): `def f(ctx, value)`."""
+    return _tag("on", event)
+
+
+@dataclasses.dataclass
+class CommandSpec:
+    name: str
+    func: Callable
+    origin: str
+    aliases: tuple = ()
+    help: str = ""
+    usage: str = ""
+    example: str = ""
+
+
+class Registry:
+    """Commands, questions and hooks from the built-ins and every plugin."""
+
+    def __init__(self) -> None:
+        self.commands: dict[str, CommandSpec] = {}
+        self.questions: dict[str, tuple[Callable, str]] = {}
+        self.hooks: dict[str, list[tuple[Callable, str]]] = {}
+
+    def collect(self, namespace: Any, origin: str) -> int:
+        """Register every tagged function in a module or dict; ValueError for a bad tag (nothing is added)."""
+        items = namespace.items() if isinstance(namespace, dict) else vars(namespace).items()
+        found = [(kind, name, opts, func) for _, func in items if callable(func)
+                 for kind, name, opts in getattr(func, "__dict__", {}).get("_rtchat_hooks", ())]
+        for kind, name, _opts, _func in found:
+            if kind == "on" and name not in EVENTS:
+                raise ValueError(f"@on({name!r}): events are {', '.join(EVENTS)}")
+            if kind == "command" and not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
+                raise ValueError(f"@command({name!r}): use lower-case letters, digits, - and _")
+        for kind, name, opts, func in found:
+            if kind == "command":
+                spec = CommandSpec(name, func, origin, **opts)
+                for key in (name, *opts["aliases"]):
+                    if key in self.commands and self.commands[key].origin != origin:
+                        log.warning("/%s from %s replaces the one from %s", key, origin, self.commands[key].origin)
+                    self.commands[key] = spec
+            elif kind == "question":
+                self.questions[name] = (func, origin)
+            else:
+                self.hooks.setdefault(name, []).append((func, origin))
+        return len(found)
+
+    def unique_commands(self) -> list[CommandSpec]:
+        return sorted({id(s): s for s in self.commands.values()}.values(), key=lambda s: s.name)
+
+
+class Context:
+    """What a command, question handler or hook can do. ctx.room is the room the user is in."""
+
+    def __init__(self, app: App, origin: str) -> None:
+        self._app = app
+        self.origin = origin
+        self.log = logging.getLogger(f"rtchat.plugin.{origin}")
+        self.state: dict = app.client.store.data["plugins"].setdefault(origin, {})
+
+    @property
+    def client(self) -> Client:
+        return self._app.client
+
+    @property
+    def room(self) -> Room:
+        if self._app.room is None:
+            raise UsageError("you are in no room: /join ROOM")
+        return self._app.room
+
+    @property
+    def me(self) -> str:
+        return self._app.client.me
+
+    async def say(self, text: str, action: bool = False) -> Message:
+        msg = await self.room.send(text, action=action)
+        self._app.show(msg)
+        return msg
+
+    async def dm(self, name: str, text: str) -> Message:
+        msg = await self.room.dm(name, text)
+        self._app.show(msg)
+        return msg
+
+    def echo(self, text: str) -> None:
+        """Show a line to the local user only; nothing is sent."""
+        self._app.echo(text)
+
+    def save(self) -> None:
+        """Write ctx.state to the state file (also done after every call)."""
+        state = dict(self.state)
+        self._app.client.store.defer(lambda d: d["plugins"].__setitem__(self.origin, state))
+
+
+async def call_hook(func: Callable, *args: Any) -> Any:
+    result = func(*args)
+    return await result if asyncio.iscoroutine(result) else result
+
+
+async def handle_line(app: App, line: str) -> None:
+    """One line typed by the user: a /command, //text (a literal slash), or a message."""
+    line = line.rstrip("\r\n")
+    if not line.strip():
+        return
+    if line.startswith("//") or not line.startswith("/"):
+        await app.context("core").say(line[1:] if line.startswith("//") else line)
+        return
+    name, _, args = line[1:].partition(" ")
+    spec = app.registry.commands.get(name.lower())
+    if spec is None:
+        raise UsageError(f"unknown command /{name} (see /help); nothing was sent")
+    ctx = app.context(spec.origin)
+    try:
+        await call_hook(spec.func, ctx, args.strip())
+    finally:
+        if spec.origin != "core":
+            ctx.save()
+
+
+def _split_first(args: str, usage: str) -> tuple[str, str]:
+    first, _, rest = args.strip().partition(" ")
+    if not first:
+        raise UsageError(f"usage: {usage}")
+    return first, rest.strip()
+
+
+@command("help", "h", help="list commands, or explain one", usage="/help [command]")
+async def _help(ctx: Context, args: str) -> None:
+    """Without an argument, one line per command; with one, its usage, aliases and details."""
+    registry = ctx._app.registry
+    if args:
+        spec = registry.commands.get(args.lstrip("/").lower())
+        if spec is None:
+            raise UsageError(f"no command /{args.lstrip('/')}")
+        ctx.echo(f"{spec.usage or '/' + spec.name} - {spec.help}")
+        if spec.aliases:
+            ctx.echo("aliases: " + ", ".join("/" + a for a in spec.aliases))
+        if spec.func.__doc__:
+            ctx.echo(" ".join(spec.func.__doc__.split()))
+        if spec.example:
+            ctx.echo(f"example: {spec.example}")
+        return
+    for spec in registry.unique_commands():
+        ctx.echo(f"{(spec.usage or '/' + spec.name):<28} {spec.help}")
+    ctx.echo("Lines not starting with / are sent to the room; //text sends a line starting with /.")
+
+
+@command("join", "j", help="switch to another room", usage="/join ROOM", example="/join #ops")
+async def _join(ctx: Context, args: str) -> None:
+    """Leaves the current room and joins ROOM (a leading # is accepted)."""
+    room, _ = _split_first(args, "/join ROOM")
+    await ctx._app.switch_room(room)
+
+
+@command("part", "leave", help="leave the current room", usage="/part")
+async def _part(ctx: Context, args: str) -> None:
+    await ctx._app.switch_room(None)
+    ctx.echo("you are in no room now: /join ROOM")
+
+
+@command("peers", "who", "names", help="who is seen, connected, verified, with round trip", usage="/peers")
+async def _peers(ctx: Context, args: str) -> None:
+    room = ctx.room
+    peers = sorted(room.peers.values(), key=lambda p: collation_key(p.name))
+    if not peers:
+        ctx.echo(f"nobody else in #{room.name} yet")
+    for peer in peers:
+        kind = "rtchat.py" if peer.is_rtchat_py else "browser"
+        trust = ("verified, channel-bound" if peer.channel_bound else "verified (legacy, not channel-bound)") \
+            if peer.is_verified else peer.state
+        rtt = f", {peer.rtt_ms:.1f} ms" if peer.rtt_ms is not None else ""
+        ctx.echo(f"{room.label(peer):<24} {trust}{rtt}  [{kind}]")
+
+
+@command("whois", help="a peer's key fingerprint and your safety number", usage="/whois NAME")
+async def _whois(ctx: Context, args: str) -> None:
+    """Compare the safety number by voice with that person: if it matches, nobody is in the middle."""
+    name, _ = _split_first(args, "/whois NAME")
+    peer = ctx.room.find(name)
+    ctx.echo(f"{ctx.room.label(peer)}: {'rtchat.py' if peer.is_rtchat_py else 'browser'}, {peer.state}")
+    if peer.fingerprint:
+        pinned = ctx.client.trust.verdict(bare_name(peer.name), peer.key_string)
+        ctx.echo(f"  key fingerprint {show_fingerprint(peer.fingerprint)} ({pinned})")
+        ctx.echo(f"  safety number   {safety_number(ctx.client.identity.fingerprint, peer.fingerprint)}")
+    else:
+        ctx.echo("  no key seen yet")
+
+
+@command("msg", "query", "m", help="direct message to one peer", usage="/msg NAME TEXT")
+async def _msg(ctx: Context, args: str) -> None:
+    name, text = _split_first(args, "/msg NAME TEXT")
+    if not text:
+        raise UsageError("usage: /msg NAME TEXT")
+    await ctx.dm(name, text)
+
+
+@command("me", help="say what you are doing", usage="/me ACTION", example="/me waves")
+async def _me(ctx: Context, args: str) -> None:
+    if not args:
+        raise UsageError("usage: /me ACTION")
+    await ctx.say(args, action=True)
+
+
+@command("say", help="send a line as it is (even one starting with /)", usage="/say TEXT")
+async def _say(ctx: Context, args: str) -> None:
+    if not args:
+        raise UsageError("usage: /say TEXT")
+    await ctx.say(args)
+
+
+@command("ask", help="ask a peer a question and wait for the answer", usage="/ask NAME TOPIC [TEXT]",
+         example="/ask bob time")
+async def _ask(ctx: Context, args: str) -> None:
+    """TOPIC picks the handler on the other side (e.g. time, ping); TEXT goes with it."""
+    name, rest = _split_first(args, "/ask NAME TOPIC [TEXT]")
+    topic, content = _split_first(rest, "/ask NAME TOPIC [TEXT]")
+    room = ctx.room
+    peer = room.find(name)
+    ctx.echo(f"asking {room.label(peer)}: {topic} {content}".rstrip())
+    try:
+        answer = await room.ask(peer.name, topic, content or None)
+    except AskError as exc:
+        ctx.echo(f"no answer: {exc}")
+        return
+    shown = answer if isinstance(answer, str) else to_json(answer)
+    ctx.echo(f"{room.label(peer)} answers: {clean(shown, keep_newlines=True)}")
+
+
+@command("trust", help="pin a peer's current key (also accepts a changed key)", usage="/trust NAME")
+async def _trust(ctx: Context, args: str) -> None:
+    name, _ = _split_first(args, "/trust NAME")
+    room = ctx.room
+    peer = room.peers.get(name) or next((p for p in room.peers.values() if bare_name(p.name) == name), None)
+    key = peer.key_string if peer else ctx._app.changed_keys.get(bare_name(name))
+    if not key:
+        raise UsageError(f"no key seen for {name!r} here")
+    ctx.client.trust.pin(bare_name(name), key, replace=True)
+    ctx._app.changed_keys.pop(bare_name(name), None)
+    ctx.echo(f"pinned {bare_name(name)} to key {show_fingerprint(fingerprint(key))}")
+    if peer is None or not peer.is_open:
+        room.announce()
+
+
+@command("untrust", help="forget a peer's pinned key", usage="/untrust NAME")
+async def _untrust(ctx: Context, args: str) -> None:
+    name, _ = _split_first(args, "/untrust NAME")
+    count = ctx.client.trust.unpin(bare_name(name))
+    ctx.echo(f"forgot {count} key(s) of {bare_name(name)}" if count else f"no key pinned for {bare_name(name)}")
+
+
+@command("whoami", help="your name and key fingerprint", usage="/whoami")
+async def _whoami(ctx: Context, args: str) -> None:
+    client = ctx.client
+    ctx.echo(f"{client.me} in #{ctx._app.room.name if ctx._app.room else '-'} on {client.signaling.broker}")
+    ctx.echo(f"  key fingerprint {show_fingerprint(client.identity.fingerprint)}")
+    ctx.echo(f"  state file      {client.store.path}")
+
+
+@command("history", help="show earlier messages of this room", usage="/history [N]")
+async def _history(ctx: Context, args: str) -> None:
+    count = int(args) if args.strip().isdigit() else 20
+    for msg in ctx.room.history(count):
+        ctx._app.show(msg, from_history=True)
+
+
+@command("rooms", "list", help="rooms you have been in", usage="/rooms")
+async def _rooms(ctx: Context, args: str) -> None:
+    rooms = ctx.client.store.data["rooms"]
+    for name in sorted(rooms, key=lambda r: -rooms[r].get("last_joined", 0)):
+        ctx.echo(f"#{clean(name, 200)}" + (" (here)" if ctx._app.room and ctx._app.room.name == name else ""))
+
+
+@command("clear", help="clear the screen", usage="/clear")
+async def _clear(ctx: Context, args: str) -> None:
+    ctx._app.printer.clear()
+
+
+@command("quit", "exit", "q", help="leave and exit (also Ctrl-D)", usage="/quit")
+async def _quit(ctx: Context, args: str) -> None:
+    ctx._app.done.set()
+
+
+# =============================================================================
+# Plugins: contrib/*.py beside this file, plus folders in RTCHAT_PLUGINS.
+# A plugin that fails to load is reported in one line and skipped.
+# =============================================================================
+
+def plugin_folders() -> list[Path]:
+    folders = [Path(__file__).resolve().parent / "contrib"]
+    folders += [Path(p).expanduser() for p in os.environ.get("RTCHAT_PLUGINS", "").split(os.pathsep) if p]
+    return folders
+
+
+def load_plugins(registry: Registry, folders: list[Path]) -> tuple[list[str], list[str]]:
+    """Import every *.py of the folders; returns (loaded names, one-line reasons for skipped ones)."""
+    loaded, skipped = [], []
+    for folder in folders:
+        for path in sorted(folder.glob("*.py")) if folder.is_dir() else ():
+            if path.name.startswith("_"):
+                continue
+            try:
+                spec = importlib.util.spec_from_file_location(f"rtchat_plugin_{path.stem}", path)
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+                registry.collect(module, path.stem)
+                loaded.append(path.stem)
+            except Exception as exc:
+                log.debug("plugin %s failed", path, exc_info=True)
+                skipped.append(f"plugin {path} skipped: {type(exc).__name__}: {exc}")
+    return loaded, skipped
+
+
+# =============================================================================
+# Front ends: the interactive prompt (prompt_toolkit), the pipe sender and the
+# listener. They share App (client, room, commands, output) and handle_line().
+# =============================================================================
+
+_COLORS = (31, 32, 33, 34, 35, 36, 91, 92, 93, 94, 95, 96)
+
+
+def use_color(stream, flag: str | None = None) -> bool:
+    """--color=always/never, else NO_COLOR, TERM=dumb and whether the stream is a terminal decide."""
+    if flag in ("always", "never"):
+        return flag == "always"
+    if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
+        return False
+    if os.environ.get("FORCE_COLOR"):
+        return True
+    return hasattr(stream, "isatty") and stream.isatty()
+
+
+class Printer:
+    """Turns messages and events into lines: 'chat' for people, 'plain' (NAME: TEXT) or 'json' for scripts."""
+
+    def __init__(self, style: str, color: bool, out=None, err=None) -> None:
+        self.style = style
+        self.color = color and style != "json"
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self.broken = False
+
+    def _paint(self, text: str, code: int | str) -> str:
+        return f"\x1b[{code}m{text}\x1b[0m" if self.color else text
+
+    def nick(self, name: str) -> str:
+        return self._paint(name, _COLORS[int(hashlib.sha256(bare_name(name).encode()).hexdigest(), 16) % 12])
+
+    def _write(self, stream, line: str) -> None:
+        try:
+            stream.write(line + "\n")
+            stream.flush()
+        except BrokenPipeError:
+            self.broken = True
+
+    def message(self, msg: Message, me: str, from_history: bool = False) -> None:
+        if self.style == "json":
+            self._write(self.out, json.dumps({**msg.to_dict(), **({"history": True} if from_history else {})},
+                                             ensure_ascii=False))
+            return
+        text = msg.text
+        if self.style == "plain":
+            prefix = f"{msg.sender} (dm)" if msg.kind == "dm" else msg.sender
+            self._write(self.out, f"{prefix}: {'* ' if msg.action else ''}{text.replace(chr(10), ' ')}")
+            return
+        stamp = time.strftime("%H:%M", time.localtime(msg.ts / 1000))
+        stamp = self._paint(stamp, 2 if not from_history else "2;3")
+        if msg.kind == "dm":
+            who = f"[{self.nick(msg.sender)} -> {self.nick(msg.to or me)}]"
+        elif msg.action:
+            who = f"* {self.nick(msg.sender)}"
+        else:
+            who = f"<{self.nick(msg.sender)}>"
+        lines = text.split("\n")
+        indent = " " * (len(time.strftime("%H:%M")) + 1)
+        self._write(self.out, f"{stamp} {who} {lines[0]}" + "".join(f"\n{indent}  {line}" for line in lines[1:]))
+
+    def event(self, kind: str, room: str, name: str, text: str = "", fp: str | None = None) -> None:
+        """join/leave/key-changed lines: NDJSON on stdout in json style, else a marked line for people."""
+        if self.style == "json":
+            self._write(self.out, json.dumps({"type": kind, "room": room, "from": name, "text": text,
+                                              "fingerprint": fp, "ts": now_ms()}, ensure_ascii=False))
+            return
+        marker = {"join": "-->", "leave": "<--"}.get(kind, "-!-")
+        self.status(f"{marker} {name} {text}".rstrip(), 32 if kind == "join" else 33 if kind == "leave" else 31)
+
+    def status(self, text: str, code: int | str = 2) -> None:
+        stream = self.out if self.style == "chat" else self.err
+        self._write(stream, self._paint(text, code) if self.style == "chat" else text)
+
+    def clear(self) -> None:
+        if self.style == "chat":
+            self._write(self.out, "\x1b[2J\x1b[H")
+
+
+class App:
+    """What every front end shares: the client, the room you are in, commands, plugins and output."""
+
+    def __init__(self, client: Client, registry: Registry, printer: Printer, secret: str | None = None,
+                 history_lines: int = 10) -> None:
+        self.client = client
+        self.registry = registry
+        self.printer = printer
+        self.secret = secret
+        self.history_lines = history_lines
+        self.room: Room | None = None
+        self.done = asyncio.Event()
+        self.changed_keys: dict[str, str] = {}
+        self._contexts: dict[str, Context] = {}
+        self._listeners: list[tuple[str, Callable]] = []
+        for topic, (func, origin) in registry.questions.items():
+            client.questions[topic] = lambda q, func=func, origin=origin: func(self.context(origin), q)
+
+    def context(self, origin: str) -> Context:
+        if origin not in self._contexts:
+            self._contexts[origin] = Context(self, origin)
+        return self._contexts[origin]
+
+    def echo(self, text: str) -> None:
+        self.printer.status(text, 0)
+
+    def show(self, msg: Message, from_history: bool = False) -> None:
+        self.printer.message(msg, self.client.me, from_history)
+
+    async def switch_room(self, name: str | None) -> None:
+        if self.room is not None:
+            for event, listener in self._listeners:
+                self.room.off(event, listener)
+            await self.client.leave(self.room)
+            self.room = None
+        if name is None:
+            return
+        room = await self.client.join(name, self.secret)
+        self.room = room
+        self._listeners = [(event, room.on(event, self._relay(event))) for event in EVENTS]
+        for msg in room.history(self.history_lines):
+            self.show(msg, from_history=True)
+        sealed = " (sealed)" if room.seal else ""
+        self.printer.status(f"-!- joined #{clean(room.name, 200)}{sealed} as {room.me} "
+                            f"on {self.client.signaling.broker}")
+
+    def _relay(self, event: str) -> Callable:
+        def relay(*args: Any) -> None:
+            self._display(event, *args)
+            for func, origin in self.registry.hooks.get(event, ()):
+                _spawn(call_hook(func, self.context(origin), *args), f"hook-{origin}-{event}")
+        return relay
+
+    def _display(self, event: str, *args: Any) -> None:
+        room = self.room
+        if event in ("message", "dm"):
+            self.show(args[0])
+        elif event == "join":
+            peer = args[0]
+            how = "channel-bound" if peer.channel_bound else "legacy key check, not channel-bound"
+            self.printer.event("join", room.name, room.label(peer), f"joined (verified, {how})", peer.fingerprint)
+        elif event == "leave":
+            peer, reason = args
+            self.printer.event("leave", room.name, room.label(peer), f"left ({reason})", peer.fingerprint)
+        elif event == "key-changed":
+            name, fp, verdict = args
+            self.changed_keys[bare_name(name)] = next(
+                (p.key_string for p in room.peers.values() if p.fingerprint == fp), None) or ""
+            why = "uses a key you have not pinned" if verdict == "new" else "has a DIFFERENT KEY than the one pinned"
+            self.printer.event("key-changed", room.name, clean(name, 80),
+                               f"{why} ({show_fingerprint(fp)}); refused. If that is expected, /trust "
+                               f"{clean(bare_name(name), 80)}", fp)
+        elif event == "status":
+            self.printer.status(clean(args[0], 500), 31)
+
+    async def run_line(self, line: str) -> None:
+        """handle_line with errors turned into one line for the user."""
+        try:
+            await handle_line(self, line)
+        except RtchatError as exc:
+            self.printer.status(f"-!- {exc}", 31)
+        except Exception as exc:
+            log.debug("command failed", exc_info=True)
+            self.printer.status(f"-!- {line.split()[0]} failed: {type(exc).__name__}: {exc} (see --debug)", 31)
+
+    def toolbar(self) -> str:
+        client, room = self.client, self.room
+        broker = "broker ok" if client.signaling.is_connected else "broker reconnecting"
+        if room is None:
+            return f" {client.me} | no room | {broker} "
+        verified = len(room.verified_peers())
+        return f" {client.me} in #{room.name}{' (sealed)' if room.seal else ''} | {verified} verified of " \
+               f"{len(room.peers)} seen | {broker} "
+
+
+class _StateHistory:
+    """Input history kept in the state file (prompt_toolkit History, created lazily)."""
+
+    @staticmethod
+    def make(store: Store):
+        from prompt_toolkit.history import History
+
+        class StateHistory(History):
+            def load_history_strings(self):
+                return reversed([s for s in store.data["input_history"] if isinstance(s, str)])
+
+            def store_string(self, string: str) -> None:
+                def append(data: dict) -> None:
+                    data["input_history"].append(string)
+                    del data["input_history"][:-INPUT_HISTORY]
+                store.defer(append)
+        return StateHistory()
+
+
+def _completer(app: App):
+    from prompt_toolkit.completion import Completer, Completion
+
+    class ChatCompleter(Completer):
+        """Command names after '/', peer names elsewhere ('alice: ' at the start of a line)."""
+
+        def get_completions(self, document, complete_event):
+            text = document.text_before_cursor
+            word = document.get_word_before_cursor(WORD=True)
+            if text.startswith("/") and " " not in text:
+                for name in sorted(app.registry.commands):
+                    if name.startswith(text[1:].lower()):
+                        yield Completion("/" + name, start_position=-len(text))
+                return
+            room = app.room
+            for peer in list(room.peers.values()) if room else []:
+                label = room.label(peer)
+                if label.lower().startswith(word.lstrip("@").lower()):
+                    yield Completion(label + (": " if text == word else ""), start_position=-len(word))
+    return ChatCompleter()
+
+
+async def run_interactive(app: App) -> int:
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.patch_stdout import patch_stdout
+
+    session = PromptSession(history=_StateHistory.make(app.client.store), completer=_completer(app),
+                            complete_while_typing=False, bottom_toolbar=app.toolbar, refresh_interval=1.0)
+    app.echo("Type to chat; /help lists commands; Ctrl-D quits.")
+    with patch_stdout(raw=True):
+        while not app.done.is_set():
+            prompt = asyncio.ensure_future(session.prompt_async(f"[{app.room.name if app.room else '-'}] "))
+            done = asyncio.ensure_future(app.done.wait())
+            await asyncio.wait({prompt, done}, return_when=asyncio.FIRST_COMPLETED)
+            if not prompt.done():
+                prompt.cancel()
+                done.cancel()
+                break
+            done.cancel()
+            try:
+                line = prompt.result()
+            except (EOFError, KeyboardInterrupt):
+                break
+            await app.run_line(line)
+    return 0
+
+
+async def _stdin_lines(queue: asyncio.Queue) -> None:
+    """Feed stdin lines to the queue as they come (so `tail -f log | rtchat.py` works); None at EOF."""
+    loop = asyncio.get_running_loop()
+    while True:
+        raw = await loop.run_in_executor(None, sys.stdin.buffer.readline)
+        if not raw:
+            await queue.put(None)
+            return
+        await queue.put(raw.decode("utf-8", "replace").rstrip("\r\n"))
+
+
+async def run_pipe(app: App, wait_peers: int, timeout: float) -> int:
+    """Send every stdin line as a message once enough peers are verified; exit when all are delivered."""
+    room = app.room
+    queue: asyncio.Queue = asyncio.Queue()
+    reader = _spawn(_stdin_lines(queue), "stdin")
+    app.printer.status(f"waiting for {wait_peers} verified peer(s) in #{room.name} (up to {timeout:g} s)")
+    try:
+        await room.wait_for_peers(wait_peers, timeout)
+        app.printer.status(f"sending to {', '.join(room.label(p) for p in room.verified_peers())}")
+        sent = 0
+        while (line := await queue.get()) is not None:
+            if line.strip():
+                await room.send(line[:MAX_TEXT_CHARS])
+                sent += 1
+        if not await room.flush(timeout):
+            raise NoPeers(f"{sent} message(s) sent, but not all were confirmed delivered within {timeout:g} s")
+        app.printer.status(f"delivered {sent} message(s)")
+        return 0
+    finally:
+        reader.cancel()
+
+
+async def run_listen(app: App, count: int | None, history: int) -> int:
+    """Print what arrives on stdout (NAME: TEXT, or NDJSON with --json); stop after count messages."""
+    room = app.room
+    received = 0
+    if history:
+        for msg in room.history(history):
+            app.show(msg, from_history=True)
+
+    def counted(msg: Message) -> None:
+        nonlocal received
+        received += 1
+        if count is not None and received >= count:
+            app.done.set()
+    room.on("message", counted)
+    room.on("dm", counted)
+    app.printer.status(f"listening in #{room.name}" + (f" for {count} message(s)" if count else ""))
+    while not app.done.is_set() and not app.printer.broken:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(app.done.wait(), 0.5)
+    return 0
+
+
+# =============================================================================
+# main: options and environment, modes, exit codes.
+# =============================================================================
+
+EPILOG = f"""\
+modes:
+  With a terminal: interactive chat (type /help).
+  With stdin from a pipe: each line is sent as one message once --wait-peers peers are verified;
+    the program exits when every message is delivered.
+  With --listen: received messages go to stdout, as "NAME: TEXT" or NDJSON with --json.
+
+environment: RTCHAT_BROKER, RTCHAT_ROOM, RTCHAT_STATE, RTCHAT_ICE, RTCHAT_ICE_HOST, RTCHAT_SECRET,
+  RTCHAT_PASSPHRASE, RTCHAT_PLUGINS (extra plugin folders), RTCHAT_DEBUG=1, NO_COLOR.
+
+exit codes:
+  0 success; 1 other error; {EX_USAGE} bad usage; {EX_UNAVAILABLE} broker unreachable;
+  {EX_TEMPFAIL} no peer in time, or delivery not confirmed; {EX_NOPERM} key refused;
+  {EX_CONFIG} state file problem; 130 interrupted.
+"""
+
+
+def _list_option(values: list[str] | None) -> list[str]:
+    return [v.strip() for value in values or () for v in value.split(",") if v.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(prog="rtchat.py", description=__doc__, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", nargs="?", help="your name (default: the last one used)")
+    parser.add_argument("--room", "-r", default=env("RTCHAT_ROOM"), help=f"room to join (default: last room, "
+                        f"else {DEFAULT_ROOM!r}; browsers' widget default is {DEFAULT_ROOM!r})")
+    parser.add_argument("--broker", "-b", default=env("RTCHAT_BROKER", DEFAULT_BROKER),
+                        help=f"MQTT broker URL: mqtt:// mqtts:// ws:// wss:// (default: {DEFAULT_BROKER})")
+    parser.add_argument("--state", default=None, help="state file (default: $RTCHAT_STATE or ~/.rtchat.json)")
+    parser.add_argument("--ice", default=env("RTCHAT_ICE"),
+                        help="STUN/TURN URLs, comma-separated (turn:USER:PASS@host:port), or 'none' "
+                             "(default: RTChat's STUN servers)")
+    parser.add_argument("--ice-host", action="append", default=[env("RTCHAT_ICE_HOST")] if env("RTCHAT_ICE_HOST")
+                        else [], metavar="ADDR", help="only offer these host addresses in ICE "
+                        "(repeatable or comma-separated; 127.0.0.1 for a loopback-only test)")
+    parser.add_argument("--secret", default=env("RTCHAT_SECRET"),
+                        help="seal the room with this passphrase: hidden topic, encrypted signaling")
+    parser.add_argument("--passphrase", default=env("RTCHAT_PASSPHRASE"),
+                        help="passphrase protecting your private key in the state file")
+    parser.add_argument("--trust", choices=Trust.POLICIES, default="new",
+                        help="which peer keys to accept: new = pin unknown names, refuse changed keys "
+                             "(default); known = only pinned keys; any = everything")
+    parser.add_argument("--listen", action="store_true", help="print received messages to stdout; send nothing")
+    parser.add_argument("--json", action="store_true", help="with --listen: one JSON object per line")
+    parser.add_argument("--count", type=int, metavar="N", help="with --listen: exit after N messages")
+    parser.add_argument("--history", type=int, default=0, metavar="N",
+                        help="with --listen: print the last N messages of the room first")
+    parser.add_argument("--wait-peers", type=int, default=1, metavar="N",
+                        help="pipe mode: verified peers to wait for before sending (default 1)")
+    parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="pipe mode: how long to wait for peers and for delivery (default 30)")
+    parser.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    parser.add_argument("--no-color", dest="color", action="store_const", const="never")
+    parser.add_argument("--debug", action="store_true", default=bool(env("RTCHAT_DEBUG")),
+                        help="log details to stderr")
+    parser.add_argument("--version", action="version", version=f"rtchat.py {__version__}")
+    args = parser.parse_args(argv)
+    args.ice = None if not args.ice else [] if args.ice.strip().lower() == "none" else _list_option([args.ice])
+    args.ice_host = _list_option(args.ice_host)
+    if args.count is not None and args.count < 1:
+        parser.error("--count must be at least 1")
+    if args.wait_peers < 0:
+        parser.error("--wait-peers must be 0 or more")
+    return args
+
+
+async def run(args: argparse.Namespace) -> int:
+    state_path = Path(args.state).expanduser() if args.state else default_state_path()
+    name = args.name
+    interactive = not args.listen and sys.stdin.isatty()
+    if not name:
+        name = Store(state_path).load().get("name")
+        if not name:
+            raise UsageError("give your name: python rtchat.py NAME")
+    passphrase = args.passphrase
+    if passphrase is None and interactive:
+        stored = Store(state_path).load().get("identity")
+        if isinstance(stored, dict) and stored.get("encrypted"):
+            passphrase = getpass.getpass("passphrase for your rtchat key: ")
+    client = Client(name, broker=args.broker, state=state_path, ice=args.ice, ice_hosts=args.ice_host,
+                    trust=args.trust, passphrase=passphrase)
+    style = "chat" if interactive else "json" if args.json else "plain"
+    printer = Printer(style, use_color(sys.stdout, args.color))
+    registry = Registry()
+    registry.collect(globals(), "core")
+    loaded, skipped = load_plugins(registry, plugin_folders())
+    for line in skipped:
+        printer.status(line, 31)
+    if interactive and (loaded or skipped):
+        printer.status(f"{len(loaded)} plugin(s) loaded" + (f", {len(skipped)} skipped" if skipped else ""))
+    await client.start()
+    app = App(client, registry, printer, secret=args.secret, history_lines=10 if interactive else 0)
+    loop = asyncio.get_running_loop()
+    import signal
+    for signum in (signal.SIGTERM, signal.SIGHUP) + (() if interactive else (signal.SIGINT,)):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, app.done.set)
+    try:
+        room = args.room or client.store.data.get("last_room") or DEFAULT_ROOM
+        await app.switch_room(room)
+        if interactive:
+            return await run_interactive(app)
+        if args.listen:
+            return await run_listen(app, args.count, args.history)
+        pipe = asyncio.ensure_future(run_pipe(app, args.wait_peers, args.timeout))
+        stop = asyncio.ensure_future(app.done.wait())
+        await asyncio.wait({pipe, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if not pipe.done():
+            pipe.cancel()
+            return 130
+        stop.cancel()
+        return pipe.result()
+    finally:
+        await client.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    sys.modules.setdefault("rtchat", sys.modules[__name__])  # plugins' `import rtchat` is this very module
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, stream=sys.stderr,
+                        format="%(name)s: %(message)s" if args.debug else "rtchat: %(message)s")
+    if not args.debug:
+        for noisy in ("aioice", "aiortc", "asyncio"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        require_packages()
+        return asyncio.run(run(args))
+    except RtchatError as exc:
+        print(f"rtchat: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
