@@ -828,14 +828,18 @@ class Signaling(Emitter):
         client.loop_stop()
 
     # paho's thread: hop to the event loop and do nothing else here.
+    def _hop(self, func: Callable, *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed under a late callback
+            self._loop.call_soon_threadsafe(func, *args)
+
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
-        self._loop.call_soon_threadsafe(self._connected, reason_code.is_failure, str(reason_code))
+        self._hop(self._connected, reason_code.is_failure, str(reason_code))
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        self._loop.call_soon_threadsafe(self._disconnected, str(reason_code))
+        self._hop(self._disconnected, str(reason_code))
 
     def _on_message(self, client, userdata, message) -> None:
-        self._loop.call_soon_threadsafe(self._deliver, message.topic, message.payload)
+        self._hop(self._deliver, message.topic, message.payload)
 
     def _connected(self, failed: bool, reason: str) -> None:
         if failed:
@@ -2723,6 +2727,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def run(args: argparse.Namespace) -> int:
     state_path = Path(args.state).expanduser() if args.state else default_state_path()
+    if args.room:
+        check_room_name(args.room)
     name = args.name
     interactive = not args.listen and sys.stdin.isatty()
     if not name:

@@ -1,0 +1,34 @@
+"""The public API a bot or plugin relies on: names and signatures are a contract."""
+import inspect
+
+import rtchat
+
+
+def test_public_names():
+    assert set(rtchat.__all__) == {
+        "Client", "Room", "Peer", "Message", "Question", "Context", "Store", "Identity",
+        "command", "question", "on", "RtchatError", "UsageError", "EVENTS", "__version__"}
+    for name in rtchat.__all__:
+        assert hasattr(rtchat, name)
+
+
+def test_event_names():
+    assert rtchat.EVENTS == ("message", "dm", "join", "leave", "verified", "key-changed", "status")
+
+
+def test_signatures():
+    assert list(inspect.signature(rtchat.Client).parameters) == [
+        "name", "broker", "state", "ice", "ice_hosts", "trust", "passphrase"]
+    assert list(inspect.signature(rtchat.Room.send).parameters) == ["self", "text", "action"]
+    assert list(inspect.signature(rtchat.Room.dm).parameters) == ["self", "name", "text"]
+    assert list(inspect.signature(rtchat.Room.ask).parameters) == ["self", "name", "topic", "content", "timeout"]
+    assert list(inspect.signature(rtchat.command).parameters) == ["name", "aliases", "help", "usage", "example"]
+    assert set(rtchat.Message.__dataclass_fields__) >= {"id", "room", "sender", "text", "ts", "kind"}
+
+
+def test_decorators_only_tag():
+    def f(ctx, args):
+        return 42
+    tagged = rtchat.command("x", help="h")(f)
+    assert tagged is f and f(None, "") == 42
+    assert f._rtchat_hooks == [("command", "x", {"aliases": (), "help": "h", "usage": "", "example": ""})]

@@ -1,0 +1,131 @@
+"""Commands and plugins: the registry, handle_line, contrib/ loading, a broken plugin, every example."""
+import asyncio
+import io
+
+from conftest import ROOT, eventually, make_client, run
+
+import rtchat
+
+
+def registry_with_contrib():
+    registry = rtchat.Registry()
+    registry.collect(vars(rtchat), "core")
+    loaded, skipped = rtchat.load_plugins(registry, [ROOT / "contrib"])
+    return registry, loaded, skipped
+
+
+def test_contrib_plugins_load():
+    registry, loaded, skipped = registry_with_contrib()
+    assert {"clock", "dice"} <= set(loaded) and not skipped
+    assert {"time", "ping", "uptime", "d20"} <= set(registry.questions)
+    assert registry.commands["roll"].origin == "dice"
+
+
+def test_broken_plugins_are_skipped_with_one_line(tmp_path):
+    (tmp_path / "good.py").write_text(
+        "from rtchat import command\n@command('hi', help='x')\nasync def hi(ctx, a): pass\n")
+    (tmp_path / "broken.py").write_text("import rtchat\nundefined_name\n")
+    (tmp_path / "badevent.py").write_text("from rtchat import on\n@on('explode')\ndef f(ctx, v): pass\n")
+    (tmp_path / "_private.py").write_text("raise SystemExit\n")
+    registry = rtchat.Registry()
+    loaded, skipped = rtchat.load_plugins(registry, [tmp_path])
+    assert loaded == ["good"]
+    assert len(skipped) == 2
+    assert any("broken.py skipped: NameError" in line for line in skipped)
+    assert any("badevent.py skipped: ValueError: @on('explode')" in line for line in skipped)
+    assert all("\n" not in line for line in skipped)
+
+
+def test_every_builtin_command_has_help_and_usage():
+    registry = rtchat.Registry()
+    registry.collect(vars(rtchat), "core")
+    for name in ("help", "join", "part", "peers", "whois", "msg", "me", "ask", "trust", "untrust", "whoami",
+                 "history", "quit", "say", "rooms", "clear"):
+        spec = registry.commands[name]
+        assert spec.help and spec.usage.startswith("/" + name)
+
+
+class Scene:
+    """Two real clients; alice has an App whose output is captured, bob has the contrib plugins."""
+
+    def __init__(self, tmp_path, broker):
+        self.tmp_path, self.broker = tmp_path, broker
+
+    async def __aenter__(self):
+        self.alice = await make_client("alice", self.tmp_path, self.broker.url).start()
+        self.bob = await make_client("bob", self.tmp_path, self.broker.url).start()
+        registry, _, _ = registry_with_contrib()
+        self.out = io.StringIO()
+        self.app = rtchat.App(self.alice, registry, rtchat.Printer("chat", False, self.out, self.out))
+        self.bob_app = rtchat.App(self.bob, registry, rtchat.Printer("plain", False, io.StringIO(), io.StringIO()))
+        await self.app.switch_room("cmds")
+        await self.bob_app.switch_room("cmds")
+        await self.app.room.wait_for_peers(1, 20)
+        await self.bob_app.room.wait_for_peers(1, 20)
+        self.received = []
+        self.bob_app.room.on("message", self.received.append)
+        self.bob_app.room.on("dm", self.received.append)
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.alice.close()
+        await self.bob.close()
+
+    async def line(self, text):
+        self.out.seek(0)
+        self.out.truncate()
+        await self.app.run_line(text)
+        return self.out.getvalue()
+
+
+def test_lines_and_commands(broker, tmp_path):
+    async def scenario():
+        async with Scene(tmp_path, broker) as s:
+            await s.line("plain text")
+            await s.line("//slash at the start")
+            await s.line("/me waves")
+            await s.line("/msg bob a secret")
+            await eventually(lambda: len(s.received) == 4, what="four deliveries")
+            texts = [(m.kind, m.text, m.action) for m in s.received]
+            assert texts == [("message", "plain text", False), ("message", "/slash at the start", False),
+                             ("message", "waves", True), ("dm", "a secret", False)]
+            out = await s.line("/frobnicate now")
+            assert "unknown command /frobnicate" in out and "nothing was sent" in out
+            await asyncio.sleep(0.2)
+            assert len(s.received) == 4
+            assert "bob answers: pong" in await s.line("/ask bob ping")
+            assert "no answer" in await s.line("/ask bob weather")
+            whois = await s.line("/whois bob")
+            assert rtchat.show_fingerprint(s.bob.identity.fingerprint) in whois
+            assert rtchat.safety_number(s.alice.identity.fingerprint, s.bob.identity.fingerprint) in whois
+            assert "verified, channel-bound" in await s.line("/peers")
+            assert "usage: /msg NAME TEXT" in await s.line("/msg bob")
+            assert "no peer called 'zed'" in await s.line("/msg zed hi")
+            assert "/roll NdS" in await s.line("/help")
+            assert "example: /roll 2d6" in await s.line("/help roll")
+            assert "plain text" in await s.line("/history 5")
+            assert "forgot 1 key(s) of bob" in await s.line("/untrust bob")
+            assert "pinned bob" in await s.line("/trust bob")
+            assert s.alice.identity.fingerprint[:4] in (await s.line("/whoami")).replace(" ", "")
+            assert "give dice as NdS" in await s.line("/roll lots")
+    run(scenario())
+
+
+def test_every_example_runs(broker, tmp_path):
+    async def scenario():
+        async with Scene(tmp_path, broker) as s:
+            specs = [spec for spec in s.app.registry.unique_commands() if spec.example]
+            assert {"roll", "uptime", "ask", "me", "join"} <= {spec.name for spec in specs}
+            for spec in sorted(specs, key=lambda spec: spec.name == "join"):  # /join moves us: last
+                out = await s.line(spec.example.replace("NAME", "bob"))
+                assert "failed" not in out and "-!- usage" not in out, (spec.example, out)
+            assert s.app.room.name == "ops"
+    run(scenario())
+
+
+def test_quit_ends_the_app(broker, tmp_path):
+    async def scenario():
+        async with Scene(tmp_path, broker) as s:
+            await s.line("/quit")
+            assert s.app.done.is_set()
+    run(scenario())

@@ -1,0 +1,235 @@
+"""Room: real clients, real mosquitto (TCP and websockets), real aiortc peers on 127.0.0.1."""
+import asyncio
+import base64
+
+import paho.mqtt.client as mqtt
+import pytest
+from conftest import eventually, make_client, run
+
+import rtchat
+
+
+async def pair(tmp_path, broker_url, names=("alice", "bob"), room="test"):
+    clients = [await make_client(n, tmp_path, broker_url).start() for n in names]
+    rooms = [await c.join(room) for c in clients]
+    for r in rooms:
+        await r.wait_for_peers(len(names) - 1, 20)
+    return clients, rooms
+
+
+async def close_all(clients):
+    for c in clients:
+        await c.close()
+
+
+@pytest.mark.parametrize("transport", ["mqtt", "ws"])
+def test_two_peers_chat_both_ways(broker, tmp_path, transport):
+    async def scenario():
+        url = broker.url if transport == "mqtt" else broker.ws_url
+        (alice, bob), (ra, rb) = await pair(tmp_path, url)
+        got_a, got_b = [], []
+        ra.on("message", got_a.append)
+        rb.on("message", got_b.append)
+        sent = await ra.send("hello bob")
+        await rb.send("hi alice 🎲")
+        await eventually(lambda: got_a and got_b, what="both messages")
+        assert got_b[0].text == "hello bob" and got_b[0].sender == "alice" and got_b[0].id == sent.id
+        assert got_a[0].text == "hi alice 🎲"
+        assert got_b[0].trust == "channel-bound" and got_b[0].fingerprint == alice.identity.fingerprint
+        peer = rb.peers["alice"]
+        assert peer.is_verified and peer.channel_bound and peer.is_rtchat_py
+        assert await ra.flush(5)
+        await close_all([alice, bob])
+    run(scenario())
+
+
+def test_dm_reaches_only_its_target(broker, tmp_path):
+    async def scenario():
+        clients, (ra, rb, rc) = await pair(tmp_path, broker.url, ("alice", "bob", "carol"))
+        dms_b, dms_c, msgs_c = [], [], []
+        rb.on("dm", dms_b.append)
+        rc.on("dm", dms_c.append)
+        rc.on("message", msgs_c.append)
+        await ra.dm("bob", "psst")
+        await eventually(lambda: dms_b, what="the dm")
+        await asyncio.sleep(0.2)
+        assert dms_b[0].text == "psst" and dms_b[0].kind == "dm" and not dms_c and not msgs_c
+        with pytest.raises(rtchat.UsageError, match="no peer"):
+            await ra.dm("nobody", "x")
+        await close_all(clients)
+    run(scenario())
+
+
+def test_ask_answer_timeout_and_unknown_topic(broker, tmp_path):
+    async def scenario():
+        (alice, bob), (ra, rb) = await pair(tmp_path, broker.url)
+        bob.questions["time"] = lambda q: f"noon for {q.sender.name}, {q.content}"
+
+        async def slow(q):
+            await asyncio.sleep(5)
+        bob.questions["slow"] = slow
+        assert await ra.ask("bob", "time", "please") == "noon for alice, please"
+        with pytest.raises(rtchat.AskError, match="no answer for 'weather'"):
+            await ra.ask("bob", "weather")
+        with pytest.raises(rtchat.AskError, match="within 0.5 s"):
+            await ra.ask("bob", "slow", timeout=0.5)
+        await close_all([alice, bob])
+    run(scenario())
+
+
+def test_three_peers_all_receive_every_message(broker, tmp_path):
+    async def scenario():
+        clients, rooms = await pair(tmp_path, broker.url, ("alice", "bob", "carol"))
+        received = {r.me: [] for r in rooms}
+        for r in rooms:
+            r.on("message", lambda m, me=r.me: received[me].append((m.sender, m.text)))
+        for r in rooms:
+            for i in range(5):
+                await r.send(f"{r.me} {i}")
+        await eventually(lambda: all(len(v) == 10 for v in received.values()), what="30 deliveries")
+        for me, messages in received.items():
+            assert sorted(messages) == sorted((o, f"{o} {i}") for o in received if o != me for i in range(5))
+        await close_all(clients)
+    run(scenario())
+
+
+def test_leave_is_seen_and_history_kept(broker, tmp_path):
+    async def scenario():
+        (alice, bob), (ra, rb) = await pair(tmp_path, broker.url)
+        left = []
+        rb.on("leave", lambda peer, reason: left.append((peer.name, reason)))
+        await ra.send("remember me")
+        await eventually(lambda: rb.history(5), what="history")
+        await alice.close()
+        await eventually(lambda: left, what="alice leaving")
+        assert left[0][0] == "alice" and "alice" not in rb.peers
+        await bob.close()
+        again = rtchat.Store(tmp_path / "bob.json").load()
+        assert [e["text"] for e in again["history"]["test"]] == ["remember me"]
+    run(scenario())
+
+
+def attacker(broker):
+    """A keyless client on the same topic: it can publish anything under any name."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="attacker")
+    client.connect("127.0.0.1", broker.tcp_port)
+    client.loop_start()
+    return client
+
+
+def forge(sender, subtopic, data, sig=None, timestamp=None):
+    envelope = {"sender": sender, "timestamp": timestamp or rtchat.now_ms(), "subtopic": subtopic, "data": data}
+    if sig:
+        envelope.update(nonce=rtchat.new_id(), sig=sig)
+    return rtchat.encode_envelope(envelope)
+
+
+def test_malformed_mqtt_payloads_do_not_disturb_chat(broker, tmp_path):
+    async def scenario():
+        (alice, bob), (ra, rb) = await pair(tmp_path, broker.url)
+        evil = attacker(broker)
+        junk = [b"", b"\x00" * 7, b"\xff" * 64, b"{" * 5000, b'{"sender":1}', rtchat.lz_compress("not json"),
+                rtchat.lz_compress("[" * 10000), forge("mallory", "RTCOffer", {"offer": "x"}),
+                forge("mallory", "RTCOffer", {"offer": {"target": "alice", "localDescription": {"sdp": "junk"}}}),
+                forge("mallory", "RTCAnswer", {"target": "alice", "localDescription": 5}),
+                forge("mallory", "RTCIceCandidate", {"candidate": "candidate:garbage"}),
+                forge("mallory", "connect", {"publicKeyString": "{bad"}), forge("bob", "nameChange", [1, 2]),
+                forge("bob", "connect", None, sig="!!!"), bytes(range(256)) * 100]
+        for payload in junk * 20:
+            evil.publish("mrtchat/test", payload)
+        got = []
+        rb.on("message", got.append)
+        await asyncio.sleep(0.5)
+        await ra.send("still here")
+        await eventually(lambda: got, what="chat after the junk")
+        assert rb.peers["alice"].is_verified and ra.dropped + rb.dropped > 0
+        evil.loop_stop()
+        await close_all([alice, bob])
+    run(scenario())
+
+
+def test_forged_unload_and_offer_in_a_peers_name_fail(broker, tmp_path):
+    """A keyless attacker forges bob's unload, nameChange and offers: alice keeps bob, shows nothing forged."""
+    async def scenario():
+        (alice, bob), (ra, rb) = await pair(tmp_path, broker.url)
+        mallory = await make_client("mallory", tmp_path, broker.url).start()
+        evil = attacker(broker)
+        shown = []
+        ra.on("message", shown.append)
+        ra.on("dm", shown.append)
+        evil.publish("mrtchat/test", forge("bob", "unload", "disconnecting"))
+        evil.publish("mrtchat/test", forge("bob", "nameChange", {"oldName": "bob", "newName": "bob"}))
+        # An offer "from bob" with mallory's own key (the only key the attacker can sign with) ...
+        peer = rtchat.Peer("alice", alice.ice)
+        sdp = await peer.create_offer()
+        data = {"userInfo": {"publicKeyString": mallory.identity.public_key_string, "client": rtchat.CLIENT_TAG},
+                "offer": {"localDescription": {"type": "offer", "sdp": sdp}, "target": "alice"}}
+        stamp, nonce = rtchat.now_ms(), rtchat.new_id()
+        sig = base64.b64encode(mallory.identity.sign(rtchat.SIGNING_CONTEXT + rtchat.canonical_json(
+            ["mrtchat/test", "bob", "RTCOffer", stamp, nonce, data]))).decode()
+        envelope = {"sender": "bob", "timestamp": stamp, "subtopic": "RTCOffer", "data": data,
+                    "nonce": nonce, "sig": sig}
+        evil.publish("mrtchat/test", rtchat.encode_envelope(envelope))
+        # ... and unsigned, with bob's own public key copied from his announcements.
+        data["userInfo"]["publicKeyString"] = bob.identity.public_key_string
+        evil.publish("mrtchat/test", forge("bob", "RTCOffer", data))
+        # ... and a replay of a message bob really sent is dropped as well.
+        evil.publish("mrtchat/test", rtchat.encode_envelope(envelope))
+        await asyncio.sleep(2.5)
+        assert ra.peers["bob"].is_verified and ra.peers["bob"].key_string == bob.identity.public_key_string
+        assert not shown
+        got = []
+        ra.on("message", got.append)
+        await rb.send("the real bob")
+        await eventually(lambda: got, what="bob's real message")
+        peer.close()
+        evil.loop_stop()
+        await close_all([alice, bob, mallory])
+    run(scenario())
+
+
+def test_changed_key_is_refused_loudly(broker, tmp_path):
+    async def scenario():
+        (alice, bob), (ra, rb) = await pair(tmp_path, broker.url)
+        await bob.close()
+        (tmp_path / "elsewhere").mkdir()
+        impostor = await make_client("bob", tmp_path / "elsewhere", broker.url).start()
+        changed = []
+        ra.on("key-changed", lambda name, fp, verdict: changed.append((name, fp, verdict)))
+        await impostor.join("test")
+        await eventually(lambda: changed, what="key-changed event")
+        assert changed[0][0] == "bob" and changed[0][2] == "changed"
+        assert changed[0][1] == impostor.identity.fingerprint
+        await asyncio.sleep(1)
+        assert not ra.verified_peers()
+        await close_all([alice, impostor])
+    run(scenario())
+
+
+def test_sealed_room_hides_everything_from_the_broker(broker, tmp_path):
+    async def scenario():
+        seen = []
+        spy = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="spy")
+        spy.on_message = lambda c, u, m: seen.append((m.topic, m.payload))
+        spy.connect("127.0.0.1", broker.tcp_port)
+        spy.subscribe("#")
+        spy.loop_start()
+        alice = await make_client("alice", tmp_path, broker.url).start()
+        bob = await make_client("bob", tmp_path, broker.url).start()
+        outsider = await make_client("eve", tmp_path, broker.url).start()
+        ra = await alice.join("secret-room", secret="correct horse battery")
+        rb = await bob.join("secret-room", secret="correct horse battery")
+        re_ = await outsider.join("secret-room", secret="wrong guess")
+        await ra.wait_for_peers(1, 20)
+        got = []
+        rb.on("message", got.append)
+        await ra.send("sealed hello")
+        await eventually(lambda: got, what="sealed chat")
+        await asyncio.sleep(0.3)
+        spy.loop_stop()
+        assert seen and all(topic.startswith("mrtchat/sealed/") for topic, _ in seen)
+        assert not any(b"alice" in p or b"sdp" in p or b"127.0.0.1" in p for _, p in seen)
+        assert all(rtchat.decode_envelope(p) is None for _, p in seen)
+        assert ra.topic != re_.topic and not re_.peers
+        await close_all([alice, bob, outsider])
+    run(scenario())
