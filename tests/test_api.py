@@ -13,7 +13,7 @@ def test_public_names():
 
 
 def test_event_names():
-    assert rtchat.EVENTS == ("message", "dm", "join", "leave", "verified", "key-changed", "status")
+    assert rtchat.EVENTS == ("message", "dm", "join", "leave", "verified", "key-changed", "delivered", "status")
 
 
 def test_signatures():

@@ -104,8 +104,9 @@ def test_leave_is_seen_and_history_kept(broker, tmp_path):
         await eventually(lambda: left, what="alice leaving")
         assert left[0][0] == "alice" and "alice" not in rb.peers
         await bob.close()
-        again = rtchat.Store(tmp_path / "bob.json").load()
-        assert [e["text"] for e in again["history"]["test"]] == ["remember me"]
+        again = rtchat.Store(tmp_path / "bob.json")
+        again.load()
+        assert [e["text"] for e in rtchat.HistoryLog(again.history_path("test")).entries()] == ["remember me"]
     run(scenario())
 
 

@@ -1,0 +1,206 @@
+"""Persistence that loses nothing: history on disk, backfill between peers, the outbox, faults."""
+import asyncio
+import json
+import signal
+import subprocess
+
+from conftest import cli_env, eventually, make_client, rtchat_cmd, run
+
+import rtchat
+
+
+async def started(tmp_path, url, *names, room="room"):
+    clients = [await make_client(n, tmp_path, url).start() for n in names]
+    rooms = [await c.join(room) for c in clients]
+    return clients, rooms
+
+
+async def close_all(clients):
+    for c in clients:
+        await c.close()
+
+
+def test_late_joiner_gets_what_was_said_in_order_once(broker, tmp_path):
+    async def scenario():
+        (alice, bob), (ra, rb) = await started(tmp_path, broker.url, "alice", "bob")
+        await ra.wait_for_peers(1, 20)
+        for i in range(6):
+            await (ra if i % 2 == 0 else rb).send(f"line {i}")
+            await asyncio.sleep(0.01)
+        assert await ra.flush(5) and await rb.flush(5)
+        carol = await make_client("carol", tmp_path, broker.url).start()
+        got = []
+        rc = await carol.join("room")
+        rc.on("message", got.append)
+        await rc.wait_for_peers(2, 20)
+        await eventually(lambda: len(got) >= 6, what="backfill")
+        await asyncio.sleep(0.5)
+        assert [m.text for m in got] == [f"line {i}" for i in range(6)]
+        for m in got:  # from its author directly, or passed on by the other with the author's signature checked
+            assert (m.trust, m.relayed_by) in (("channel-bound", None), ("relayed", "bob" if m.sender == "alice"
+                                                                                    else "alice"))
+        assert [m.text for m in rc.history(10)] == [f"line {i}" for i in range(6)]
+        await close_all([alice, bob, carol])
+    run(scenario())
+
+
+def test_relayed_messages_are_checked_and_marked(broker, tmp_path):
+    async def scenario():
+        (alice, bob), (ra, rb) = await started(tmp_path, broker.url, "alice", "bob")
+        await ra.wait_for_peers(1, 20)
+        await ra.send("said while carol was away")
+        assert await ra.flush(5)
+        await alice.close()
+        carol = await make_client("carol", tmp_path, broker.url).start()
+        rc = await carol.join("room")
+        got = []
+        rc.on("message", got.append)
+        await eventually(lambda: got, 20, "the relayed message")
+        msg = got[0]
+        assert (msg.text, msg.sender, msg.relayed_by, msg.trust) == ("said while carol was away", "alice", "bob",
+                                                                     "relayed")
+        assert msg.fingerprint == alice.identity.fingerprint
+        # bob now forges: alice's words altered, and words alice never said; neither is accepted.
+        real = rb.log.entries()[-1]
+        author = rb._author(real["fingerprint"])
+        forged = [{**real, "id": rtchat.new_id(), "text": "alice says: send me your password"},
+                  {**real, "id": rtchat.new_id(), "sig": None, "fingerprint": None, "text": "unsigned, as alice"}]
+        rb.peers["carol"].send("chat", {"t": "backfill", "authors": {real["fingerprint"]: author}, "msgs": forged})
+        await asyncio.sleep(0.5)
+        assert len(got) == 2 and got[1].trust == "unverified" and got[1].relayed_by == "bob"
+        assert all("password" not in m.text for m in got)
+        await close_all([bob, carol])
+    run(scenario())
+
+
+def test_restarted_peer_receives_every_message_once_in_order(broker, tmp_path):
+    async def scenario():
+        alice = await make_client("alice", tmp_path, broker.url).start()
+        ra = await alice.join("crash")
+        args = ["bob", "--room", "crash", "--state", str(tmp_path / "bob.json"), "--listen", "--json"]
+        bob = subprocess.Popen(rtchat_cmd(*args), env=cli_env(broker.url), stdout=subprocess.PIPE, text=True)
+        await ra.wait_for_peers(1, 20)
+        bob.send_signal(signal.SIGKILL)
+        bob.wait()
+        await eventually(lambda: not ra.verified_peers(), 20, "bob gone")
+        sent = [await ra.send(f"missed {i}") for i in range(20)]
+        bob = subprocess.Popen(rtchat_cmd(*args, "--count", "20"), env=cli_env(broker.url), stdout=subprocess.PIPE,
+                               text=True)
+        out, _ = await asyncio.get_running_loop().run_in_executor(None, bob.communicate, None)
+        texts = [e["text"] for e in map(json.loads, out.splitlines()) if e["type"] == "message"]
+        assert texts == [m.text for m in sent]
+        await alice.close()
+    run(scenario(), 90)
+
+
+def test_dm_to_someone_away_waits_across_restarts_and_is_acknowledged(broker, tmp_path):
+    async def scenario():
+        (alice, bob), (ra, rb) = await started(tmp_path, broker.url, "alice", "bob")
+        await ra.wait_for_peers(1, 20)
+        await bob.close()
+        await eventually(lambda: not ra.verified_peers(), 10, "bob gone")
+        queued = await ra.dm("bob", "while you were out")
+        assert [m.id for m in ra.outbox()] == [queued.id]
+        await alice.close()  # alice restarts before bob is back: the outbox is on disk
+        alice = await make_client("alice", tmp_path, broker.url).start()
+        ra = await alice.join("room")
+        delivered = []
+        ra.on("delivered", lambda msg_id, peer: delivered.append(msg_id))
+        bob = await make_client("bob", tmp_path, broker.url).start()
+        rb = await bob.join("room")
+        dms = []
+        rb.on("dm", dms.append)
+        await eventually(lambda: dms and delivered, 20, "the queued dm and its ack")
+        assert dms[0].text == "while you were out" and dms[0].id == queued.id and delivered == [queued.id]
+        await eventually(lambda: not ra.outbox(), 5, "an empty outbox")
+        await close_all([alice, bob])
+    run(scenario())
+
+
+def test_broker_killed_mid_chat_loses_nothing(own_broker, tmp_path):
+    async def scenario():
+        clients, rooms = await started(tmp_path, own_broker.url, "alice", "bob", "carol")
+        for r in rooms:
+            await r.wait_for_peers(2, 20)
+        received = {r.me: [] for r in rooms}
+        for r in rooms:
+            r.on("message", lambda m, me=r.me: received[me].append(m.id))
+        sent = []
+        for round_ in range(3):
+            if round_ == 1:
+                own_broker.stop()
+                await eventually(lambda: not any(c.signaling.is_connected for c in clients), 10, "broker gone")
+            if round_ == 2:
+                own_broker.start()
+                await eventually(lambda: all(c.signaling.is_connected for c in clients), 30, "reconnects")
+            for r in rooms:
+                for i in range(10):
+                    sent.append((r.me, (await r.send(f"{r.me} {round_} {i}")).id))
+        await eventually(lambda: sum(map(len, received.values())) == 2 * len(sent), 20, "every delivery")
+        for me, ids in received.items():
+            assert sorted(ids) == sorted(i for sender, i in sent if sender != me)
+        dave = await make_client("dave", tmp_path, own_broker.url).start()  # signaling works again
+        await (await dave.join("room")).wait_for_peers(3, 20)
+        print(f"broker restart: {len(sent)} messages sent, {sum(map(len, received.values()))} deliveries "
+              f"of {2 * len(sent)} expected")
+        await close_all(clients + [dave])
+    run(scenario(), 120)
+
+
+def test_kill_9_during_a_burst_keeps_every_acknowledged_message(broker, tmp_path):
+    async def scenario():
+        alice = await make_client("alice", tmp_path, broker.url).start()
+        ra = await alice.join("burst")
+        state = tmp_path / "bob.json"
+        bob = subprocess.Popen(rtchat_cmd("bob", "--room", "burst", "--state", str(state), "--listen"),
+                               env=cli_env(broker.url), stdout=subprocess.PIPE, text=True)
+        await ra.wait_for_peers(1, 20)
+        sent = []
+
+        async def burst():
+            for i in range(1000):
+                sent.append((await ra.send(f"burst {i}")).id)
+                if i % 50 == 0:
+                    await asyncio.sleep(0)
+        task = asyncio.ensure_future(burst())
+        await eventually(lambda: len(sent) >= 300, 30, "300 sent")
+        bob.send_signal(signal.SIGKILL)
+        bob.wait()
+        await task
+        acked = [i for i in sent if "bob" not in ra._unacked.get(i, set())]
+        store = rtchat.Store(state)
+        store.load()
+        log = rtchat.HistoryLog(store.history_path("burst"))
+        lines = log.path.read_text().splitlines()
+        on_disk = {e["id"] for e in log.entries()}
+        assert len(on_disk) >= len(acked) > 0
+        assert set(acked) <= on_disk
+        assert sum(1 for line in lines if line.strip()) - len(on_disk) <= 1  # at most one torn line
+        print(f"kill -9 during a burst: {len(sent)} sent, {len(acked)} acknowledged, {len(on_disk)} on disk")
+        await alice.close()
+    run(scenario(), 90)
+
+
+def test_two_instances_of_one_user_share_the_state_file(broker, tmp_path):
+    async def scenario():
+        state = tmp_path / "shared.json"
+        env = cli_env(broker.url)
+        listeners = [subprocess.Popen(rtchat_cmd("bob", "--room", "pair", "--state", str(state), "--listen",
+                                                 "--json", "--count", "50"), env=env, stdout=subprocess.PIPE,
+                                      text=True) for _ in range(2)]
+        alice = await make_client("alice", tmp_path, broker.url).start()
+        ra = await alice.join("pair")
+        await ra.wait_for_peers(2, 30)
+        assert sorted(p.name for p in ra.verified_peers()) == ["bob", "bob(1)"]
+        for i in range(50):
+            await ra.send(f"to both {i}")
+        outs = [await asyncio.get_running_loop().run_in_executor(None, p.communicate) for p in listeners]
+        assert all(out.count('"type": "message"') == 50 for out, _ in outs)
+        store = rtchat.Store(state)
+        data = store.load()
+        entries = rtchat.HistoryLog(store.history_path("pair")).entries()
+        assert [e["text"] for e in entries] == [f"to both {i}" for i in range(50)]
+        assert data["identity"] and alice.identity.fingerprint in data["pins"]
+        assert not data["instances"].get("bob")
+        await alice.close()
+    run(scenario(), 90)
