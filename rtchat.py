@@ -2942,7 +2942,8 @@ async def run_interactive(app: App) -> int:
     from prompt_toolkit.patch_stdout import patch_stdout
 
     session = PromptSession(history=_StateHistory.make(app.client.store), completer=_completer(app),
-                            complete_while_typing=False, bottom_toolbar=app.toolbar, refresh_interval=1.0)
+                            complete_while_typing=False, bottom_toolbar=app.toolbar, refresh_interval=1.0,
+                            erase_when_done=True)  # the line comes back formatted, as in IRC clients
     app.echo("Type to chat; /help lists commands; Ctrl-D quits.")
     with patch_stdout(raw=True):
         while not app.done.is_set():
