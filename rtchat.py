@@ -25,6 +25,7 @@ import dataclasses
 import getpass
 import hashlib
 import importlib.util
+import itertools
 import json
 import logging
 import os
@@ -71,6 +72,7 @@ TOPIC_BASE = "mrtchat/"                                     # §3.1
 DEFAULT_ICE = ["stun:stun.l.google.com:19302"] + [f"stun:stun{n}.l.google.com:19302" for n in range(1, 5)]  # §1.2
 CHANNELS = ("connectedViaRTC", "dm", "chat", "question", "answer", "ping", "pong",
             "streamice", "streamoffer", "streamanswer", "endcall")  # offerer creates these, §5.2
+TEXT_CHANNELS = CHANNELS[:7]           # between rtchat.py peers: no calls, so four handshakes fewer
 CLIENT_TAG = f"rtchat-py/{__version__}"                     # userInfo.client, §9.3
 
 MAX_PAYLOAD_BYTES = 64 * 1024          # MQTT payload cap, §9.2
@@ -85,7 +87,9 @@ RATE_PER_SENDER = (20.0, 60)           # signaling messages: per second, burst
 ANNOUNCE_EVERY_S = (3, 3, 3, 3, 3, 30)  # while no peer is connected; the last repeats, §4.4
 REANNOUNCE_MIN_S = 0.1                 # announces answering newcomers are coalesced to one per this interval
 OFFER_DEDUP_S = 1.1                    # one offer per peer per this interval, §4.4
-FALLBACK_OFFER_S = 2.0                 # we offer anyway if the initiator stays silent
+FALLBACK_OFFER_S = 2.0                 # we offer anyway if a browser that should offer stays silent
+FALLBACK_OFFER_PY_S = 6.0              # the same for an rtchat.py peer: it agrees who offers, so only if lost
+STUCK_AFTER_S = 20.0                   # a session not open by then is restarted when its peer announces
 VERIFY_TIMEOUT_S = 10.0
 PING_EVERY_S = 2.0
 PEER_SILENT_S = 8.0                    # no pong from a peer that used to answer: gone
@@ -231,41 +235,30 @@ def _from_units(units: str) -> str:
 
 
 def lz_compress(text: str) -> bytes:
-    """lz-string 1.4.4 compressToUint8Array: byte-for-byte what browsers produce."""
+    """lz-string 1.4.4 compressToUint8Array: byte-for-byte what browsers produce.
+
+    Bits are collected as '0'/'1' text and packed once at the end (a bit loop in Python cost 2 ms an offer);
+    lz-string writes each value least significant bit first, hence the reversed digits."""
     dictionary: dict[str, int] = {}
     to_create: set[str] = set()
-    out: list[int] = []
-    value = position = 0
+    out: list[str] = []
     w = ""
     enlarge_in, dict_size, num_bits = 2, 3, 2
-
-    def write(bits: int, count: int) -> None:
-        nonlocal value, position
-        for _ in range(count):
-            value = (value << 1) | (bits & 1)
-            bits >>= 1
-            if position == 15:
-                out.append(value)
-                value = position = 0
-            else:
-                position += 1
 
     def emit_w() -> None:
         nonlocal enlarge_in, num_bits
         if w in to_create:
             code = ord(w[0])
             if code < 256:
-                write(0, num_bits)
-                write(code, 8)
+                out.append("0" * num_bits + f"{code:08b}"[::-1])
             else:
-                write(1, num_bits)
-                write(code, 16)
+                out.append(f"{1:0{num_bits}b}"[::-1] + f"{code:016b}"[::-1])
             enlarge_in -= 1
             if enlarge_in == 0:
                 enlarge_in, num_bits = 1 << num_bits, num_bits + 1
             to_create.discard(w)
         else:
-            write(dictionary[w], num_bits)
+            out.append(f"{dictionary[w]:0{num_bits}b}"[::-1])
         enlarge_in -= 1
         if enlarge_in == 0:
             enlarge_in, num_bits = 1 << num_bits, num_bits + 1
@@ -285,36 +278,27 @@ def lz_compress(text: str) -> bytes:
             w = c
     if w:
         emit_w()
-    write(2, num_bits)
-    while True:
-        value <<= 1
-        if position == 15:
-            out.append(value)
-            break
-        position += 1
-    return b"".join(v.to_bytes(2, "big") for v in out)
+    out.append(f"{2:0{num_bits}b}"[::-1])
+    bits = "".join(out)
+    bits += "0" * (16 - len(bits) % 16)
+    return int(bits, 2).to_bytes(len(bits) // 8, "big")
 
 
 def lz_decompress(data: bytes, max_chars: int = MAX_DECOMPRESSED_CHARS) -> str | None:
-    """lz-string 1.4.4 decompressFromUint8Array; None where JS gives null, "" or throws, or past max_chars."""
+    """lz-string 1.4.4 decompressFromUint8Array; None where JS gives null, "" or throws, or past max_chars.
+
+    Every rtchat.py in a room decodes every signaling message, so this is hot: the stream becomes '0'/'1' text,
+    reversed, so that a value (written least significant bit first) is one slice, read from the end down."""
     if not data or len(data) % 2:
         return None
-    codes = [(data[i] << 8) | data[i + 1] for i in range(0, len(data), 2)]
-    length = len(codes)
-    val, pos, index = codes[0], 32768, 1
+    end = len(data) * 8
+    bits = "0" * 64 + f"{int.from_bytes(data, 'big'):0{end}b}"[::-1]  # reversed; past the end JS reads zeros
+    pos = len(bits)  # values are read downwards through the reversed text
 
     def read(count: int) -> int:
-        nonlocal val, pos, index
-        bits = 0
-        for shift in range(count):
-            if val & pos:
-                bits |= 1 << shift
-            pos >>= 1
-            if pos == 0:
-                pos = 32768
-                val = codes[index] if index < length else 0
-                index += 1
-        return bits
+        nonlocal pos
+        pos -= count
+        return int(bits[pos:pos + count], 2)
 
     dictionary: list[str] = ["", "", ""]
     kind = read(2)
@@ -325,10 +309,11 @@ def lz_decompress(data: bytes, max_chars: int = MAX_DECOMPRESSED_CHARS) -> str |
     w, result, total = c, [c], 1
     enlarge_in, num_bits = 4, 3
     while True:
-        if index > length:
+        if pos <= 64:
             return None
-        code = read(num_bits)
-        if code in (0, 1):
+        pos -= num_bits
+        code = int(bits[pos:pos + num_bits], 2)
+        if code < 2:
             dictionary.append(chr(read(8 if code == 0 else 16)))
             code = len(dictionary) - 1
             enlarge_in -= 1
@@ -1085,6 +1070,7 @@ class Peer(Emitter):
         self._answers: dict[int, asyncio.Future] = {}
         self._next_n = 0
         self._candidates: list[dict] = []
+        self._labels = CHANNELS
         self._ping_sent: float | None = None
         self._tasks: list[asyncio.Task] = []
         if key_string:
@@ -1117,7 +1103,8 @@ class Peer(Emitter):
     async def create_offer(self) -> str:
         self.is_offerer = True
         pc = self._make_pc()
-        for label in CHANNELS:
+        self._labels = TEXT_CHANNELS if self.is_rtchat_py else CHANNELS
+        for label in self._labels:
             self._adopt(pc.createDataChannel(label))
         await pc.setLocalDescription(await pc.createOffer())
         return pc.localDescription.sdp
@@ -1182,7 +1169,7 @@ class Peer(Emitter):
 
     def _maybe_all_open(self) -> None:
         if self.state == "connecting" and all(
-                c.readyState == "open" for c in self.channels.values()) and len(self.channels) == len(CHANNELS):
+                c.readyState == "open" for c in self.channels.values()) and len(self.channels) == len(self._labels):
             self.send("connectedViaRTC", None)
             self._set_open()
 
@@ -1496,7 +1483,13 @@ class Room(Emitter):
         self._known: set[str] = set()           # ids in the history, or on their way there
         self.peers: dict[str, Peer] = {}
         self.dropped = 0                      # signaling messages refused (malformed, forged, replayed, limited)
-        self.user_info = {"publicKeyString": identity.public_key_string, "client": CLIENT_TAG}
+        # Offers and answers between rtchat.py peers go to the recipient's own subtopic: on the room topic every
+        # process in a room of N would decompress all N² of them (browsers ignore the extra userInfo field).
+        inbox_tag = secrets.token_hex(8)
+        self.inbox = f"{self.topic}/{inbox_tag}"
+        self._inboxes: dict[str, str] = {}      # wire name -> that rtchat.py peer's inbox topic
+        self.user_info = {"publicKeyString": identity.public_key_string, "client": CLIENT_TAG,
+                          "inbox": inbox_tag}
         self._offered_at: dict[str, float] = {}
         self._fallbacks: dict[str, asyncio.TimerHandle] = {}
         self._candidates: dict[str, list[dict]] = {}
@@ -1522,6 +1515,7 @@ class Room(Emitter):
     async def join(self) -> None:
         self._known = await asyncio.get_running_loop().run_in_executor(None, self.log.ids)
         self.signaling.subscribe(self.topic, self._on_payload)
+        self.signaling.subscribe(self.inbox, self._on_payload)
         self.signaling.on("connected", self._on_broker_back)
         self.joined = True
         self._tasks.append(_spawn(self._announce_loop(), f"announce-{self.name}"))
@@ -1545,6 +1539,7 @@ class Room(Emitter):
                 handle.cancel()
         self.signaling.off("connected", self._on_broker_back)
         self.signaling.unsubscribe(self.topic)
+        self.signaling.unsubscribe(self.inbox)
         pcs = [p.pc for p in self.peers.values() if p.pc is not None]
         for peer in list(self.peers.values()):
             peer.close("we left")
@@ -1649,29 +1644,28 @@ class Room(Emitter):
         return [Message.from_dict(e) for e in self.log.entries()[-count:]] if count > 0 else []
 
     # -- signaling out ------------------------------------------------------------------------
-    def _publish(self, subtopic: str, data: Any) -> None:
-        """Every signaling message is signed: browsers ignore the extra fields (rtchat-wire.md §9.3)."""
+    def _publish(self, subtopic: str, data: Any, to: str | None = None) -> None:
+        """Every signaling message is signed: browsers ignore the extra fields (rtchat-wire.md §9.3).
+        With `to`, it goes to that peer's inbox if it has one; the signature still covers the room topic."""
         stamp, nonce = now_ms(), new_id()
         signature = self.identity.sign(SIGNING_CONTEXT + canonical_json([self.topic, self.me, subtopic, stamp,
                                                                           nonce, data]))
         envelope = {"sender": self.me, "timestamp": stamp, "subtopic": subtopic, "data": data,
                     "nonce": nonce, "sig": base64.b64encode(signature).decode()}
         payload = encode_envelope(envelope)
-        self.signaling.publish(self.topic, self.seal.seal(payload) if self.seal else payload)
+        self.signaling.publish(self._inboxes.get(to, self.topic), self.seal.seal(payload) if self.seal else payload)
 
     def announce(self) -> None:
         self._last_announce = time.monotonic()
         self._publish("connect", self.user_info)
 
     async def _announce_loop(self) -> None:
+        """Announce at join, then on a schedule while someone we know of is not connected (or nobody is known):
+        browsers offer only on hearing us, and a pair that failed is retried this way."""
         self.announce()
-        for delay in ANNOUNCE_EVERY_S[:-1]:
+        for delay in itertools.chain(ANNOUNCE_EVERY_S[:-1], itertools.repeat(ANNOUNCE_EVERY_S[-1])):
             await asyncio.sleep(delay)
-            if not any(p.is_open for p in self.peers.values()):
-                self.announce()
-        while True:
-            await asyncio.sleep(ANNOUNCE_EVERY_S[-1])
-            if not any(p.is_open for p in self.peers.values()):
+            if not self.peers or not all(p.is_open for p in self.peers.values()):
                 self.announce()
 
     def _announce_soon(self) -> None:
@@ -1701,7 +1695,7 @@ class Room(Emitter):
             self.dropped += 1
             return
         sender = envelope["sender"]
-        if sender == self.me:
+        if sender == self.me or not self._for_us(envelope):
             return
         if not self._within_rate(sender):
             self.dropped += 1
@@ -1719,6 +1713,16 @@ class Room(Emitter):
                    "nameChange": self._on_name_change}.get(envelope["subtopic"])
         if handler is not None:
             handler(sender, envelope["data"], signer)
+
+    def _for_us(self, envelope: dict) -> bool:
+        """False for offers and answers to others: a room of N sees N² of them, and they must not use up the
+        sender's rate allowance or our time on signatures."""
+        data, subtopic = envelope["data"], envelope["subtopic"]
+        if subtopic == "RTCOffer":
+            data = data.get("offer") if isinstance(data, dict) else None
+        elif subtopic != "RTCAnswer":
+            return True
+        return isinstance(data, dict) and data.get("target") == self.me
 
     def _fresh(self, envelope: dict) -> bool:
         """Inside the clock window and not seen before (replay protection, §9.2)."""
@@ -1794,6 +1798,15 @@ class Room(Emitter):
         tag = tag[:64] if isinstance(tag, str) else None
         return key, tag
 
+    def _note_inbox(self, name: str, info: Any, signer: str | None) -> None:
+        """Where an rtchat.py peer wants its offers and answers; taken only from what it signed, so a forger
+        cannot divert them."""
+        tag = info.get("inbox") if isinstance(info, dict) else None
+        if signer is not None and isinstance(tag, str) and re.fullmatch(r"[0-9a-f]{16}", tag):
+            self._inboxes[name] = f"{self.topic}/{tag}"
+        else:
+            self._inboxes.pop(name, None)
+
     def _should_offer(self, name: str) -> bool:
         return collation_key(self.me) < collation_key(name)
 
@@ -1801,19 +1814,22 @@ class Room(Emitter):
         key, tag = self._info(data)
         peer = self.peers.get(sender)
         if peer is not None and peer.state not in ("seen", "closed"):
-            if peer.is_open or time.monotonic() - peer.created < 10:
+            if peer.is_open or time.monotonic() - peer.created < STUCK_AFTER_S:
                 return
             peer.close("stuck; trying again")
         if not self._admit(sender, key):
             return
-        peer = self._register(Peer(sender, self.ice, key, tag))
+        self._note_inbox(sender, data, signer)
+        if peer is None or peer.state == "closed" or peer.key_string != key:
+            peer = self._register(Peer(sender, self.ice, key, tag))
+        # else a repeat while our offer is on its way: replacing the peer would orphan that offer's answer
         if self._should_offer(sender):
             self._offer(peer)
         else:
             self._announce_soon()
             if sender not in self._fallbacks:
                 self._fallbacks[sender] = asyncio.get_running_loop().call_later(
-                    FALLBACK_OFFER_S, self._fallback_offer, sender)
+                    FALLBACK_OFFER_PY_S if peer.is_rtchat_py else FALLBACK_OFFER_S, self._fallback_offer, sender)
 
     def _fallback_offer(self, name: str) -> None:
         self._fallbacks.pop(name, None)
@@ -1832,6 +1848,8 @@ class Room(Emitter):
         _spawn(self._send_offer(peer), f"offer-{peer.name}")
 
     async def _send_offer(self, peer: Peer) -> None:
+        if self.peers.get(peer.name) is not peer:
+            return  # replaced or closed before its turn came
         try:
             sdp = await peer.create_offer()
         except Exception as exc:
@@ -1839,7 +1857,7 @@ class Room(Emitter):
             return
         if peer.state != "closed" and self.joined:
             self._publish("RTCOffer", {"userInfo": self.user_info, "offer": {
-                "localDescription": {"type": "offer", "sdp": slim_sdp(sdp)}, "target": peer.name}})
+                "localDescription": {"type": "offer", "sdp": slim_sdp(sdp)}, "target": peer.name}}, to=peer.name)
 
     def _on_offer(self, sender: str, data: Any, signer: str | None) -> None:
         offer = data.get("offer") if isinstance(data, dict) else None
@@ -1852,6 +1870,7 @@ class Room(Emitter):
         key, tag = self._info(data.get("userInfo"))
         if not self._admit(sender, key):
             return
+        self._note_inbox(sender, data.get("userInfo"), signer)
         existing = self.peers.get(sender)
         if existing is not None and existing.state not in ("seen", "closed"):
             if existing.awaits_answer and (not (tag or "").startswith("rtchat-py/") or self._should_offer(sender)):
@@ -1883,7 +1902,7 @@ class Room(Emitter):
             return
         if peer.state != "closed" and self.joined:
             self._publish("RTCAnswer", {"localDescription": {"type": "answer", "sdp": slim_sdp(answer)},
-                                        "target": peer.name})
+                                        "target": peer.name}, to=peer.name)
 
     def _on_answer(self, sender: str, data: Any, signer: str | None) -> None:
         if not isinstance(data, dict) or data.get("target") != self.me:
