@@ -107,10 +107,10 @@ EVENTS = ("message", "dm", "join", "leave", "verified", "key-changed", "delivere
 EX_USAGE, EX_UNAVAILABLE, EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 2, 69, 75, 77, 78
 
 _CONTROL_RE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b.|[\x00-\x1f\x7f-\x9f]")
-# Unicode categories Cf (format: bidi overrides, invisible marks; ZWJ U+200D kept for emoji), Co and Cs.
+# Unicode categories Cf (format: bidi overrides, invisible marks; ZWJ U+200D kept for emoji), Co, Cs, Zl, Zp.
 _INVISIBLE_RE = re.compile(
     "[\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e\u200b\u200c\u200e\u200f\u202a-\u202e"
-    "\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U0001343f"
+    "\u2028\u2029\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U0001343f"
     "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f"
     "\ue000-\uf8ff\U000f0000-\U000ffffd\U00100000-\U0010fffd\ud800-\udfff]")
 
@@ -118,6 +118,8 @@ _INVISIBLE_RE = re.compile(
 def clean(text: Any, limit: int = MAX_TEXT_CHARS, keep_newlines: bool = False) -> str:
     """Make a peer-controlled value safe for a terminal: no escapes, no control characters, bounded."""
     text = str(text)[: limit * 2]
+    if text.isprintable() or (keep_newlines and text.replace("\n", "").isprintable()):
+        return text[:limit]  # the usual case: str.isprintable refuses every character stripped below, fast
     if keep_newlines:
         return "\n".join(clean(line, limit) for line in text.split("\n"))[:limit]
     text = _CONTROL_RE.sub(lambda m: " " if m.group() in "\t\n\r" else "", text)
@@ -1033,6 +1035,25 @@ def restrict_ice_hosts(addresses: list[str]) -> None:
     aioice.ice.get_host_addresses = host_addresses
 
 
+SOCKET_BUFFER_BYTES = 4 * 1024 * 1024   # aioice's 256 KiB overflows on bursts (baseline.md, gotcha 7)
+
+
+def enlarge_socket_buffers(pc) -> None:
+    """Give the ICE sockets room for a burst: with aioice's default, bursts overflow the UDP receive buffer
+    and SCTP stalls on retransmits. The kernel caps this at net.core.rmem_max."""
+    import socket
+    try:
+        protocols = pc.sctp.transport.transport._connection._protocols
+    except AttributeError:  # aiortc internals moved: keep the defaults
+        return
+    for protocol in protocols:
+        sock = protocol.transport.get_extra_info("socket") if protocol.transport else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
+
+
 def negotiated_fingerprint(pc) -> str | None:
     """The sha-256 fingerprint of the certificate the remote actually used in DTLS."""
     try:
@@ -1190,6 +1211,7 @@ class Peer(Emitter):
         if self.state != "connecting":
             return
         self.state = "open"
+        enlarge_socket_buffers(self.pc)
         self._tasks.append(_spawn(self._keep_alive(), f"ping-{self.name}"))
         self.emit("open", self)
 
