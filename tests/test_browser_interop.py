@@ -584,11 +584,12 @@ async def scenario_glare(workdir: Path) -> dict:
         async def send_offer(self, peer):
             orig_publish = self._publish
 
-            def late_publish(subtopic, data):
+            def late_publish(subtopic, data, **options):
                 if subtopic == "RTCOffer" and delays.get(self.name):
-                    asyncio.get_running_loop().call_later(delays[self.name], orig_publish, subtopic, data)
+                    asyncio.get_running_loop().call_later(
+                        delays[self.name], lambda: orig_publish(subtopic, data, **options))
                 else:
-                    orig_publish(subtopic, data)
+                    orig_publish(subtopic, data, **options)
             self._publish = late_publish
             try:
                 await orig_send_offer(self, peer)
