@@ -82,6 +82,9 @@ MAX_TEXT_CHARS = 16 * 1024             # longest chat line we send or show
 MAX_NAME_CHARS = 64
 MAX_KEY_CHARS = 4096
 MAX_PENDING_CANDIDATES = 64            # per sender, §5.3
+MAX_PENDING_SESSIONS = 32              # sessions being set up with unpinned names: each is a PeerConnection
+CONNECT_TIMEOUT_S = 20.0               # a session not open by then is dropped
+MAX_NONCES = 200_000                   # replay cache under a flood; a live session is also guarded by its own stamp
 CLOCK_SKEW_S = 120                     # envelope timestamp window, §9.2
 RATE_PER_SENDER = (20.0, 60)           # signaling messages: per second, burst
 ANNOUNCE_EVERY_S = (3, 3, 3, 3, 3, 30)  # while no peer is connected; the last repeats, §4.4
@@ -381,12 +384,13 @@ def decode_envelope(payload: bytes) -> dict | None:
     if not isinstance(envelope, dict):
         return None
     sender, subtopic, stamp = envelope.get("sender"), envelope.get("subtopic"), envelope.get("timestamp")
-    if not (isinstance(sender, str) and 0 < len(sender) <= MAX_NAME_CHARS + 16):
-        return None
+    if not (isinstance(sender, str) and 0 < len(sender) <= MAX_NAME_CHARS + 16) or clean(sender) != sender:
+        return None  # escapes, control or bidi characters in a name: never shown, never a Peer
     if not (isinstance(subtopic, str) and len(subtopic) <= 64):
         return None
     if not isinstance(stamp, (int, float)) or isinstance(stamp, bool):
         return None
+    envelope.setdefault("data", None)
     return envelope
 
 
@@ -1076,6 +1080,7 @@ class Peer(Emitter):
         self.fingerprint: str | None = None
         self.client_tag = client_tag
         self.signed_key: str | None = None   # key that signed this session's offer/answer
+        self.signal_ts: float | None = None  # sender's timestamp on that offer/answer: older messages are replays
         self.state = "seen"                  # seen, connecting, open, verified, closed
         self.is_offerer = False
         self.channel_bound = False
@@ -1116,6 +1121,7 @@ class Peer(Emitter):
     # -- session set-up ---------------------------------------------------------------------
     def _make_pc(self):
         self.state = "connecting"
+        self._tasks.append(_spawn(self._open_deadline(), f"deadline-{self.name}"))
         self.pc = pc = RTCPeerConnection(self._ice)
         pc.on("datachannel", self._adopt)
         pc.on("connectionstatechange", self._on_connection_state)
@@ -1200,6 +1206,11 @@ class Peer(Emitter):
             self.close(f"connection {state}")
         elif state == "connected" and not self.is_offerer:
             self._tasks.append(_spawn(self._answerer_fallback_open(), f"open-{self.name}"))
+
+    async def _open_deadline(self) -> None:
+        await asyncio.sleep(CONNECT_TIMEOUT_S)
+        if self.state == "connecting":
+            self.close("did not connect in time")
 
     async def _answerer_fallback_open(self) -> None:
         """connectedViaRTC opens an answerer; if it never comes, chat and question channels suffice (§5.4)."""
@@ -1517,6 +1528,7 @@ class Room(Emitter):
         self._candidates: dict[str, list[dict]] = {}
         self._early: dict[str, list[tuple[str, Any]]] = {}
         self._seen_nonces: dict[Any, float] = {}
+        self._nonce_limit = 20000
         self._rates: dict[str, list[float]] = {}
         self._warned: set[tuple[str, str]] = set()
         self._unacked: dict[str, set[str]] = {}
@@ -1734,7 +1746,7 @@ class Room(Emitter):
                    "RTCIceCandidate": self._on_candidate, "unload": self._on_unload,
                    "nameChange": self._on_name_change}.get(envelope["subtopic"])
         if handler is not None:
-            handler(sender, envelope["data"], signer)
+            handler(sender, envelope["data"], signer, envelope["timestamp"])
 
     def _for_us(self, envelope: dict) -> bool:
         """False for offers and answers to others: a room of N sees N² of them, and they must not use up the
@@ -1756,8 +1768,12 @@ class Room(Emitter):
             envelope["sender"], envelope["subtopic"], envelope["timestamp"])
         if key in self._seen_nonces:
             return False
-        if len(self._seen_nonces) > 20000:
-            self._seen_nonces = {k: t for k, t in self._seen_nonces.items() if now - t < 2 * CLOCK_SKEW_S}
+        if len(self._seen_nonces) >= self._nonce_limit:  # amortised: a flood costs O(1) per message, not O(n)
+            fresh = {k: t for k, t in self._seen_nonces.items() if now - t < 2 * CLOCK_SKEW_S}
+            if len(fresh) > MAX_NONCES:
+                fresh = dict(list(fresh.items())[-MAX_NONCES // 2:])
+            self._seen_nonces = fresh
+            self._nonce_limit = max(20000, 2 * len(fresh))
         self._seen_nonces[key] = now
         return True
 
@@ -1829,10 +1845,18 @@ class Room(Emitter):
         else:
             self._inboxes.pop(name, None)
 
+    def _may_start_session(self, name: str, signer: str | None) -> bool:
+        """Each session being set up is a PeerConnection: a bounded number for names we have no pin for."""
+        pending = sum(1 for p in self.peers.values() if p.state == "connecting" and p.name != name)
+        if pending < MAX_PENDING_SESSIONS or (signer is not None and self.trust.pins_for(bare_name(name))):
+            return True
+        log.debug("too many sessions being set up: ignored %r", name)
+        return False
+
     def _should_offer(self, name: str) -> bool:
         return collation_key(self.me) < collation_key(name)
 
-    def _on_connect(self, sender: str, data: Any, signer: str | None) -> None:
+    def _on_connect(self, sender: str, data: Any, signer: str | None, stamp: float) -> None:
         key, tag = self._info(data)
         peer = self.peers.get(sender)
         if peer is not None and peer.state not in ("seen", "closed"):
@@ -1840,6 +1864,8 @@ class Room(Emitter):
                 return
             peer.close("stuck; trying again")
         if not self._admit(sender, key):
+            return
+        if (peer is None or peer.state == "closed") and not self._may_start_session(sender, signer):
             return
         self._note_inbox(sender, data, signer)
         if peer is None or peer.state == "closed" or peer.key_string != key:
@@ -1867,6 +1893,7 @@ class Room(Emitter):
         handle = self._fallbacks.pop(peer.name, None)
         if handle:
             handle.cancel()
+        peer.state = "connecting"  # counted as a session in set-up from now on
         _spawn(self._send_offer(peer), f"offer-{peer.name}")
 
     async def _send_offer(self, peer: Peer) -> None:
@@ -1881,7 +1908,7 @@ class Room(Emitter):
             self._publish("RTCOffer", {"userInfo": self.user_info, "offer": {
                 "localDescription": {"type": "offer", "sdp": slim_sdp(sdp)}, "target": peer.name}}, to=peer.name)
 
-    def _on_offer(self, sender: str, data: Any, signer: str | None) -> None:
+    def _on_offer(self, sender: str, data: Any, signer: str | None, stamp: float) -> None:
         offer = data.get("offer") if isinstance(data, dict) else None
         if not isinstance(offer, dict) or offer.get("target") != self.me:
             return  # not for us: never prompt or act on others' offers (§9.1 #4)
@@ -1894,26 +1921,33 @@ class Room(Emitter):
             return
         self._note_inbox(sender, data.get("userInfo"), signer)
         existing = self.peers.get(sender)
+        if existing is not None and existing.state != "closed":
+            if existing.signal_ts is not None and stamp <= existing.signal_ts:
+                return  # older than what set up the current session: a replay (e.g. to us after a restart)
+            if signer is None and existing.signed_key:
+                return  # an unsigned offer never replaces a session set up by signed signaling (stripped copy)
         if existing is not None and existing.state not in ("seen", "closed"):
             if existing.awaits_answer and (not (tag or "").startswith("rtchat-py/") or self._should_offer(sender)):
                 return  # glare: ours stands; a browser gives up its own offer and answers ours (§4.4)
             if existing.is_open:
-                _spawn(self._replace_if_dead(existing, sender, sdp, key, tag, signer), f"probe-{sender}")
+                _spawn(self._replace_if_dead(existing, sender, sdp, key, tag, signer, stamp), f"probe-{sender}")
                 return
             existing.close("replaced by a new offer")
-        self._answer(sender, sdp, key, tag, signer)
+        elif not self._may_start_session(sender, signer):
+            return
+        self._answer(sender, sdp, key, tag, signer, stamp)
 
-    async def _replace_if_dead(self, existing: Peer, sender: str, sdp: str, key, tag, signer) -> None:
+    async def _replace_if_dead(self, existing: Peer, sender: str, sdp: str, key, tag, signer, stamp) -> None:
         """An offer for a live session is a reload or a forgery: answer only if the old session is dead."""
         if signer is None and await existing.probe():
             log.info("ignored an offer in %s's name: the current session is alive", sender)
             return
         existing.close("replaced by a new session")
-        self._answer(sender, sdp, key, tag, signer)
+        self._answer(sender, sdp, key, tag, signer, stamp)
 
-    def _answer(self, sender: str, sdp: str, key, tag, signer) -> None:
+    def _answer(self, sender: str, sdp: str, key, tag, signer, stamp: float) -> None:
         peer = self._register(Peer(sender, self.ice, key, tag))
-        peer.signed_key = signer
+        peer.signed_key, peer.signal_ts, peer.state = signer, stamp, "connecting"
         _spawn(self._send_answer(peer, sdp), f"answer-{sender}")
 
     async def _send_answer(self, peer: Peer, sdp: str) -> None:
@@ -1926,7 +1960,7 @@ class Room(Emitter):
             self._publish("RTCAnswer", {"localDescription": {"type": "answer", "sdp": slim_sdp(answer)},
                                         "target": peer.name}, to=peer.name)
 
-    def _on_answer(self, sender: str, data: Any, signer: str | None) -> None:
+    def _on_answer(self, sender: str, data: Any, signer: str | None, stamp: float) -> None:
         if not isinstance(data, dict) or data.get("target") != self.me:
             return
         peer = self.peers.get(sender)
@@ -1937,6 +1971,7 @@ class Room(Emitter):
         if signer is None and peer.is_rtchat_py:
             return
         peer.signed_key = signer
+        peer.signal_ts = stamp
         _spawn(self._accept_answer(peer, sdp), f"accept-{sender}")
 
     @staticmethod
@@ -1946,7 +1981,7 @@ class Room(Emitter):
         except Exception as exc:
             peer.close(f"bad answer: {exc}")
 
-    def _on_candidate(self, sender: str, data: Any, signer: str | None) -> None:
+    def _on_candidate(self, sender: str, data: Any, signer: str | None, stamp: float) -> None:
         if not isinstance(data, dict):
             return
         peer = self.peers.get(sender)
@@ -1957,19 +1992,25 @@ class Room(Emitter):
             if len(pending) < MAX_PENDING_CANDIDATES:
                 pending.append(data)
 
-    def _on_unload(self, sender: str, data: Any, signer: str | None) -> None:
+    def _on_unload(self, sender: str, data: Any, signer: str | None, stamp: float) -> None:
         peer = self.peers.get(sender)
         if peer is None:
             return
-        if signer is not None or not peer.is_open:
+        if signer is not None and peer.signal_ts is not None and stamp < peer.signal_ts:
+            return  # sent before the current session began: a replay
+        if (signer is not None and signer == peer.key_string) or (not peer.is_open and not peer.signed_key):
             peer.close("left")
-        else:
+        elif peer.is_open:
             _spawn(self._close_if_dead(peer, "left"), f"probe-{sender}")
 
-    def _on_name_change(self, sender: str, data: Any, signer: str | None) -> None:
-        """Only a hint (§9.2): the old name is checked like an unload; the new one announces itself."""
+    def _on_name_change(self, sender: str, data: Any, signer: str | None, stamp: float) -> None:
+        """Only a hint (§9.2), and about someone else: an open browser session is probed, nothing else is touched.
+        rtchat.py peers never send nameChange (they leave and announce again), so it is never about them."""
         if isinstance(data, dict) and data.get("newName") == sender and isinstance(data.get("oldName"), str):
-            self._on_unload(data["oldName"], None, None)
+            peer = self.peers.get(data["oldName"])
+            if peer is not None and peer.is_open and not peer.signed_key \
+                    and not self.trust.signs(bare_name(peer.name)):
+                _spawn(self._close_if_dead(peer, "left"), f"probe-{peer.name}")
 
     @staticmethod
     async def _close_if_dead(peer: Peer, reason: str) -> None:
@@ -2039,7 +2080,8 @@ class Room(Emitter):
         peer.state = "verified"
         peer.verified_at = time.monotonic()
         with contextlib.suppress(RtchatError, ValueError):
-            self.trust.pin(bare_name(peer.name), peer.key_string, signs=peer.channel_bound)
+            if self.trust.verdict(bare_name(peer.name), peer.key_string) != "changed":  # --trust any: never re-pin
+                self.trust.pin(bare_name(peer.name), peer.key_string, signs=peer.channel_bound)
         self._peer_event.set()
         self.emit("verified", peer)
         self.emit("join", peer)
@@ -2798,7 +2840,12 @@ class Printer:
 
     def message(self, msg: Message, me: str, from_history: bool = False) -> None:
         if self.style == "json":
-            self._write(self.out, json.dumps({**msg.to_dict(), **({"history": True} if from_history else {})},
+            record = msg.to_dict()
+            for field in ("from", "to", "relayed_by"):
+                if isinstance(record.get(field), str):
+                    record[field] = clean(record[field], MAX_NAME_CHARS + 16)
+            record["text"] = clean(record["text"], keep_newlines=True)
+            self._write(self.out, json.dumps({**record, **({"history": True} if from_history else {})},
                                              ensure_ascii=False))
             return
         text, sender = msg.text, clean(msg.sender, MAX_NAME_CHARS + 16)

@@ -1,0 +1,1250 @@
+"""Attacks on rtchat.py: a keyless attacker on the broker (paho publishing any envelope under any name) and,
+where needed, an aiortc peer of the attacker's own. Every attack must fail: nothing forged is shown, nothing is
+forcibly disconnected, memory stays bounded. Real mosquitto, real aiortc, loopback only (see conftest.py).
+
+`pytest -s tests/test_attacks.py` prints one summary line with the counts at the end.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import logging
+import os
+import random
+import re
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+import pytest
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from conftest import eventually, make_client, run
+
+import rtchat
+
+# -- bookkeeping: every attack is recorded, the module prints one summary line at the end ----------------------
+
+OUTCOMES: list[tuple[str, bool, str]] = []      # (attack, blocked, detail)
+COUNTS = {"payloads": 0, "frames": 0}
+
+
+def record(attack: str, blocked: bool, detail: str = "") -> bool:
+    OUTCOMES.append((attack, bool(blocked), detail))
+    return bool(blocked)
+
+
+def assert_blocked(prefix: str) -> None:
+    """Fail the test with every sub-attack of this test that got through (not just the first)."""
+    failed = [f"{a}: {d}" for a, b, d in OUTCOMES if a.startswith(prefix) and not b]
+    assert not failed, "attacks that succeeded:\n  " + "\n  ".join(failed)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _summary():
+    yield
+    blocked = sum(b for _, b, _ in OUTCOMES)
+    print(f"\n[rtchat attacks] attacks tried={len(OUTCOMES)} blocked={blocked} "
+          f"succeeded={len(OUTCOMES) - blocked} payloads fuzzed={COUNTS['payloads']} "
+          f"frames fuzzed={COUNTS['frames']}")
+    for attack, ok, detail in OUTCOMES:
+        if not ok:
+            print(f"[rtchat attacks]   SUCCEEDED: {attack} {detail}")
+
+
+@pytest.fixture(autouse=True)
+def _loopback_ice():
+    rtchat.restrict_ice_hosts(["127.0.0.1"])   # the attacker's own aiortc peers too
+
+
+# -- the attacker's tools ----------------------------------------------------------------------------------------
+
+def envelope(sender, subtopic, data, *, identity=None, topic=None, stamp=None, nonce=None, raw=False) -> bytes:
+    """An envelope under any name: unsigned, or signed with a key the attacker holds (its own)."""
+    stamp = rtchat.now_ms() if stamp is None else stamp
+    env = {"sender": sender, "timestamp": stamp, "subtopic": subtopic, "data": data}
+    if identity is not None:
+        nonce = nonce or rtchat.new_id()
+        signed = rtchat.SIGNING_CONTEXT + rtchat.canonical_json([topic, sender, subtopic, stamp, nonce, data])
+        env.update(nonce=nonce, sig=base64.b64encode(identity.sign(signed)).decode())
+    elif nonce is not None:
+        env["nonce"] = nonce
+    return rtchat.to_json(env).encode() if raw else rtchat.encode_envelope(env)
+
+
+class Wire:
+    """The keyless attacker on the broker: sees every message of every room, publishes anything."""
+
+    def __init__(self, broker, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.seen: list[tuple[str, bytes, dict | None]] = []
+        self.hooks: list = []
+        self.published = 0
+        subscribed = threading.Event()
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"mallory-{rtchat.new_id()}")
+        client.on_message = lambda c, u, m: self._hop(m.topic, m.payload)
+        client.on_subscribe = lambda *a: subscribed.set()
+        client.connect("127.0.0.1", broker.tcp_port)
+        client.subscribe("mrtchat/#")
+        client.loop_start()
+        subscribed.wait(5)
+        self.client = client
+
+    def _hop(self, topic: str, payload: bytes) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self._deliver, topic, payload)
+        except RuntimeError:
+            pass
+
+    def _deliver(self, topic: str, payload: bytes) -> None:
+        env = rtchat.decode_envelope(payload)
+        self.seen.append((topic, payload, env))
+        for hook in list(self.hooks):
+            hook(topic, payload, env)
+
+    def publish(self, payload: bytes, topic: str) -> None:
+        self.published += 1
+        self.client.publish(topic, payload)
+
+    def captured(self, topic: str, sender: str, subtopic: str, target: str | None = None) -> list[tuple]:
+        """(payload, envelope, topic it was on) of what the sender published in that room."""
+        return [(p, e, t) for t, p, e in self.seen if _in(t, topic) and e and e["sender"] == sender
+                and e["subtopic"] == subtopic and (target is None or _target(e) == target)]
+
+    def expect(self, predicate) -> asyncio.Future:
+        future = self.loop.create_future()
+
+        def hook(topic, payload, env):
+            if env is not None and not future.done():
+                try:
+                    hit = predicate(topic, env)
+                except Exception:
+                    hit = False
+                if hit:
+                    future.set_result((topic, payload, env))
+                    self.hooks.remove(hook)
+        self.hooks.append(hook)
+        return future
+
+    def on(self, predicate, action) -> None:
+        """Run action(topic, payload, env) for every matching message (the attacker reacting in real time)."""
+        def hook(topic, payload, env):
+            if env is not None and predicate(topic, env):
+                action(topic, payload, env)
+        self.hooks.append(hook)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def _in(t: str, topic: str) -> bool:
+    """The room topic, or a peer's inbox under it (rtchat.py sends offers/answers to the other's inbox)."""
+    return t == topic or t.startswith(topic + "/")
+
+
+def _target(env: dict):
+    data = env.get("data")
+    if not isinstance(data, dict):
+        return None
+    if env["subtopic"] == "RTCOffer":
+        offer = data.get("offer")
+        return offer.get("target") if isinstance(offer, dict) else None
+    return data.get("target")
+
+
+def _sdp(env: dict) -> str:
+    data = env["data"]
+    return (data["offer"] if env["subtopic"] == "RTCOffer" else data)["localDescription"]["sdp"]
+
+
+class Mallory:
+    """The attacker's own WebRTC peer: raw frames on RTChat's channels, answers identify as told."""
+
+    def __init__(self, identity: rtchat.Identity | None = None, auto_pong: bool = True) -> None:
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.identity = identity
+        self.channels: dict = {}
+        self.inbox: list[tuple[str, str]] = []
+        self.questions: list[dict] = []
+        self.auto_pong = auto_pong
+        self.answer_with = "valid"     # valid | garbage | wrong-n | other-challenge | none
+        self.pc.on("datachannel", self._adopt)
+
+    def _adopt(self, channel) -> None:
+        self.channels[channel.label] = channel
+        channel.on("message", lambda data, label=channel.label: self._on_message(label, data))
+
+    def _on_message(self, label: str, data) -> None:
+        self.inbox.append((label, data if isinstance(data, str) else repr(data)))
+        if label == "ping" and self.auto_pong:
+            self.send("pong", '"pong"')
+        if label != "question":
+            return
+        try:
+            value = json.loads(data)
+            question = value["question"]
+        except (ValueError, KeyError, TypeError):
+            return
+        self.questions.append(value)
+        if question.get("topic") in ("identify", "challenge") and self.identity is not None:
+            self._answer_identity(value, question)
+
+    def _answer_identity(self, value: dict, question: dict) -> None:
+        if self.answer_with == "none":
+            return
+        challenge = question["content"].encode("latin-1")
+        if self.answer_with == "other-challenge":
+            challenge = os.urandom(32)
+        signature = self.identity.sign(challenge).decode("latin-1")
+        if self.answer_with == "garbage":
+            signature = "x" * 256
+        answer = signature if question["topic"] == "challenge" else {
+            "publicKeyString": self.identity.public_key_string, "signature": signature}
+        n = value["n"] + 1 if self.answer_with == "wrong-n" else value["n"]
+        self.send("answer", json.dumps({"n": n, "answer": answer, "question": question}))
+
+    async def offer(self) -> str:
+        for label in rtchat.CHANNELS:
+            self._adopt(self.pc.createDataChannel(label))
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        return self.pc.localDescription.sdp
+
+    async def answer(self, offer_sdp: str) -> str:
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+        await self.pc.setLocalDescription(await self.pc.createAnswer())
+        return self.pc.localDescription.sdp
+
+    async def accept(self, answer_sdp: str) -> None:
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer_sdp, type="answer"))
+
+    def is_open(self, labels=("chat", "dm", "question", "answer")) -> bool:
+        return all(label in self.channels and self.channels[label].readyState == "open" for label in labels)
+
+    def send(self, label: str, text) -> bool:
+        channel = self.channels.get(label)
+        if channel is None or channel.readyState != "open":
+            return False
+        try:
+            channel.send(text)
+        except ValueError:   # over the size the victim advertised: see unlimit()
+            return False
+        return True
+
+    def unlimit(self) -> None:
+        """A hostile sender ignores the victim's a=max-message-size."""
+        self.pc.sctp._remote_max_message_size = 0
+
+    async def close(self) -> None:
+        await self.pc.close()
+
+
+async def attach(wire: Wire, topic: str, target: str, name: str, mallory: Mallory, *, key: str | None = None,
+                 sign_with: rtchat.Identity | None = None, tag: str | None = None, timeout: float = 8) -> bool:
+    """The attacker offers to `target` as `name`: unsigned (a "browser") or signed with its own key."""
+    sdp = await mallory.offer()
+    info = {"publicKeyString": key or mallory.identity.public_key_string, **({"client": tag} if tag else {})}
+    data = {"userInfo": info, "offer": {"localDescription": {"type": "offer", "sdp": sdp}, "target": target}}
+    answered = wire.expect(lambda t, e: _in(t, topic) and e["sender"] == target and e["subtopic"] == "RTCAnswer"
+                           and _target(e) == name)
+    wire.publish(envelope(name, "RTCOffer", data, identity=sign_with, topic=topic), topic)
+    try:
+        _, _, env = await asyncio.wait_for(answered, timeout)
+    except asyncio.TimeoutError:
+        return False
+    await mallory.accept(_sdp(env))
+    try:
+        await eventually(lambda: mallory.is_open(rtchat.CHANNELS), 8, "attacker channels open")
+    except AssertionError:
+        return False
+    mallory.send("connectedViaRTC", "null")
+    return True
+
+
+async def start_pair(tmp_path, url, names=("alice", "bob"), room="test", **options):
+    clients = [await make_client(n, tmp_path, url, **options).start() for n in names]
+    rooms = [await c.join(room) for c in clients]
+    for r in rooms:
+        await r.wait_for_peers(len(names) - 1, 20)
+    return clients, rooms
+
+
+async def close_all(*things) -> None:
+    for thing in things:
+        if isinstance(thing, Mallory):
+            await thing.close()
+        elif isinstance(thing, Wire):
+            thing.close()
+        else:
+            await thing.close()
+
+
+def shown_counter(room: rtchat.Room) -> dict[str, list]:
+    shown = {"message": [], "dm": []}
+    room.on("message", shown["message"].append)
+    room.on("dm", shown["dm"].append)
+    return shown
+
+
+FORGED_CHATS = ["forged chat 1", "forged chat 2", "forged chat 3"]
+FORGED_DMS = ["forged dm 1", "forged dm 2", "forged dm 3"]
+
+
+def send_forged_text(mallory: Mallory, tag: str = "") -> None:
+    """3 chats and 3 DMs, as a browser (JSON strings) and as an rtchat.py peer (t=msg frames)."""
+    for i, (chat, dm) in enumerate(zip(FORGED_CHATS, FORGED_DMS, strict=True)):
+        if i % 2:
+            mallory.send("chat", json.dumps({"t": "msg", "id": rtchat.new_id(), "ts": rtchat.now_ms(),
+                                             "text": chat + tag, "action": False, "sig": None}))
+            mallory.send("dm", json.dumps({"t": "msg", "id": rtchat.new_id(), "ts": rtchat.now_ms(),
+                                           "text": dm + tag, "action": False}))
+        else:
+            mallory.send("chat", json.dumps(chat + tag))
+            mallory.send("dm", json.dumps(dm + tag))
+
+
+def forged_shown(shown: dict) -> tuple[int, int]:
+    chats = sum(1 for m in shown["message"] if m.text.startswith("forged"))
+    dms = sum(1 for m in shown["dm"] if m.text.startswith("forged"))
+    return chats, dms
+
+
+# =============================================================================================================
+# 1. Forged RTCOffer in bob's name, then chat and DM frames over the data channel it would open
+# =============================================================================================================
+
+def test_forged_offer_in_bobs_name_then_chat_and_dm(broker, tmp_path):
+    async def scenario():
+        wire = Wire(broker, asyncio.get_running_loop())
+        topic = "mrtchat/a1"
+        (alice, bob), (ra, rb) = await start_pair(tmp_path, broker.url, room="a1")
+        bob_key = bob.identity.public_key_string
+        shown = shown_counter(ra)
+        changed = []
+        ra.on("key-changed", lambda *a: changed.append(a))
+        await bob.close()                                   # bob is pinned (he signs) and now away
+        await eventually(lambda: "bob" not in ra.peers, 5, "bob gone")
+        own = rtchat.Identity.generate()
+
+        # 1a. unsigned, with bob's real (public) key copied from his announcements
+        m1 = Mallory(own)
+        ok1 = await attach(wire, topic, "alice", "bob", m1, key=bob_key, tag=rtchat.CLIENT_TAG, timeout=2)
+        send_forged_text(m1)
+        # 1b. signed with the attacker's own key (the only key it can sign with)
+        m2 = Mallory(own)
+        ok2 = await attach(wire, topic, "alice", "bob", m2, sign_with=own, tag=rtchat.CLIENT_TAG, timeout=2)
+        send_forged_text(m2)
+        await asyncio.sleep(0.5)
+        answers = wire.captured(topic, "alice", "RTCAnswer", target="bob")
+        record("1a forged offer as bob, unsigned with bob's key (bob pinned)", not ok1 and not answers,
+               f"connected={ok1}, alice answered {len(answers)}x")
+        record("1b forged offer as bob, signed with attacker key (bob pinned)", not ok2 and changed,
+               f"connected={ok2}, key-changed events={len(changed)}")
+
+        # 1c. first contact: carol has never met bob. The attacker offers in bob's name with bob's real key,
+        #     gets a data channel, sends 3 chats and 3 DMs before and after carol's identify question.
+        carol = await make_client("carol", tmp_path, broker.url).start()
+        rc = await carol.join("a1")
+        shown_c = shown_counter(rc)
+        m3 = Mallory(own)
+        m3.answer_with = "garbage"                       # it has no private key for bob's public key
+        ok3 = await attach(wire, topic, "carol", "bob", m3, key=bob_key, timeout=5)
+        send_forged_text(m3, " early")
+        await eventually(lambda: m3.questions, 5, "carol's identify question")
+        send_forged_text(m3, " late")
+        await eventually(lambda: "bob" not in rc.peers, 5, "carol dropping the forged bob")
+        chats, dms = forged_shown(shown_c)
+        record("1c forged offer as bob at first contact + 3 chats/3 DMs",
+               chats == 0 and dms == 0 and "bob" not in rc.peers and "bob" not in rc._early and ok3,
+               f"connected={ok3}, shown {chats}/6 chats, {dms}/6 DMs")
+        a_chats, a_dms = forged_shown(shown)
+        record("1 alice shows 0 of 3 forged chats and 0 of 3 forged DMs", a_chats == 0 and a_dms == 0,
+               f"alice showed {a_chats} chats, {a_dms} DMs")
+        print(f"[attack 1] alice: {a_chats}/3 forged chats, {a_dms}/3 forged DMs shown; carol: {chats}/6, {dms}/6; "
+              f"attacker channel to carol opened={ok3}")
+        await close_all(m1, m2, m3, alice, carol, wire)
+    run(scenario(), 60)
+    assert_blocked("1")
+
+
+# =============================================================================================================
+# 2. A forged RTCAnswer racing the real one
+# =============================================================================================================
+
+def test_forged_answer_races_the_real_one(broker, tmp_path):
+    """The attacker watches the topic and answers alice's offer to bob first, in bob's name (first contact:
+    no pins anywhere, so only signatures protect the session)."""
+    async def scenario():
+        wire = Wire(broker, asyncio.get_running_loop())
+        topic = "mrtchat/a2"
+        own = rtchat.Identity.generate()
+        attackers: list[Mallory] = []
+        forged = {"unsigned": 0, "signed-own-key": 0}
+
+        def race(t, payload, env):
+            async def answer(kind):
+                m = Mallory(own)
+                attackers.append(m)
+                sdp = await m.answer(_sdp(env))
+                data = {"localDescription": {"type": "answer", "sdp": sdp}, "target": "alice"}
+                wire.publish(envelope("bob", "RTCAnswer", data, identity=own if kind != "unsigned" else None,
+                                      topic=topic), topic)
+                forged[kind] += 1
+            for kind in forged:
+                asyncio.ensure_future(answer(kind))
+        wire.on(lambda t, e: _in(t, topic) and e["sender"] == "alice" and e["subtopic"] == "RTCOffer"
+                and _target(e) == "bob", race)
+
+        alice = await make_client("alice", tmp_path, broker.url).start()
+        bob = await make_client("bob", tmp_path, broker.url).start()
+        ra = await alice.join("a2")
+        accepted = []
+        original = ra._accept_answer
+        ra._accept_answer = lambda peer, sdp: (accepted.append(rtchat.sdp_fingerprint(sdp)), original(peer, sdp))[1]
+        rb_holder = {}
+
+        async def join_bob_slowly():
+            rb = await bob.join("a2")
+            slow = rb._on_offer
+
+            def delayed(*args):   # bob's network is slow: his real answer comes a second late
+                asyncio.get_running_loop().call_later(1.0, slow, *args)
+            rb._on_offer = delayed
+            rb_holder["rb"] = rb
+        await join_bob_slowly()
+        await ra.wait_for_peers(1, 20)
+        rb = rb_holder["rb"]
+        await rb.wait_for_peers(1, 10)
+        peer = ra.peers["bob"]
+        bob_fp = rtchat.sdp_fingerprint(rb.peers["alice"].pc.localDescription.sdp)
+        hijacked = any(m.pc.connectionState == "connected" for m in attackers)
+        bob_answers = [e for t, p, e in wire.seen if _in(t, topic) and e and e["sender"] == "bob"
+                       and e["subtopic"] == "RTCAnswer"]
+        forged_first = bool(bob_answers) and rtchat.sdp_fingerprint(_sdp(bob_answers[0])) != bob_fp
+        assert forged_first, "the race was not won by the attacker: the test proves nothing"
+        record("2a forged RTCAnswer (unsigned) racing bob's", forged["unsigned"] and not hijacked
+               and accepted == [bob_fp], f"sent={forged['unsigned']}, answers alice applied={len(accepted)}")
+        record("2b forged RTCAnswer (signed with attacker key) racing bob's", forged["signed-own-key"]
+               and peer.channel_bound and peer.key_string == bob.identity.public_key_string,
+               f"sent={forged['signed-own-key']}, attacker pc connected={hijacked}")
+        print(f"[attack 2] forged answers sent first: {sum(forged.values())}; alice applied {len(accepted)} answer(s), "
+              f"{'only bob' if accepted == [bob_fp] else 'NOT only bob'}'s")
+        await close_all(*attackers, alice, bob, wire)
+    run(scenario(), 60)
+    assert_blocked("2")
+
+
+# =============================================================================================================
+# 3. Forged unload and nameChange in bob's name: bob stays connected
+# =============================================================================================================
+
+def test_forged_unload_and_name_change_do_not_disconnect(broker, tmp_path):
+    async def scenario():
+        wire = Wire(broker, asyncio.get_running_loop())
+        topic = "mrtchat/a3"
+        (alice, bob), (ra, rb) = await start_pair(tmp_path, broker.url, room="a3")
+        session_a, session_b = ra.peers["bob"], rb.peers["alice"]
+        left = []
+        ra.on("leave", lambda p, r: left.append(("alice saw", p.name, r)))
+        rb.on("leave", lambda p, r: left.append(("bob saw", p.name, r)))
+        own = rtchat.Identity.generate()
+        # the existing test_room test covers one unsigned unload and nameChange(bob->bob); these go further:
+        wire.publish(envelope("bob", "unload", "disconnecting", identity=own, topic=topic), topic)  # own key
+        for i in range(30):   # "mallory-i renamed from bob": passes the sender == newName check; 30 senders
+            wire.publish(envelope(f"mallory{i}", "nameChange", {"oldName": "bob", "newName": f"mallory{i}"}), topic)
+        wire.publish(envelope("bob", "nameChange", {"oldName": "alice", "newName": "bob"}), topic)  # to bob
+        wire.publish(envelope("alice", "unload", "disconnecting", raw=True), topic)           # raw-JSON dialect
+        await asyncio.sleep(3.5)                                                             # > 2 probe rounds
+        still = ra.peers.get("bob") is session_a and rb.peers.get("alice") is session_b \
+            and session_a.is_verified and session_b.is_verified
+        record("3a forged unload/nameChange for a live session (own-key sig, 30 renames, raw dialect)",
+               still and not left, f"sessions kept={still}, leave events={left}")
+
+        # 3b. while the session is being set up: bob rejoins; the moment alice's offer to bob is on the wire,
+        #     the attacker sends "mallory renamed from bob" and an unsigned unload in bob's name.
+        fired = []
+
+        def strike(t, payload, env):
+            fired.append(ra.peers.get("bob"))
+            wire.publish(envelope("mallory", "nameChange", {"oldName": "bob", "newName": "mallory"}), topic)
+            wire.publish(envelope("bob", "unload", "disconnecting"), topic)
+            wire.publish(envelope("bob", "unload", "disconnecting", identity=own, topic=topic), topic)
+        await bob.leave(rb)
+        await eventually(lambda: "bob" not in ra.peers, 5, "bob gone")
+        wire.on(lambda t, e: _in(t, topic) and e["sender"] == "alice" and e["subtopic"] == "RTCOffer", strike)
+        rb2 = await bob.join("a3")
+        try:
+            await rb2.wait_for_peers(1, 5)
+            await ra.wait_for_peers(1, 2)
+            ok = True
+        except rtchat.NoPeers:
+            ok = False
+        target = fired[0] if fired else None
+        killed = target is not None and target.state == "closed" and ra.peers.get("bob") is not target
+        record("3b forged nameChange/unload while alice's session to bob is connecting",
+               fired and ok and not killed,
+               f"struck={len(fired)}, reconnected within 5 s={ok}, pending session killed={killed}")
+        print(f"[attack 3] live session kept={still}; connecting session killed={killed}, verified again={ok}")
+        await close_all(alice, bob, wire)
+    run(scenario(), 60)
+    assert_blocked("3")
+
+
+# =============================================================================================================
+# 4. Replays: captured from the wire and re-published later; old and future timestamps
+# =============================================================================================================
+
+def test_replays_are_dropped(broker, tmp_path):
+    async def scenario():
+        wire = Wire(broker, asyncio.get_running_loop())
+        topic = "mrtchat/a4"
+        (alice, bob), (ra, rb) = await start_pair(tmp_path, broker.url, room="a4")
+        await asyncio.sleep(0.3)
+        sa, sb = ra.peers["bob"], rb.peers["alice"]
+        alive = lambda: ra.peers.get("bob") is sa and rb.peers.get("alice") is sb and sa.is_verified  # noqa: E731
+        old_offers = wire.captured(topic, "alice", "RTCOffer", target="bob")
+        genuine = [(t, p) for t, p, e in wire.seen if _in(t, topic) and e and e["sender"] in ("alice", "bob")]
+        assert old_offers and genuine
+
+        # 4a. verbatim replay within the window, to the rooms that saw them: duplicates
+        before = ra.dropped + rb.dropped
+        seen_by_receiver = 0
+        for where, payload in genuine:
+            env = rtchat.decode_envelope(payload)
+            receiver = rb if env["sender"] == "alice" else ra
+            seen_by_receiver += env["nonce"] in receiver._seen_nonces   # e.g. not alice's announce before bob came
+            wire.publish(payload, where)
+        await asyncio.sleep(1.0)
+        record("4a replay of every captured connect/offer/answer (same receivers)",
+               alive() and ra.dropped + rb.dropped - before >= seen_by_receiver,
+               f"replayed={len(genuine)}, seen before={seen_by_receiver}, "
+               f"dropped={ra.dropped + rb.dropped - before}")
+
+        # 4b. old and future timestamps, genuinely signed by bob (a capture from long ago) and unsigned
+        before = ra.dropped
+        skew = (rtchat.CLOCK_SKEW_S + 30) * 1000
+        for stamp in (rtchat.now_ms() - skew, rtchat.now_ms() + skew, 0, 2**53):
+            wire.publish(envelope("bob", "unload", "disconnecting", identity=bob.identity, topic=topic,
+                                  stamp=stamp), topic)
+            wire.publish(envelope("stranger", "connect", {"publicKeyString": "x"}, stamp=stamp), topic)
+        await asyncio.sleep(0.8)
+        record("4b signed unload / unsigned connect with old or future timestamps", alive()
+               and ra.dropped - before >= 8, f"dropped={ra.dropped - before} of 8")
+
+        # 4c. cross-room replay: alice's offer to bob replayed in another room bob is in
+        rb_other = await bob.join("a4-other")
+        before = rb_other.dropped
+        wire.publish(old_offers[0][0], "mrtchat/a4-other")          # signed for room a4: the topic is covered
+        await asyncio.sleep(0.5)
+        record("4c offer replayed into another room", rb_other.dropped > before and "alice" not in rb_other.peers,
+               f"peers there={list(rb_other.peers)}")
+
+        # 4d. replay to a receiver that has restarted (a new Room: its duplicate cache is empty), within the window
+        await bob.leave(rb)                       # bob's signed unload is on the wire now: capture it
+        rb = await bob.join("a4")
+        await rb.wait_for_peers(1, 10)
+        await ra.wait_for_peers(1, 5)
+        await asyncio.sleep(0.3)
+        sa, sb = ra.peers["bob"], rb.peers["alice"]
+        bob_unloads = wire.captured(topic, "bob", "unload")
+        wire.publish(bob_unloads[-1][0], topic)    # to alice, who saw it: a duplicate
+        wire.publish(old_offers[0][0], topic)      # alice's offer of the first session, to bob's new room ...
+        wire.publish(old_offers[0][0], old_offers[0][2])   # ... on the room topic and where it first went
+        await asyncio.sleep(2.5)
+        record("4d alice's old offer replayed to bob's rejoined room (<120 s old)", alive(),
+               f"bob's session to alice kept={rb.peers.get('alice') is sb}, "
+               f"alice's session kept={ra.peers.get('bob') is sa}")
+
+        # 4e. bob's unload (captured when he left) replayed to alice after she rejoined
+        await alice.leave(ra)
+        ra = await alice.join("a4")
+        await ra.wait_for_peers(1, 10)
+        await eventually(lambda: rb.peers.get("alice") is not None and rb.peers["alice"].is_verified, 5, "bob")
+        await asyncio.sleep(0.3)
+        sa, sb = ra.peers["bob"], rb.peers["alice"]
+        wire.publish(bob_unloads[-1][0], topic)
+        await asyncio.sleep(2.5)
+        record("4e bob's old unload replayed to alice's rejoined room (<120 s old)", alive(),
+               f"alice's session to bob kept={ra.peers.get('bob') is sa}")
+        print(f"[attack 4] replayed {len(genuine)} genuine envelopes + 8 stale + cross-room + 2 to fresh rooms")
+        await close_all(alice, bob, wire)
+    run(scenario(), 60)
+    assert_blocked("4")
+
+
+# =============================================================================================================
+# 5. SDP-swapping man in the middle; the post-connect DTLS fingerprint check
+# =============================================================================================================
+
+def test_sdp_swapping_mitm_is_dropped(broker, tmp_path):
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        wire = Wire(broker, loop)
+        topic = "mrtchat/a5"
+        mitm_offers = {"kept": Mallory(), "stripped": Mallory()}     # one DTLS certificate per variant
+        mitm_sdps = {k: await m.offer() for k, m in mitm_offers.items()}
+        mitm_fps = {k: rtchat.sdp_fingerprint(sdp) for k, sdp in mitm_sdps.items()}
+        mitm_answers: list[Mallory] = []
+        republished = {"offer-kept-sig": 0, "offer-stripped": 0, "answer-kept-sig": 0, "answer-stripped": 0}
+
+        mine: set[bytes] = set()
+
+        def swap(t, payload, env):
+            kind = "offer" if env["subtopic"] == "RTCOffer" else "answer"
+            if payload in mine:
+                return
+
+            async def go():
+                kept = {k: v for k, v in env.items() if k != "data"}
+                for variant in ("kept", "stripped"):
+                    if kind == "offer":
+                        sdp = mitm_sdps[variant]
+                    else:
+                        m = Mallory()
+                        mitm_answers.append(m)
+                        offers = wire.captured(topic, env["data"]["target"], "RTCOffer", target=env["sender"])
+                        sdp = await m.answer(_sdp(offers[-1][1]))
+                    data = json.loads(json.dumps(env["data"]))
+                    (data["offer"] if kind == "offer" else data)["localDescription"]["sdp"] = sdp
+                    forged = {**kept, "data": data} if variant == "kept" else \
+                        {**{k: v for k, v in kept.items() if k not in ("sig", "nonce")}, "data": data}
+                    payload = rtchat.encode_envelope(forged)
+                    mine.add(payload)
+                    wire.publish(payload, t)
+                republished[f"{kind}-kept-sig"] += 1
+                republished[f"{kind}-stripped"] += 1
+            asyncio.ensure_future(go())
+        wire.on(lambda t, e: _in(t, topic) and e["subtopic"] in ("RTCOffer", "RTCAnswer")
+                and e["sender"] in ("alice", "bob"), swap)
+
+        alice = await make_client("alice", tmp_path, broker.url).start()
+        bob = await make_client("bob", tmp_path, broker.url).start()
+        ra = await alice.join("a5")
+        rb = await bob.join("a5")
+        answered, applied = [], []
+        orig_answer, orig_accept = rb._answer, ra._accept_answer
+        rb._answer = lambda s, sdp, *a: (answered.append(rtchat.sdp_fingerprint(sdp)), orig_answer(s, sdp, *a))[1]
+        ra._accept_answer = lambda p, sdp: (applied.append(rtchat.sdp_fingerprint(sdp)), orig_accept(p, sdp))[1]
+        try:
+            await ra.wait_for_peers(1, 15)
+            await rb.wait_for_peers(1, 5)
+            connected = True
+        except rtchat.NoPeers:
+            connected = False
+        await asyncio.sleep(1.0)
+        pa, pb = ra.peers.get("bob"), rb.peers.get("alice")
+        bound = bool(pa and pb and pa.channel_bound and pb.channel_bound)
+        record("5a MITM republishes alice's offer with its SDP, signature kept",
+               republished["offer-kept-sig"] and mitm_fps["kept"] not in answered,
+               f"bob answered {len(answered)} offer(s), this MITM SDP among them={mitm_fps['kept'] in answered}")
+        record("5b MITM republishes alice's offer with its SDP, signature stripped (first contact)",
+               republished["offer-stripped"] and mitm_fps["stripped"] not in answered and connected and bound,
+               f"bob answered {len(answered)} offer(s), {answered.count(mitm_fps['stripped'])} of them the "
+               f"stripped MITM copy; alice-bob verified={connected}")
+        mitm_answer_fps = {rtchat.sdp_fingerprint(m.pc.localDescription.sdp) for m in mitm_answers
+                           if m.pc.localDescription}
+        record("5c MITM republishes bob's answer with its SDP (kept / stripped signature)",
+               republished["answer-kept-sig"] and not (mitm_answer_fps & set(applied)),
+               f"alice applied {len(applied)} answer(s)")
+        print(f"[attack 5] MITM republished {republished}; bob answered {len(answered)}, alice applied "
+              f"{len(applied)}; channel-bound={bound}")
+        await close_all(*mitm_offers.values(), *mitm_answers, alice, bob, wire)
+    run(scenario(), 60)
+    assert_blocked("5")
+
+
+def test_post_connect_fingerprint_check(broker, tmp_path):
+    """Room._on_open compares the DTLS certificate actually used with the fingerprint in the signed SDP.
+    Built directly: a session whose signed SDP declares bob's fingerprint while mallory's certificate is used."""
+    async def scenario():
+        alice = await make_client("alice", tmp_path, broker.url).start()
+        bob = await make_client("bob", tmp_path, broker.url).start()
+        ra = await alice.join("a5-unit")
+        statuses, verified = [], []
+        ra.on("status", statuses.append)
+        ra.on("verified", verified.append)
+        bob_pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        bob_pc.createDataChannel("chat")
+        await bob_pc.setLocalDescription(await bob_pc.createOffer())
+        bob_fp = rtchat.sdp_fingerprint(bob_pc.localDescription.sdp)
+        results = {}
+        for case in ("swapped", "genuine"):
+            mallory = Mallory()
+            key = bob.identity.public_key_string
+            peer = ra._register(rtchat.Peer(f"bob-{case}", ra.ice, key, rtchat.CLIENT_TAG))
+            peer.signed_key = key                      # as if a valid signature by bob covered the SDP
+            offer = await peer.create_offer()
+            answer = await mallory.answer(offer)
+            await peer.accept_answer(answer)           # aiortc checks DTLS against mallory's SDP ...
+            if case == "swapped":                      # ... but the SDP bob signed declared bob's certificate
+                peer.remote_sdp = re.sub(r"(a=fingerprint:sha-256 )\S+", lambda m: m.group(1) + bob_fp, answer)
+            await eventually(lambda p=peer: p.state in ("verified", "closed"), 10, f"{case} session settles")
+            results[case] = (peer.state, peer.channel_bound, rtchat.negotiated_fingerprint(peer.pc)
+                             if peer.pc.connectionState == "connected" else None,
+                             rtchat.sdp_fingerprint(answer))
+            await mallory.close()
+        state, bound, _, _ = results["swapped"]
+        record("5d post-connect check: negotiated DTLS fingerprint differs from the signed SDP",
+               state == "closed" and not bound and any("someone is in the middle" in s for s in statuses)
+               and not any(p.name == "bob-swapped" for p in verified), f"state={state}, statuses={statuses}")
+        state, bound, actual, declared = results["genuine"]
+        record("5e post-connect check is not vacuous: negotiated_fingerprint() reads the real certificate",
+               state == "verified" and bound and actual == declared, f"negotiated={actual}, declared={declared}")
+        await bob_pc.close()
+        await close_all(alice, bob)
+    run(scenario(), 60)
+    assert_blocked("5d")
+    assert_blocked("5e")
+
+
+# =============================================================================================================
+# 6. Impersonation of a pinned name, under --trust new, known and any
+# =============================================================================================================
+
+def test_impersonating_a_pinned_name(broker, tmp_path):
+    async def scenario():
+        (alice, bob), (ra, rb) = await start_pair(tmp_path, broker.url, room="a6")
+        changed = []
+        ra.on("key-changed", lambda name, fp, verdict: changed.append((name, verdict)))
+        shown = shown_counter(ra)
+        (tmp_path / "evil").mkdir()
+
+        async def impostor(name, policy_note):
+            client = await make_client(name, tmp_path / "evil", broker.url).start()
+            room = await client.join("a6")
+            key = client.identity.public_key_string
+            deadline = time.monotonic() + 2.5   # bob's glare timer (2 s) included: the impostor offers too
+            while time.monotonic() < deadline and not any(n == name for n, _ in changed) and not any(
+                    p.key_string == key and p.is_verified for p in ra.peers.values()):
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)
+            verified = [p for p in ra.peers.values() if p.key_string == key and p.is_verified]
+            if verified:
+                await room.send("forged chat from the impostor")
+                await asyncio.sleep(0.5)
+            return client, room, verified
+
+        # 6a. --trust new, while the real bob is connected: a second rtchat.py "bob" with a new key (it never
+        #     hears alice, who is busy with bob and does not announce), then the attacker's own signed offers as
+        #     "bob" and "bob(7)" (same bare name, so the same pin)
+        client, room, verified = await impostor("bob", "new")
+        record("6a second rtchat.py client 'bob' with a new key while bob is online (--trust new)",
+               not verified and ra.peers["bob"].is_verified, f"verified={verified}")
+        await client.close()
+        wire = Wire(broker, asyncio.get_running_loop())
+        own = rtchat.Identity.generate()
+        for name in ("bob", "bob(7)", "bob|x"):
+            changed.clear()
+            m = Mallory(own)
+            ok = await attach(wire, "mrtchat/a6", "alice", name, m, sign_with=own, tag=rtchat.CLIENT_TAG, timeout=1)
+            record(f"6a impostor offer as {name!r} signed with a new key while bob is online (--trust new)",
+                   not ok and ra.peers["bob"].is_verified and (name, "changed") in changed,
+                   f"connected={ok}, key-changed={changed}")
+            await m.close()
+        wire.close()
+        # 6b. --trust known: the pinned bob is accepted; strangers and impostors are refused
+        await bob.close()
+        await eventually(lambda: "bob" not in ra.peers, 5, "bob gone")
+        alice.trust.policy = "known"
+        changed.clear()
+        client, room, verified = await impostor("bob", "known")
+        record("6b impostor 'bob' with a new key (--trust known)", not verified and changed == [("bob", "changed")],
+               f"verified={verified}, key-changed={changed}")
+        await client.close()
+        client, room, verified = await impostor("dave", "known")
+        record("6b stranger 'dave' never pinned (--trust known)", not verified and ("dave", "new") in changed,
+               f"verified={verified}, key-changed={changed}")
+        await client.close()
+        # 6c. --trust any: documented to accept every key, but it must not re-pin bob's name to the impostor
+        alice.trust.policy = "any"
+        client, room, verified = await impostor("bob", "any")
+        bob_pins = set(alice.trust.pins_for("bob"))
+        record("6c impostor 'bob' under --trust any does not get pinned as bob",
+               bob_pins == {bob.identity.fingerprint},
+               f"connected={bool(verified)} (by design), pins for bob now={len(bob_pins)} "
+               f"(impostor pinned={client.identity.fingerprint in bob_pins})")
+        msgs = [m for m in shown["message"] if m.text.startswith("forged")]
+        record("6c impostor messages carry the impostor's fingerprint, not bob's",
+               all(m.fingerprint != bob.identity.fingerprint for m in msgs), f"{len(msgs)} shown (policy any)")
+        await client.close()
+        alice.trust.policy = "new"
+        verdict = alice.trust.verdict("bob", client.identity.public_key_string)
+        record("6d after --trust any, back to --trust new: the impostor's key is still 'changed' for bob",
+               verdict == "changed", f"verdict={verdict}")
+        print(f"[attack 6] key-changed events: {changed}")
+        await close_all(alice)
+    run(scenario(), 90)
+    assert_blocked("6")
+
+
+# =============================================================================================================
+# 7. Answers are routed by (peer, n): a third peer cannot answer alice's question to bob
+# =============================================================================================================
+
+def test_third_peer_cannot_answer_for_bob(broker, tmp_path):
+    async def scenario():
+        (alice, bob, carol), (ra, rb, rc) = await start_pair(tmp_path, broker.url, ("alice", "bob", "carol"), "a7")
+
+        async def slow(q):
+            await asyncio.sleep(1.0)
+            return "real answer from bob"
+        bob.questions["slow"] = slow
+        to_alice = rc.peers["alice"]
+
+        async def spam():
+            for _ in range(10):
+                for n in range(64):
+                    to_alice.send("answer", {"n": n, "answer": "forged by carol",
+                                             "question": {"topic": "slow", "content": None}})
+                COUNTS["frames"] += 64
+                await asyncio.sleep(0.05)
+        spammer = asyncio.ensure_future(spam())
+        started = time.monotonic()
+        answers = [await ra.ask("bob", "slow", timeout=5) for _ in range(2)]
+        took = time.monotonic() - started
+        await spammer
+        record("7 carol floods answer frames with n=0..63 while alice asks bob",
+               answers == ["real answer from bob"] * 2 and took >= 2.0 and ra.peers["carol"].is_verified,
+               f"answers={answers}, took {took:.1f} s")
+        await close_all(alice, bob, carol)
+    run(scenario(), 60)
+    assert_blocked("7")
+
+
+# =============================================================================================================
+# 8. A raw aiortc "browser" with a key that fails the identity check: nothing it says is shown
+# =============================================================================================================
+
+def test_unverified_browser_attacker_is_not_shown(broker, tmp_path, monkeypatch):
+    monkeypatch.setattr(rtchat, "VERIFY_TIMEOUT_S", 1.5)
+
+    async def scenario():
+        wire = Wire(broker, asyncio.get_running_loop())
+        topic = "mrtchat/a8"
+        alice = await make_client("alice", tmp_path, broker.url).start()
+        ra = await alice.join("a8")
+        shown = shown_counter(ra)
+        own, other = rtchat.Identity.generate(), rtchat.Identity.generate()
+        variants = {  # how the attacker fails: name -> (answer_with, advertised key)
+            "mallory-garbage": ("garbage", own.public_key_string),
+            "mallory-otherkey": ("valid", other.public_key_string),   # proves a key it did not advertise
+            "mallory-wrongn": ("wrong-n", own.public_key_string),      # valid signature, wrong question number
+            "mallory-stale": ("other-challenge", own.public_key_string),
+            "mallory-silent": ("none", own.public_key_string),
+        }
+        attackers = {}
+        for name, (how, _key) in variants.items():
+            m = Mallory(own)
+            m.answer_with = how
+            attackers[name] = m
+
+        async def go(name, m):
+            ok = await attach(wire, topic, "alice", name, m, key=variants[name][1])
+            send_forged_text(m, f" from {name}")
+            for label in ("ping", "question"):
+                m.send(label, json.dumps({"n": 0, "question": {"topic": "time", "content": None}}))
+            await asyncio.sleep(0.3)
+            send_forged_text(m, f" from {name}")
+            return ok
+        opened = await asyncio.gather(*(go(n, m) for n, m in attackers.items()))
+        await eventually(lambda: not any(n in ra.peers for n in attackers), 6, "alice dropping all of them")
+        chats, dms = forged_shown(shown)
+        for (name, m), ok in zip(attackers.items(), opened, strict=True):
+            asked = [q["question"]["topic"] for q in m.questions]
+            pongs = sum(1 for label, _ in m.inbox if label == "pong")
+            record(f"8 {name}: connected, fails identify, its chat/DM not shown",
+                   ok and "identify" in asked and name not in ra.peers and pongs == 0,
+                   f"channel opened={ok}, asked={asked}, pongs from alice={pongs}")
+        record("8 total forged text shown from unverified peers", chats == 0 and dms == 0,
+               f"{chats}/{6 * len(attackers)} chats, {dms}/{6 * len(attackers)} DMs shown")
+        assert not ra._early and not ra.verified_peers()
+        print(f"[attack 8] {len(attackers)} unverified attackers connected={sum(opened)}; "
+              f"forged shown: {chats} chats, {dms} DMs")
+        await close_all(*attackers.values(), alice, wire)
+    run(scenario(), 60)
+    assert_blocked("8")
+
+
+# =============================================================================================================
+# 9. Terminal injection: what reaches the Printer has no escapes or control characters
+# =============================================================================================================
+
+NASTY = [
+    "\x1b[2J\x1b[H\x1b[31mRED", "\x1b]0;owned title\x07", "\x1b]52;c;cHduZWQ=\x07", "\x1b]8;;http://evil\x1b\\link",
+    "\x9b31m8-bit CSI", "\x9d0;osc\x9c", "\x1bPdcs\x1b\\", "nul\x00byte", "bell\x07", "back\x08\x08space",
+    "carriage\rreturn", "\u202eevil\u202c", "\u2066isolate\u2069", "zero\u200bwidth", "\ufeffbom", "del\x7f",
+    "\ud800lone surrogate", "\x1b", "\x1b[", "\x1b\x1b[0m", "tab\there", "\U000e0041tag",
+]
+FORBIDDEN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff\ud800-\udfff]")
+OWN_SGR = re.compile(r"\x1b\[(?:\d+|2;3)m")
+
+
+def _leaks(text: str, color: bool) -> list[str]:
+    if color:
+        text = OWN_SGR.sub("", text)
+    return sorted({repr(c) for c in FORBIDDEN.findall(text)} | ({"ESC"} if "\x1b" in text else set()))
+
+
+def test_terminal_injection_is_neutralised(broker, tmp_path):
+    async def scenario():
+        wire = Wire(broker, asyncio.get_running_loop())
+        topic = "mrtchat/a9"
+        alice = await make_client("alice", tmp_path, broker.url).start()
+        printers = {(style, color): rtchat.Printer(style, color, out=io.StringIO(), err=io.StringIO())
+                    for style, color in (("chat", False), ("chat", True), ("plain", False), ("json", False))}
+        apps = [rtchat.App(alice, rtchat.Registry(), p) for p in printers.values()]
+        await apps[0].switch_room("a9")
+        ra = apps[0].room
+        for app in apps[1:]:
+            app.room = ra
+            for event in rtchat.EVENTS:
+                ra.on(event, app._relay(event))
+        shown = shown_counter(ra)
+        own = rtchat.Identity.generate()
+        names = ["\x1b]0;pwn\x07ev\x1b[1mil", "\u202eeve\u202c", "nul\x00name", "\x9b2Jc1", "z" * 80]
+        attackers = []
+        candidates = [(name, Mallory(own if i == 0 else rtchat.Identity.generate())) for i, name in enumerate(names)]
+        opened = await asyncio.gather(*(attach(wire, topic, "alice", name, m, sign_with=m.identity,
+                                               tag=rtchat.CLIENT_TAG, timeout=2) for name, m in candidates))
+        for (name, m), ok in zip(candidates, opened, strict=True):
+            if not ok:                                      # a name refused outright is fine too
+                await m.close()
+                continue
+            attackers.append((name, m))
+            m.unlimit()
+            await eventually(lambda n=name: any(p.is_verified for p in ra.peers.values() if p.name == n), 5, "in")
+            for text in NASTY + ["x" * 300000, "y" * 200000 + "\x1b[31m", "\n".join(NASTY)]:
+                m.send("chat", json.dumps(text))
+                m.send("dm", json.dumps(text))
+                m.send("chat", json.dumps({"t": "msg", "id": rtchat.new_id(), "ts": rtchat.now_ms(), "text": text,
+                                           "action": True}))
+            m.send("chat", json.dumps({"t": "backfill", "authors": {}, "msgs": [
+                {"id": rtchat.new_id(), "from": n, "text": t, "ts": rtchat.now_ms(), "fingerprint": None}
+                for n in NASTY[:10] for t in NASTY[:3]]}))
+            COUNTS["frames"] += 3 * (len(NASTY) + 3) + 1
+        await asyncio.sleep(1.5)
+        for _, m in attackers:                              # the attackers leave: leave lines carry names too
+            await m.close()
+        await asyncio.sleep(1.0)
+        ra.emit("key-changed", names[0], own.fingerprint, "changed")   # the key-changed line, with a nasty name
+        ra.emit("status", "\x1b[31mstatus\x07 from a plugin")
+        leaks = {}
+        for (style, color), printer in printers.items():
+            text = printer.out.getvalue() + printer.err.getvalue()
+            found = _leaks(text, color)
+            if style == "json":                             # what a script reading --json would print
+                for line in printer.out.getvalue().splitlines():
+                    value = json.loads(line)
+                    found += _leaks(" ".join(str(v) for v in value.values()), False)
+            leaks[f"{style}{'+color' if color else ''}"] = sorted(set(found))
+            record(f"9 {style}{' +color' if color else ''} output has no escapes/control/bidi characters",
+                   not found, f"leaked {sorted(set(found))[:8]}")
+        record("9 nasty names connected and their messages were shown (the check is not vacuous)",
+               attackers and len(shown["message"]) > 20, f"{len(attackers)} connected, {len(shown['message'])} shown")
+        longest = max((len(m.text) for m in shown["message"]), default=0)
+        record("9 huge messages are cut", longest <= rtchat.MAX_TEXT_CHARS, f"longest shown={longest}")
+        print(f"[attack 9] {len(attackers)} attackers with hostile names, {len(shown['message'])} messages and "
+              f"{len(shown['dm'])} DMs shown; leaks per style: {leaks}")
+        await close_all(alice, wire)
+    run(scenario(), 60)
+    assert_blocked("9")
+
+
+def test_printer_unit_neutralises_peer_strings():
+    """Printer directly: peer-controlled names (sender, to, relayed_by) and cleaned text, every style."""
+    for style, color in (("chat", False), ("chat", True), ("plain", False), ("json", False)):
+        printer = rtchat.Printer(style, color, out=io.StringIO(), err=io.StringIO())
+        for nasty in NASTY:
+            for kind in ("message", "dm"):
+                msg = rtchat.Message(id="x", room="r", sender=nasty[:80], text=rtchat.clean(nasty, keep_newlines=True),
+                                     ts=rtchat.now_ms(), kind=kind, to=nasty[:80], relayed_by=nasty[:80],
+                                     action=kind == "message")
+                printer.message(msg, "alice")
+        text = printer.out.getvalue() + printer.err.getvalue()
+        found = _leaks(text, color)
+        record(f"9u Printer.message({style}{', color' if color else ''}) with hostile sender/to/relayed_by",
+               not found, f"leaked {found[:8]}")
+    assert_blocked("9u")
+
+
+# =============================================================================================================
+# 10. Fuzz: thousands of malformed MQTT payloads and data-channel frames while two peers chat
+# =============================================================================================================
+
+def _rss_kb() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def fuzz_payloads(rng: random.Random, genuine: list[bytes], count: int, topic: str) -> list[bytes]:
+    texts = [t for t in (rtchat.lz_decompress(p) for p in genuine) if t]
+    senders = ["alice", "bob", "", "x" * 81, "bob(1)", "bob|x", "\x1b[2J"]
+
+    def rand_env():
+        return {"sender": rng.choice([rng.choice(senders), f"s{rng.randrange(10**6)}", 5, None, ["bob"]]),
+                "timestamp": rng.choice([rtchat.now_ms(), "now", None, True, -1, 1e308, rtchat.now_ms() + 0.5]),
+                "subtopic": rng.choice(["connect", "RTCOffer", "RTCAnswer", "RTCIceCandidate", "unload",
+                                        "nameChange", "x" * 100, 7, "py:signed"]),
+                "data": rng.choice([None, 1, "s", [], {}, {"offer": "x"}, {"offer": {"target": "alice"}},
+                                    {"offer": {"target": "alice", "localDescription": {"sdp": "v=0\r\nbogus"}},
+                                     "userInfo": {"publicKeyString": 5}},
+                                    {"target": "alice", "localDescription": {"type": "answer", "sdp": 5}},
+                                    {"candidate": "candidate:1 1 udp 1 127.0.0.1 9 typ host", "sdpMid": []},
+                                    {"candidate": "garbage " * 50, "usernameFragment": "u"},
+                                    {"oldName": "bob", "newName": None}, {"publicKeyString": "{" * 3000}]),
+                **({"sig": rng.choice(["", "!!", "A" * 400, 5]), "nonce": rng.choice(["n", 5, "z" * 100])}
+                   if rng.random() < 0.4 else {})}
+    out = []
+    for i in range(count):
+        kind = i % 14
+        if kind == 0:
+            out.append(os.urandom(rng.choice([1, 2, 3, 8, 64, 999, 4096])))
+        elif kind == 1:
+            out.append(os.urandom(rng.choice([2, 16, 512, 8192, 30000])))          # even: lz-string garbage
+        elif kind == 2 and genuine:                                              # byte flips in real envelopes
+            b = bytearray(rng.choice(genuine))
+            for _ in range(rng.randint(1, 8)):
+                b[rng.randrange(len(b))] = rng.randrange(256)
+            out.append(bytes(b))
+        elif kind == 3 and genuine:                                              # cut, doubled, spliced
+            b = rng.choice(genuine)
+            cut = rng.randrange(1, len(b))
+            out.append(rng.choice([b[:cut], b[cut:], b + b, b[:cut] + os.urandom(rng.randint(1, 9)) + b[cut:]]))
+        elif kind == 4 and texts:                                                # mutated JSON, recompressed
+            t = list(rng.choice(texts))
+            for _ in range(rng.randint(1, 4)):
+                t[rng.randrange(len(t))] = rng.choice('{}[]":,\\0aZ\x00\u202e')
+            out.append(rtchat.lz_compress("".join(t)))
+        elif kind == 5:
+            out.append(rtchat.lz_compress(json.dumps(rand_env())) if i % 2 else json.dumps(rand_env()).encode())
+        elif kind == 6:                                                          # deep JSON
+            depth = rng.choice([1000, 5000, 30000])
+            text = rng.choice(["[" * depth, '{"a":' * depth, '{"sender":"x","timestamp":1,"subtopic":"connect",'
+                               '"data":' + "[" * depth + "]" * depth + "}"])
+            out.append(text.encode() if rng.random() < 0.5 else rtchat.lz_compress(text[:40000]))
+        elif kind == 7:                                                          # not UTF-8
+            out.append(b"\xff\xfe" + os.urandom(rng.randrange(1, 200)) + b"{")
+        elif kind == 8:                                                          # well-formed, fresh, wrong shapes
+            env = rand_env()
+            env.update(sender=f"fz{rng.randrange(10**6)}", timestamp=rtchat.now_ms(), nonce=rtchat.new_id())
+            out.append(rtchat.encode_envelope(env))
+        elif kind == 9:                                                          # "renamed from bob", "bob left"
+            s = f"fz{rng.randrange(10**6)}"
+            out.append(envelope(s, "nameChange", {"oldName": rng.choice(["alice", "bob"]), "newName": s}))
+            out.append(envelope(rng.choice(["alice", "bob"]), "unload", "disconnecting"))
+        elif kind == 10 and i % 140 == 10:                                       # big: near and over the caps
+            blob = "".join(rng.choice("ab") for _ in range(rng.choice([60000, 300000])))
+            out.append(rtchat.lz_compress(blob)[: rtchat.MAX_PAYLOAD_BYTES + rng.choice([0, 2])])
+        elif kind == 11 and genuine:                                             # verbatim replays
+            out.append(rng.choice(genuine))
+        elif kind == 12:                                                         # candidates for nobody/anybody
+            out.append(envelope(f"fz{rng.randrange(10**6)}", "RTCIceCandidate",
+                                {"candidate": "candidate:1 1 udp 2130706431 127.0.0.1 9 typ host",
+                                 "sdpMid": "0", "sdpMLineIndex": 0, "usernameFragment": "abcd"}))
+        else:
+            out.append(json.dumps(rand_env(), ensure_ascii=False).encode("utf-8", "surrogatepass"))
+    return out[:count]
+
+
+def fuzz_frames(rng: random.Random) -> list[tuple[str, str]]:
+    labels = list(rtchat.CHANNELS) + ["chat", "dm", "question", "answer"]
+    frames: list[tuple[str, str]] = []
+    shapes = [
+        "not json", "{", "", "null", "1e999999", "[]", "{}", "true", '"\\ud800"', '"x"', "5", "-0",
+        "[" * 20000 + "]" * 20000, '{"a":' * 5000 + "1" + "}" * 5000,
+        json.dumps({"n": "0", "answer": 1}), json.dumps({"n": 2**70, "question": None}),
+        json.dumps({"n": 0, "question": {"topic": "identify", "content": "short"}}),
+        json.dumps({"n": 0, "question": {"topic": "challenge", "content": "\u0100" * 32}}),
+        json.dumps({"n": 1, "question": {"topic": 5}}), json.dumps({"n": 1, "question": {"topic": "x" * 1000}}),
+        json.dumps({"t": "msg", "id": 5, "text": None, "ts": "1"}),
+        json.dumps({"t": "msg", "id": "x" * 100, "text": "t", "ts": 1}),
+        json.dumps({"t": "msg", "id": "fz", "text": "t", "ts": True}),
+        json.dumps({"t": "ack", "ids": "x"}), json.dumps({"t": "ack", "ids": list(range(5000))}),
+        json.dumps({"t": "hello", "mkey": "A" * 44, "mcert": "B" * 344}), json.dumps({"t": "hello"}),
+        json.dumps({"t": "sync", "ids": "all"}), json.dumps({"t": "sync", "ids": [None] * 2000}),
+        json.dumps({"t": "backfill", "authors": [], "msgs": {}}),
+        json.dumps({"t": "backfill", "authors": {"fp": "x"}, "msgs": [1, None, {"id": 1}, {"from": [], "text": {}}]}),
+        json.dumps({"t": "backfill", "authors": {}, "msgs": [
+            {"id": f"b{i}", "from": "bob", "text": "forged via backfill", "ts": "x" if i % 2 else 1, "sig": "AA=="}
+            for i in range(50)]}),
+        json.dumps({"t": 5}), json.dumps({"t": None, "ids": []}), '"pong"', '"ping"', "null",
+    ]
+    for label in labels:
+        for shape in shapes:
+            frames.append((label, shape))
+    for _ in range(600):
+        label = rng.choice(labels)
+        frames.append((label, rng.choice([
+            os.urandom(rng.randrange(1, 300)).decode("latin-1"),
+            json.dumps(rng.choice(shapes))[: rng.randrange(1, 400)],
+            json.dumps({"n": rng.randrange(-5, 100), "answer": "forged", "question": {"topic": "identify"}}),
+        ])))
+    for label in ("chat", "dm", "question", "answer", "streamoffer"):   # huge: just under and over the frame cap
+        frames.append((label, json.dumps("h" * 200000)))
+        frames.append((label, "[" + "1," * 140000 + "1]"))
+    frames.append(("chat", json.dumps("g" * 600000)))
+    return frames
+
+
+def test_fuzz_while_chatting(broker, tmp_path, caplog):
+    caplog.set_level(logging.ERROR, logger="rtchat")
+
+    async def scenario():
+        rng = random.Random(20240601)
+        wire = Wire(broker, asyncio.get_running_loop())
+        topic = "mrtchat/a10"
+        (alice, bob), (ra, rb) = await start_pair(tmp_path, broker.url, room="a10")
+        got = {"alice": [], "bob": []}
+        ra.on("message", got["alice"].append)
+        rb.on("message", got["bob"].append)
+        sa, sb = ra.peers["bob"], rb.peers["alice"]
+        left = []
+        ra.on("leave", lambda p, r: left.append(("alice", p.name, r)))
+        rb.on("leave", lambda p, r: left.append(("bob", p.name, r)))
+        rss_before = _rss_kb()
+        fds_before = len(os.listdir("/proc/self/fd"))
+
+        # a connected, channel-bound attacker peer of the attacker's own (it has a key; it is a stranger)
+        own = rtchat.Identity.generate()
+        mallory = Mallory(own)
+        assert await attach(wire, topic, "alice", "aardvark", mallory, sign_with=own, tag=rtchat.CLIENT_TAG)
+        await eventually(lambda: "aardvark" in ra.peers and ra.peers["aardvark"].is_verified, 5, "attacker in")
+        mallory.unlimit()
+
+        for i in range(5):
+            await ra.send(f"before a{i}")
+            await rb.send(f"before b{i}")
+        await eventually(lambda: len(got["alice"]) >= 5 and len(got["bob"]) >= 5, 5, "chat before")
+        before = (len(got["alice"]), len(got["bob"]))
+
+        genuine = [p for t, p, e in wire.seen if _in(t, topic) and e and e["sender"] in ("alice", "bob")]
+        payloads = fuzz_payloads(rng, genuine, 3000, topic)
+        frames = fuzz_frames(rng)
+        dropped_before = ra.dropped + rb.dropped
+        chatting = {"sent": 0}
+
+        async def chat_on():
+            while not done.is_set():
+                await ra.send(f"during a{chatting['sent']}")
+                await rb.send(f"during b{chatting['sent']}")
+                chatting["sent"] += 1
+                await asyncio.sleep(0.1)
+        done = asyncio.Event()
+        chatter = asyncio.ensure_future(chat_on())
+        started = time.monotonic()
+        for i in range(0, len(payloads), 100):
+            for payload in payloads[i:i + 100]:
+                wire.publish(payload, topic)
+            for label, text in frames[i // 100 * len(frames) // 30:(i // 100 + 1) * len(frames) // 30]:
+                try:
+                    mallory.send(label, text)
+                except Exception:
+                    pass
+            await asyncio.sleep(0.05)
+        COUNTS["payloads"] += len(payloads)
+        COUNTS["frames"] += len(frames)
+        await asyncio.sleep(2.0)
+        done.set()
+        await chatter
+        fuzz_s = time.monotonic() - started
+        for i in range(5):
+            await ra.send(f"after a{i}")
+            await rb.send(f"after b{i}")
+        try:
+            await eventually(lambda: sum(m.text.startswith("after") for m in got["bob"]) == 5
+                             and sum(m.text.startswith("after") for m in got["alice"]) == 5, 10, "chat after")
+            after_ok = True
+        except AssertionError:
+            after_ok = False
+        during = (sum(m.text.startswith("during") for m in got["bob"]),
+                  sum(m.text.startswith("during") for m in got["alice"]))
+        sizes = {r.me: {"_seen_nonces": len(r._seen_nonces), "_rates": len(r._rates),
+                        "_candidates": len(r._candidates),
+                        "candidates_max": max((len(v) for v in r._candidates.values()), default=0),
+                        "_early": sum(len(v) for v in r._early.values()), "peers": len(r.peers),
+                        "_known": len(r._known), "_warned": len(r._warned)} for r in (ra, rb)}
+        rss_growth = _rss_kb() - rss_before
+        fds = len(os.listdir("/proc/self/fd")) - fds_before
+        errors = [f"{r.getMessage()}: {r.exc_info[1]!r}" if r.exc_info else r.getMessage()
+                  for r in caplog.records if r.levelno >= logging.ERROR]
+        forged_backfill = sum(1 for m in got["alice"] if m.text == "forged via backfill" and m.trust != "unverified")
+        record("10 fuzz: no crash, no forced disconnect", ra.peers.get("bob") is sa and rb.peers.get("alice") is sb
+               and sa.is_verified and not [x for x in left if x[1] in ("alice", "bob")] and not errors,
+               f"left={left[:3]}, errors={errors[:3]}")
+        record("10 fuzz: chat goes on during and after", after_ok and min(during) >= chatting["sent"] - 1,
+               f"during sent={chatting['sent']} got={during}, after ok={after_ok}")
+        record("10 fuzz: internal state bounded",
+               all(s["_seen_nonces"] <= len(payloads) + 200 and s["_rates"] <= 4097 and s["_candidates"] <= 256
+                   and s["candidates_max"] <= rtchat.MAX_PENDING_CANDIDATES and s["_early"] <= 200
+                   and s["peers"] <= 40 for s in sizes.values()) and rss_growth < 300_000,
+               f"sizes={sizes}, rss +{rss_growth // 1024} MiB, fds +{fds}")
+        record("10 fuzz: nothing forged shown as verified", forged_backfill == 0,
+               f"{forged_backfill} relayed forgeries")
+        print(f"[attack 10] {len(payloads)} MQTT payloads + {len(frames)} data-channel frames in {fuzz_s:.1f} s; "
+              f"dropped {ra.dropped + rb.dropped - dropped_before} envelopes; chat before={before}, "
+              f"during sent {chatting['sent']} each way, got {during}; after ok={after_ok}; "
+              f"rss +{rss_growth // 1024} MiB; fds +{fds}; sizes {sizes}")
+        await close_all(mallory, alice, bob, wire)
+    run(scenario(), 90)
+    assert_blocked("10")
+
+
+def test_offer_flood_from_many_names_is_bounded(broker, tmp_path):
+    """Unsigned offers with a valid SDP from 120 made-up names: each one costs alice a PeerConnection."""
+    async def scenario():
+        wire = Wire(broker, asyncio.get_running_loop())
+        topic = "mrtchat/a11"
+        (alice, bob), (ra, rb) = await start_pair(tmp_path, broker.url, room="a11")
+        sa = ra.peers["bob"]
+        mallory = Mallory()
+        sdp = await mallory.offer()
+        fds_before, rss_before = len(os.listdir("/proc/self/fd")), _rss_kb()
+        for i in range(120):
+            data = {"userInfo": {"publicKeyString": rtchat.Identity.generate().public_key_string if i < 2 else None},
+                    "offer": {"localDescription": {"type": "offer", "sdp": sdp}, "target": "alice"}}
+            wire.publish(envelope(f"flood{i}", "RTCOffer", data), topic)
+        COUNTS["payloads"] += 120
+        await asyncio.sleep(3.0)
+        peak_peers = len(ra.peers)
+        pcs = sum(1 for p in ra.peers.values() if p.pc is not None and not p.is_open)
+        fds = len(os.listdir("/proc/self/fd")) - fds_before
+        got = []
+        rb.on("message", got.append)
+        await ra.send("still here")
+        await eventually(lambda: got, 5, "chat after the flood")
+        record("11 offer flood from 120 names: pending sessions bounded",
+               pcs <= rtchat.MAX_PENDING_SESSIONS and sa.is_verified,
+               f"pending PeerConnections={pcs}, peers={peak_peers}, fds +{fds}, "
+               f"rss +{(_rss_kb() - rss_before) // 1024} MiB")
+        print(f"[attack 11] 120 unsigned offers: alice holds {pcs} pending PeerConnections, fds +{fds}")
+        await close_all(mallory, alice, bob, wire)
+    run(scenario(), 60)
+    assert_blocked("11")
+
+
+def test_nonce_cache_under_flood_is_bounded_and_cheap(broker, tmp_path):
+    """60 000 fresh, well-formed envelopes from made-up senders straight into Room._on_payload."""
+    async def scenario():
+        alice = await make_client("alice", tmp_path, broker.url).start()
+        ra = await alice.join("a12")
+        chunk, total = 1000, 40000
+        payloads = [envelope(f"n{i}", "py:noise", None, nonce=f"{i:x}", raw=True) for i in range(total)]
+        timings, fed = [], 0
+        for start in range(0, total, chunk):
+            started = time.perf_counter()
+            for payload in payloads[start:start + chunk]:
+                ra._on_payload(ra.topic, payload)
+            timings.append(time.perf_counter() - started)
+            fed += chunk
+            if timings[-1] > 1.0:      # quadratic already: stop here rather than run for minutes
+                break
+        COUNTS["payloads"] += fed
+        size = len(ra._seen_nonces)
+        record(f"12 nonce cache under a flood of {fed} fresh envelopes: no quadratic slow-down",
+               fed == total and max(timings) < 10 * min(timings) + 0.2,
+               f"size={size}, seconds per {chunk}: {[round(t, 2) for t in timings]}")
+        print(f"[attack 12] nonce cache {size} entries after {fed}; s/{chunk}: {[round(t, 2) for t in timings]}")
+        await alice.close()
+    run(scenario(), 60)
+    assert_blocked("12")
