@@ -810,11 +810,12 @@ class HistoryLog:
             self._read()
             return set(self._ids)
 
-    def append(self, new: list[dict]) -> None:
+    def append(self, new: list[dict], sync: bool = True) -> None:
+        """Add entries; with sync, return only once they are on disk (before they are acknowledged)."""
         with self._lock:
-            self._append(new)
+            self._append(new, sync)
 
-    def _append(self, new: list[dict]) -> None:
+    def _append(self, new: list[dict], sync: bool) -> None:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
@@ -831,7 +832,8 @@ class HistoryLog:
                     if f.read(1) != b"\n":
                         data = b"\n" + data  # a line cut by a crash stays apart from ours
             os.write(fd, data)
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
             self._entries.extend(fresh)
             self._ids.update(e["id"] for e in fresh)
             self._size = os.fstat(fd).st_size
@@ -2209,8 +2211,9 @@ class Room(Emitter):
             while self._to_commit:
                 batch, self._to_commit = self._to_commit, []
                 try:
+                    # Only what we acknowledge must be on disk first; what we sent is safe with whoever acked it.
                     await asyncio.get_running_loop().run_in_executor(
-                        None, self.log.append, [entry for entry, _, _ in batch])
+                        None, self.log.append, [entry for entry, _, _ in batch], any(p for _, p, _ in batch))
                 except StateError as exc:
                     self.emit("status", f"-!- {exc}; messages are not acknowledged")
                     continue

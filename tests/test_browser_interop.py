@@ -751,6 +751,224 @@ async def scenario_timing(workdir: Path) -> dict:
     return out
 
 
+class Forger:
+    """The keyless attacker of test_attacks.py: a paho client that sees every room and publishes any envelope
+    under any name, plus its own aiortc peers that offer RTChat's 11 channels as the offerer does."""
+
+    def __init__(self, rtchat, broker: Broker) -> None:
+        import paho.mqtt.client as mqtt
+        rtchat.restrict_ice_hosts(["127.0.0.1"])   # aioice never offers loopback on its own (as rtchat.py's ice_hosts)
+        self.rtchat = rtchat
+        self.loop = asyncio.get_running_loop()
+        self.seen: list[tuple[float, str, dict]] = []      # (arrival, topic, envelope)
+        self.pcs: list = []
+        self._changed = asyncio.Event()
+        self._subscribed = False
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"mallory-{os.urandom(4).hex()}")
+        self.client.on_message = lambda c, u, m: self.loop.call_soon_threadsafe(self._deliver, m.topic, m.payload)
+        self.client.on_connect = lambda c, *a: c.subscribe("mrtchat/#")
+        self.client.on_subscribe = lambda *a: setattr(self, "_subscribed", True)
+        self.client.connect("127.0.0.1", broker.tcp)
+        self.client.loop_start()
+
+    async def ready(self) -> Forger:
+        deadline = time.monotonic() + 5
+        while not self._subscribed and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        check(self._subscribed, "attacker could not subscribe")
+        return self
+
+    def _deliver(self, topic: str, payload: bytes) -> None:
+        env = self.rtchat.decode_envelope(payload)
+        if env:
+            self.seen.append((time.time(), topic, env))
+            self._changed.set()
+
+    def publish(self, topic: str, sender: str, subtopic: str, data) -> None:
+        env = {"sender": sender, "timestamp": self.rtchat.now_ms(), "subtopic": subtopic, "data": data}
+        self.client.publish(topic, self.rtchat.encode_envelope(env))
+
+    async def wait(self, pred, timeout: float) -> tuple[float, str, dict]:
+        deadline = time.monotonic() + timeout
+        while True:
+            for item in self.seen:
+                if pred(*item):
+                    return item
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("attacker: nothing matching on the wire")
+            self._changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(left, 0.5))
+
+    async def user_info(self, topic: str, name: str, timeout: float = 10) -> dict:
+        """What `name` announces publicly (userInfo with its public key), copied from its connect/offer."""
+        def has_info(t, tp, e):
+            if tp != topic or e["sender"] != name or not isinstance(e["data"], dict):
+                return False
+            return e["subtopic"] == "connect" or (e["subtopic"] == "RTCOffer" and "userInfo" in e["data"])
+        _, _, env = await self.wait(has_info, timeout)
+        info = env["data"] if env["subtopic"] == "connect" else env["data"]["userInfo"]
+        return dict(info)
+
+    async def attach(self, topic: str, target: str, name: str, info: dict, timeout: float = 6) -> dict:
+        """Offer to `target` in `name`'s name with `info` (the victim's real public key); on an answer, add the
+        target's trickled candidates, wait for the channels, send connectedViaRTC null as an offerer does."""
+        from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+        from aiortc.sdp import candidate_from_sdp
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.pcs.append(pc)
+        channels = {label: pc.createDataChannel(label) for label in self.rtchat.CHANNELS}
+        await pc.setLocalDescription(await pc.createOffer())
+        t0 = time.time()
+        self.publish(topic, name, "RTCOffer", {"userInfo": info, "offer": {
+            "localDescription": {"type": "offer", "sdp": pc.localDescription.sdp}, "target": target}})
+        out = {"answered": False, "opened": False, "candidates_added": 0, "channels": channels}
+        try:
+            _, _, env = await self.wait(lambda t, tp, e: t >= t0 and (tp == topic or tp.startswith(topic + "/"))
+                                        and e["sender"] == target and e["subtopic"] == "RTCAnswer"
+                                        and isinstance(e["data"], dict) and e["data"].get("target") == name, timeout)
+        except TimeoutError:
+            return out
+        out["answered"] = True
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=env["data"]["localDescription"]["sdp"], type="answer"))
+        done = 0
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not all(c.readyState == "open" for c in channels.values()):
+            for t, tp, e in self.seen[done:]:
+                c = e["data"]
+                if t >= t0 and tp == topic and e["sender"] == target and e["subtopic"] == "RTCIceCandidate" \
+                        and isinstance(c, dict) and " udp " in f" {str(c.get('candidate')).lower()} ":
+                    with contextlib.suppress(Exception):
+                        cand = candidate_from_sdp(c["candidate"].split(":", 1)[1])
+                        cand.sdpMid, cand.sdpMLineIndex = c.get("sdpMid"), c.get("sdpMLineIndex")
+                        await pc.addIceCandidate(cand)
+                        out["candidates_added"] += 1
+            done = len(self.seen)
+            await asyncio.sleep(0.1)
+        out["opened"] = all(c.readyState == "open" for c in channels.values())
+        if out["opened"]:
+            channels["connectedViaRTC"].send("null")
+        return out
+
+    async def close(self) -> None:
+        for pc in self.pcs:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(pc.close(), 5)
+        self.client.loop_stop()
+        with contextlib.suppress(Exception):
+            self.client.disconnect()
+
+
+FORGED_CHATS = ["forged chat 1", "forged chat 2", "forged chat 3"]
+FORGED_DMS = ["forged dm 1", "forged dm 2", "forged dm 3"]
+
+
+def send_forged(rtchat, channels: dict, mixed: bool) -> int:
+    """3 chats and 3 DMs as a browser sends them (JSON strings); `mixed`: the middle ones as rtchat.py frames."""
+    sent = 0
+    for i, (chat, dm) in enumerate(zip(FORGED_CHATS, FORGED_DMS, strict=True)):
+        if mixed and i % 2:
+            frames = [("chat", {"t": "msg", "id": rtchat.new_id(), "ts": rtchat.now_ms(), "text": chat,
+                                "action": False, "sig": None}),
+                      ("dm", {"t": "msg", "id": rtchat.new_id(), "ts": rtchat.now_ms(), "text": dm, "action": False})]
+        else:
+            frames = [("chat", chat), ("dm", dm)]
+        for label, frame in frames:
+            if channels[label].readyState == "open":
+                channels[label].send(json.dumps(frame))
+                sent += 1
+    return sent
+
+
+async def scenario_forgery_against_browser_peer(workdir: Path) -> dict:
+    """Keyless attacker, issue text: a forged `unload` in bob's name disconnects alice from bob, and a forged
+    RTCOffer in bob's name (bob's public key copied from his connect) followed by 3 chat and 3 DM frames is
+    shown to alice as bob's words when alice is a browser (part A: recorded, not asserted). Part B: alice is
+    rtchat.py, bob a browser on the legacy path: bob stays connected and verified, 0 of 3 forged chats and
+    0 of 3 forged DMs are shown, and bob's real chat still arrives."""
+    result: dict = {}
+    async with Scene(workdir) as scene:
+        rt, b = scene.rtchat, scene.browsers
+        forger = await Forger(rt, scene.broker).ready()
+        try:
+            # ---- part A: two browsers ------------------------------------------------------------------------
+            topic = "mrtchat/fa"
+            await asyncio.gather(b.start_peer("alice", "fa", key="A-alice"), b.start_peer("bob", "fa", key="A-bob"))
+            await asyncio.gather(b.validated("A-alice", "bob"), b.validated("A-bob", "alice"))
+            bob_info = await forger.user_info(topic, "bob")
+            t_unload = time.time()
+            forger.publish(topic, "bob", "unload", "disconnecting")
+            with contextlib.suppress(TimeoutError):
+                await b.wait_event(lambda e: e.get("key") == "A-alice" and e.get("event") == "peer_disconnected"
+                                   and e.get("peer") == "bob" and e.get("ts", 0) >= t_unload, 3)
+            dropped = any(e.get("ts", 0) >= t_unload for e in b.find("A-alice", "peer_disconnected", peer="bob"))
+            t_offer = time.time()
+            try:                                  # part A only records what the browser does
+                att = await forger.attach(topic, "alice", "bob", bob_info, timeout=8)
+                att["error"] = None
+            except Exception as exc:
+                att = {"answered": None, "opened": False, "candidates_added": 0, "channels": {},
+                       "error": f"{type(exc).__name__}: {exc}"[:200]}
+            sent = send_forged(rt, att["channels"], mixed=False) if att["opened"] else 0
+            await asyncio.sleep(1.5)
+            a_chats, a_dms = (sum(1 for e in b.find("A-alice", kind, **{"from": "bob"})
+                                  if str(e.get("text")).startswith("forged")) for kind in ("chat", "dm"))
+            result["A_browser_alice"] = {
+                "forged_unload_dropped_bob": dropped, "forged_offer_answered": att["answered"],
+                "attacker_channels_open": att["opened"], "candidates_added": att["candidates_added"],
+                "frames_sent": sent, "forged_chats_shown": f"{a_chats}/3", "forged_dms_shown": f"{a_dms}/3",
+                "attack_error": att["error"], "prompts_for_forged_offer": len(
+                    [e for e in b.find("A-alice", "dialog") if e.get("ts", 0) >= t_offer]),
+                "bob_validated_again_after_forged_offer": any(
+                    e.get("ts", 0) >= t_offer for e in b.find("A-alice", "peer_validated", peer="bob"))}
+            for key in ("A-alice", "A-bob"):      # RTChat's MQTT client id is mrtchat+name: free the names
+                with contextlib.suppress(Exception):
+                    await b.call("close", key=key, timeout=15)
+            await forger.close()
+            forger = await Forger(rt, scene.broker).ready()
+
+            # ---- part B: alice is rtchat.py, bob a browser -----------------------------------------------------
+            topic = "mrtchat/fb"
+            r = await scene.pair("alice", "bob", "fb", key="B-bob")
+            py = r["py"]
+            session = py.peer("bob")
+            check(session is not None and session.is_verified, "python alice did not verify browser bob")
+            bob_info = await forger.user_info(topic, "bob")
+            t_unload = time.time()
+            forger.publish(topic, "bob", "unload", "disconnecting")
+            await asyncio.sleep(3.5)
+            left = [a for t, e, a in py.events if e == "leave" and t >= t_unload]
+            kept_after_unload = py.peer("bob") is session and session.is_verified and not left
+            att = await forger.attach(topic, "alice", "bob", bob_info, timeout=5)
+            sent = send_forged(rt, att["channels"], mixed=True) if att["opened"] else 0
+            await asyncio.sleep(2.0)
+            p_chats = sum(1 for _, e, a in py.events if e == "message" and a[0].text.startswith("forged"))
+            p_dms = sum(1 for _, e, a in py.events if e == "dm" and a[0].text.startswith("forged"))
+            left = [(a[0].name, a[1] if len(a) > 1 else None) for t, e, a in py.events
+                    if e == "leave" and t >= t_unload]
+            kept = py.peer("bob") is session and session.is_verified and not left
+            await b.call("send", key="B-bob", text="real bob after the attack")
+            _, _, (msg,) = await py.got("message", "real bob after the attack")
+            b_ok = not [e for e in b.find("B-bob", "peer_disconnected", peer="alice") if e.get("ts", 0) >= t_unload]
+            result["B_rtchat_py_alice"] = {
+                "forged_unload_kept_bob": kept_after_unload, "forged_offer_answered": att["answered"],
+                "attacker_channels_open": att["opened"], "frames_sent": sent,
+                "forged_chats_shown": f"{p_chats}/3", "forged_dms_shown": f"{p_dms}/3",
+                "bob_still_verified_same_session": kept, "leave_events": left,
+                "browser_bob_kept_alice": b_ok, "real_chat_after_attack": f"{msg.sender} ({msg.trust})"}
+            print(f"forgery: browser alice showed {a_chats}/3 forged chats, {a_dms}/3 forged DMs "
+                  f"(unload dropped bob: {dropped}); rtchat.py alice showed {p_chats}/3, {p_dms}/3 "
+                  f"(bob kept: {kept})")
+            check(kept_after_unload, f"forged unload disconnected bob from rtchat.py: {result['B_rtchat_py_alice']}")
+            check(p_chats == 0 and p_dms == 0, f"rtchat.py showed forged text: {result['B_rtchat_py_alice']}")
+            check(kept and b_ok, f"bob's session did not survive: {result['B_rtchat_py_alice']}")
+            check(msg.sender == "bob" and msg.trust == "legacy", f"real chat shown as {msg.sender}/{msg.trust}")
+        finally:
+            await forger.close()
+    return result
+
+
 SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items() if name.startswith("scenario_")}
 
 
