@@ -199,6 +199,7 @@ class StateError(RtchatError):
 
 
 class KeyMismatch(RtchatError):
+    """A peer's key was refused (not the one pinned for its name)."""
     exit_code = EX_NOPERM
 
 
@@ -3070,9 +3071,17 @@ async def run_pipe(app: App, wait_peers: int, timeout: float) -> int:
     room = app.room
     queue: asyncio.Queue = asyncio.Queue()
     reader = _spawn(_stdin_lines(queue), "stdin")
+    refused: set[str] = set()
+    room.on("key-changed", lambda name, fp, verdict: refused.add(clean(name, MAX_NAME_CHARS + 16)))
     app.printer.status(f"waiting for {wait_peers} verified peer(s) in #{room.name} (up to {timeout:g} s)")
     try:
-        await room.wait_for_peers(wait_peers, timeout)
+        try:
+            await room.wait_for_peers(wait_peers, timeout)
+        except NoPeers as exc:
+            if refused:  # nobody to send to because a key was refused: say that, with its own exit code
+                raise KeyMismatch(f"{exc}; refused {', '.join(sorted(refused))}: not the pinned key "
+                                  f"(see --trust, or /trust NAME in a chat)") from None
+            raise
         app.printer.status(f"sending to {', '.join(room.label(p) for p in room.verified_peers())}")
         sent = 0
         while (line := await queue.get()) is not None:

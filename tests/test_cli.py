@@ -183,3 +183,16 @@ def test_interactive_chat_in_a_terminal(broker, tmp_path):
         os.close(fd)
     history = rtchat.Store(tmp_path / "alice.json").load()["input_history"]
     assert "hello from a terminal" in history and "/peers" in history
+
+
+def test_sender_refuses_a_changed_key_with_its_own_exit_code(broker, tmp_path):
+    env = cli_env(broker.url)
+    for bob_state, timeout, code in (("bob.json", "20", 0), ("impostor.json", "4", rtchat.EX_NOPERM)):
+        bob = start(["bob", "--room", "keys", "--state", str(tmp_path / bob_state), "--listen"], env)
+        result = subprocess.run(rtchat_cmd("ci", "--room", "keys", "--timeout", timeout, "--state",
+                                           str(tmp_path / "ci.json")),
+                                input="hi\n", env=env, capture_output=True, text=True, timeout=60)
+        bob.terminate()
+        bob.communicate(timeout=30)
+        assert result.returncode == code, result.stderr  # first contact pins bob's key; another key is refused
+    assert "refused bob: not the pinned key" in result.stderr and "DIFFERENT KEY" in result.stderr
