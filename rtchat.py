@@ -3090,7 +3090,7 @@ async def run_pipe(app: App, wait_peers: int, timeout: float) -> int:
                 sent += 1
         if not await room.flush(timeout):
             raise NoPeers(f"{sent} message(s) sent, but not all were confirmed delivered within {timeout:g} s")
-        app.printer.status(f"delivered {sent} message(s)")
+        app.printer.status(f"delivered {sent} message(s) to {len(room.verified_peers())} peer(s)")
         return 0
     finally:
         reader.cancel()
@@ -3175,8 +3175,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="pipe mode: verified peers to wait for before sending (default 1)")
     parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                         help="pipe mode: how long to wait for peers and for delivery (default 30)")
-    parser.add_argument("--color", choices=("auto", "always", "never"), default="auto")
-    parser.add_argument("--no-color", dest="color", action="store_const", const="never")
+    parser.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                        help="colour on a terminal (auto, the default, also follows NO_COLOR and TERM=dumb)")
+    parser.add_argument("--no-color", dest="color", action="store_const", const="never", help="same as --color never")
     parser.add_argument("--debug", action="store_true", default=bool(env("RTCHAT_DEBUG")),
                         help="log details to stderr")
     parser.add_argument("--version", action="version", version=f"rtchat.py {__version__}")

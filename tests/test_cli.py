@@ -32,7 +32,7 @@ def test_pipe_sender_delivers_and_listener_prints_json(broker, tmp_path):
                             text=True, timeout=60)
     assert sender.returncode == 0, sender.stderr
     assert sender.stdout == ""  # status goes to stderr, never stdout
-    assert "delivered 3 message(s)" in sender.stderr
+    assert "delivered 3 message(s) to 1 peer(s)" in sender.stderr
     out, err = listener.communicate(timeout=60)
     assert listener.returncode == 0, err
     events = [json.loads(line) for line in out.splitlines()]
