@@ -28,6 +28,7 @@ import importlib.util
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -389,8 +390,8 @@ def decode_envelope(payload: bytes) -> dict | None:
         return None  # escapes, control or bidi characters in a name: never shown, never a Peer
     if not (isinstance(subtopic, str) and len(subtopic) <= 64):
         return None
-    if not isinstance(stamp, (int, float)) or isinstance(stamp, bool):
-        return None
+    if not isinstance(stamp, (int, float)) or isinstance(stamp, bool) or not math.isfinite(stamp):
+        return None  # NaN would slip through every time window
     envelope.setdefault("data", None)
     return envelope
 
@@ -818,10 +819,13 @@ class HistoryLog:
 
     def _append(self, new: list[dict], sync: bool) -> None:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        # The lock is a file of its own: compaction replaces the data file, and a lock on it would go too.
+        lock = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fd = -1
         try:
             if fcntl:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             self._read()
             fresh = [e for e in new if e["id"] not in self._ids]
             if not fresh:
@@ -843,7 +847,9 @@ class HistoryLog:
         except OSError as exc:
             raise StateError(f"cannot write history file {self.path}: {exc}") from None
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
+            os.close(lock)
 
     def _compact(self) -> None:
         keep = self._entries[-self.limit:]
@@ -1392,7 +1398,8 @@ class Message:
     @classmethod
     def from_dict(cls, data: dict) -> Message:
         return cls(id=str(data.get("id", "")), room=str(data.get("room", "")), sender=str(data.get("from", "")),
-                   text=str(data.get("text", "")), ts=int(data.get("ts", 0)), kind=str(data.get("type", "message")),
+                   text=str(data.get("text", "")), ts=data["ts"] if valid_ts(data.get("ts")) else 0,
+                   kind=str(data.get("type", "message")),
                    fingerprint=data.get("fingerprint"), trust=str(data.get("trust", "unverified")),
                    action=bool(data.get("action")), to=data.get("to"), relayed_by=data.get("relayed_by"),
                    sig=data.get("sig") if isinstance(data.get("sig"), str) else None)
@@ -1408,6 +1415,11 @@ class Question:
 
 def new_id() -> str:
     return secrets.token_hex(8)
+
+
+def valid_ts(stamp: Any) -> bool:
+    """Epoch milliseconds a terminal can show (a peer's 10**23 would crash time.localtime)."""
+    return isinstance(stamp, int) and not isinstance(stamp, bool) and 0 <= stamp < 253402300800000  # year 9999
 
 
 class Trust:
@@ -1534,6 +1546,7 @@ class Room(Emitter):
         self._nonce_limit = 20000
         self._rates: dict[str, list[float]] = {}
         self._warned: set[tuple[str, str]] = set()
+        self.refused: dict[str, str] = {}       # bare name -> the last key refused for it
         self._unacked: dict[str, set[str]] = {}
         self._dm_ids: dict[str, str] = {}       # our DMs awaiting an ack: id -> recipient
         self._to_commit: list[tuple[dict, Peer | None, str]] = []
@@ -1542,7 +1555,6 @@ class Room(Emitter):
         self._committing = False
         self._tasks: list[asyncio.Task] = []
         self._peer_event = asyncio.Event()
-        self._delivered = asyncio.Event()
         self.joined = False
 
     def __repr__(self) -> str:
@@ -1627,7 +1639,8 @@ class Room(Emitter):
         if peer is not None and peer.is_verified:
             msg = self._own_message(text, "dm", to=peer.name)
             self._send_text(peer, "dm", msg)
-            self._dm_ids[msg.id] = peer.name
+            if peer.is_rtchat_py:  # browsers do not acknowledge
+                self._dm_ids[msg.id] = peer.name
         else:
             target = bare_name(peer.name) if peer else target
             msg = self._own_message(text, "dm", to=target)
@@ -1661,19 +1674,17 @@ class Room(Emitter):
         return self.verified_peers()
 
     async def flush(self, timeout: float = 10.0) -> bool:
-        """Until every message sent is acknowledged by rtchat.py peers and acked by browsers' SCTP."""
+        """Until every message sent is acknowledged by rtchat.py peers and acked by browsers' SCTP.
+        False after timeout, or at once if a recipient left without acknowledging."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             live = {p.name for p in self.peers.values() if p.is_open}
-            for ids in self._unacked.values():
-                ids &= live
-            self._unacked = {k: v for k, v in self._unacked.items() if v}
+            if any(names - live for names in self._unacked.values()):
+                return False
             if not self._unacked and not self._to_commit and not self._committing and \
                     all(p.is_idle() for p in self.peers.values() if not p.is_rtchat_py):
-                return True  # rtchat.py peers' acks prove receipt; browsers' SCTP acks set no event: poll
-            self._delivered.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._delivered.wait(), 0.01)
+                return True
+            await asyncio.sleep(0.01)  # browsers' SCTP acks raise no event: poll
         return False
 
     def history(self, count: int = 20) -> list[Message]:
@@ -1824,7 +1835,12 @@ class Room(Emitter):
             return False
         if self.trust.allows(verdict):
             return True
+        self.refused[bare_name(name)] = key  # what /trust NAME would accept
+        if len(self.refused) > 256:
+            self.refused.pop(next(iter(self.refused)))
         if (name, key) not in self._warned:
+            if len(self._warned) > 1024:
+                self._warned.clear()
             self._warned.add((name, key))
             self.emit("key-changed", name, fingerprint(key), verdict)
         return False
@@ -1848,10 +1864,11 @@ class Room(Emitter):
         else:
             self._inboxes.pop(name, None)
 
-    def _may_start_session(self, name: str, signer: str | None) -> bool:
-        """Each session being set up is a PeerConnection: a bounded number for names we have no pin for."""
+    def _may_start_session(self, name: str, key: str | None) -> bool:
+        """Each session being set up is a PeerConnection: a bounded number, except for a key pinned for the name."""
         pending = sum(1 for p in self.peers.values() if p.state == "connecting" and p.name != name)
-        if pending < MAX_PENDING_SESSIONS or (signer is not None and self.trust.pins_for(bare_name(name))):
+        if pending < MAX_PENDING_SESSIONS or (key is not None and fingerprint(key) in self.trust.pins_for(
+                bare_name(name))):
             return True
         log.debug("too many sessions being set up: ignored %r", name)
         return False
@@ -1867,8 +1884,6 @@ class Room(Emitter):
                 return
             peer.close("stuck; trying again")
         if not self._admit(sender, key):
-            return
-        if (peer is None or peer.state == "closed") and not self._may_start_session(sender, signer):
             return
         self._note_inbox(sender, data, signer)
         if peer is None or peer.state == "closed" or peer.key_string != key:
@@ -1889,6 +1904,8 @@ class Room(Emitter):
             self._offer(peer)
 
     def _offer(self, peer: Peer) -> None:
+        if not self._may_start_session(peer.name, peer.key_string):
+            return
         now = time.monotonic()
         if now - self._offered_at.get(peer.name, -OFFER_DEDUP_S) < OFFER_DEDUP_S:
             return
@@ -1936,7 +1953,7 @@ class Room(Emitter):
                 _spawn(self._replace_if_dead(existing, sender, sdp, key, tag, signer, stamp), f"probe-{sender}")
                 return
             existing.close("replaced by a new offer")
-        elif not self._may_start_session(sender, signer):
+        elif not self._may_start_session(sender, signer):  # an unsigned offer proves no key
             return
         self._answer(sender, sdp, key, tag, signer, stamp)
 
@@ -1988,7 +2005,7 @@ class Room(Emitter):
         if not isinstance(data, dict):
             return
         peer = self.peers.get(sender)
-        if peer is not None and peer.pc is not None:
+        if peer is not None:  # it buffers until it has the remote description
             _spawn(peer.add_candidate(data), f"candidate-{sender}")
         elif len(self._candidates) < 256:
             pending = self._candidates.setdefault(sender, [])
@@ -2098,8 +2115,9 @@ class Room(Emitter):
     def _on_closed(self, peer: Peer, reason: str) -> None:
         if self.peers.get(peer.name) is peer:
             del self.peers[peer.name]
+            self._inboxes.pop(peer.name, None)
+            self._offered_at.pop(peer.name, None)
         self._early.pop(peer.name, None)
-        self._delivered.set()
         if peer.verified_at is not None and reason != "we left":
             self.emit("leave", peer, reason)
         if peer.remote_sdp is not None and self.joined and reason not in ("left", "we left") \
@@ -2176,8 +2194,7 @@ class Room(Emitter):
 
     def _on_signed_text(self, peer: Peer, kind: str, value: dict) -> None:
         msg_id, text, stamp = value.get("id"), value.get("text"), value.get("ts")
-        if not (isinstance(msg_id, str) and 0 < len(msg_id) <= 64 and isinstance(text, str)
-                and isinstance(stamp, int) and not isinstance(stamp, bool)):
+        if not (isinstance(msg_id, str) and 0 < len(msg_id) <= 64 and isinstance(text, str) and valid_ts(stamp)):
             return
         msg = Message(id=msg_id, room=self.name, sender=peer.name, text=text[:MAX_TEXT_CHARS], ts=stamp, kind=kind,
                       fingerprint=peer.fingerprint, trust="channel-bound" if peer.channel_bound else "legacy",
@@ -2186,6 +2203,8 @@ class Room(Emitter):
         if peer.message_key and not verify_message(peer.message_key, msg.sig, msg.signed_part(self.topic)):
             log.info("dropped a message from %s with a bad signature", peer.name)
             return
+        if not peer.message_key:
+            msg.sig = None  # before its hello (the dm channel may overtake chat): nothing to check it with
         msg.text = clean(msg.text, keep_newlines=True)
         self._accept(msg, peer, "chat" if kind == "message" else "dm")
 
@@ -2221,7 +2240,6 @@ class Room(Emitter):
                 self._send_acks(batch)
         finally:
             self._committing = False
-            self._delivered.set()
 
     def _send_acks(self, batch: list[tuple[dict, Peer | None, str]]) -> None:
         acks: dict[tuple[Peer, str], list[str]] = {}
@@ -2236,17 +2254,19 @@ class Room(Emitter):
         if not isinstance(ids, list):
             return
         delivered = []
-        for msg_id in ids[:1000]:
-            if isinstance(msg_id, str) and msg_id in self._unacked:
+        for msg_id in (i for i in ids[:1000] if isinstance(i, str)):
+            if msg_id in self._unacked:
                 self._unacked[msg_id].discard(peer.name)
-            if isinstance(msg_id, str) and self._dm_ids.get(msg_id) == peer.name:
-                delivered.append(self._dm_ids.pop(msg_id))
+                if not self._unacked[msg_id]:
+                    del self._unacked[msg_id]
+            if self._dm_ids.get(msg_id) == peer.name:
+                del self._dm_ids[msg_id]
+                delivered.append(msg_id)
                 self.emit("delivered", msg_id, peer)
         if delivered:
-            done = set(ids) & {e.get("id") for e in self.store.data["outbox"]}
+            done = set(delivered) & {e.get("id") for e in self.store.data["outbox"]}
             if done:
                 self.store.update(lambda d: d.update(outbox=[e for e in d["outbox"] if e.get("id") not in done]))
-        self._delivered.set()
 
     def _on_hello(self, peer: Peer, kind: str, value: dict) -> None:
         """An rtchat.py peer's message key, certified by the identity key we verified: then we compare notes."""
@@ -2303,9 +2323,11 @@ class Room(Emitter):
             self._accept(msg, None, "chat")
 
     def _relayed(self, peer: Peer, authors: dict, record: dict) -> Message | None:
+        if not valid_ts(record.get("ts")):
+            return None
         try:
             msg = Message(id=str(record["id"])[:64], room=self.name, sender=str(record["from"])[:MAX_NAME_CHARS + 16],
-                          text=str(record["text"])[:MAX_TEXT_CHARS], ts=int(record["ts"]), kind="message",
+                          text=str(record["text"])[:MAX_TEXT_CHARS], ts=record["ts"], kind="message",
                           fingerprint=record.get("fingerprint") if isinstance(record.get("fingerprint"), str) else None,
                           action=bool(record.get("action")), relayed_by=peer.name,
                           sig=record.get("sig") if isinstance(record.get("sig"), str) else None)
@@ -2330,8 +2352,9 @@ class Room(Emitter):
             msg.trust = "relayed"
             if msg.fingerprint not in self.store.data["authors"]:
                 self.store.defer(lambda d: d["authors"].__setitem__(msg.fingerprint, author))
-        else:
+        else:  # an id of its own: a relay must not claim the id of a genuine message it altered
             msg.trust, msg.sig, msg.fingerprint = "unverified", None, None
+            msg.id = "unverified-" + hashlib.sha256(f"{peer.name}\n{msg.id}".encode()).hexdigest()[:16]
         if msg.sender == peer.name and msg.trust == "relayed":
             msg.trust, msg.relayed_by = ("channel-bound" if peer.channel_bound else "legacy"), None
         msg.text = clean(msg.text, keep_newlines=True)
@@ -2352,6 +2375,8 @@ class Room(Emitter):
             frame = {"t": "msg", "id": msg.id, "ts": msg.ts, "text": msg.text, "action": msg.action, "sig": msg.sig}
             if peer.send(label, frame):
                 self._unacked.setdefault(msg.id, set()).add(peer.name)
+                if len(self._unacked) > 10000:  # a long-lived room: forget the oldest never acknowledged
+                    del self._unacked[next(iter(self._unacked))]
         else:
             peer.send(label, f"* {self.me} {msg.text}" if msg.action else msg.text)
 
@@ -2362,7 +2387,8 @@ class Room(Emitter):
         for entry in waiting:
             msg = Message.from_dict(entry)
             self._send_text(peer, "dm", msg)
-            self._dm_ids[msg.id] = peer.name
+            if peer.is_rtchat_py:
+                self._dm_ids[msg.id] = peer.name
         if waiting and not peer.is_rtchat_py:  # browsers do not acknowledge: sent is all we can know
             ids = {e["id"] for e in waiting}
             self.store.update(lambda d: d.update(outbox=[e for e in d["outbox"] if e.get("id") not in ids]))
@@ -2721,11 +2747,11 @@ async def _trust(ctx: Context, args: str) -> None:
     name, _ = _split_first(args, "/trust NAME")
     room = ctx.room
     peer = room.peers.get(name) or next((p for p in room.peers.values() if bare_name(p.name) == name), None)
-    key = peer.key_string if peer else ctx._app.changed_keys.get(bare_name(name))
+    key = peer.key_string if peer else room.refused.get(bare_name(name))
     if not key:
         raise UsageError(f"no key seen for {name!r} here")
     ctx.client.trust.pin(bare_name(name), key, replace=True)
-    ctx._app.changed_keys.pop(bare_name(name), None)
+    room.refused.pop(bare_name(name), None)
     ctx.echo(f"pinned {bare_name(name)} to key {show_fingerprint(fingerprint(key))}")
     if peer is None or not peer.is_open:
         room.announce()
@@ -2902,7 +2928,6 @@ class App:
         self.history_lines = history_lines
         self.room: Room | None = None
         self.done = asyncio.Event()
-        self.changed_keys: dict[str, str] = {}
         self._contexts: dict[str, Context] = {}
         self._listeners: list[tuple[str, Callable]] = []
         for topic, (func, origin) in registry.questions.items():
@@ -2914,7 +2939,7 @@ class App:
         return self._contexts[origin]
 
     def echo(self, text: str) -> None:
-        self.printer.status(text, 0)
+        self.printer.status(clean(text, 4000, keep_newlines=True), 0)
 
     def show(self, msg: Message, from_history: bool = False) -> None:
         self.printer.message(msg, self.client.me, from_history)
@@ -2956,8 +2981,6 @@ class App:
             self.printer.event("leave", room.name, room.label(peer), f"left ({reason})", peer.fingerprint)
         elif event == "key-changed":
             name, fp, verdict = args
-            self.changed_keys[bare_name(name)] = next(
-                (p.key_string for p in room.peers.values() if p.fingerprint == fp), None) or ""
             why = "uses a key you have not pinned" if verdict == "new" else "has a DIFFERENT KEY than the one pinned"
             self.printer.event("key-changed", room.name, clean(name, 80),
                                f"{why} ({show_fingerprint(fp)}); refused. If that is expected, /trust "
@@ -3055,45 +3078,45 @@ async def run_interactive(app: App) -> int:
     return 0
 
 
-async def _stdin_lines(queue: asyncio.Queue) -> None:
-    """Feed stdin lines to the queue as they come (so `tail -f log | rtchat.py` works); None at EOF."""
+def _stdin_lines(queue: asyncio.Queue) -> None:
+    """Feed stdin lines to the queue as they come (so `tail -f log | rtchat.py` works); None at EOF.
+
+    A daemon thread: one blocked in readline() must not keep the program from exiting."""
     loop = asyncio.get_running_loop()
-    while True:
-        raw = await loop.run_in_executor(None, sys.stdin.buffer.readline)
-        if not raw:
-            await queue.put(None)
-            return
-        await queue.put(raw.decode("utf-8", "replace").rstrip("\r\n"))
+
+    def pump() -> None:
+        for raw in iter(sys.stdin.buffer.readline, b""):
+            loop.call_soon_threadsafe(queue.put_nowait, raw.decode("utf-8", "replace").rstrip("\r\n"))
+        loop.call_soon_threadsafe(queue.put_nowait, None)
+    threading.Thread(target=pump, name="stdin", daemon=True).start()
 
 
 async def run_pipe(app: App, wait_peers: int, timeout: float) -> int:
     """Send every stdin line as a message once enough peers are verified; exit when all are delivered."""
     room = app.room
     queue: asyncio.Queue = asyncio.Queue()
-    reader = _spawn(_stdin_lines(queue), "stdin")
+    _stdin_lines(queue)
     refused: set[str] = set()
     room.on("key-changed", lambda name, fp, verdict: refused.add(clean(name, MAX_NAME_CHARS + 16)))
     app.printer.status(f"waiting for {wait_peers} verified peer(s) in #{room.name} (up to {timeout:g} s)")
     try:
-        try:
-            await room.wait_for_peers(wait_peers, timeout)
-        except NoPeers as exc:
-            if refused:  # nobody to send to because a key was refused: say that, with its own exit code
-                raise KeyMismatch(f"{exc}; refused {', '.join(sorted(refused))}: not the pinned key "
-                                  f"(see --trust, or /trust NAME in a chat)") from None
-            raise
-        app.printer.status(f"sending to {', '.join(room.label(p) for p in room.verified_peers())}")
-        sent = 0
-        while (line := await queue.get()) is not None:
-            if line.strip():
-                await room.send(line[:MAX_TEXT_CHARS])
-                sent += 1
-        if not await room.flush(timeout):
-            raise NoPeers(f"{sent} message(s) sent, but not all were confirmed delivered within {timeout:g} s")
-        app.printer.status(f"delivered {sent} message(s) to {len(room.verified_peers())} peer(s)")
-        return 0
-    finally:
-        reader.cancel()
+        await room.wait_for_peers(wait_peers, timeout)
+    except NoPeers as exc:
+        if refused:  # nobody to send to because a key was refused: say that, with its own exit code
+            raise KeyMismatch(f"{exc}; refused {', '.join(sorted(refused))}: not the pinned key "
+                              f"(see --trust, or /trust NAME in a chat)") from None
+        raise
+    app.printer.status(f"sending to {', '.join(room.label(p) for p in room.verified_peers())}")
+    sent, reached = 0, set()
+    while (line := await queue.get()) is not None:
+        if line.strip():
+            await room.send(line[:MAX_TEXT_CHARS])
+            sent += 1
+            reached.update(p.name for p in room.verified_peers())
+    if not await room.flush(timeout):
+        raise NoPeers(f"{sent} message(s) sent, but not all were confirmed delivered within {timeout:g} s")
+    app.printer.status(f"delivered {sent} message(s) to {len(reached)} peer(s)")
+    return 0
 
 
 async def run_listen(app: App, count: int | None, history: int) -> int:

@@ -534,6 +534,7 @@ def test_replays_are_dropped(broker, tmp_path):
 
         # 4c. cross-room replay: alice's offer to bob replayed in another room bob is in
         rb_other = await bob.join("a4-other")
+        await asyncio.sleep(0.3)  # bob's SUBSCRIBE and the attacker's PUBLISH travel on different connections
         before = rb_other.dropped
         wire.publish(old_offers[0][0], "mrtchat/a4-other")          # signed for room a4: the topic is covered
         await asyncio.sleep(0.5)

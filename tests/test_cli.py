@@ -64,6 +64,17 @@ def test_sender_without_peers_fails_clearly(broker, tmp_path):
     assert result.stdout == ""
 
 
+def test_sender_gives_up_in_time_while_stdin_stays_open(broker, tmp_path):
+    """`tail -f log | rtchat.py` with nobody there: the timeout holds even though stdin never ends."""
+    sender = start(["ci", "--room", "nobody", "--timeout", "1.5", "--state", str(tmp_path / "s.json")],
+                   cli_env(broker.url), stdin=subprocess.PIPE)
+    try:
+        assert sender.wait(timeout=30) == rtchat.EX_TEMPFAIL
+    finally:
+        sender.kill()
+        sender.communicate()
+
+
 def test_unreachable_broker_is_one_clear_line(tmp_path):
     result = subprocess.run(rtchat_cmd("alice", "--state", str(tmp_path / "s.json")), input="hi\n",
                             env=cli_env("mqtt://127.0.0.1:9"), capture_output=True, text=True, timeout=60)

@@ -201,6 +201,7 @@ def test_changed_key_is_refused_loudly(broker, tmp_path):
         await eventually(lambda: changed, what="key-changed event")
         assert changed[0][0] == "bob" and changed[0][2] == "changed"
         assert changed[0][1] == impostor.identity.fingerprint
+        assert ra.refused["bob"] == impostor.identity.public_key_string  # what /trust bob would accept
         await asyncio.sleep(1)
         assert not ra.verified_peers()
         await close_all([alice, impostor])

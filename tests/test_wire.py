@@ -56,6 +56,8 @@ def test_envelope_both_dialects():
     b"", b"\x00", b"\xff\xfe" * 10, b"[]", b'"x"', b"{}", b'{"sender":"","timestamp":1,"subtopic":"x"}',
     b'{"sender":"a","timestamp":"1","subtopic":"x"}', b'{"sender":"a","timestamp":true,"subtopic":"x"}',
     b'{"sender":5,"timestamp":1,"subtopic":"x"}', b"[" * 100_000, b"\x80" * 1001, b"x" * (64 * 1024 + 2),
+    b'{"sender":"a","timestamp":NaN,"subtopic":"x"}', b'{"sender":"a","timestamp":Infinity,"subtopic":"x"}',
+    b'{"sender":"a\\u001b[31m","timestamp":1,"subtopic":"x"}',
 ])
 def test_malformed_payloads_are_dropped(payload):
     assert rtchat.decode_envelope(payload) is None
@@ -110,3 +112,11 @@ def test_sdp_fields():
     sdp = "v=0\r\na=ice-ufrag:abcd\r\na=fingerprint:sha-256 aa:bb\r\na=fingerprint:sha-384 cc\r\n"
     assert rtchat.sdp_field(sdp, "ice-ufrag") == "abcd"
     assert rtchat.sdp_fingerprint(sdp) == "AA:BB"
+
+
+def test_timestamps_a_terminal_cannot_show_are_refused():
+    assert rtchat.valid_ts(rtchat.now_ms())
+    for bad in (10**23, -1, 1.5, True, "1", None, float("nan")):
+        assert not rtchat.valid_ts(bad)
+    stored = rtchat.Message.from_dict({"id": "x", "from": "bob", "text": "t", "ts": 10**23})
+    assert stored.ts == 0  # an old history entry with a bad time still shows
