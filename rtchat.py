@@ -22,6 +22,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import functools
 import getpass
 import hashlib
 import importlib.util
@@ -100,6 +101,8 @@ PEER_SILENT_S = 8.0                    # no pong from a peer that used to answer
 PROBE_TIMEOUT_S = 1.5                  # an unload/offer hint for a live session is checked by ping
 ASK_TIMEOUT_S = 10.0
 HISTORY_PER_ROOM = 500
+COMMIT_WINDOW_S = 0.01                 # history writes (and so acks) are grouped: one fsync for what came meanwhile
+SIGNATURE_WAIT_S = 10.0                # a message whose signature does not follow is kept, but not passed on
 BACKFILL_MAX = 200                     # messages one peer passes another when they meet
 BACKFILL_FRAME_CHARS = 48 * 1024
 INPUT_HISTORY = 500
@@ -345,14 +348,18 @@ def lz_decompress(data: bytes, max_chars: int = MAX_DECOMPRESSED_CHARS) -> str |
             enlarge_in, num_bits = 1 << num_bits, num_bits + 1
 
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)   # made once: json.dumps with options
+_CANONICAL = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, sort_keys=True)  # builds one per call
+
+
 def to_json(value: Any) -> str:
     """Compact ASCII JSON, as JS JSON.stringify would send it (ASCII sidesteps UTF-16 length differences)."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=True)
+    return _COMPACT.encode(value)
 
 
 def canonical_json(value: Any) -> bytes:
     """The bytes a signature covers: sorted keys, compact, ASCII."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=True, sort_keys=True).encode()
+    return _CANONICAL.encode(value).encode()
 
 
 def parse_json(text: str | bytes) -> Any:
@@ -621,10 +628,14 @@ def verify_message_key(key_string: str, message_public: Any, cert: Any) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=256)
+def _message_public_key(message_public: str) -> Any:
+    return ed25519.Ed25519PublicKey.from_public_bytes(base64.b64decode(message_public, validate=True))
+
+
 def verify_message(message_public: str, signature: Any, data: bytes) -> bool:
     try:
-        key = ed25519.Ed25519PublicKey.from_public_bytes(base64.b64decode(message_public, validate=True))
-        key.verify(base64.b64decode(signature, validate=True), MESSAGE_CONTEXT + data)
+        _message_public_key(message_public).verify(base64.b64decode(signature, validate=True), MESSAGE_CONTEXT + data)
         return True
     except (InvalidSignature, ValueError, TypeError):
         return False
@@ -767,6 +778,16 @@ class Store:
         return Path(f"{self.path}.history") / f"{safe}-{hashlib.sha256(room.encode()).hexdigest()[:8]}.jsonl"
 
 
+def sync_and_close(fd: int) -> None:
+    """What makes a write durable; it blocks, so the loop runs it in a thread (it holds no Python lock)."""
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        raise StateError(f"cannot write history: {exc}") from None
+    finally:
+        os.close(fd)
+
+
 class HistoryLog:
     """A room's messages, one JSON object per line: an append costs the same however long the history is.
 
@@ -781,7 +802,8 @@ class HistoryLog:
         self._entries: list[dict] = []
         self._ids: set[str] = set()
         self._size = -1
-        self._lock = threading.RLock()  # appends run in a worker thread
+        self._torn = False
+        self._lock = threading.RLock()  # for library users who write from threads of their own
 
     def entries(self) -> list[dict]:
         """All entries, oldest first, re-read only when the file changed (another process appended)."""
@@ -794,7 +816,7 @@ class HistoryLog:
         except FileNotFoundError:
             return self._entries
         if size != self._size:
-            entries, ids = [], set()
+            entries, ids, line = [], set(), b"\n"
             with self.path.open("rb") as f:
                 for line in f:
                     try:
@@ -805,6 +827,7 @@ class HistoryLog:
                         ids.add(entry["id"])
                         entries.append(entry)
             self._entries, self._ids, self._size = entries, ids, size
+            self._torn = not line.endswith(b"\n")  # a line cut by a crash: ours must start on a new one
         return self._entries
 
     def ids(self) -> set[str]:
@@ -814,42 +837,44 @@ class HistoryLog:
 
     def append(self, new: list[dict], sync: bool = True) -> None:
         """Add entries; with sync, return only once they are on disk (before they are acknowledged)."""
-        with self._lock:
-            self._append(new, sync)
+        fd = self.write(new, keep_open=sync)
+        if fd is not None:
+            sync_and_close(fd)
 
-    def _append(self, new: list[dict], sync: bool) -> None:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # The lock is a file of its own: compaction replaces the data file, and a lock on it would go too.
-        lock = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        fd = -1
-        try:
-            if fcntl:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            self._read()
-            fresh = [e for e in new if e["id"] not in self._ids]
-            if not fresh:
-                return
-            data = "".join(json.dumps(e, ensure_ascii=False, separators=(",", ":")) + "\n" for e in fresh).encode()
-            if self._size > 0:
-                with self.path.open("rb") as f:
-                    f.seek(-1, os.SEEK_END)
-                    if f.read(1) != b"\n":
-                        data = b"\n" + data  # a line cut by a crash stays apart from ours
-            os.write(fd, data)
-            if sync:
-                os.fsync(fd)
-            self._entries.extend(fresh)
-            self._ids.update(e["id"] for e in fresh)
-            self._size = os.fstat(fd).st_size
-            if len(self._entries) > 2 * self.limit:
-                self._compact()
-        except OSError as exc:
-            raise StateError(f"cannot write history file {self.path}: {exc}") from None
-        finally:
-            if fd >= 0:
-                os.close(fd)
-            os.close(lock)
+    def write(self, new: list[dict], keep_open: bool = False) -> int | None:
+        """Add entries to the file, not yet surely on disk. With keep_open, return the file's descriptor for
+        sync_and_close(): the fsync can then wait in a thread while this, the Python part, stays on the loop."""
+        with self._lock:
+            if not self.path.parent.is_dir():
+                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # The lock is a file of its own: compaction replaces the data file, and a lock on it would go too.
+            lock = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            fd = -1
+            try:
+                if fcntl:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                self._read()
+                fresh = [e for e in new if e["id"] not in self._ids]
+                if fresh:
+                    data = "".join(json.dumps(e, ensure_ascii=False, separators=(",", ":")) + "\n"
+                                   for e in fresh).encode()
+                    os.write(fd, b"\n" + data if self._size > 0 and self._torn else data)
+                    self._entries.extend(fresh)
+                    self._ids.update(e["id"] for e in fresh)
+                    self._size, self._torn = os.fstat(fd).st_size, False
+                    if len(self._entries) > 2 * self.limit:
+                        self._compact()
+                if keep_open and fresh:
+                    fd, kept = -1, fd
+                    return kept
+                return None
+            except OSError as exc:
+                raise StateError(f"cannot write history file {self.path}: {exc}") from None
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+                os.close(lock)
 
     def _compact(self) -> None:
         keep = self._entries[-self.limit:]
@@ -1099,6 +1124,7 @@ class Peer(Emitter):
         self.last_pong: float | None = None
         self.verified_at: float | None = None
         self.message_key: str | None = None     # an rtchat.py peer's certified Ed25519 key (its hello)
+        self.late_signatures = False            # it takes a message's signature in a frame of its own, later
         self.pc = None
         self.channels: dict[str, Any] = {}
         self._ice = ice
@@ -1550,6 +1576,9 @@ class Room(Emitter):
         self._unacked: dict[str, set[str]] = {}
         self._dm_ids: dict[str, str] = {}       # our DMs awaiting an ack: id -> recipient
         self._to_commit: list[tuple[dict, Peer | None, str]] = []
+        self._to_sign: list[tuple[Message, dict, list[tuple[Peer, str]]]] = []  # ours, sent ahead of their signature
+        self._unsigned: dict[tuple[str, str], tuple[dict, Peer, str, float]] = {}  # theirs, likewise; by deadline
+        self._unsigned_sweep: asyncio.TimerHandle | None = None
         self._last_announce = 0.0
         self._announce_timer: asyncio.TimerHandle | None = None
         self._committing = False
@@ -1575,9 +1604,7 @@ class Room(Emitter):
         if not self.joined:
             return
         self.joined = False
-        if self._to_commit and not self._committing:
-            self.log.append([entry for entry, _, _ in self._to_commit])
-            self._to_commit.clear()
+        self._write_unsigned(math.inf)  # what we received is written and acknowledged before we go
         while self._committing:
             await asyncio.sleep(0.005)
         self._publish("unload", "disconnecting")
@@ -1620,15 +1647,13 @@ class Room(Emitter):
             raise UsageError(f"{name!r} could be {', '.join(self.label(p) for p in matches)}; say which")
         raise UsageError(f"no peer called {name!r} in #{self.name} (see /peers)")
 
-    async def send(self, text: str, action: bool = False) -> Message:
+    def send(self, text: str, action: bool = False) -> Message:
         """Say something to everyone verified in the room (and, through backfill, to who comes later)."""
         msg = self._own_message(text, "message", action)
-        for peer in self.verified_peers():
-            self._send_text(peer, "chat", msg)
-        self._commit_later(msg.record())
+        self._commit_own(msg, [(peer, "chat") for peer in self.verified_peers() if self._send_text(peer, "chat", msg)])
         return msg
 
-    async def dm(self, name: str, text: str) -> Message:
+    def dm(self, name: str, text: str) -> Message:
         """A direct message. To a known peer who is away it waits in the outbox (kept across restarts)."""
         try:
             peer = self.find(name)
@@ -1638,15 +1663,16 @@ class Room(Emitter):
                 raise
         if peer is not None and peer.is_verified:
             msg = self._own_message(text, "dm", to=peer.name)
-            self._send_text(peer, "dm", msg)
-            if peer.is_rtchat_py:  # browsers do not acknowledge
+            if self._send_text(peer, "dm", msg):  # browsers do not acknowledge
                 self._dm_ids[msg.id] = peer.name
+            self._commit_own(msg, [(peer, "dm")])
         else:
             target = bare_name(peer.name) if peer else target
             msg = self._own_message(text, "dm", to=target)
+            msg.sig = self.identity.sign_message(msg.signed_part(self.topic))
             self.store.update(lambda d: d["outbox"].append(msg.record()))
             self.emit("status", f"-!- {target} is away; the message waits and goes out when they are back")
-        self._commit_later(msg.record())
+            self._commit_later(msg.record())
         return msg
 
     def outbox(self) -> list[Message]:
@@ -2107,7 +2133,7 @@ class Room(Emitter):
         self.emit("join", peer)
         if peer.is_rtchat_py and peer.channel_bound:
             peer.send("chat", {"t": "hello", "mkey": self.identity.message_public,
-                               "mcert": self.identity.message_cert})
+                               "mcert": self.identity.message_cert, "late_sigs": True})
         for label, value in self._early.pop(peer.name, []):
             self._on_frame(peer, label, value)
         self._send_outbox(peer)
@@ -2182,8 +2208,9 @@ class Room(Emitter):
     def _on_text(self, peer: Peer, label: str, value: Any) -> None:
         kind = "message" if label == "chat" else "dm"
         if isinstance(value, dict) and peer.is_rtchat_py:
-            handler = {"msg": self._on_signed_text, "ack": self._on_ack, "hello": self._on_hello,
-                       "sync": self._on_sync, "backfill": self._on_backfill}.get(value.get("t"))
+            handler = {"msg": self._on_signed_text, "sigs": self._on_signatures, "ack": self._on_ack,
+                       "hello": self._on_hello, "sync": self._on_sync,
+                       "backfill": self._on_backfill}.get(value.get("t"))
             if handler is not None:
                 handler(peer, kind, value)
             return
@@ -2196,50 +2223,111 @@ class Room(Emitter):
         msg_id, text, stamp = value.get("id"), value.get("text"), value.get("ts")
         if not (isinstance(msg_id, str) and 0 < len(msg_id) <= 64 and isinstance(text, str) and valid_ts(stamp)):
             return
-        msg = Message(id=msg_id, room=self.name, sender=peer.name, text=text[:MAX_TEXT_CHARS], ts=stamp, kind=kind,
+        text = text[:MAX_TEXT_CHARS]
+        shown = clean(text, keep_newlines=True)
+        # The signature is what lets us pass the message on. It needs the peer's hello (the dm channel may
+        # overtake chat) and fits only the text as sent.
+        relayable = peer.message_key is not None and shown == text
+        sig = value.get("sig")
+        msg = Message(id=msg_id, room=self.name, sender=peer.name, text=shown, ts=stamp, kind=kind,
                       fingerprint=peer.fingerprint, trust="channel-bound" if peer.channel_bound else "legacy",
                       action=bool(value.get("action")), to=self.me if kind == "dm" else None,
-                      sig=value.get("sig") if isinstance(value.get("sig"), str) else None)
-        if peer.message_key and not verify_message(peer.message_key, msg.sig, msg.signed_part(self.topic)):
-            log.info("dropped a message from %s with a bad signature", peer.name)
-            return
-        if not peer.message_key:
-            msg.sig = None  # before its hello (the dm channel may overtake chat): nothing to check it with
-        msg.text = clean(msg.text, keep_newlines=True)
-        self._accept(msg, peer, "chat" if kind == "message" else "dm")
+                      sig=sig if relayable and isinstance(sig, str) else None)
+        self._accept(msg, peer, "chat" if kind == "message" else "dm", signature_follows=relayable and sig is None)
 
-    def _accept(self, msg: Message, peer: Peer | None, ack_label: str) -> None:
-        """A new message: shown now, written to disk, and acknowledged once it is on disk."""
+    def _on_signatures(self, peer: Peer, kind: str, value: dict) -> None:
+        """Signatures of messages the peer sent ahead of them: now they can be checked, written and acked."""
+        sigs = value.get("sigs")
+        if not isinstance(sigs, dict):
+            return
+        for msg_id, sig in itertools.islice(sigs.items(), 1000):
+            waiting = self._unsigned.pop((peer.name, msg_id), None)
+            if waiting is None:
+                continue
+            entry, sender, label, _ = waiting
+            if isinstance(sig, str):
+                entry["sig"] = sig
+            self._commit_later(entry, sender, label)
+
+    def _write_unsigned(self, now: float | None = None) -> None:
+        """Messages whose signature did not come by their deadline are written (and acked) without one."""
+        if self._unsigned_sweep is not None:
+            self._unsigned_sweep.cancel()
+            self._unsigned_sweep = None
+        now = time.monotonic() if now is None else now
+        for key, (entry, peer, label, deadline) in list(self._unsigned.items()):
+            if deadline <= now:
+                del self._unsigned[key]
+                self._commit_later(entry, peer, label)
+        self._sweep_unsigned_later()
+
+    def _sweep_unsigned_later(self) -> None:
+        if self._unsigned and self._unsigned_sweep is None:
+            self._unsigned_sweep = asyncio.get_running_loop().call_later(SIGNATURE_WAIT_S, self._write_unsigned)
+
+    def _accept(self, msg: Message, peer: Peer | None, ack_label: str, signature_follows: bool = False) -> None:
+        """A new message: shown now, written to disk, and acknowledged once it is on disk.
+        One whose signature follows waits for it (or SIGNATURE_WAIT_S) before it is written."""
         if msg.id in self._known:
             if peer is not None and peer.is_rtchat_py:
                 peer.send(ack_label, {"t": "ack", "ids": [msg.id]})  # a resend: we have it already
             return
         self._known.add(msg.id)
-        self._commit_later(msg.record(), peer if peer is not None and peer.is_rtchat_py else None, ack_label)
+        entry = msg.record()
+        if signature_follows:
+            self._unsigned[(peer.name, msg.id)] = (entry, peer, ack_label, time.monotonic() + SIGNATURE_WAIT_S)
+            self._sweep_unsigned_later()
+        else:
+            self._commit_later(entry, peer if peer is not None and peer.is_rtchat_py else None, ack_label)
         self.emit(msg.kind, msg)
 
     def _commit_later(self, entry: dict, ack_to: Peer | None = None, ack_label: str = "chat") -> None:
-        """Batch history writes: one fsync (in a thread, off the loop) for what arrived meanwhile, then the acks."""
+        """Group history writes: one fsync (in a thread, off the loop) for what arrived within COMMIT_WINDOW_S,
+        then the acks. What a message costs on its way to the screen stays small; the rest is shared."""
         self._known.add(entry["id"])
-        if not self._to_commit and not self._committing:
+        if not self._committing:
+            self._committing = True
             _spawn(self._commit(), f"commit-{self.name}")
         self._to_commit.append((entry, ack_to, ack_label))
 
+    def _commit_own(self, msg: Message, sent: list[tuple[Peer, str]]) -> None:
+        """Our message, sent: it is signed (and the signature sent on) with the next write, not on its way out."""
+        entry = msg.record()
+        if msg.sig is None:
+            self._to_sign.append((msg, entry, [(p, label) for p, label in sent if p.late_signatures]))
+        self._commit_later(entry)
+
     async def _commit(self) -> None:
-        self._committing = True
         try:
             while self._to_commit:
+                await asyncio.sleep(COMMIT_WINDOW_S)
                 batch, self._to_commit = self._to_commit, []
+                to_sign, self._to_sign = self._to_sign, []
+                await self._sign(to_sign)
                 try:
                     # Only what we acknowledge must be on disk first; what we sent is safe with whoever acked it.
-                    await asyncio.get_running_loop().run_in_executor(
-                        None, self.log.append, [entry for entry, _, _ in batch], any(p for _, p, _ in batch))
+                    fd = self.log.write([entry for entry, _, _ in batch], keep_open=any(p for _, p, _ in batch))
+                    if fd is not None:
+                        await asyncio.get_running_loop().run_in_executor(None, sync_and_close, fd)
                 except StateError as exc:
                     self.emit("status", f"-!- {exc}; messages are not acknowledged")
                     continue
                 self._send_acks(batch)
         finally:
             self._committing = False
+
+    async def _sign(self, to_sign: list[tuple[Message, dict, list[tuple[Peer, str]]]]) -> None:
+        """Sign what we sent ahead of its signature, and send the signatures after it."""
+        sigs: dict[tuple[Peer, str], dict[str, str]] = {}
+        for msg, entry, sent in to_sign:
+            if msg.sig is None:
+                msg.sig = self.identity.sign_message(msg.signed_part(self.topic))
+                await asyncio.sleep(0)
+            entry["sig"] = msg.sig
+            for peer, label in sent:
+                sigs.setdefault((peer, label), {})[msg.id] = msg.sig
+        for (peer, label), batch in sigs.items():
+            peer.send(label, {"t": "sigs", "sigs": batch})
 
     def _send_acks(self, batch: list[tuple[dict, Peer | None, str]]) -> None:
         acks: dict[tuple[Peer, str], list[str]] = {}
@@ -2274,6 +2362,7 @@ class Room(Emitter):
             log.info("%s sent a message key its identity did not certify", peer.name)
             return
         peer.message_key = value["mkey"]
+        peer.late_signatures = value.get("late_sigs") is True
         author = {"key": peer.key_string, "mkey": value["mkey"], "mcert": value["mcert"]}
         if self.store.data["authors"].get(peer.fingerprint) != author:
             self.store.defer(lambda d: d["authors"].__setitem__(peer.fingerprint, author))
@@ -2291,10 +2380,16 @@ class Room(Emitter):
         for entry in missing:
             fp = entry.get("fingerprint")
             credentials = self._author(fp) if entry.get("sig") else None
-            if credentials:
+            record = {k: entry.get(k) for k in ("id", "from", "text", "ts", "action", "fingerprint", "sig",
+                                                "relayed_by")}
+            # A direct message's signature was not checked when it came (the channel vouched for it): it is now,
+            # before we pass it on as the author's.
+            if credentials and (fp == self.identity.fingerprint or entry.get("trust") == "relayed" or verify_message(
+                    credentials["mkey"], entry["sig"], Message.from_dict(entry).signed_part(self.topic))):
                 authors[fp] = credentials
-            batch.append({k: entry.get(k) for k in ("id", "from", "text", "ts", "action", "fingerprint", "sig",
-                                                    "relayed_by")})
+            else:
+                record["sig"] = None
+            batch.append(record)
             size += len(entry.get("text", "")) + 200
             if size > BACKFILL_FRAME_CHARS:
                 peer.send("chat", {"t": "backfill", "authors": authors, "msgs": batch})
@@ -2367,18 +2462,24 @@ class Room(Emitter):
             raise UsageError(f"a message has at most {MAX_TEXT_CHARS} characters")
         msg = Message(id=new_id(), room=self.name, sender=self.me, text=text, ts=now_ms(), kind=kind,
                       fingerprint=self.identity.fingerprint, trust="self", action=action, to=to)
-        msg.sig = self.identity.sign_message(msg.signed_part(self.topic))
         return msg
 
-    def _send_text(self, peer: Peer, label: str, msg: Message) -> None:
-        if peer.is_rtchat_py:
-            frame = {"t": "msg", "id": msg.id, "ts": msg.ts, "text": msg.text, "action": msg.action, "sig": msg.sig}
-            if peer.send(label, frame):
-                self._unacked.setdefault(msg.id, set()).add(peer.name)
-                if len(self._unacked) > 10000:  # a long-lived room: forget the oldest never acknowledged
-                    del self._unacked[next(iter(self._unacked))]
-        else:
+    def _send_text(self, peer: Peer, label: str, msg: Message) -> bool:
+        """True if it went to an rtchat.py peer, which will acknowledge it."""
+        if not peer.is_rtchat_py:
             peer.send(label, f"* {self.me} {msg.text}" if msg.action else msg.text)
+            return False
+        frame = {"t": "msg", "id": msg.id, "ts": msg.ts, "text": msg.text, "action": msg.action}
+        if msg.sig is None and not peer.late_signatures:  # an rtchat.py that wants it inline
+            msg.sig = self.identity.sign_message(msg.signed_part(self.topic))
+        if msg.sig is not None:
+            frame["sig"] = msg.sig
+        if not peer.send(label, frame):
+            return False
+        self._unacked.setdefault(msg.id, set()).add(peer.name)
+        if len(self._unacked) > 10000:  # a long-lived room: forget the oldest never acknowledged
+            del self._unacked[next(iter(self._unacked))]
+        return True
 
     def _send_outbox(self, peer: Peer) -> None:
         """Direct messages that waited for this peer go out now; an ack takes them out of the outbox."""
@@ -2386,8 +2487,7 @@ class Room(Emitter):
                    if e.get("room") == self.name and e.get("to") == bare_name(peer.name)]
         for entry in waiting:
             msg = Message.from_dict(entry)
-            self._send_text(peer, "dm", msg)
-            if peer.is_rtchat_py:
+            if self._send_text(peer, "dm", msg):
                 self._dm_ids[msg.id] = peer.name
         if waiting and not peer.is_rtchat_py:  # browsers do not acknowledge: sent is all we can know
             ids = {e["id"] for e in waiting}
@@ -2416,7 +2516,7 @@ class Client(Emitter):
         async with rtchat.Client("bot", broker="mqtt://127.0.0.1") as client:
             room = await client.join("ops")
             await room.wait_for_peers()
-            await room.send("deploy finished")
+            room.send("deploy finished")
     """
 
     def __init__(self, name: str, *, broker: str = DEFAULT_BROKER, state: str | os.PathLike | None = None,
@@ -2589,12 +2689,12 @@ class Context:
         return self._app.client.me
 
     async def say(self, text: str, action: bool = False) -> Message:
-        msg = await self.room.send(text, action=action)
+        msg = self.room.send(text, action=action)
         self._app.show(msg)
         return msg
 
     async def dm(self, name: str, text: str) -> Message:
-        msg = await self.room.dm(name, text)
+        msg = self.room.dm(name, text)
         self._app.show(msg)
         return msg
 
@@ -3110,7 +3210,7 @@ async def run_pipe(app: App, wait_peers: int, timeout: float) -> int:
     sent, reached = 0, set()
     while (line := await queue.get()) is not None:
         if line.strip():
-            await room.send(line[:MAX_TEXT_CHARS])
+            room.send(line[:MAX_TEXT_CHARS])
             sent += 1
             reached.update(p.name for p in room.verified_peers())
     if not await room.flush(timeout):

@@ -722,7 +722,7 @@ def test_impersonating_a_pinned_name(broker, tmp_path):
             await asyncio.sleep(0.3)
             verified = [p for p in ra.peers.values() if p.key_string == key and p.is_verified]
             if verified:
-                await room.send("forged chat from the impostor")
+                room.send("forged chat from the impostor")
                 await asyncio.sleep(0.5)
             return client, room, verified
 
@@ -1114,8 +1114,8 @@ def test_fuzz_while_chatting(broker, tmp_path, caplog):
         mallory.unlimit()
 
         for i in range(5):
-            await ra.send(f"before a{i}")
-            await rb.send(f"before b{i}")
+            ra.send(f"before a{i}")
+            rb.send(f"before b{i}")
         await eventually(lambda: len(got["alice"]) >= 5 and len(got["bob"]) >= 5, 5, "chat before")
         before = (len(got["alice"]), len(got["bob"]))
 
@@ -1127,8 +1127,8 @@ def test_fuzz_while_chatting(broker, tmp_path, caplog):
 
         async def chat_on():
             while not done.is_set():
-                await ra.send(f"during a{chatting['sent']}")
-                await rb.send(f"during b{chatting['sent']}")
+                ra.send(f"during a{chatting['sent']}")
+                rb.send(f"during b{chatting['sent']}")
                 chatting["sent"] += 1
                 await asyncio.sleep(0.1)
         done = asyncio.Event()
@@ -1150,8 +1150,8 @@ def test_fuzz_while_chatting(broker, tmp_path, caplog):
         await chatter
         fuzz_s = time.monotonic() - started
         for i in range(5):
-            await ra.send(f"after a{i}")
-            await rb.send(f"after b{i}")
+            ra.send(f"after a{i}")
+            rb.send(f"after b{i}")
         try:
             await eventually(lambda: sum(m.text.startswith("after") for m in got["bob"]) == 5
                              and sum(m.text.startswith("after") for m in got["alice"]) == 5, 10, "chat after")
@@ -1212,7 +1212,7 @@ def test_offer_flood_from_many_names_is_bounded(broker, tmp_path):
         fds = len(os.listdir("/proc/self/fd")) - fds_before
         got = []
         rb.on("message", got.append)
-        await ra.send("still here")
+        ra.send("still here")
         await eventually(lambda: got, 5, "chat after the flood")
         record("11 offer flood from 120 names: pending sessions bounded",
                pcs <= rtchat.MAX_PENDING_SESSIONS and sa.is_verified,

@@ -483,7 +483,7 @@ async def chat_both_ways(scene: Scene, py: PyPeer, key: str, browser_name: str, 
     b = scene.browsers
     await b.call("send", key=key, text=f"hi from browser {tag}")
     await py.got("message", f"hi from browser {tag}")
-    await py.room.send(f"hello from python {tag}")
+    py.room.send(f"hello from python {tag}")
     ev = await b.got(key, "chat", f"hello from python {tag}")
     check(ev["from"] == py.client.me, f"browser attributes python's chat to {ev['from']}")
     msg = next(a[0] for _, e, a in py.events if e == "message" and f"browser {tag}" in a[0].text)
@@ -539,7 +539,7 @@ async def scenario_browser_offers_dm_ask(workdir: Path) -> dict:
         check(obs.offers()[:1] == [("carl", "Dave")], f"offers {obs.offers()}")
         await chat_both_ways(scene, py, key, "carl", "b-first")
         # DMs
-        await py.room.dm("carl", "secret for carl")
+        py.room.dm("carl", "secret for carl")
         await b.got(key, "dm", "secret for carl")
         await b.call("dm", key=key, to="Dave", text="secret for Dave")
         _, _, (dm,) = await py.got("dm", "secret for Dave")
@@ -624,7 +624,7 @@ async def scenario_two_browsers_one_python(workdir: Path) -> dict:
         mesh_s = round(time.time() - t0, 3)
         await b.call("send", key="ann", text="from ann")
         await b.call("send", key="Cid", text="from Cid")
-        await py.room.send("from bea")
+        py.room.send("from bea")
         await asyncio.gather(py.got("message", "from ann"), py.got("message", "from Cid"),
                              b.got("ann", "chat", "from bea"), b.got("Cid", "chat", "from bea"),
                              b.got("ann", "chat", "from Cid"), b.got("Cid", "chat", "from ann"))
@@ -638,7 +638,7 @@ async def scenario_two_browsers_one_python(workdir: Path) -> dict:
         rejoin_s = round(time.time() - t_reload, 3)
         await b.call("send", key="ann", text="ann is back")
         await py.got("message", "ann is back")
-        await py.room.send("welcome back")
+        py.room.send("welcome back")
         await b.got("ann", "chat", "welcome back")
         # close Cid's page
         t_close = time.time()
@@ -665,8 +665,8 @@ async def scenario_one_browser_two_python(workdir: Path) -> dict:
         check(cat.peer("eve").channel_bound and cat.peer("eve").is_rtchat_py, "python<->python is channel-bound")
         check(not cat.peer("dan").channel_bound, "browser is legacy")
         await b.call("send", key="dan", text="from dan")
-        await cat.room.send("from Cat")
-        await eve.room.send("from eve")
+        cat.room.send("from Cat")
+        eve.room.send("from eve")
         await asyncio.gather(cat.got("message", "from dan"), eve.got("message", "from dan"),
                              cat.got("message", "from eve"), eve.got("message", "from Cat"),
                              b.got("dan", "chat", "from Cat"), b.got("dan", "chat", "from eve"))

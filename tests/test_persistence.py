@@ -25,7 +25,7 @@ def test_late_joiner_gets_what_was_said_in_order_once(broker, tmp_path):
         (alice, bob), (ra, rb) = await started(tmp_path, broker.url, "alice", "bob")
         await ra.wait_for_peers(1, 20)
         for i in range(6):
-            await (ra if i % 2 == 0 else rb).send(f"line {i}")
+            (ra if i % 2 == 0 else rb).send(f"line {i}")
             await asyncio.sleep(0.01)
         assert await ra.flush(5) and await rb.flush(5)
         carol = await make_client("carol", tmp_path, broker.url).start()
@@ -48,7 +48,7 @@ def test_relayed_messages_are_checked_and_marked(broker, tmp_path):
     async def scenario():
         (alice, bob), (ra, rb) = await started(tmp_path, broker.url, "alice", "bob")
         await ra.wait_for_peers(1, 20)
-        await ra.send("said while carol was away")
+        ra.send("said while carol was away")
         assert await ra.flush(5)
         await alice.close()
         carol = await make_client("carol", tmp_path, broker.url).start()
@@ -83,7 +83,7 @@ def test_restarted_peer_receives_every_message_once_in_order(broker, tmp_path):
         bob.send_signal(signal.SIGKILL)
         bob.wait()
         await eventually(lambda: not ra.verified_peers(), 20, "bob gone")
-        sent = [await ra.send(f"missed {i}") for i in range(20)]
+        sent = [ra.send(f"missed {i}") for i in range(20)]
         bob = subprocess.Popen(rtchat_cmd(*args, "--count", "20"), env=cli_env(broker.url), stdout=subprocess.PIPE,
                                text=True)
         out, _ = await asyncio.get_running_loop().run_in_executor(None, bob.communicate, None)
@@ -99,7 +99,7 @@ def test_dm_to_someone_away_waits_across_restarts_and_is_acknowledged(broker, tm
         await ra.wait_for_peers(1, 20)
         await bob.close()
         await eventually(lambda: not ra.verified_peers(), 10, "bob gone")
-        queued = await ra.dm("bob", "while you were out")
+        queued = ra.dm("bob", "while you were out")
         assert [m.id for m in ra.outbox()] == [queued.id]
         await alice.close()  # alice restarts before bob is back: the outbox is on disk
         alice = await make_client("alice", tmp_path, broker.url).start()
@@ -135,7 +135,7 @@ def test_broker_killed_mid_chat_loses_nothing(own_broker, tmp_path):
                 await eventually(lambda: all(c.signaling.is_connected for c in clients), 30, "reconnects")
             for r in rooms:
                 for i in range(10):
-                    sent.append((r.me, (await r.send(f"{r.me} {round_} {i}")).id))
+                    sent.append((r.me, r.send(f"{r.me} {round_} {i}").id))
         await eventually(lambda: sum(map(len, received.values())) == 2 * len(sent), 20, "every delivery")
         for me, ids in received.items():
             assert sorted(ids) == sorted(i for sender, i in sent if sender != me)
@@ -159,7 +159,7 @@ def test_kill_9_during_a_burst_keeps_every_acknowledged_message(broker, tmp_path
 
         async def burst():
             for i in range(1000):
-                sent.append((await ra.send(f"burst {i}")).id)
+                sent.append(ra.send(f"burst {i}").id)
                 if i % 50 == 0:
                     await asyncio.sleep(0)
         task = asyncio.ensure_future(burst())
@@ -196,7 +196,7 @@ def test_two_instances_of_one_user_share_the_state_file(broker, tmp_path):
         await ra.wait_for_peers(2, 30)
         assert sorted(p.name for p in ra.verified_peers()) == ["bob", "bob(1)"]
         for i in range(50):
-            await ra.send(f"to both {i}")
+            ra.send(f"to both {i}")
         outs = [await asyncio.get_running_loop().run_in_executor(None, p.communicate) for p in listeners]
         assert all(out.count('"type": "message"') == 50 for out, _ in outs)
         store = rtchat.Store(state)

@@ -30,8 +30,8 @@ def test_two_peers_chat_both_ways(broker, tmp_path, transport):
         got_a, got_b = [], []
         ra.on("message", got_a.append)
         rb.on("message", got_b.append)
-        sent = await ra.send("hello bob")
-        await rb.send("hi alice 🎲")
+        sent = ra.send("hello bob")
+        rb.send("hi alice 🎲")
         await eventually(lambda: got_a and got_b, what="both messages")
         assert got_b[0].text == "hello bob" and got_b[0].sender == "alice" and got_b[0].id == sent.id
         assert got_a[0].text == "hi alice 🎲"
@@ -50,12 +50,12 @@ def test_dm_reaches_only_its_target(broker, tmp_path):
         rb.on("dm", dms_b.append)
         rc.on("dm", dms_c.append)
         rc.on("message", msgs_c.append)
-        await ra.dm("bob", "psst")
+        ra.dm("bob", "psst")
         await eventually(lambda: dms_b, what="the dm")
         await asyncio.sleep(0.2)
         assert dms_b[0].text == "psst" and dms_b[0].kind == "dm" and not dms_c and not msgs_c
         with pytest.raises(rtchat.UsageError, match="no peer"):
-            await ra.dm("nobody", "x")
+            ra.dm("nobody", "x")
         await close_all(clients)
     run(scenario())
 
@@ -85,7 +85,7 @@ def test_three_peers_all_receive_every_message(broker, tmp_path):
             r.on("message", lambda m, me=r.me: received[me].append((m.sender, m.text)))
         for r in rooms:
             for i in range(5):
-                await r.send(f"{r.me} {i}")
+                r.send(f"{r.me} {i}")
         await eventually(lambda: all(len(v) == 10 for v in received.values()), what="30 deliveries")
         for me, messages in received.items():
             assert sorted(messages) == sorted((o, f"{o} {i}") for o in received if o != me for i in range(5))
@@ -98,7 +98,7 @@ def test_leave_is_seen_and_history_kept(broker, tmp_path):
         (alice, bob), (ra, rb) = await pair(tmp_path, broker.url)
         left = []
         rb.on("leave", lambda peer, reason: left.append((peer.name, reason)))
-        await ra.send("remember me")
+        ra.send("remember me")
         await eventually(lambda: rb.history(5), what="history")
         await alice.close()
         await eventually(lambda: left, what="alice leaving")
@@ -141,7 +141,7 @@ def test_malformed_mqtt_payloads_do_not_disturb_chat(broker, tmp_path):
         got = []
         rb.on("message", got.append)
         await asyncio.sleep(0.5)
-        await ra.send("still here")
+        ra.send("still here")
         await eventually(lambda: got, what="chat after the junk")
         assert rb.peers["alice"].is_verified and ra.dropped + rb.dropped > 0
         evil.loop_stop()
@@ -181,7 +181,7 @@ def test_forged_unload_and_offer_in_a_peers_name_fail(broker, tmp_path):
         assert not shown
         got = []
         ra.on("message", got.append)
-        await rb.send("the real bob")
+        rb.send("the real bob")
         await eventually(lambda: got, what="bob's real message")
         peer.close()
         evil.loop_stop()
@@ -225,7 +225,7 @@ def test_sealed_room_hides_everything_from_the_broker(broker, tmp_path):
         await ra.wait_for_peers(1, 20)
         got = []
         rb.on("message", got.append)
-        await ra.send("sealed hello")
+        ra.send("sealed hello")
         await eventually(lambda: got, what="sealed chat")
         await asyncio.sleep(0.3)
         spy.loop_stop()
