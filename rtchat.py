@@ -33,6 +33,7 @@ import math
 import os
 import re
 import secrets
+import shutil
 import sys
 import tempfile
 import threading
@@ -62,7 +63,7 @@ except ImportError:
 
 __version__ = "0.1.0"
 __all__ = [
-    "Client", "Room", "Peer", "Message", "Question", "Context", "Store", "Identity",
+    "Client", "Room", "Peer", "Message", "Question", "ReceivedFile", "Context", "Store", "Identity",
     "command", "question", "on", "RtchatError", "UsageError", "EVENTS", "__version__",
 ]
 
@@ -103,12 +104,18 @@ ASK_TIMEOUT_S = 10.0
 HISTORY_PER_ROOM = 500
 COMMIT_WINDOW_S = 0.01                 # history writes (and so acks) are grouped: one fsync for what came meanwhile
 SIGNATURE_WAIT_S = 10.0                # a message whose signature does not follow is kept, but not passed on
+FILE_CHUNK_BYTES = 16 * 1024           # files go in chunks this size on a channel of their own ...
+FILE_BUFFER_BYTES = (256 * 1024, 1024 * 1024)  # ... sending pauses above the second until below the first
+MAX_FILE_BYTES = 4 * 1024 ** 3
+MAX_INCOMING_FILES = 4                 # at once, per room
+FILE_IDLE_S = 30.0                     # a transfer that stalls this long is given up
+FILE_DISK_RESERVE = 64 * 1024 ** 2     # a file is refused if it would leave less free space than this
 BACKFILL_MAX = 200                     # messages one peer passes another when they meet
 BACKFILL_FRAME_CHARS = 48 * 1024
 INPUT_HISTORY = 500
 STATE_FORMAT = 1
 
-EVENTS = ("message", "dm", "join", "leave", "verified", "key-changed", "delivered", "status")
+EVENTS = ("message", "dm", "join", "leave", "verified", "key-changed", "delivered", "file", "status")
 """Event names: what Room emits, what plugins subscribe to with @on, and the --json `type` values."""
 
 EX_USAGE, EX_UNAVAILABLE, EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 2, 69, 75, 77, 78
@@ -1125,6 +1132,7 @@ class Peer(Emitter):
         self.verified_at: float | None = None
         self.message_key: str | None = None     # an rtchat.py peer's certified Ed25519 key (its hello)
         self.late_signatures = False            # it takes a message's signature in a frame of its own, later
+        self.takes_files = False                # it said so in its hello
         self.pc = None
         self.channels: dict[str, Any] = {}
         self._ice = ice
@@ -1220,6 +1228,9 @@ class Peer(Emitter):
     # -- channels -----------------------------------------------------------------------------
     def _adopt(self, channel) -> None:
         label = channel.label
+        if label.startswith("file/"):  # a file on its own channel, opened by an rtchat.py peer (Room decides)
+            self.emit("file-channel", self, channel)
+            return
         if label in self.channels and self.channels[label] is not channel:
             return  # a second channel with a known label: keep the first
         self.channels[label] = channel
@@ -1228,6 +1239,20 @@ class Peer(Emitter):
             channel.on("open", self._maybe_all_open)
         if label == "chat":
             channel.on("close", lambda: self.close("chat channel closed"))
+
+    async def open_channel(self, label: str, timeout: float = 10.0):
+        """A further data channel on the live connection (in-band, no new signaling)."""
+        if self.pc is None or not self.is_open:
+            raise RtchatError(f"{self.name} is not connected")
+        channel = self.pc.createDataChannel(label)
+        opened = asyncio.get_running_loop().create_future()
+        channel.on("open", lambda: opened.done() or opened.set_result(None))
+        try:
+            await asyncio.wait_for(opened, timeout)
+        except asyncio.TimeoutError:
+            channel.close()
+            raise RtchatError(f"{self.name} did not open a channel within {timeout:g} s") from None
+        return channel
 
     def _maybe_all_open(self) -> None:
         if self.state == "connecting" and all(
@@ -1410,13 +1435,20 @@ class Message:
 
     def to_dict(self) -> dict:
         """The --json form."""
-        return {"type": self.kind, "room": self.room, "from": self.sender, "text": self.text, "ts": self.ts,
-                "id": self.id, "fingerprint": self.fingerprint, "trust": self.trust, "action": self.action,
-                **({"to": self.to} if self.to else {}), **({"relayed_by": self.relayed_by} if self.relayed_by else {})}
+        data = {"type": self.kind, "room": self.room, "from": self.sender, "text": self.text, "ts": self.ts,
+                "id": self.id, "fingerprint": self.fingerprint, "trust": self.trust, "action": self.action}
+        if self.to:
+            data["to"] = self.to
+        if self.relayed_by:
+            data["relayed_by"] = self.relayed_by
+        return data
 
     def record(self) -> dict:
         """The history form: the --json form plus the author's signature."""
-        return {**self.to_dict(), **({"sig": self.sig} if self.sig else {})}
+        record = self.to_dict()
+        if self.sig:
+            record["sig"] = self.sig
+        return record
 
     def signed_part(self, topic: str) -> bytes:
         return canonical_json([topic, self.sender, self.id, self.ts, self.text, self.action])
@@ -1439,8 +1471,14 @@ class Question:
     content: Any
 
 
+_ID_POOL: list[str] = []
+
+
 def new_id() -> str:
-    return secrets.token_hex(8)
+    """16 random hex digits: unguessable, so a peer cannot take the id of a message before it is sent."""
+    if not _ID_POOL:
+        _ID_POOL.extend(secrets.token_hex(8 * 64)[i:i + 16] for i in range(0, 16 * 64, 16))
+    return _ID_POOL.pop()
 
 
 def valid_ts(stamp: Any) -> bool:
@@ -1516,6 +1554,163 @@ class Trust:
         return self.store.update(drop)
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def human_size(size: float) -> str:
+    for unit in ("bytes", "KB", "MB"):
+        if size < 1000:
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} GB"
+
+
+def safe_file_name(name: Any) -> str:
+    """A peer's file name made harmless: no directories, no hidden files, no control characters."""
+    name = clean(name, 120).replace("/", "_").replace("\\", "_").strip().lstrip(".")
+    return name or "file"
+
+
+def unused_path(folder: Path, name: str) -> Path:
+    stem, dot, ext = name.rpartition(".") if "." in name else (name, "", "")
+    candidates = (folder / (name if n == 0 else f"{stem} ({n}){dot}{ext}") for n in itertools.count())
+    return next(p for p in candidates if not p.exists())
+
+
+@dataclasses.dataclass
+class ReceivedFile:
+    """What the 'file' event carries: a file a peer sent us, checked and saved."""
+    room: str
+    sender: str
+    name: str
+    path: Path
+    size: int
+    sha256: str
+    fingerprint: str | None
+
+
+class IncomingFile:
+    """One file arriving on its own channel: a JSON header, then raw chunks; we answer go-ahead, then done.
+
+    It is written to NAME.part (0600) and renamed (never over an existing file) once its SHA-256 matches."""
+
+    def __init__(self, room: Room, peer: Peer, channel) -> None:
+        self.room, self.peer, self.channel = room, peer, channel
+        self.header: dict | None = None
+        self.part: Path | None = None
+        self.fd = -1
+        self.got = 0
+        self.digest = hashlib.sha256()
+        self.finished = False
+        self.active = time.monotonic()
+        channel.on("message", self._on_data)
+        channel.on("close", lambda: self.fail("the sender went away", tell=False))
+        asyncio.get_running_loop().call_later(FILE_IDLE_S, self._check_idle)
+
+    def _on_data(self, data: Any) -> None:
+        self.active = time.monotonic()
+        if self.finished:
+            return
+        if self.header is None:
+            self._start(data)
+        elif not isinstance(data, bytes) or self.got + len(data) > self.header["size"]:
+            self.fail("more data than announced")
+        else:
+            try:
+                os.write(self.fd, data)
+            except OSError as exc:
+                self.fail(f"cannot write: {exc.strerror}")
+                return
+            self.digest.update(data)
+            self.got += len(data)
+            if self.got == self.header["size"]:
+                _spawn(self._finish(), f"file-{self.peer.name}")
+
+    def _start(self, data: Any) -> None:
+        header = parse_json(data) if isinstance(data, str) and len(data) < 4096 else None
+        if not (isinstance(header, dict) and isinstance(header.get("size"), int) and not isinstance(
+                header["size"], bool) and isinstance(header.get("sha256"), str) and len(header["sha256"]) == 64):
+            self.fail("a malformed file header")
+            return
+        size, folder = header["size"], self.room.files
+        if not 0 <= size <= MAX_FILE_BYTES:
+            self.fail(f"too large (at most {MAX_FILE_BYTES >> 20} MiB)")
+            return
+        try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if shutil.disk_usage(folder).free < size + FILE_DISK_RESERVE:
+                self.fail("not enough free space")
+                return
+            self.header = {"name": safe_file_name(header.get("name")), "size": size, "sha256": header["sha256"]}
+            self.part = unused_path(folder, self.header["name"] + f".{new_id()}.part")
+            self.fd = os.open(self.part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            self.fail(f"cannot write: {exc.strerror}")
+            return
+        self._reply({"ok": True})
+        if size == 0:
+            _spawn(self._finish(), f"file-{self.peer.name}")
+
+    async def _finish(self) -> None:
+        self.finished = True
+        if self.digest.hexdigest() != self.header["sha256"].lower():
+            self.finished = False
+            self.fail("the SHA-256 does not match")
+            return
+        try:
+            fd, self.fd = self.fd, -1
+            await asyncio.get_running_loop().run_in_executor(None, sync_and_close, fd)
+            while True:  # link, not rename: a file that appeared meanwhile is never replaced
+                path = unused_path(self.room.files, self.header["name"])
+                try:
+                    os.link(self.part, path)
+                    break
+                except FileExistsError:
+                    continue
+            self.part.unlink()
+        except (OSError, StateError) as exc:
+            self.finished = False
+            self.fail(f"cannot save: {exc}")
+            return
+        self._reply({"ok": True, "saved": path.name})
+        self.room._incoming.discard(self)
+        self.room.emit("file", ReceivedFile(self.room.name, self.peer.name, self.header["name"], path,
+                                            self.header["size"], self.header["sha256"], self.peer.fingerprint))
+
+    def fail(self, reason: str, tell: bool = True) -> None:
+        if self.finished or self not in self.room._incoming:
+            return
+        self.room._incoming.discard(self)
+        if tell:
+            self._reply({"ok": False, "error": reason})
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.part is not None:
+            with contextlib.suppress(OSError):
+                self.part.unlink()
+        if self.header is not None:
+            self.room.emit("status", f"-!- a file from {self.room.label(self.peer)} "
+                                     f"({self.header['name']}) was not saved: {reason}")
+        self.channel.close()
+
+    def _reply(self, value: dict) -> None:
+        if self.channel.readyState == "open":
+            self.channel.send(to_json(value))
+
+    def _check_idle(self) -> None:
+        if self in self.room._incoming:
+            if time.monotonic() - self.active > FILE_IDLE_S:
+                self.fail(f"nothing came for {FILE_IDLE_S:g} s")
+            else:
+                asyncio.get_running_loop().call_later(FILE_IDLE_S, self._check_idle)
+
+
 class Seal:
     """A sealed room: topic and AEAD key from room + secret through scrypt, so the broker sees only ciphertext."""
 
@@ -1541,9 +1736,10 @@ class Room(Emitter):
 
     def __init__(self, name: str, *, me: str, identity: Identity, signaling: Signaling, trust: Trust,
                  store: Store, ice: RTCConfiguration, questions: dict[str, Callable],
-                 seal: Seal | None = None, history: HistoryLog | None = None) -> None:
+                 seal: Seal | None = None, history: HistoryLog | None = None, files: Path | None = None) -> None:
         super().__init__()
         self.name = name
+        self.files = files                     # where received files go; None: refuse them
         self.me = me
         self.identity = identity
         self.signaling = signaling
@@ -1579,6 +1775,7 @@ class Room(Emitter):
         self._to_sign: list[tuple[Message, dict, list[tuple[Peer, str]]]] = []  # ours, sent ahead of their signature
         self._unsigned: dict[tuple[str, str], tuple[dict, Peer, str, float]] = {}  # theirs, likewise; by deadline
         self._unsigned_sweep: asyncio.TimerHandle | None = None
+        self._incoming: set[IncomingFile] = set()
         self._last_announce = 0.0
         self._announce_timer: asyncio.TimerHandle | None = None
         self._committing = False
@@ -1685,6 +1882,64 @@ class Room(Emitter):
         if not peer.is_verified:
             raise UsageError(f"{self.label(peer)} is not verified yet")
         return await peer.ask(topic, content, timeout)
+
+    async def send_file(self, name: str, path: str | os.PathLike) -> str:
+        """Send a file to one rtchat.py peer on a channel of its own; returns the name it was saved under,
+        once the peer has all of it on disk with the right SHA-256. Raises RtchatError if it refuses or fails."""
+        peer = self.find(name)
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise UsageError(f"{path} is not a file")
+        if not (peer.is_verified and peer.takes_files):
+            raise UsageError(f"{self.label(peer)} does not take files (a browser, or started with --files off)")
+        try:
+            size = path.stat().st_size
+            digest = await asyncio.get_running_loop().run_in_executor(None, file_sha256, path)
+        except OSError as exc:
+            raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+        channel = await peer.open_channel(f"file/{new_id()}")
+        replies: asyncio.Queue = asyncio.Queue()
+        channel.on("message", replies.put_nowait)
+        channel.on("close", lambda: replies.put_nowait(None))
+        try:
+            channel.send(to_json({"name": path.name, "size": size, "sha256": digest}))
+            await self._file_reply(peer, replies)  # the go-ahead
+            await self._stream_file(channel, path, size, replies)
+            return clean((await self._file_reply(peer, replies)).get("saved"), 255)
+        finally:
+            channel.close()
+
+    async def _file_reply(self, peer: Peer, replies: asyncio.Queue) -> dict:
+        try:
+            data = await asyncio.wait_for(replies.get(), FILE_IDLE_S)
+        except asyncio.TimeoutError:
+            raise RtchatError(f"{self.label(peer)} did not answer about the file within {FILE_IDLE_S:g} s") from None
+        reply = parse_json(data) if isinstance(data, str) and len(data) < 4096 else None
+        if not isinstance(reply, dict):
+            raise RtchatError(f"{self.label(peer)} closed the transfer")
+        if reply.get("ok") is not True:
+            raise RtchatError(f"{self.label(peer)} refused the file: {clean(reply.get('error'), 200)}")
+        return reply
+
+    @staticmethod
+    async def _stream_file(channel, path: Path, size: int, replies: asyncio.Queue) -> None:
+        """Chunks as fast as the channel drains them; stops early if the receiver speaks up (it gave up)."""
+        low, high = FILE_BUFFER_BYTES
+        channel.bufferedAmountLowThreshold = low
+        drained = asyncio.Event()
+        channel.on("bufferedamountlow", drained.set)
+        with path.open("rb") as f:
+            left = size
+            while left > 0 and replies.empty():
+                if channel.bufferedAmount > high:
+                    drained.clear()
+                    await asyncio.wait_for(drained.wait(), FILE_IDLE_S)
+                    continue
+                chunk = f.read(min(FILE_CHUNK_BYTES, left))
+                if not chunk:
+                    raise RtchatError(f"{path} got shorter while it was being sent")
+                channel.send(chunk)
+                left -= len(chunk)
 
     async def wait_for_peers(self, count: int = 1, timeout: float = 30.0) -> list[Peer]:
         """Until count peers are verified; NoPeers after timeout."""
@@ -2076,6 +2331,7 @@ class Room(Emitter):
         peer._candidates = self._candidates.pop(peer.name, [])
         peer.on("open", self._on_open)
         peer.on("frame", self._on_frame)
+        peer.on("file-channel", self._on_file_channel)
         peer.on("closed", self._on_closed)
         return peer
 
@@ -2133,7 +2389,8 @@ class Room(Emitter):
         self.emit("join", peer)
         if peer.is_rtchat_py and peer.channel_bound:
             peer.send("chat", {"t": "hello", "mkey": self.identity.message_public,
-                               "mcert": self.identity.message_cert, "late_sigs": True})
+                               "mcert": self.identity.message_cert, "late_sigs": True,
+                               "files": self.files is not None})
         for label, value in self._early.pop(peer.name, []):
             self._on_frame(peer, label, value)
         self._send_outbox(peer)
@@ -2163,6 +2420,13 @@ class Room(Emitter):
             _spawn(self._answer_question(peer, value), f"question-{peer.name}")
         else:
             self._on_text(peer, label, value)
+
+    def _on_file_channel(self, peer: Peer, channel) -> None:
+        if self.files is None or not (peer.is_verified and peer.is_rtchat_py) or \
+                len(self._incoming) >= MAX_INCOMING_FILES:
+            channel.close()
+            return
+        self._incoming.add(IncomingFile(self, peer, channel))
 
     def _answer_identity(self, peer: Peer, value: Any) -> bool:
         """Answer identify/challenge at once, from anyone: browsers ask before they talk to us (§6.4)."""
@@ -2208,11 +2472,9 @@ class Room(Emitter):
     def _on_text(self, peer: Peer, label: str, value: Any) -> None:
         kind = "message" if label == "chat" else "dm"
         if isinstance(value, dict) and peer.is_rtchat_py:
-            handler = {"msg": self._on_signed_text, "sigs": self._on_signatures, "ack": self._on_ack,
-                       "hello": self._on_hello, "sync": self._on_sync,
-                       "backfill": self._on_backfill}.get(value.get("t"))
+            handler = self._FRAMES.get(value.get("t"))
             if handler is not None:
-                handler(peer, kind, value)
+                handler(self, peer, kind, value)
             return
         text = value if isinstance(value, str) else to_json(value)
         self._accept(Message(id=new_id(), room=self.name, sender=peer.name, text=clean(text, keep_newlines=True),
@@ -2363,6 +2625,7 @@ class Room(Emitter):
             return
         peer.message_key = value["mkey"]
         peer.late_signatures = value.get("late_sigs") is True
+        peer.takes_files = value.get("files") is True
         author = {"key": peer.key_string, "mkey": value["mkey"], "mcert": value["mcert"]}
         if self.store.data["authors"].get(peer.fingerprint) != author:
             self.store.defer(lambda d: d["authors"].__setitem__(peer.fingerprint, author))
@@ -2493,6 +2756,10 @@ class Room(Emitter):
             ids = {e["id"] for e in waiting}
             self.store.update(lambda d: d.update(outbox=[e for e in d["outbox"] if e.get("id") not in ids]))
 
+    # what rtchat.py peers send each other on chat and dm, besides plain text (browsers' frames)
+    _FRAMES = {"msg": _on_signed_text, "sigs": _on_signatures, "ack": _on_ack, "hello": _on_hello, "sync": _on_sync,
+               "backfill": _on_backfill}
+
 
 def default_state_path() -> Path:
     return Path(os.environ.get("RTCHAT_STATE") or "~/.rtchat.json").expanduser()
@@ -2521,8 +2788,9 @@ class Client(Emitter):
 
     def __init__(self, name: str, *, broker: str = DEFAULT_BROKER, state: str | os.PathLike | None = None,
                  ice: list[str] | None = None, ice_hosts: list[str] | None = None, trust: str = "new",
-                 passphrase: str | None = None) -> None:
+                 passphrase: str | None = None, files: str | os.PathLike | None = None) -> None:
         super().__init__()
+        self.files = Path(files).expanduser() if files else None  # where files peers send go; None: refused
         require_packages()
         self.name = check_display_name(name)
         self.store = Store(state or default_state_path())
@@ -2566,7 +2834,7 @@ class Client(Emitter):
             return self.rooms[name]
         seal = await asyncio.get_running_loop().run_in_executor(None, Seal, name, secret) if secret else None
         joined = Room(name, me=self.me, identity=self.identity, signaling=self.signaling, trust=self.trust,
-                      store=self.store, ice=self.ice, questions=self.questions, seal=seal)
+                      store=self.store, ice=self.ice, questions=self.questions, seal=seal, files=self.files)
         self.rooms[name] = joined
         await joined.join()
         return joined
@@ -2810,6 +3078,26 @@ async def _msg(ctx: Context, args: str) -> None:
     await ctx.dm(name, text)
 
 
+@command("send", "file", help="send a file to one rtchat.py peer", usage="/send NAME PATH",
+         example="/send bob report.pdf")
+async def _send(ctx: Context, args: str) -> None:
+    name, path = _split_first(args, "/send NAME PATH")
+    if not path:
+        raise UsageError("usage: /send NAME PATH")
+    size = os.path.getsize(os.path.expanduser(path)) if os.path.isfile(os.path.expanduser(path)) else 0
+    ctx.echo(f"-!- sending {path} ({human_size(size)}) to {name} ...")
+    started = time.monotonic()
+    try:
+        saved = await ctx.room.send_file(name, path)
+    except RtchatError as exc:
+        if isinstance(exc, UsageError):
+            raise
+        ctx.echo(f"-!- {exc}")
+        return
+    took = max(time.monotonic() - started, 1e-3)
+    ctx.echo(f"-!- {name} has {path} as {saved} ({human_size(size)} in {took:.1f} s, checked)")
+
+
 @command("me", help="say what you are doing", usage="/me ACTION", example="/me waves")
 async def _me(ctx: Context, args: str) -> None:
     if not args:
@@ -2998,11 +3286,11 @@ class Printer:
         indent = " " * (len(time.strftime("%H:%M")) + 1)
         self._write(self.out, f"{stamp} {who} {lines[0]}" + "".join(f"\n{indent}  {line}" for line in lines[1:]))
 
-    def event(self, kind: str, room: str, name: str, text: str = "", fp: str | None = None) -> None:
-        """join/leave/key-changed lines: NDJSON on stdout in json style, else a marked line for people."""
+    def event(self, kind: str, room: str, name: str, text: str = "", fp: str | None = None, **extra: Any) -> None:
+        """join/leave/key-changed/file lines: NDJSON on stdout in json style, else a marked line for people."""
         if self.style == "json":
             self._write(self.out, json.dumps({"type": kind, "room": room, "from": name, "text": text,
-                                              "fingerprint": fp, "ts": now_ms()}, ensure_ascii=False))
+                                              "fingerprint": fp, "ts": now_ms(), **extra}, ensure_ascii=False))
             return
         marker = {"join": "-->", "leave": "<--"}.get(kind, "-!-")
         self.status(f"{marker} {name} {text}".rstrip(), 32 if kind == "join" else 33 if kind == "leave" else 31)
@@ -3088,6 +3376,11 @@ class App:
         elif event == "delivered":
             msg_id, peer = args
             self.printer.status(f"-!- delivered to {room.label(peer)}", 2)
+        elif event == "file":
+            got = args[0]
+            self.printer.event("file", room.name, room.label(got.sender),
+                               f"sent {got.name} ({human_size(got.size)}), saved as {got.path}", got.fingerprint,
+                               name=got.name, path=str(got.path), size=got.size, sha256=got.sha256)
         elif event == "status":
             self.printer.status(clean(args[0], 500), 31)
 
@@ -3289,6 +3582,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--trust", choices=Trust.POLICIES, default="new",
                         help="which peer keys to accept: new = pin unknown names, refuse changed keys "
                              "(default); known = only pinned keys; any = everything")
+    parser.add_argument("--files", default=env("RTCHAT_FILES", "~/Downloads/rtchat"), metavar="DIR|off",
+                        help="where files rtchat.py peers send you are saved (default ~/Downloads/rtchat; "
+                             "off refuses them)")
     parser.add_argument("--listen", action="store_true", help="print received messages to stdout; send nothing")
     parser.add_argument("--json", action="store_true", help="with --listen: one JSON object per line")
     parser.add_argument("--count", type=int, metavar="N", help="with --listen: exit after N messages")
@@ -3330,7 +3626,7 @@ async def run(args: argparse.Namespace) -> int:
         if isinstance(stored, dict) and stored.get("encrypted"):
             passphrase = getpass.getpass("passphrase for your rtchat key: ")
     client = Client(name, broker=args.broker, state=state_path, ice=args.ice, ice_hosts=args.ice_host,
-                    trust=args.trust, passphrase=passphrase)
+                    trust=args.trust, passphrase=passphrase, files=None if args.files == "off" else args.files)
     style = "chat" if interactive else "json" if args.json else "plain"
     printer = Printer(style, use_color(sys.stdout, args.color))
     registry = Registry()

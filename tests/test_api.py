@@ -6,20 +6,24 @@ import rtchat
 
 def test_public_names():
     assert set(rtchat.__all__) == {
-        "Client", "Room", "Peer", "Message", "Question", "Context", "Store", "Identity",
+        "Client", "Room", "Peer", "Message", "Question", "ReceivedFile", "Context", "Store", "Identity",
         "command", "question", "on", "RtchatError", "UsageError", "EVENTS", "__version__"}
     for name in rtchat.__all__:
         assert hasattr(rtchat, name)
 
 
 def test_event_names():
-    assert rtchat.EVENTS == ("message", "dm", "join", "leave", "verified", "key-changed", "delivered", "status")
+    assert rtchat.EVENTS == ("message", "dm", "join", "leave", "verified", "key-changed", "delivered", "file",
+                             "status")
 
 
 def test_signatures():
     assert list(inspect.signature(rtchat.Client).parameters) == [
-        "name", "broker", "state", "ice", "ice_hosts", "trust", "passphrase"]
+        "name", "broker", "state", "ice", "ice_hosts", "trust", "passphrase", "files"]
     assert list(inspect.signature(rtchat.Room.send).parameters) == ["self", "text", "action"]
+    # sending never waits (it queues on the channel), so an event handler can reply at once
+    assert not inspect.iscoroutinefunction(rtchat.Room.send) and not inspect.iscoroutinefunction(rtchat.Room.dm)
+    assert list(inspect.signature(rtchat.Room.send_file).parameters) == ["self", "name", "path"]
     assert list(inspect.signature(rtchat.Room.dm).parameters) == ["self", "name", "text"]
     assert list(inspect.signature(rtchat.Room.ask).parameters) == ["self", "name", "topic", "content", "timeout"]
     assert list(inspect.signature(rtchat.command).parameters) == ["name", "aliases", "help", "usage", "example"]

@@ -53,7 +53,7 @@ class Scene:
 
     async def __aenter__(self):
         self.alice = await make_client("alice", self.tmp_path, self.broker.url).start()
-        self.bob = await make_client("bob", self.tmp_path, self.broker.url).start()
+        self.bob = await make_client("bob", self.tmp_path, self.broker.url, files=self.tmp_path / "bob-files").start()
         registry, _, _ = registry_with_contrib()
         self.out = io.StringIO()
         self.app = rtchat.App(self.alice, registry, rtchat.Printer("chat", False, self.out, self.out))
@@ -108,6 +108,13 @@ def test_lines_and_commands(broker, tmp_path):
             assert "pinned bob" in await s.line("/trust bob")
             assert s.alice.identity.fingerprint[:4] in (await s.line("/whoami")).replace(" ", "")
             assert "give dice as NdS" in await s.line("/roll lots")
+            (tmp_path / "notes.txt").write_text("for bob")
+            await eventually(lambda: s.app.room.peers["bob"].takes_files, what="bob's hello")
+            out = await s.line(f"/send bob {tmp_path / 'notes.txt'}")
+            assert "bob has" in out and "as notes.txt (7 bytes" in out and "checked" in out, out
+            assert (tmp_path / "bob-files" / "notes.txt").read_text() == "for bob"
+            assert "is not a file" in await s.line(f"/send bob {tmp_path / 'nope.txt'}")
+            assert "usage: /send NAME PATH" in await s.line("/send bob")
     run(scenario())
 
 
