@@ -102,7 +102,9 @@ PEER_SILENT_S = 8.0                    # no pong from a peer that used to answer
 PROBE_TIMEOUT_S = 1.5                  # an unload/offer hint for a live session is checked by ping
 ASK_TIMEOUT_S = 10.0
 HISTORY_PER_ROOM = 500
-COMMIT_WINDOW_S = 0.01                 # history writes (and so acks) are grouped: one fsync for what came meanwhile
+COMMIT_GATHER_S = 0.002                # history writes (and so acks) are grouped: one fsync for what came within
+COMMIT_EVERY_S = 0.1                   # this, and no more often than this while messages keep coming
+COMMIT_SLICE = 32                      # messages written (or signatures sent) between looks at what arrived
 SIGNATURE_WAIT_S = 10.0                # a message whose signature does not follow is kept, but not passed on
 FILE_CHUNK_BYTES = 16 * 1024           # files go in chunks this size on a channel of their own ...
 FILE_BUFFER_BYTES = (256 * 1024, 1024 * 1024)  # ... sending pauses above the second until below the first
@@ -807,10 +809,11 @@ class HistoryLog:
         self.path = path
         self.limit = limit
         self._entries: list[dict] = []
+        self._lines: list[bytes] = []   # each entry's line as stored: compaction copies them, never re-encodes
         self._ids: set[str] = set()
         self._size = -1
         self._torn = False
-        self._lock = threading.RLock()  # for library users who write from threads of their own
+        self._lock = threading.RLock()  # compaction runs in a worker thread
 
     def entries(self) -> list[dict]:
         """All entries, oldest first, re-read only when the file changed (another process appended)."""
@@ -823,7 +826,7 @@ class HistoryLog:
         except FileNotFoundError:
             return self._entries
         if size != self._size:
-            entries, ids, line = [], set(), b"\n"
+            entries, lines, ids, line = [], [], set(), b"\n"
             with self.path.open("rb") as f:
                 for line in f:
                     try:
@@ -833,7 +836,8 @@ class HistoryLog:
                     if isinstance(entry, dict) and isinstance(entry.get("id"), str) and entry["id"] not in ids:
                         ids.add(entry["id"])
                         entries.append(entry)
-            self._entries, self._ids, self._size = entries, ids, size
+                        lines.append(line if line.endswith(b"\n") else line + b"\n")
+            self._entries, self._lines, self._ids, self._size = entries, lines, ids, size
             self._torn = not line.endswith(b"\n")  # a line cut by a crash: ours must start on a new one
         return self._entries
 
@@ -844,54 +848,74 @@ class HistoryLog:
 
     def append(self, new: list[dict], sync: bool = True) -> None:
         """Add entries; with sync, return only once they are on disk (before they are acknowledged)."""
-        fd = self.write(new, keep_open=sync)
-        if fd is not None:
-            sync_and_close(fd)
+        self.write(new)
+        if sync:
+            self.sync()
+        if self.needs_compaction:
+            self.compact()
 
-    def write(self, new: list[dict], keep_open: bool = False) -> int | None:
-        """Add entries to the file, not yet surely on disk. With keep_open, return the file's descriptor for
-        sync_and_close(): the fsync can then wait in a thread while this, the Python part, stays on the loop."""
-        with self._lock:
-            if not self.path.parent.is_dir():
-                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            # The lock is a file of its own: compaction replaces the data file, and a lock on it would go too.
-            lock = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    def sync(self) -> None:
+        """What makes the writes so far durable. It blocks, so a Room runs it in a thread (it holds no lock)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError as exc:
+            raise StateError(f"cannot write history file {self.path}: {exc}") from None
+        sync_and_close(fd)
+
+    def write(self, new: list[dict]) -> None:
+        """Add entries to the file, not yet surely on disk (see sync): this, the Python part, stays on the loop."""
+        with self._lock, self._file_lock():
             fd = -1
             try:
-                if fcntl:
-                    fcntl.flock(lock, fcntl.LOCK_EX)
                 fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
                 self._read()
-                fresh = [e for e in new if e["id"] not in self._ids]
-                if fresh:
-                    data = "".join(json.dumps(e, ensure_ascii=False, separators=(",", ":")) + "\n"
-                                   for e in fresh).encode()
-                    os.write(fd, b"\n" + data if self._size > 0 and self._torn else data)
-                    self._entries.extend(fresh)
-                    self._ids.update(e["id"] for e in fresh)
+                lines = [(json.dumps(e, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+                         for e in new if e["id"] not in self._ids]
+                if lines:
+                    os.write(fd, b"".join([b"\n"] + lines if self._size > 0 and self._torn else lines))
+                    self._entries.extend(e for e in new if e["id"] not in self._ids)
+                    self._lines.extend(lines)
+                    self._ids.update(e["id"] for e in new)
                     self._size, self._torn = os.fstat(fd).st_size, False
-                    if len(self._entries) > 2 * self.limit:
-                        self._compact()
-                if keep_open and fresh:
-                    fd, kept = -1, fd
-                    return kept
-                return None
             except OSError as exc:
                 raise StateError(f"cannot write history file {self.path}: {exc}") from None
             finally:
                 if fd >= 0:
                     os.close(fd)
-                os.close(lock)
 
-    def _compact(self) -> None:
-        keep = self._entries[-self.limit:]
-        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(e, ensure_ascii=False, separators=(",", ":")) + "\n" for e in keep)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        self._entries, self._ids, self._size = keep, {e["id"] for e in keep}, self.path.stat().st_size
+    @property
+    def needs_compaction(self) -> bool:
+        return len(self._entries) > 2 * self.limit
+
+    def compact(self) -> None:
+        """Keep the newest `limit` entries: a new file, fsynced, put in place. Blocks: a Room runs it in a thread."""
+        with self._lock, self._file_lock():
+            try:
+                self._read()
+                keep, lines = self._entries[-self.limit:], self._lines[-self.limit:]
+                fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(b"".join(lines))
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+                self._entries, self._lines, self._ids = keep, lines, {e["id"] for e in keep}
+                self._size = self.path.stat().st_size
+            except OSError as exc:
+                raise StateError(f"cannot compact history file {self.path}: {exc}") from None
+
+    @contextlib.contextmanager
+    def _file_lock(self):
+        """Between processes. A file of its own: compaction replaces the data file, and a lock on it would go too."""
+        if not self.path.parent.is_dir():
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lock = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if fcntl:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(lock)
 
 
 # =============================================================================
@@ -1779,6 +1803,7 @@ class Room(Emitter):
         self._last_announce = 0.0
         self._announce_timer: asyncio.TimerHandle | None = None
         self._committing = False
+        self._last_commit = 0.0
         self._tasks: list[asyncio.Task] = []
         self._peer_event = asyncio.Event()
         self.joined = False
@@ -2544,8 +2569,8 @@ class Room(Emitter):
         self.emit(msg.kind, msg)
 
     def _commit_later(self, entry: dict, ack_to: Peer | None = None, ack_label: str = "chat") -> None:
-        """Group history writes: one fsync (in a thread, off the loop) for what arrived within COMMIT_WINDOW_S,
-        then the acks. What a message costs on its way to the screen stays small; the rest is shared."""
+        """Group history writes: one fsync (in a thread, off the loop) for what arrived meanwhile, then the acks.
+        What a message costs on its way to the screen stays small; the rest is shared (see COMMIT_EVERY_S)."""
         self._known.add(entry["id"])
         if not self._committing:
             self._committing = True
@@ -2562,19 +2587,27 @@ class Room(Emitter):
     async def _commit(self) -> None:
         try:
             while self._to_commit:
-                await asyncio.sleep(COMMIT_WINDOW_S)
+                await asyncio.sleep(max(COMMIT_GATHER_S, self._last_commit + COMMIT_EVERY_S - time.monotonic()))
+                self._last_commit = time.monotonic()
                 batch, self._to_commit = self._to_commit, []
                 to_sign, self._to_sign = self._to_sign, []
                 await self._sign(to_sign)
                 try:
+                    for start in range(0, len(batch), COMMIT_SLICE):  # a long batch in slices, for messages arriving
+                        self.log.write([entry for entry, _, _ in batch[start:start + COMMIT_SLICE]])
+                        await asyncio.sleep(0)
                     # Only what we acknowledge must be on disk first; what we sent is safe with whoever acked it.
-                    fd = self.log.write([entry for entry, _, _ in batch], keep_open=any(p for _, p, _ in batch))
-                    if fd is not None:
-                        await asyncio.get_running_loop().run_in_executor(None, sync_and_close, fd)
+                    if any(peer for _, peer, _ in batch):
+                        await asyncio.get_running_loop().run_in_executor(None, self.log.sync)
                 except StateError as exc:
                     self.emit("status", f"-!- {exc}; messages are not acknowledged")
                     continue
                 self._send_acks(batch)
+                if self.log.needs_compaction:
+                    try:
+                        await asyncio.get_running_loop().run_in_executor(None, self.log.compact)
+                    except StateError as exc:
+                        self.emit("status", f"-!- {exc}")
         finally:
             self._committing = False
 
@@ -2589,7 +2622,10 @@ class Room(Emitter):
             for peer, label in sent:
                 sigs.setdefault((peer, label), {})[msg.id] = msg.sig
         for (peer, label), batch in sigs.items():
-            peer.send(label, {"t": "sigs", "sigs": batch})
+            ids = list(batch)
+            for start in range(0, len(ids), COMMIT_SLICE):
+                peer.send(label, {"t": "sigs", "sigs": {i: batch[i] for i in ids[start:start + COMMIT_SLICE]}})
+                await asyncio.sleep(0)
 
     def _send_acks(self, batch: list[tuple[dict, Peer | None, str]]) -> None:
         acks: dict[tuple[Peer, str], list[str]] = {}
