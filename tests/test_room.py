@@ -235,3 +235,45 @@ def test_sealed_room_hides_everything_from_the_broker(broker, tmp_path):
         assert ra.topic != re_.topic and not re_.peers
         await close_all([alice, bob, outsider])
     run(scenario())
+
+
+def test_signatures_follow_their_messages(broker, tmp_path, monkeypatch):
+    """A message goes out before its signature; the receiver writes it (and acks) once the signature is
+    there, or after SIGNATURE_WAIT_S without one (then it is kept, but never passed on as signed)."""
+    monkeypatch.setattr(rtchat, "SIGNATURE_WAIT_S", 0.5)
+
+    async def scenario():
+        (alice, bob), (ra, rb) = await pair(tmp_path, broker.url)
+        await eventually(lambda: ra.peers["bob"].late_signatures and rb.peers["alice"].message_key,
+                         what="hellos")
+        frames = []
+        peer = ra.peers["bob"]
+        original = peer.send
+        peer.send = lambda label, value: (frames.append(value), original(label, value))[1]
+        sent = ra.send("signed later")
+        assert "sig" not in frames[0] and frames[0]["text"] == "signed later"
+        assert await ra.flush(5)
+        assert any(f.get("t") == "sigs" and f["sigs"] == {sent.id: sent.sig} for f in frames if isinstance(f, dict))
+        stored = {e["id"]: e for e in rb.log.entries()}
+        assert stored[sent.id]["sig"] == sent.sig
+        assert rtchat.verify_message(alice.identity.message_public, sent.sig, sent.signed_part(ra.topic))
+        # a peer that never sends the signature: shown at once, written unsigned later, and acknowledged
+        got, acked = [], []
+        rb.on("message", got.append)
+        on_ack = rtchat.Room._on_ack
+        monkeypatch.setitem(rtchat.Room._FRAMES, "ack", lambda room, p, kind, value: (
+            acked.extend(value.get("ids", [])), on_ack(room, p, kind, value)))
+        original("chat", {"t": "msg", "id": "nosig-1", "ts": rtchat.now_ms(), "text": "never signed",
+                          "action": False})
+        await eventually(lambda: got, what="the unsigned message shown")
+        await eventually(lambda: "nosig-1" in {e["id"] for e in rb.log.entries()}, what="written after the wait")
+        assert {e["id"]: e for e in rb.log.entries()}["nosig-1"].get("sig") is None
+        await eventually(lambda: "nosig-1" in acked, what="the ack")
+        # an rtchat.py that wants signatures inline gets them inline
+        peer.late_signatures = False
+        frames.clear()
+        inline = ra.send("signed now")
+        assert frames[0]["sig"] == inline.sig and inline.sig
+        assert await ra.flush(5)
+        await close_all([alice, bob])
+    run(scenario())

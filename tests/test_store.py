@@ -89,3 +89,22 @@ def test_instances_get_rtchat_style_suffixes(tmp_path):
         client.store.load()
     assert first.store.update(first._claim_instance) == 0
     assert second.store.update(second._claim_instance) == 1
+
+
+def test_history_log_appends_compacts_and_survives_a_torn_line(tmp_path):
+    path = tmp_path / "h" / "room.jsonl"
+    log = rtchat.HistoryLog(path, limit=5)
+    log.append([{"id": f"m{i}", "text": f"line {i} ü"} for i in range(7)])
+    log.append([{"id": "m3", "text": "a duplicate id is ignored"}])
+    assert [e["id"] for e in log.entries()] == [f"m{i}" for i in range(7)]
+    with path.open("ab") as f:
+        f.write(b'{"id": "torn", "text": "cut by a cra')          # a crash in the middle of a line
+    log.append([{"id": f"m{i}", "text": f"line {i} ü"} for i in range(7, 11)])
+    assert not log.needs_compaction                              # append() compacted at 11 > 2 * 5
+    fresh = rtchat.HistoryLog(path, limit=5)                     # what another process reads
+    assert [e["id"] for e in fresh.entries()] == ["m6", "m7", "m8", "m9", "m10"]
+    assert fresh.entries()[-1]["text"] == "line 10 ü"
+    assert path.read_bytes().count(b"\n") == 5 and oct(path.stat().st_mode & 0o777) == "0o600"
+    log.write([{"id": "m11", "text": "after compaction"}])
+    log.sync()
+    assert [e["id"] for e in rtchat.HistoryLog(path).entries()][-2:] == ["m10", "m11"]
