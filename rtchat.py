@@ -39,6 +39,7 @@ import tempfile
 import threading
 import time
 import unicodedata
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ try:  # Checked in main() and Client(): a missing package is one clear line, not
 except ImportError:
     pass
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
     "Client", "Room", "Peer", "Message", "Question", "ReceivedFile", "Context", "Store", "Identity",
     "command", "question", "on", "RtchatError", "UsageError", "EVENTS", "__version__",
@@ -379,8 +380,24 @@ def parse_json(text: str | bytes) -> Any:
         raise ValueError(str(exc)[:200]) from None
 
 
-def encode_envelope(envelope: dict) -> bytes:
-    """Always lz-compressed: browsers drop raw payloads of even length (rtchat-wire.md §4.1)."""
+COMPACT_MAGIC = b"\x00rtc1"   # an envelope between rtchat.py peers, on an inbox only they read: zlib'd JSON ...
+COMPACT_DICT = (               # ... with this preset dictionary: what every offer and answer repeats. Fixed for rtc1.
+    b'{"sender":"","timestamp":17,"subtopic":"RTCAnswer","data":{"localDescription":{"type":"answer","sdp":'
+    b'"v=0\\r\\no=- 4004300366 4004300366 IN IP4 0.0.0.0\\r\\ns=-\\r\\nt=0 0\\r\\na=group:BUNDLE 0\\r\\n'
+    b'a=msid-semantic:WMS *\\r\\nm=application 5 UDP/DTLS/SCTP webrtc-datachannel\\r\\nc=IN IP4 127.0.0.1\\r\\n'
+    b'a=mid:0\\r\\na=sctp-port:5000\\r\\na=max-message-size:262144\\r\\na=candidate: 1 udp 2130706431 192.168.'
+    b' typ host\\r\\na=candidate: 1 udp 1694498815  typ srflx raddr  rport \\r\\na=end-of-candidates\\r\\n'
+    b'a=ice-ufrag:\\r\\na=ice-pwd:\\r\\na=fingerprint:sha-256 \\r\\na=setup:active\\r\\na=setup:actpass\\r\\n"},'
+    b'"target":""},"nonce":"","mk":"","sig":""}{"userInfo":{"client":"rtchat-py/0.2.0","inbox":""},"offer":'
+    b'{"localDescription":{"type":"offer","sdp":"RTCOffer')
+
+
+def encode_envelope(envelope: dict, compact: bool = False) -> bytes:
+    """lz-compressed for the room topic: browsers drop raw payloads of even length (rtchat-wire.md §4.1).
+    compact: for an rtchat.py peer's inbox (browsers never see it), half the size."""
+    if compact:
+        deflate = zlib.compressobj(9, zdict=COMPACT_DICT)
+        return COMPACT_MAGIC + deflate.compress(to_json(envelope).encode()) + deflate.flush()
     return lz_compress(to_json(envelope))
 
 
@@ -389,8 +406,14 @@ def decode_envelope(payload: bytes) -> dict | None:
     if not payload or len(payload) > MAX_PAYLOAD_BYTES:
         return None
     envelope = None
-    with contextlib.suppress(ValueError):
-        envelope = parse_json(payload.decode("utf-8"))
+    if payload.startswith(COMPACT_MAGIC):
+        with contextlib.suppress(ValueError, zlib.error):
+            inflate = zlib.decompressobj(zdict=COMPACT_DICT)
+            text = inflate.decompress(payload[len(COMPACT_MAGIC):], MAX_DECOMPRESSED_CHARS)
+            envelope = parse_json(text) if not inflate.unconsumed_tail else None
+    if not isinstance(envelope, dict):
+        with contextlib.suppress(ValueError):
+            envelope = parse_json(payload.decode("utf-8"))
     if not isinstance(envelope, dict):
         text = lz_decompress(payload)
         if not text:
@@ -1145,6 +1168,8 @@ class Peer(Emitter):
         self.fingerprint: str | None = None
         self.client_tag = client_tag
         self.signed_key: str | None = None   # key that signed this session's offer/answer
+        self.signal_mkey: str | None = None  # or the message key that did (compact signaling, §rtchat.py)
+        self.pending_id: dict | None = None  # its identity frame, when it came before our side was open
         self.signal_ts: float | None = None  # sender's timestamp on that offer/answer: older messages are replays
         self.state = "seen"                  # seen, connecting, open, verified, closed
         self.is_offerer = False
@@ -1435,6 +1460,14 @@ class Peer(Emitter):
 # =============================================================================
 
 SIGNING_CONTEXT = b"rtchat-signaling-v1\n"   # keeps signaling signatures apart from identify/challenge ones
+ID_CONTEXT = b"rtchat-channel-id-v1\n"      # what an identity signs to claim a channel, in the channel
+LEGACY_MEMORY_S = 600.0   # after seeing a browser or an rtchat.py 0.1 in a room, announce with our key this long
+
+
+def speaks_compact(tag: str | None) -> bool:
+    """rtchat.py 0.2 and later: compact signaling on its inbox, identities proven in the channel."""
+    match = re.fullmatch(r"rtchat-py/(\d+)\.(\d+)(?:\..*)?", tag or "")
+    return bool(match) and (int(match[1]), int(match[2])) >= (0, 2)
 
 
 @dataclasses.dataclass
@@ -1781,9 +1814,11 @@ class Room(Emitter):
         # process in a room of N would decompress all N² of them (browsers ignore the extra userInfo field).
         inbox_tag = secrets.token_hex(8)
         self.inbox = f"{self.topic}/{inbox_tag}"
-        self._inboxes: dict[str, str] = {}      # wire name -> that rtchat.py peer's inbox topic
+        self._inboxes: dict[str, tuple[str, bool]] = {}  # wire name -> its inbox topic, speaks compact
         self.user_info = {"publicKeyString": identity.public_key_string, "client": CLIENT_TAG,
                           "inbox": inbox_tag}
+        self.compact_info = {"client": CLIENT_TAG, "inbox": inbox_tag}  # what rtchat.py peers need
+        self._legacy_seen = -math.inf         # when a peer last showed it needs our key in announcements
         self._offered_at: dict[str, float] = {}
         self._fallbacks: dict[str, asyncio.TimerHandle] = {}
         self._candidates: dict[str, list[dict]] = {}
@@ -1998,20 +2033,31 @@ class Room(Emitter):
         return [Message.from_dict(e) for e in self.log.entries()[-count:]] if count > 0 else []
 
     # -- signaling out ------------------------------------------------------------------------
-    def _publish(self, subtopic: str, data: Any, to: str | None = None) -> None:
-        """Every signaling message is signed: browsers ignore the extra fields (rtchat-wire.md §9.3).
-        With `to`, it goes to that peer's inbox if it has one; the signature still covers the room topic."""
-        stamp, nonce = now_ms(), new_id()
-        signature = self.identity.sign(SIGNING_CONTEXT + canonical_json([self.topic, self.me, subtopic, stamp,
-                                                                          nonce, data]))
-        envelope = {"sender": self.me, "timestamp": stamp, "subtopic": subtopic, "data": data,
-                    "nonce": nonce, "sig": base64.b64encode(signature).decode()}
-        payload = encode_envelope(envelope)
-        self.signaling.publish(self._inboxes.get(to, self.topic), self.seal.seal(payload) if self.seal else payload)
+    def _publish(self, subtopic: str, data: Any, to: str | None = None, sign: bool = True) -> None:
+        """Signed signaling: browsers ignore the extra fields (rtchat-wire.md §9.3). With `to`, it goes to that
+        peer's inbox if it has one; the signature still covers the room topic. To an rtchat.py 0.2 inbox it is
+        compact: zlib'd, signed with our Ed25519 message key, which the channel later ties to our identity."""
+        topic, compact = self._inboxes.get(to, (self.topic, False))
+        envelope = {"sender": self.me, "timestamp": now_ms(), "subtopic": subtopic, "data": data}
+        if sign:
+            envelope["nonce"] = new_id()
+            signed = SIGNING_CONTEXT + canonical_json([self.topic, self.me, subtopic, envelope["timestamp"],
+                                                       envelope["nonce"], data])
+            if compact:
+                envelope.update(mk=self.identity.message_public, sig=self.identity.sign_message(signed))
+            else:
+                envelope["sig"] = base64.b64encode(self.identity.sign(signed)).decode()
+        payload = encode_envelope(envelope, compact)
+        self.signaling.publish(topic, self.seal.seal(payload) if self.seal else payload)
 
     def announce(self) -> None:
+        """Where browsers (or rtchat.py 0.1) are, with our key and signed: they judge a peer by the key in its
+        connect (§6.5). Among rtchat.py peers only who we are and where our inbox is: keys are proven in the channel."""
         self._last_announce = time.monotonic()
-        self._publish("connect", self.user_info)
+        if time.monotonic() - self._legacy_seen < LEGACY_MEMORY_S:
+            self._publish("connect", self.user_info)
+        else:
+            self._publish("connect", self.compact_info, sign=False)
 
     async def _announce_loop(self) -> None:
         """Announce at join, then on a schedule while someone we know of is not connected (or nobody is known):
@@ -2054,8 +2100,9 @@ class Room(Emitter):
         if not self._within_rate(sender):
             self.dropped += 1
             return
-        signer = self._signer(envelope)
-        if signer is False or (signer is None and self.trust.signs(bare_name(sender))):
+        signer, mkey = self._signer(envelope)
+        if signer is False or (signer is None and mkey is None and self.trust.signs(bare_name(sender))
+                               and envelope["subtopic"] != "connect"):  # a connect is a hint: it proves nothing
             self.dropped += 1
             log.debug("dropped %s from %r: bad or missing signature", envelope["subtopic"], sender)
             return
@@ -2066,7 +2113,7 @@ class Room(Emitter):
                    "RTCIceCandidate": self._on_candidate, "unload": self._on_unload,
                    "nameChange": self._on_name_change}.get(envelope["subtopic"])
         if handler is not None:
-            handler(sender, envelope["data"], signer, envelope["timestamp"])
+            handler(sender, envelope["data"], signer, envelope["timestamp"], mkey)
 
     def _for_us(self, envelope: dict) -> bool:
         """False for offers and answers to others: a room of N sees N² of them, and they must not use up the
@@ -2107,12 +2154,30 @@ class Room(Emitter):
         self._rates[sender] = (tokens - 1, now)
         return tokens >= 1
 
-    def _signer(self, envelope: dict) -> str | None | bool:
-        """The key that signed this envelope; None if unsigned; False if the signature is bad."""
-        sig, nonce = envelope.get("sig"), envelope.get("nonce")
+    def _signer(self, envelope: dict) -> tuple[str | None | bool, str | None]:
+        """(the identity key that signed this envelope, None if unsigned or not known yet, False if the signature
+        is bad; the Ed25519 message key that signed it, for compact signaling)."""
+        sig, nonce, mkey = envelope.get("sig"), envelope.get("nonce"), envelope.get("mk")
         if sig is None:
-            return None
+            return None, None
         data, subtopic = envelope["data"], envelope["subtopic"]
+        signed = SIGNING_CONTEXT + canonical_json([self.topic, envelope["sender"], subtopic,
+                                                   envelope["timestamp"], nonce, data])
+        if mkey is not None:
+            if not (isinstance(mkey, str) and isinstance(nonce, str) and verify_message(mkey, sig, signed)):
+                return False, None
+            return self._identity_of(mkey), mkey
+        return self._rsa_signer(envelope, data, subtopic, sig, nonce, signed), None
+
+    def _identity_of(self, mkey: str) -> str | None:
+        """The identity key that certified a message key, if we have met it (a peer here, or an author)."""
+        for peer in self.peers.values():
+            if peer.message_key == mkey and peer.key_string:
+                return peer.key_string
+        return next((a["key"] for a in self.store.data["authors"].values()
+                     if isinstance(a, dict) and a.get("mkey") == mkey and isinstance(a.get("key"), str)), None)
+
+    def _rsa_signer(self, envelope: dict, data: Any, subtopic: str, sig: Any, nonce: Any, signed: bytes):
         if subtopic == "connect":
             key = data.get("publicKeyString") if isinstance(data, dict) else None
         elif subtopic == "RTCOffer":
@@ -2121,20 +2186,21 @@ class Room(Emitter):
         else:
             peer = self.peers.get(envelope["sender"])
             key = peer.key_string if peer else None
+        if key is None and subtopic not in ("connect", "RTCOffer"):
+            return None  # from a peer whose key we do not know yet: nothing to check it with
         if not (isinstance(key, str) and isinstance(sig, str) and isinstance(nonce, str) and len(sig) < 2048):
             return False
         try:
             signature = base64.b64decode(sig, validate=True)
         except ValueError:
             return False
-        signed = SIGNING_CONTEXT + canonical_json([self.topic, envelope["sender"], subtopic,
-                                                   envelope["timestamp"], nonce, data])
         return key if verify_signature(key, signature, signed) else False
 
-    def _admit(self, name: str, key: str | None) -> bool:
-        """May we connect to this name with this key? A changed key is refused loudly, once per key."""
+    def _admit(self, name: str, key: str | None, tag: str | None = None) -> bool:
+        """May we connect to this name with this key? A changed key is refused loudly, once per key.
+        rtchat.py 0.2 shows its key in the channel: it is judged there (so a refusal is loud there too)."""
         if key is None:
-            return self.trust.policy != "known"
+            return self.trust.policy != "known" or speaks_compact(tag)
         try:
             verdict = self.trust.verdict(bare_name(name), key)
         except ValueError:
@@ -2161,12 +2227,12 @@ class Room(Emitter):
         tag = tag[:64] if isinstance(tag, str) else None
         return key, tag
 
-    def _note_inbox(self, name: str, info: Any, signer: str | None) -> None:
-        """Where an rtchat.py peer wants its offers and answers; taken only from what it signed, so a forger
-        cannot divert them."""
+    def _note_inbox(self, name: str, info: Any) -> None:
+        """Where an rtchat.py peer wants its offers and answers. A forger can divert them, but not take the
+        session: the peer's identity is proven in the channel (or by the signature on the answer)."""
         tag = info.get("inbox") if isinstance(info, dict) else None
-        if signer is not None and isinstance(tag, str) and re.fullmatch(r"[0-9a-f]{16}", tag):
-            self._inboxes[name] = f"{self.topic}/{tag}"
+        if isinstance(tag, str) and re.fullmatch(r"[0-9a-f]{16}", tag):
+            self._inboxes[name] = (f"{self.topic}/{tag}", speaks_compact(info.get("client")))
         else:
             self._inboxes.pop(name, None)
 
@@ -2182,16 +2248,17 @@ class Room(Emitter):
     def _should_offer(self, name: str) -> bool:
         return collation_key(self.me) < collation_key(name)
 
-    def _on_connect(self, sender: str, data: Any, signer: str | None, stamp: float) -> None:
+    def _on_connect(self, sender: str, data: Any, signer: str | None, stamp: float, mkey: str | None) -> None:
         key, tag = self._info(data)
+        self._note_dialect(tag)
         peer = self.peers.get(sender)
         if peer is not None and peer.state not in ("seen", "closed"):
             if peer.is_open or time.monotonic() - peer.created < STUCK_AFTER_S:
                 return
             peer.close("stuck; trying again")
-        if not self._admit(sender, key):
+        if not self._admit(sender, key, tag):
             return
-        self._note_inbox(sender, data, signer)
+        self._note_inbox(sender, data)
         if peer is None or peer.state == "closed" or peer.key_string != key:
             peer = self._register(Peer(sender, self.ice, key, tag))
         # else a repeat while our offer is on its way: replacing the peer would orphan that offer's answer
@@ -2202,6 +2269,10 @@ class Room(Emitter):
             if sender not in self._fallbacks:
                 self._fallbacks[sender] = asyncio.get_running_loop().call_later(
                     FALLBACK_OFFER_PY_S if peer.is_rtchat_py else FALLBACK_OFFER_S, self._fallback_offer, sender)
+
+    def _note_dialect(self, tag: str | None) -> None:
+        if not speaks_compact(tag):
+            self._legacy_seen = time.monotonic()
 
     def _fallback_offer(self, name: str) -> None:
         self._fallbacks.pop(name, None)
@@ -2231,10 +2302,11 @@ class Room(Emitter):
             peer.close(f"could not make an offer: {exc}")
             return
         if peer.state != "closed" and self.joined:
-            self._publish("RTCOffer", {"userInfo": self.user_info, "offer": {
+            info = self.compact_info if self._inboxes.get(peer.name, ("", False))[1] else self.user_info
+            self._publish("RTCOffer", {"userInfo": info, "offer": {
                 "localDescription": {"type": "offer", "sdp": slim_sdp(sdp)}, "target": peer.name}}, to=peer.name)
 
-    def _on_offer(self, sender: str, data: Any, signer: str | None, stamp: float) -> None:
+    def _on_offer(self, sender: str, data: Any, signer: str | None, stamp: float, mkey: str | None) -> None:
         offer = data.get("offer") if isinstance(data, dict) else None
         if not isinstance(offer, dict) or offer.get("target") != self.me:
             return  # not for us: never prompt or act on others' offers (§9.1 #4)
@@ -2243,37 +2315,43 @@ class Room(Emitter):
         if not isinstance(sdp, str) or len(sdp) > 32768:
             return
         key, tag = self._info(data.get("userInfo"))
-        if not self._admit(sender, key):
+        self._note_dialect(tag)
+        if signer is None and mkey is None and (tag or "").startswith("rtchat-py/"):
+            return  # rtchat.py signs every offer: this is a copy with the signature stripped
+        key = key or signer
+        if not self._admit(sender, key, tag):
             return
-        self._note_inbox(sender, data.get("userInfo"), signer)
+        self._note_inbox(sender, data.get("userInfo"))
         existing = self.peers.get(sender)
         if existing is not None and existing.state != "closed":
             if existing.signal_ts is not None and stamp <= existing.signal_ts:
                 return  # older than what set up the current session: a replay (e.g. to us after a restart)
-            if signer is None and existing.signed_key:
-                return  # an unsigned offer never replaces a session set up by signed signaling (stripped copy)
+            if signer is None and (existing.signed_key or (existing.signal_mkey and mkey != existing.signal_mkey)):
+                return  # an offer never replaces a session set up by signed signaling unless signed alike
         if existing is not None and existing.state not in ("seen", "closed"):
             if existing.awaits_answer and (not (tag or "").startswith("rtchat-py/") or self._should_offer(sender)):
                 return  # glare: ours stands; a browser gives up its own offer and answers ours (§4.4)
             if existing.is_open:
-                _spawn(self._replace_if_dead(existing, sender, sdp, key, tag, signer, stamp), f"probe-{sender}")
+                _spawn(self._replace_if_dead(existing, sender, sdp, key, tag, signer, stamp, mkey),
+                       f"probe-{sender}")
                 return
             existing.close("replaced by a new offer")
         elif not self._may_start_session(sender, signer):  # an unsigned offer proves no key
             return
-        self._answer(sender, sdp, key, tag, signer, stamp)
+        self._answer(sender, sdp, key, tag, signer, stamp, mkey)
 
-    async def _replace_if_dead(self, existing: Peer, sender: str, sdp: str, key, tag, signer, stamp) -> None:
+    async def _replace_if_dead(self, existing: Peer, sender: str, sdp: str, key, tag, signer, stamp, mkey) -> None:
         """An offer for a live session is a reload or a forgery: answer only if the old session is dead."""
         if signer is None and await existing.probe():
             log.info("ignored an offer in %s's name: the current session is alive", sender)
             return
         existing.close("replaced by a new session")
-        self._answer(sender, sdp, key, tag, signer, stamp)
+        self._answer(sender, sdp, key, tag, signer, stamp, mkey)
 
-    def _answer(self, sender: str, sdp: str, key, tag, signer, stamp: float) -> None:
+    def _answer(self, sender: str, sdp: str, key, tag, signer, stamp: float, mkey: str | None = None) -> None:
         peer = self._register(Peer(sender, self.ice, key, tag))
         peer.signed_key, peer.signal_ts, peer.state = signer, stamp, "connecting"
+        peer.signal_mkey = mkey
         _spawn(self._send_answer(peer, sdp), f"answer-{sender}")
 
     async def _send_answer(self, peer: Peer, sdp: str) -> None:
@@ -2286,7 +2364,7 @@ class Room(Emitter):
             self._publish("RTCAnswer", {"localDescription": {"type": "answer", "sdp": slim_sdp(answer)},
                                         "target": peer.name}, to=peer.name)
 
-    def _on_answer(self, sender: str, data: Any, signer: str | None, stamp: float) -> None:
+    def _on_answer(self, sender: str, data: Any, signer: str | None, stamp: float, mkey: str | None) -> None:
         if not isinstance(data, dict) or data.get("target") != self.me:
             return
         peer = self.peers.get(sender)
@@ -2294,9 +2372,9 @@ class Room(Emitter):
         sdp = description.get("sdp") if isinstance(description, dict) else None
         if peer is None or not peer.awaits_answer or not isinstance(sdp, str) or len(sdp) > 32768:
             return  # only the peer we offered to, and only once (§9.2)
-        if signer is None and peer.is_rtchat_py:
-            return
-        peer.signed_key = signer
+        if signer is None and mkey is None and peer.is_rtchat_py:
+            return  # rtchat.py signs its answers
+        peer.signed_key, peer.signal_mkey = signer, mkey
         peer.signal_ts = stamp
         _spawn(self._accept_answer(peer, sdp), f"accept-{sender}")
 
@@ -2307,7 +2385,7 @@ class Room(Emitter):
         except Exception as exc:
             peer.close(f"bad answer: {exc}")
 
-    def _on_candidate(self, sender: str, data: Any, signer: str | None, stamp: float) -> None:
+    def _on_candidate(self, sender: str, data: Any, signer: str | None, stamp: float, mkey: str | None) -> None:
         if not isinstance(data, dict):
             return
         peer = self.peers.get(sender)
@@ -2318,7 +2396,7 @@ class Room(Emitter):
             if len(pending) < MAX_PENDING_CANDIDATES:
                 pending.append(data)
 
-    def _on_unload(self, sender: str, data: Any, signer: str | None, stamp: float) -> None:
+    def _on_unload(self, sender: str, data: Any, signer: str | None, stamp: float, mkey: str | None) -> None:
         peer = self.peers.get(sender)
         if peer is None:
             return
@@ -2329,7 +2407,7 @@ class Room(Emitter):
         elif peer.is_open:
             _spawn(self._close_if_dead(peer, "left"), f"probe-{sender}")
 
-    def _on_name_change(self, sender: str, data: Any, signer: str | None, stamp: float) -> None:
+    def _on_name_change(self, sender: str, data: Any, signer: str | None, stamp: float, mkey: str | None) -> None:
         """Only a hint (§9.2), and about someone else: an open browser session is probed, nothing else is touched.
         rtchat.py peers never send nameChange (they leave and announce again), so it is never about them."""
         if isinstance(data, dict) and data.get("newName") == sender and isinstance(data.get("oldName"), str):
@@ -2350,9 +2428,9 @@ class Room(Emitter):
     # -- sessions -----------------------------------------------------------------------------
     def _register(self, peer: Peer) -> Peer:
         old = self.peers.get(peer.name)
+        self.peers[peer.name] = peer  # first: closing the old one must not forget what we know of the name
         if old is not None and old is not peer:
             old.close("replaced")
-        self.peers[peer.name] = peer
         peer._candidates = self._candidates.pop(peer.name, [])
         peer.on("open", self._on_open)
         peer.on("frame", self._on_frame)
@@ -2361,7 +2439,13 @@ class Room(Emitter):
         return peer
 
     def _on_open(self, peer: Peer) -> None:
-        if peer.signed_key and peer.signed_key == peer.key_string:
+        if peer.signal_mkey is not None:  # compact signaling: each side proves its identity in the channel
+            self._send_identity(peer)
+            if peer.pending_id is not None:
+                self._check_identity(peer, peer.pending_id)
+            else:
+                _spawn(self._identity_deadline(peer), f"identity-{peer.name}")
+        elif peer.signed_key and peer.signed_key == peer.key_string:
             declared = sdp_fingerprint(peer.remote_sdp or "")
             actual = negotiated_fingerprint(peer.pc)
             if declared is None or (actual is not None and actual != declared):
@@ -2373,6 +2457,48 @@ class Room(Emitter):
             self._verified(peer)
         else:
             _spawn(self._verify_legacy(peer), f"verify-{peer.name}")
+
+    def _channel_binding(self, peer: Peer, sender: str, receiver: str, outgoing: bool) -> bytes:
+        """What an identity signs to claim this channel: the room, both names and both DTLS certificates, as the
+        signer sees them. A man in the middle runs two DTLS sessions, so the two sides' views differ."""
+        local, remote = sdp_fingerprint(peer.pc.localDescription.sdp), sdp_fingerprint(peer.remote_sdp or "")
+        ours, theirs = (local, remote) if outgoing else (remote, local)
+        return ID_CONTEXT + canonical_json([self.topic, sender, receiver, ours, theirs])
+
+    def _send_identity(self, peer: Peer) -> None:
+        signature = self.identity.sign(self._channel_binding(peer, self.me, peer.name, outgoing=True))
+        peer.send("chat", {"t": "id", "key": self.identity.public_key_string, "mkey": self.identity.message_public,
+                           "mcert": self.identity.message_cert, "sig": base64.b64encode(signature).decode()})
+
+    def _check_identity(self, peer: Peer, value: dict) -> None:
+        """Its identity key signed this channel, certified the message key that signed its offer or answer,
+        and is one our trust policy accepts: then it is verified, channel-bound."""
+        key, sig = value.get("key"), value.get("sig")
+        try:
+            genuine = (isinstance(key, str) and len(key) <= MAX_KEY_CHARS and isinstance(sig, str)
+                       and value.get("mkey") == peer.signal_mkey
+                       and verify_message_key(key, value.get("mkey"), value.get("mcert"))
+                       and peer.signed_key in (None, key)
+                       and verify_signature(key, base64.b64decode(sig, validate=True),
+                                            self._channel_binding(peer, peer.name, self.me, outgoing=False)))
+        except ValueError:
+            genuine = False
+        if not genuine:
+            self.emit("status", f"-!- {self.label(peer)} could not prove its key on this connection "
+                                f"(someone may be in the middle); disconnected")
+            peer.close("channel binding failed")
+        elif not self._admit(peer.name, key):
+            peer.close("key refused")
+        else:
+            peer.key_string, peer.fingerprint, peer.channel_bound = key, fingerprint(key), True
+            self._verified(peer)
+
+    async def _identity_deadline(self, peer: Peer) -> None:
+        await asyncio.sleep(VERIFY_TIMEOUT_S)
+        if peer.state == "open":
+            self.emit("status", f"-!- {self.label(peer)} did not prove its key in {VERIFY_TIMEOUT_S:g} s; "
+                                f"disconnected")
+            peer.close("no identity")
 
     async def _verify_legacy(self, peer: Peer) -> None:
         """RTChat's identify/challenge (§6.4) with the holes closed: a false result fails, nothing is sticky."""
@@ -2435,6 +2561,12 @@ class Room(Emitter):
     # -- frames ---------------------------------------------------------------------------------
     def _on_frame(self, peer: Peer, label: str, value: Any) -> None:
         if label == "question" and self._answer_identity(peer, value):
+            return
+        if label == "chat" and peer.signal_mkey and isinstance(value, dict) and value.get("t") == "id":
+            if peer.state == "open":
+                self._check_identity(peer, value)
+            elif peer.state == "connecting":
+                peer.pending_id = value  # it is open on its side already; we check it once we are
             return
         if not peer.is_verified:
             early = self._early.setdefault(peer.name, [])

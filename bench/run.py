@@ -767,7 +767,8 @@ class Bench:
                 elif sub == "RTCAnswer":
                     sdp = data["localDescription"]["sdp"]
                 js = rtchat.to_json(env)
-                anatomy[sub] = {"payload_lz": len(payload), "json": len(js), "sdp": len(sdp),
+                anatomy[sub] = {"payload": len(payload), "encoding": "compact" if payload.startswith(
+                                    rtchat.COMPACT_MAGIC) else "lz-string", "json": len(js), "sdp": len(sdp),
                                 "sig_b64": len(env.get("sig", "")),
                                 "public_key": len(json.dumps(data.get("publicKeyString", "")
                                                              if isinstance(data, dict) else "")),

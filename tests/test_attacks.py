@@ -345,7 +345,9 @@ def test_forged_offer_in_bobs_name_then_chat_and_dm(broker, tmp_path):
         # 1c. first contact: carol has never met bob. The attacker offers in bob's name with bob's real key,
         #     gets a data channel, sends 3 chats and 3 DMs before and after carol's identify question.
         carol = await make_client("carol", tmp_path, broker.url).start()
+        announced = wire.expect(lambda t, e: e["sender"] == "carol" and e["subtopic"] == "connect")
         rc = await carol.join("a1")
+        await asyncio.wait_for(announced, 5)   # her subscription is in place before the attacker publishes
         shown_c = shown_counter(rc)
         m3 = Mallory(own)
         m3.answer_with = "garbage"                       # it has no private key for bob's public key
@@ -513,7 +515,8 @@ def test_replays_are_dropped(broker, tmp_path):
         for where, payload in genuine:
             env = rtchat.decode_envelope(payload)
             receiver = rb if env["sender"] == "alice" else ra
-            seen_by_receiver += env["nonce"] in receiver._seen_nonces   # e.g. not alice's announce before bob came
+            key = env.get("nonce") or (env["sender"], env["subtopic"], env["timestamp"])  # unsigned: no nonce
+            seen_by_receiver += key in receiver._seen_nonces   # e.g. not alice's announce before bob came
             wire.publish(payload, where)
         await asyncio.sleep(1.0)
         record("4a replay of every captured connect/offer/answer (same receivers)",
@@ -697,6 +700,47 @@ def test_post_connect_fingerprint_check(broker, tmp_path):
     run(scenario(), 60)
     assert_blocked("5d")
     assert_blocked("5e")
+
+
+def test_identity_frame_is_bound_to_the_channel(broker, tmp_path):
+    """rtchat.py 0.2 proves identities in the channel: an identity frame signed for another DTLS session (what a
+    man in the middle relaying both sides has to offer) is refused; one for this session is accepted."""
+    async def scenario():
+        alice = await make_client("alice", tmp_path, broker.url).start()
+        bob = await make_client("bob", tmp_path, broker.url).start()
+        ra = await alice.join("a5-id")
+        statuses, verified = [], []
+        ra.on("status", statuses.append)
+        ra.on("verified", verified.append)
+        elsewhere = Mallory()                      # the certificate bob sees in a relayed session
+        other_fp = rtchat.sdp_fingerprint(await elsewhere.offer())
+        results = {}
+        for case in ("relayed", "genuine"):
+            mallory = Mallory()
+            name = f"bob-{case}"
+            peer = ra._register(rtchat.Peer(name, ra.ice, None, rtchat.CLIENT_TAG))
+            peer.signal_mkey = bob.identity.message_public     # bob's message key signed the offer/answer
+            answer = await mallory.answer(await peer.create_offer())
+            await peer.accept_answer(answer)
+            alice_fp = rtchat.sdp_fingerprint(peer.pc.localDescription.sdp)
+            mallory_fp = rtchat.sdp_fingerprint(answer)
+            ours, theirs = (other_fp, other_fp) if case == "relayed" else (mallory_fp, alice_fp)
+            binding = rtchat.ID_CONTEXT + rtchat.canonical_json([ra.topic, name, "alice", ours, theirs])
+            frame = {"t": "id", "key": bob.identity.public_key_string, "mkey": bob.identity.message_public,
+                     "mcert": bob.identity.message_cert,
+                     "sig": base64.b64encode(bob.identity.sign(binding)).decode()}
+            ra._check_identity(peer, frame)
+            results[case] = (peer.state, peer.channel_bound)
+            await mallory.close()
+        record("5f identity frame signed for another DTLS session (relaying MITM)",
+               results["relayed"] == ("closed", False) and any("could not prove its key" in s for s in statuses)
+               and not any(p.name == "bob-relayed" for p in verified), f"state={results['relayed']}")
+        record("5g identity check is not vacuous: the frame for this session is accepted",
+               results["genuine"] == ("verified", True), f"state={results['genuine']}")
+        await close_all(elsewhere, alice, bob)
+    run(scenario(), 60)
+    assert_blocked("5f")
+    assert_blocked("5g")
 
 
 # =============================================================================================================

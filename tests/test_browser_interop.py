@@ -576,10 +576,10 @@ async def scenario_glare(workdir: Path) -> dict:
         orig_on_connect, orig_send_offer = rt.Room._on_connect, rt.Room._send_offer
         delays = {"r3a": 0.0, "r3b": 0.4}
 
-        def on_connect(self, sender, data, signer, stamp):
+        def on_connect(self, sender, data, signer, stamp, mkey):
             self._should_offer = lambda name: True
             self.announce()
-            orig_on_connect(self, sender, data, signer, stamp)
+            orig_on_connect(self, sender, data, signer, stamp, mkey)
 
         async def send_offer(self, peer):
             orig_publish = self._publish
