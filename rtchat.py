@@ -107,6 +107,7 @@ COMMIT_GATHER_S = 0.002                # history writes (and so acks) are groupe
 COMMIT_EVERY_S = 0.1                   # this, and no more often than this while messages keep coming
 COMMIT_SLICE = 32                      # messages written (or signatures sent) between looks at what arrived
 SIGNATURE_WAIT_S = 10.0                # a message whose signature does not follow is kept, but not passed on
+MAX_UNSIGNED = 10000                   # messages waiting for their signatures, per room
 FILE_CHUNK_BYTES = 16 * 1024           # files go in chunks this size on a channel of their own ...
 FILE_BUFFER_BYTES = (256 * 1024, 1024 * 1024)  # ... sending pauses above the second until below the first
 MAX_FILE_BYTES = 4 * 1024 ** 3
@@ -358,18 +359,28 @@ def lz_decompress(data: bytes, max_chars: int = MAX_DECOMPRESSED_CHARS) -> str |
             enlarge_in, num_bits = 1 << num_bits, num_bits + 1
 
 
-_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)   # made once: json.dumps with options
-_CANONICAL = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, sort_keys=True)  # builds one per call
+# Encoders made once: json.dumps with options would build a new one for every call.
+_JSON_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
+_CANONICAL_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, sort_keys=True)
 
 
 def to_json(value: Any) -> str:
     """Compact ASCII JSON, as JS JSON.stringify would send it (ASCII sidesteps UTF-16 length differences)."""
-    return _COMPACT.encode(value)
+    return _JSON_ENCODER.encode(value)
 
 
 def canonical_json(value: Any) -> bytes:
     """The bytes a signature covers: sorted keys, compact, ASCII."""
-    return _CANONICAL.encode(value).encode()
+    return _CANONICAL_ENCODER.encode(value).encode()
+
+
+def small_json(data: Any, limit: int = 4096) -> Any:
+    """A short JSON text from a peer (a header, a reply), or None."""
+    if not isinstance(data, str) or len(data) > limit:
+        return None
+    with contextlib.suppress(ValueError):
+        return parse_json(data)
+    return None
 
 
 def parse_json(text: str | bytes) -> Any:
@@ -1181,6 +1192,7 @@ class Peer(Emitter):
         self.verified_at: float | None = None
         self.message_key: str | None = None     # an rtchat.py peer's certified Ed25519 key (its hello)
         self.late_signatures = False            # it takes a message's signature in a frame of its own, later
+        self.author: dict | None = None         # its key, message key and certificate, once proven in the channel
         self.takes_files = False                # it said so in its hello
         self.pc = None
         self.channels: dict[str, Any] = {}
@@ -1576,10 +1588,15 @@ class Trust:
         """Does a key pinned for this name sign its signaling (an rtchat.py peer)? Then unsigned is forged."""
         return any(pin.get("signs") for pin in self.pins_for(name).values())
 
-    def pin(self, name: str, key_string: str, signs: bool = False, replace: bool = False) -> None:
+    def pin(self, name: str, key_string: str, signs: bool = False, replace: bool = False,
+            author: dict | None = None) -> None:
+        """Pin a key for a name. author: its certified message key too, in the same write (so a crash cannot
+        leave a pin of a signing peer whose signatures we could not check)."""
         fp = fingerprint(key_string)
 
         def add(data: dict) -> None:
+            if author:
+                data["authors"][fp] = author
             pins = data["pins"]
             if replace:
                 for other in pins.values():
@@ -1592,7 +1609,7 @@ class Trust:
                 pin["names"].append(name)
             pin["signs"] = pin.get("signs", False) or signs
             pin["seen"] = now_ms()
-        if fp in self.pins_for(name) and not replace:
+        if fp in self.pins_for(name) and not replace and (not author or self.store.data["authors"].get(fp) == author):
             self.store.defer(add)
         else:
             self.store.update(add)
@@ -1628,15 +1645,17 @@ def human_size(size: float) -> str:
 
 
 def safe_file_name(name: Any) -> str:
-    """A peer's file name made harmless: no directories, no hidden files, no control characters."""
+    """A peer's file name made harmless: no directories, no hidden files, no control characters, and short
+    enough (in bytes) for any file system with room for ' (99)' and our '.part' suffix."""
     name = clean(name, 120).replace("/", "_").replace("\\", "_").strip().lstrip(".")
+    name = name.encode()[:150].decode(errors="ignore")
     return name or "file"
 
 
 def unused_path(folder: Path, name: str) -> Path:
     stem, dot, ext = name.rpartition(".") if "." in name else (name, "", "")
     candidates = (folder / (name if n == 0 else f"{stem} ({n}){dot}{ext}") for n in itertools.count())
-    return next(p for p in candidates if not p.exists())
+    return next(p for p in candidates if not os.path.lexists(p))
 
 
 @dataclasses.dataclass
@@ -1679,7 +1698,9 @@ class IncomingFile:
             self.fail("more data than announced")
         else:
             try:
-                os.write(self.fd, data)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self.fd, view):]
             except OSError as exc:
                 self.fail(f"cannot write: {exc.strerror}")
                 return
@@ -1689,7 +1710,7 @@ class IncomingFile:
                 _spawn(self._finish(), f"file-{self.peer.name}")
 
     def _start(self, data: Any) -> None:
-        header = parse_json(data) if isinstance(data, str) and len(data) < 4096 else None
+        header = small_json(data)
         if not (isinstance(header, dict) and isinstance(header.get("size"), int) and not isinstance(
                 header["size"], bool) and isinstance(header.get("sha256"), str) and len(header["sha256"]) == 64):
             self.fail("a malformed file header")
@@ -1700,7 +1721,8 @@ class IncomingFile:
             return
         try:
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if shutil.disk_usage(folder).free < size + FILE_DISK_RESERVE:
+            pending = sum(f.header["size"] - f.got for f in self.room._incoming if f.header and f is not self)
+            if shutil.disk_usage(folder).free < size + pending + FILE_DISK_RESERVE:
                 self.fail("not enough free space")
                 return
             self.header = {"name": safe_file_name(header.get("name")), "size": size, "sha256": header["sha256"]}
@@ -1722,14 +1744,16 @@ class IncomingFile:
         try:
             fd, self.fd = self.fd, -1
             await asyncio.get_running_loop().run_in_executor(None, sync_and_close, fd)
-            while True:  # link, not rename: a file that appeared meanwhile is never replaced
+            for _ in range(100):  # take a free name first (O_EXCL), then put the file there: nothing is replaced
                 path = unused_path(self.room.files, self.header["name"])
                 try:
-                    os.link(self.part, path)
+                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
                     break
                 except FileExistsError:
                     continue
-            self.part.unlink()
+            else:
+                raise OSError("no free name")
+            os.replace(self.part, path)
         except (OSError, StateError) as exc:
             self.finished = False
             self.fail(f"cannot save: {exc}")
@@ -1861,10 +1885,8 @@ class Room(Emitter):
         if not self.joined:
             return
         self.joined = False
-        self._write_unsigned(math.inf)  # what we received is written and acknowledged before we go
-        while self._committing:
-            await asyncio.sleep(0.005)
-        self._publish("unload", "disconnecting")
+        await self._write_all()  # what we received is written and acknowledged before we go
+        self._publish("unload", "disconnecting", compact=not self._legacy_near)
         for task in self._tasks:
             task.cancel()
         for handle in [*self._fallbacks.values(), self._announce_timer]:
@@ -1878,6 +1900,12 @@ class Room(Emitter):
             peer.close("we left")
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.gather(*(pc.close() for pc in pcs), return_exceptions=True), 2)
+        await self._write_all()  # and what came while we were leaving
+
+    async def _write_all(self) -> None:
+        self._write_unsigned(math.inf)
+        while self._committing:
+            await asyncio.sleep(0.005)
 
     def verified_peers(self) -> list[Peer]:
         return [p for p in self.peers.values() if p.is_verified]
@@ -1907,7 +1935,9 @@ class Room(Emitter):
     def send(self, text: str, action: bool = False) -> Message:
         """Say something to everyone verified in the room (and, through backfill, to who comes later)."""
         msg = self._own_message(text, "message", action)
-        self._commit_own(msg, [(peer, "chat") for peer in self.verified_peers() if self._send_text(peer, "chat", msg)])
+        peers = self.verified_peers()
+        self._sign_now_if_wanted(msg, peers)
+        self._commit_own(msg, [(peer, "chat") for peer in peers if self._send_text(peer, "chat", msg)])
         return msg
 
     def dm(self, name: str, text: str) -> Message:
@@ -1920,6 +1950,7 @@ class Room(Emitter):
                 raise
         if peer is not None and peer.is_verified:
             msg = self._own_message(text, "dm", to=peer.name)
+            self._sign_now_if_wanted(msg, [peer])
             if self._send_text(peer, "dm", msg):  # browsers do not acknowledge
                 self._dm_ids[msg.id] = peer.name
             self._commit_own(msg, [(peer, "dm")])
@@ -1951,7 +1982,7 @@ class Room(Emitter):
         if not path.is_file():
             raise UsageError(f"{path} is not a file")
         if not (peer.is_verified and peer.takes_files):
-            raise UsageError(f"{self.label(peer)} does not take files (a browser, or started with --files off)")
+            raise UsageError(f"{self.label(peer)} does not take files (a browser, or started without --files DIR)")
         try:
             size = path.stat().st_size
             digest = await asyncio.get_running_loop().run_in_executor(None, file_sha256, path)
@@ -1974,7 +2005,7 @@ class Room(Emitter):
             data = await asyncio.wait_for(replies.get(), FILE_IDLE_S)
         except asyncio.TimeoutError:
             raise RtchatError(f"{self.label(peer)} did not answer about the file within {FILE_IDLE_S:g} s") from None
-        reply = parse_json(data) if isinstance(data, str) and len(data) < 4096 else None
+        reply = small_json(data)
         if not isinstance(reply, dict):
             raise RtchatError(f"{self.label(peer)} closed the transfer")
         if reply.get("ok") is not True:
@@ -1993,11 +2024,16 @@ class Room(Emitter):
             while left > 0 and replies.empty():
                 if channel.bufferedAmount > high:
                     drained.clear()
-                    await asyncio.wait_for(drained.wait(), FILE_IDLE_S)
+                    try:
+                        await asyncio.wait_for(drained.wait(), FILE_IDLE_S)
+                    except asyncio.TimeoutError:
+                        raise RtchatError(f"the transfer stalled for {FILE_IDLE_S:g} s") from None
                     continue
                 chunk = f.read(min(FILE_CHUNK_BYTES, left))
                 if not chunk:
                     raise RtchatError(f"{path} got shorter while it was being sent")
+                if channel.readyState != "open":
+                    raise RtchatError("the connection closed during the transfer")
                 channel.send(chunk)
                 left -= len(chunk)
 
@@ -2033,31 +2069,35 @@ class Room(Emitter):
         return [Message.from_dict(e) for e in self.log.entries()[-count:]] if count > 0 else []
 
     # -- signaling out ------------------------------------------------------------------------
-    def _publish(self, subtopic: str, data: Any, to: str | None = None, sign: bool = True) -> None:
+    def _publish(self, subtopic: str, data: Any, to: str | None = None, compact: bool = False) -> None:
         """Signed signaling: browsers ignore the extra fields (rtchat-wire.md §9.3). With `to`, it goes to that
-        peer's inbox if it has one; the signature still covers the room topic. To an rtchat.py 0.2 inbox it is
-        compact: zlib'd, signed with our Ed25519 message key, which the channel later ties to our identity."""
-        topic, compact = self._inboxes.get(to, (self.topic, False))
-        envelope = {"sender": self.me, "timestamp": now_ms(), "subtopic": subtopic, "data": data}
-        if sign:
-            envelope["nonce"] = new_id()
-            signed = SIGNING_CONTEXT + canonical_json([self.topic, self.me, subtopic, envelope["timestamp"],
-                                                       envelope["nonce"], data])
-            if compact:
-                envelope.update(mk=self.identity.message_public, sig=self.identity.sign_message(signed))
-            else:
-                envelope["sig"] = base64.b64encode(self.identity.sign(signed)).decode()
-        payload = encode_envelope(envelope, compact)
+        peer's inbox if it has one; the signature still covers the room topic. compact, for rtchat.py 0.2: signed
+        with our Ed25519 message key (which the channel later ties to our identity), and zlib'd on an inbox."""
+        topic = self._inboxes.get(to, (self.topic, False))[0]
+        envelope = {"sender": self.me, "timestamp": now_ms(), "subtopic": subtopic, "data": data,
+                    "nonce": new_id()}
+        signed = SIGNING_CONTEXT + canonical_json([self.topic, self.me, subtopic, envelope["timestamp"],
+                                                   envelope["nonce"], data])
+        if compact:
+            envelope.update(mk=self.identity.message_public, sig=self.identity.sign_message(signed))
+        else:
+            envelope["sig"] = base64.b64encode(self.identity.sign(signed)).decode()
+        payload = encode_envelope(envelope, compact and topic != self.topic)
         self.signaling.publish(topic, self.seal.seal(payload) if self.seal else payload)
+
+    @property
+    def _legacy_near(self) -> bool:
+        """A browser or an rtchat.py 0.1 was here lately: announcements carry our key, RSA-signed, as they expect."""
+        return time.monotonic() - self._legacy_seen < LEGACY_MEMORY_S
 
     def announce(self) -> None:
         """Where browsers (or rtchat.py 0.1) are, with our key and signed: they judge a peer by the key in its
         connect (§6.5). Among rtchat.py peers only who we are and where our inbox is: keys are proven in the channel."""
         self._last_announce = time.monotonic()
-        if time.monotonic() - self._legacy_seen < LEGACY_MEMORY_S:
+        if self._legacy_near:
             self._publish("connect", self.user_info)
         else:
-            self._publish("connect", self.compact_info, sign=False)
+            self._publish("connect", self.compact_info, compact=True)
 
     async def _announce_loop(self) -> None:
         """Announce at join, then on a schedule while someone we know of is not connected (or nobody is known):
@@ -2101,8 +2141,14 @@ class Room(Emitter):
             self.dropped += 1
             return
         signer, mkey = self._signer(envelope)
-        if signer is False or (signer is None and mkey is None and self.trust.signs(bare_name(sender))
-                               and envelope["subtopic"] != "connect"):  # a connect is a hint: it proves nothing
+        # A peer we know signs: what comes in its name unsigned, or signed by a message key other than the ones we
+        # know for it, is not from it. (Not knowing its message key, e.g. after a crash, the channel decides.)
+        impostor = signer is None and self.trust.signs(bare_name(sender)) and self.trust.policy != "any" and (
+            mkey is None or bool(self._message_keys_of(sender)))
+        if impostor and mkey is not None and (sender, mkey) not in self._warned:
+            self._warned.add((sender, mkey))
+            self.emit("key-changed", sender, None, "changed")  # no identity key to show: only its message key
+        if signer is False or (impostor and envelope["subtopic"] != "connect"):  # a connect is only a hint
             self.dropped += 1
             log.debug("dropped %s from %r: bad or missing signature", envelope["subtopic"], sender)
             return
@@ -2177,6 +2223,12 @@ class Room(Emitter):
         return next((a["key"] for a in self.store.data["authors"].values()
                      if isinstance(a, dict) and a.get("mkey") == mkey and isinstance(a.get("key"), str)), None)
 
+    def _message_keys_of(self, name: str) -> set[str]:
+        """The message keys of the identities pinned for this name, as far as we have them."""
+        authors = self.store.data["authors"]
+        return {a["mkey"] for fp in self.trust.pins_for(bare_name(name))
+                if isinstance(a := authors.get(fp), dict) and isinstance(a.get("mkey"), str)}
+
     def _rsa_signer(self, envelope: dict, data: Any, subtopic: str, sig: Any, nonce: Any, signed: bytes):
         if subtopic == "connect":
             key = data.get("publicKeyString") if isinstance(data, dict) else None
@@ -2186,6 +2238,11 @@ class Room(Emitter):
         else:
             peer = self.peers.get(envelope["sender"])
             key = peer.key_string if peer else None
+            if key is None and isinstance(sig, str) and isinstance(nonce, str):  # met before: one of its pinned keys
+                with contextlib.suppress(ValueError):
+                    signature = base64.b64decode(sig, validate=True)
+                    key = next((pin["key"] for pin in self.trust.pins_for(bare_name(envelope["sender"])).values()
+                                if verify_signature(pin["key"], signature, signed)), None)
         if key is None and subtopic not in ("connect", "RTCOffer"):
             return None  # from a peer whose key we do not know yet: nothing to check it with
         if not (isinstance(key, str) and isinstance(sig, str) and isinstance(nonce, str) and len(sig) < 2048):
@@ -2227,9 +2284,11 @@ class Room(Emitter):
         tag = tag[:64] if isinstance(tag, str) else None
         return key, tag
 
-    def _note_inbox(self, name: str, info: Any) -> None:
-        """Where an rtchat.py peer wants its offers and answers. A forger can divert them, but not take the
-        session: the peer's identity is proven in the channel (or by the signature on the answer)."""
+    def _note_inbox(self, name: str, info: Any, signer: str | None) -> None:
+        """Where an rtchat.py peer wants its offers and answers. For a peer we know, only from what it signed;
+        a stranger's may be forged, but that wins no session: identities are proven in the channel."""
+        if signer is None and self.trust.signs(bare_name(name)):
+            return
         tag = info.get("inbox") if isinstance(info, dict) else None
         if isinstance(tag, str) and re.fullmatch(r"[0-9a-f]{16}", tag):
             self._inboxes[name] = (f"{self.topic}/{tag}", speaks_compact(info.get("client")))
@@ -2258,7 +2317,7 @@ class Room(Emitter):
             peer.close("stuck; trying again")
         if not self._admit(sender, key, tag):
             return
-        self._note_inbox(sender, data)
+        self._note_inbox(sender, data, signer)
         if peer is None or peer.state == "closed" or peer.key_string != key:
             peer = self._register(Peer(sender, self.ice, key, tag))
         # else a repeat while our offer is on its way: replacing the peer would orphan that offer's answer
@@ -2302,9 +2361,10 @@ class Room(Emitter):
             peer.close(f"could not make an offer: {exc}")
             return
         if peer.state != "closed" and self.joined:
-            info = self.compact_info if self._inboxes.get(peer.name, ("", False))[1] else self.user_info
-            self._publish("RTCOffer", {"userInfo": info, "offer": {
-                "localDescription": {"type": "offer", "sdp": slim_sdp(sdp)}, "target": peer.name}}, to=peer.name)
+            compact = self._inboxes.get(peer.name, ("", False))[1]
+            self._publish("RTCOffer", {"userInfo": self.compact_info if compact else self.user_info, "offer": {
+                "localDescription": {"type": "offer", "sdp": slim_sdp(sdp)}, "target": peer.name}}, to=peer.name,
+                compact=compact)
 
     def _on_offer(self, sender: str, data: Any, signer: str | None, stamp: float, mkey: str | None) -> None:
         offer = data.get("offer") if isinstance(data, dict) else None
@@ -2321,7 +2381,7 @@ class Room(Emitter):
         key = key or signer
         if not self._admit(sender, key, tag):
             return
-        self._note_inbox(sender, data.get("userInfo"))
+        self._note_inbox(sender, data.get("userInfo"), signer)
         existing = self.peers.get(sender)
         if existing is not None and existing.state != "closed":
             if existing.signal_ts is not None and stamp <= existing.signal_ts:
@@ -2362,7 +2422,8 @@ class Room(Emitter):
             return
         if peer.state != "closed" and self.joined:
             self._publish("RTCAnswer", {"localDescription": {"type": "answer", "sdp": slim_sdp(answer)},
-                                        "target": peer.name}, to=peer.name)
+                                        "target": peer.name}, to=peer.name,
+                          compact=peer.signal_mkey is not None)  # as the offer came: both sides check alike
 
     def _on_answer(self, sender: str, data: Any, signer: str | None, stamp: float, mkey: str | None) -> None:
         if not isinstance(data, dict) or data.get("target") != self.me:
@@ -2375,6 +2436,8 @@ class Room(Emitter):
         if signer is None and mkey is None and peer.is_rtchat_py:
             return  # rtchat.py signs its answers
         peer.signed_key, peer.signal_mkey = signer, mkey
+        if signer is not None and peer.key_string is None:  # signed by its pinned key: the channel binds to it
+            peer.key_string, peer.fingerprint = signer, fingerprint(signer)
         peer.signal_ts = stamp
         _spawn(self._accept_answer(peer, sdp), f"accept-{sender}")
 
@@ -2400,9 +2463,10 @@ class Room(Emitter):
         peer = self.peers.get(sender)
         if peer is None:
             return
-        if signer is not None and peer.signal_ts is not None and stamp < peer.signal_ts:
+        if (signer is not None or mkey is not None) and peer.signal_ts is not None and stamp < peer.signal_ts:
             return  # sent before the current session began: a replay
-        if (signer is not None and signer == peer.key_string) or (not peer.is_open and not peer.signed_key):
+        if (signer is not None and signer == peer.key_string) or (mkey is not None and mkey == peer.signal_mkey) \
+                or (not peer.is_open and not peer.signed_key and not peer.signal_mkey):
             peer.close("left")
         elif peer.is_open:
             _spawn(self._close_if_dead(peer, "left"), f"probe-{sender}")
@@ -2461,7 +2525,8 @@ class Room(Emitter):
     def _channel_binding(self, peer: Peer, sender: str, receiver: str, outgoing: bool) -> bytes:
         """What an identity signs to claim this channel: the room, both names and both DTLS certificates, as the
         signer sees them. A man in the middle runs two DTLS sessions, so the two sides' views differ."""
-        local, remote = sdp_fingerprint(peer.pc.localDescription.sdp), sdp_fingerprint(peer.remote_sdp or "")
+        local = sdp_fingerprint(peer.pc.localDescription.sdp)
+        remote = negotiated_fingerprint(peer.pc) or sdp_fingerprint(peer.remote_sdp or "")  # the certificate used
         ours, theirs = (local, remote) if outgoing else (remote, local)
         return ID_CONTEXT + canonical_json([self.topic, sender, receiver, ours, theirs])
 
@@ -2491,6 +2556,7 @@ class Room(Emitter):
             peer.close("key refused")
         else:
             peer.key_string, peer.fingerprint, peer.channel_bound = key, fingerprint(key), True
+            peer.author = {"key": key, "mkey": value["mkey"], "mcert": value["mcert"]}
             self._verified(peer)
 
     async def _identity_deadline(self, peer: Peer) -> None:
@@ -2534,7 +2600,7 @@ class Room(Emitter):
         peer.verified_at = time.monotonic()
         with contextlib.suppress(RtchatError, ValueError):
             if self.trust.verdict(bare_name(peer.name), peer.key_string) != "changed":  # --trust any: never re-pin
-                self.trust.pin(bare_name(peer.name), peer.key_string, signs=peer.channel_bound)
+                self.trust.pin(bare_name(peer.name), peer.key_string, signs=peer.channel_bound, author=peer.author)
         self._peer_event.set()
         self.emit("verified", peer)
         self.emit("join", peer)
@@ -2682,7 +2748,9 @@ class Room(Emitter):
 
     def _sweep_unsigned_later(self) -> None:
         if self._unsigned and self._unsigned_sweep is None:
-            self._unsigned_sweep = asyncio.get_running_loop().call_later(SIGNATURE_WAIT_S, self._write_unsigned)
+            due = min(deadline for _, _, _, deadline in self._unsigned.values())
+            self._unsigned_sweep = asyncio.get_running_loop().call_later(
+                max(0.0, due - time.monotonic()), self._write_unsigned)
 
     def _accept(self, msg: Message, peer: Peer | None, ack_label: str, signature_follows: bool = False) -> None:
         """A new message: shown now, written to disk, and acknowledged once it is on disk.
@@ -2695,6 +2763,9 @@ class Room(Emitter):
         entry = msg.record()
         if signature_follows:
             self._unsigned[(peer.name, msg.id)] = (entry, peer, ack_label, time.monotonic() + SIGNATURE_WAIT_S)
+            if len(self._unsigned) > MAX_UNSIGNED:  # a peer that never signs: the oldest is written as it is
+                oldest = next(iter(self._unsigned))
+                self._commit_later(*self._unsigned.pop(oldest)[:3])
             self._sweep_unsigned_later()
         else:
             self._commit_later(entry, peer if peer is not None and peer.is_rtchat_py else None, ack_label)
@@ -2705,15 +2776,22 @@ class Room(Emitter):
         What a message costs on its way to the screen stays small; the rest is shared (see COMMIT_EVERY_S)."""
         self._known.add(entry["id"])
         if not self._committing:
+            _spawn(self._commit(), f"commit-{self.name}")  # raises outside a running loop: then the flag stays off
             self._committing = True
-            _spawn(self._commit(), f"commit-{self.name}")
         self._to_commit.append((entry, ack_to, ack_label))
 
+    def _sign_now_if_wanted(self, msg: Message, peers: list[Peer]) -> None:
+        """An rtchat.py that does not take signatures later (0.1, or one whose hello has not come) gets it inline,
+        and then so does everyone."""
+        if any(p.is_rtchat_py and not p.late_signatures for p in peers):
+            msg.sig = self.identity.sign_message(msg.signed_part(self.topic))
+
     def _commit_own(self, msg: Message, sent: list[tuple[Peer, str]]) -> None:
-        """Our message, sent: it is signed (and the signature sent on) with the next write, not on its way out."""
+        """Our message, sent: unless it went out signed, it is signed (and the signature sent after it to the
+        peers that got it) with the next write, not on its way out."""
         entry = msg.record()
         if msg.sig is None:
-            self._to_sign.append((msg, entry, [(p, label) for p, label in sent if p.late_signatures]))
+            self._to_sign.append((msg, entry, sent))
         self._commit_later(entry)
 
     async def _commit(self) -> None:
@@ -2883,7 +2961,9 @@ class Room(Emitter):
             msg.id = "unverified-" + hashlib.sha256(f"{peer.name}\n{msg.id}".encode()).hexdigest()[:16]
         if msg.sender == peer.name and msg.trust == "relayed":
             msg.trust, msg.relayed_by = ("channel-bound" if peer.channel_bound else "legacy"), None
-        msg.text = clean(msg.text, keep_newlines=True)
+        shown = clean(msg.text, keep_newlines=True)
+        if shown != msg.text:  # the signature fits only the text as written: it cannot be passed on as the author's
+            msg.text, msg.sig = shown, None
         return msg
 
     def _own_message(self, text: str, kind: str, action: bool = False, to: str | None = None) -> Message:
@@ -2901,8 +2981,6 @@ class Room(Emitter):
             peer.send(label, f"* {self.me} {msg.text}" if msg.action else msg.text)
             return False
         frame = {"t": "msg", "id": msg.id, "ts": msg.ts, "text": msg.text, "action": msg.action}
-        if msg.sig is None and not peer.late_signatures:  # an rtchat.py that wants it inline
-            msg.sig = self.identity.sign_message(msg.signed_part(self.topic))
         if msg.sig is not None:
             frame["sig"] = msg.sig
         if not peer.send(label, frame):
@@ -3252,18 +3330,23 @@ async def _send(ctx: Context, args: str) -> None:
     name, path = _split_first(args, "/send NAME PATH")
     if not path:
         raise UsageError("usage: /send NAME PATH")
-    size = os.path.getsize(os.path.expanduser(path)) if os.path.isfile(os.path.expanduser(path)) else 0
-    ctx.echo(f"-!- sending {path} ({human_size(size)}) to {name} ...")
-    started = time.monotonic()
-    try:
-        saved = await ctx.room.send_file(name, path)
-    except RtchatError as exc:
-        if isinstance(exc, UsageError):
-            raise
-        ctx.echo(f"-!- {exc}")
-        return
-    took = max(time.monotonic() - started, 1e-3)
-    ctx.echo(f"-!- {name} has {path} as {saved} ({human_size(size)} in {took:.1f} s, checked)")
+    room, full = ctx.room, os.path.expanduser(path)
+    if not os.path.isfile(full):
+        raise UsageError(f"{path} is not a file")
+    room.find(name)  # an unknown name is a usage error now, not later
+    size = os.path.getsize(full)
+    ctx.echo(f"-!- sending {path} ({human_size(size)}) to {name}; you can go on chatting")
+
+    async def transfer() -> None:  # in the background: the prompt stays free
+        started = time.monotonic()
+        try:
+            saved = await room.send_file(name, path)
+        except RtchatError as exc:
+            ctx.echo(f"-!- {path} was not sent to {name}: {exc}")
+            return
+        took = max(time.monotonic() - started, 1e-3)
+        ctx.echo(f"-!- {name} has {path} as {saved} ({human_size(size)} in {took:.1f} s, checked)")
+    _spawn(transfer(), f"send-file-{name}")
 
 
 @command("me", help="say what you are doing", usage="/me ACTION", example="/me waves")
@@ -3454,11 +3537,13 @@ class Printer:
         indent = " " * (len(time.strftime("%H:%M")) + 1)
         self._write(self.out, f"{stamp} {who} {lines[0]}" + "".join(f"\n{indent}  {line}" for line in lines[1:]))
 
-    def event(self, kind: str, room: str, name: str, text: str = "", fp: str | None = None, **extra: Any) -> None:
-        """join/leave/key-changed/file lines: NDJSON on stdout in json style, else a marked line for people."""
+    def event(self, kind: str, room: str, name: str, text: str = "", fp: str | None = None,
+              fields: dict | None = None) -> None:
+        """join/leave/key-changed/file lines: NDJSON on stdout in json style (with fields), else a marked line."""
         if self.style == "json":
             self._write(self.out, json.dumps({"type": kind, "room": room, "from": name, "text": text,
-                                              "fingerprint": fp, "ts": now_ms(), **extra}, ensure_ascii=False))
+                                              "fingerprint": fp, "ts": now_ms(), **(fields or {})},
+                                             ensure_ascii=False))
             return
         marker = {"join": "-->", "leave": "<--"}.get(kind, "-!-")
         self.status(f"{marker} {name} {text}".rstrip(), 32 if kind == "join" else 33 if kind == "leave" else 31)
@@ -3538,9 +3623,13 @@ class App:
         elif event == "key-changed":
             name, fp, verdict = args
             why = "uses a key you have not pinned" if verdict == "new" else "has a DIFFERENT KEY than the one pinned"
-            self.printer.event("key-changed", room.name, clean(name, 80),
-                               f"{why} ({show_fingerprint(fp)}); refused. If that is expected, /trust "
-                               f"{clean(bare_name(name), 80)}", fp)
+            bare = clean(bare_name(name), 80)
+            if fp is None:  # an rtchat.py peer's signaling, signed by a message key that is not the pinned one's
+                text = f"{why} (its signaling is signed by another key); ignored. If that is expected, " \
+                       f"/untrust {bare} and meet again"
+            else:
+                text = f"{why} ({show_fingerprint(fp)}); refused. If that is expected, /trust {bare}"
+            self.printer.event("key-changed", room.name, clean(name, 80), text, fp)
         elif event == "delivered":
             msg_id, peer = args
             self.printer.status(f"-!- delivered to {room.label(peer)}", 2)
@@ -3548,7 +3637,7 @@ class App:
             got = args[0]
             self.printer.event("file", room.name, room.label(got.sender),
                                f"sent {got.name} ({human_size(got.size)}), saved as {got.path}", got.fingerprint,
-                               name=got.name, path=str(got.path), size=got.size, sha256=got.sha256)
+                               {"name": got.name, "path": str(got.path), "size": got.size, "sha256": got.sha256})
         elif event == "status":
             self.printer.status(clean(args[0], 500), 31)
 
@@ -3714,7 +3803,7 @@ modes:
   With --listen: received messages go to stdout, as "NAME: TEXT" or NDJSON with --json.
 
 environment: RTCHAT_BROKER, RTCHAT_ROOM, RTCHAT_STATE, RTCHAT_ICE, RTCHAT_ICE_HOST, RTCHAT_SECRET,
-  RTCHAT_PASSPHRASE, RTCHAT_PLUGINS (extra plugin folders), RTCHAT_DEBUG=1, NO_COLOR.
+  RTCHAT_PASSPHRASE, RTCHAT_FILES, RTCHAT_PLUGINS (extra plugin folders), RTCHAT_DEBUG=1, NO_COLOR.
 
 exit codes:
   0 success; 1 other error; {EX_USAGE} bad usage; {EX_UNAVAILABLE} broker unreachable;
@@ -3750,9 +3839,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--trust", choices=Trust.POLICIES, default="new",
                         help="which peer keys to accept: new = pin unknown names, refuse changed keys "
                              "(default); known = only pinned keys; any = everything")
-    parser.add_argument("--files", default=env("RTCHAT_FILES", "~/Downloads/rtchat"), metavar="DIR|off",
-                        help="where files rtchat.py peers send you are saved (default ~/Downloads/rtchat; "
-                             "off refuses them)")
+    parser.add_argument("--files", default=env("RTCHAT_FILES", "off"), metavar="DIR|off",
+                        help="take files rtchat.py peers send you, into DIR (default off: refused)")
     parser.add_argument("--listen", action="store_true", help="print received messages to stdout; send nothing")
     parser.add_argument("--json", action="store_true", help="with --listen: one JSON object per line")
     parser.add_argument("--count", type=int, metavar="N", help="with --listen: exit after N messages")

@@ -111,10 +111,13 @@ def test_lines_and_commands(broker, tmp_path):
             (tmp_path / "notes.txt").write_text("for bob")
             await eventually(lambda: s.app.room.peers["bob"].takes_files, what="bob's hello")
             out = await s.line(f"/send bob {tmp_path / 'notes.txt'}")
-            assert "bob has" in out and "as notes.txt (7 bytes" in out and "checked" in out, out
+            assert "sending" in out and "go on chatting" in out, out
+            await eventually(lambda: "bob has" in s.out.getvalue(), what="the transfer's result")
+            assert "as notes.txt (7 bytes" in s.out.getvalue() and "checked" in s.out.getvalue()
             assert (tmp_path / "bob-files" / "notes.txt").read_text() == "for bob"
             assert "is not a file" in await s.line(f"/send bob {tmp_path / 'nope.txt'}")
             assert "usage: /send NAME PATH" in await s.line("/send bob")
+            assert "no peer called 'zed'" in await s.line(f"/send zed {tmp_path / 'notes.txt'}")
     run(scenario())
 
 

@@ -1,6 +1,8 @@
 """File transfer between rtchat.py peers: a channel of its own, checked by SHA-256, saved without overwriting."""
 import asyncio
 import hashlib
+import io
+import json
 import os
 
 import pytest
@@ -95,6 +97,25 @@ def test_a_corrupted_file_is_not_saved(broker, tmp_path):
             assert verdict["ok"] is False, verdict
         await asyncio.sleep(0.2)
         assert list((tmp_path / "inbox").iterdir()) == [] and not rb._incoming
+        await alice.close()
+        await bob.close()
+    run(scenario())
+
+
+def test_a_received_file_is_shown_and_printed_as_json(broker, tmp_path):
+    async def scenario():
+        alice, bob, ra, rb = await file_pair(tmp_path, broker.url)
+        out, err = io.StringIO(), io.StringIO()
+        app = rtchat.App(bob, rtchat.Registry(), rtchat.Printer("json", False, out, err))
+        await app.switch_room("files")
+        source = tmp_path / "notes.txt"
+        source.write_text("for bob\n")
+        await ra.send_file("bob", source)
+        await eventually(lambda: '"file"' in out.getvalue(), what="the json line")
+        event = json.loads(out.getvalue().splitlines()[-1])
+        assert event["type"] == "file" and event["from"] == "alice" and event["name"] == "notes.txt"
+        assert event["size"] == 8 and event["sha256"] == hashlib.sha256(b"for bob\n").hexdigest()
+        assert event["path"] == str(tmp_path / "inbox" / "notes.txt") and event["fingerprint"]
         await alice.close()
         await bob.close()
     run(scenario())
