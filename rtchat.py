@@ -113,6 +113,7 @@ FILE_BUFFER_BYTES = (256 * 1024, 1024 * 1024)  # ... sending pauses above the se
 MAX_FILE_BYTES = 4 * 1024 ** 3
 MAX_INCOMING_FILES = 4                 # at once, per room
 FILE_IDLE_S = 30.0                     # a transfer that stalls this long is given up
+FILE_SYNC_BYTES = 4 * 1024 * 1024      # a file being received goes to disk in steps of this, in the background
 FILE_DISK_RESERVE = 64 * 1024 ** 2     # a file is refused if it would leave less free space than this
 BACKFILL_MAX = 200                     # messages one peer passes another when they meet
 BACKFILL_FRAME_CHARS = 48 * 1024
@@ -1628,14 +1629,6 @@ class Trust:
         return self.store.update(drop)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def human_size(size: float) -> str:
     for unit in ("bytes", "KB", "MB"):
         if size < 1000:
@@ -1671,9 +1664,11 @@ class ReceivedFile:
 
 
 class IncomingFile:
-    """One file arriving on its own channel: a JSON header, then raw chunks; we answer go-ahead, then done.
+    """One file arriving on its own channel: a JSON header (name, size), then raw chunks, then its SHA-256
+    (or the SHA-256 in the header); we answer go-ahead, then done.
 
-    It is written to NAME.part (0600) and renamed (never over an existing file) once its SHA-256 matches."""
+    It is written to a .part file (0600), flushed to disk as it comes, and given its name (never over an existing
+    file) once its SHA-256 matches."""
 
     def __init__(self, room: Room, peer: Peer, channel) -> None:
         self.room, self.peer, self.channel = room, peer, channel
@@ -1684,6 +1679,8 @@ class IncomingFile:
         self.digest = hashlib.sha256()
         self.finished = False
         self.active = time.monotonic()
+        self.synced = 0                              # bytes handed to a background fdatasync so far
+        self.syncing: asyncio.Future | None = None   # that fdatasync
         channel.on("message", self._on_data)
         channel.on("close", lambda: self.fail("the sender went away", tell=False))
         asyncio.get_running_loop().call_later(FILE_IDLE_S, self._check_idle)
@@ -1694,6 +1691,14 @@ class IncomingFile:
             return
         if self.header is None:
             self._start(data)
+        elif self.got == self.header["size"] and isinstance(data, str):  # the trailer: its SHA-256
+            trailer = small_json(data)
+            digest = trailer.get("sha256") if isinstance(trailer, dict) else None
+            if not (isinstance(digest, str) and len(digest) == 64) or self.header["sha256"]:
+                self.fail("a malformed file trailer")
+            else:
+                self.header["sha256"] = digest
+                _spawn(self._finish(), f"file-{self.peer.name}")
         elif not isinstance(data, bytes) or self.got + len(data) > self.header["size"]:
             self.fail("more data than announced")
         else:
@@ -1706,13 +1711,18 @@ class IncomingFile:
                 return
             self.digest.update(data)
             self.got += len(data)
-            if self.got == self.header["size"]:
+            if self.got - self.synced >= FILE_SYNC_BYTES and (self.syncing is None or self.syncing.done()):
+                self.synced = self.got  # to disk as it comes, in a thread: the fsync at the end has little left
+                self.syncing = asyncio.get_running_loop().run_in_executor(None, os.fdatasync, self.fd)
+                self.syncing.add_done_callback(lambda f: f.exception())
+            if self.got == self.header["size"] and self.header["sha256"]:
                 _spawn(self._finish(), f"file-{self.peer.name}")
 
     def _start(self, data: Any) -> None:
         header = small_json(data)
+        digest = header.get("sha256") if isinstance(header, dict) else None
         if not (isinstance(header, dict) and isinstance(header.get("size"), int) and not isinstance(
-                header["size"], bool) and isinstance(header.get("sha256"), str) and len(header["sha256"]) == 64):
+                header["size"], bool) and (digest is None or (isinstance(digest, str) and len(digest) == 64))):
             self.fail("a malformed file header")
             return
         size, folder = header["size"], self.room.files
@@ -1725,14 +1735,14 @@ class IncomingFile:
             if shutil.disk_usage(folder).free < size + pending + FILE_DISK_RESERVE:
                 self.fail("not enough free space")
                 return
-            self.header = {"name": safe_file_name(header.get("name")), "size": size, "sha256": header["sha256"]}
+            self.header = {"name": safe_file_name(header.get("name")), "size": size, "sha256": digest}
             self.part = unused_path(folder, self.header["name"] + f".{new_id()}.part")
             self.fd = os.open(self.part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as exc:
             self.fail(f"cannot write: {exc.strerror}")
             return
         self._reply({"ok": True})
-        if size == 0:
+        if size == 0 and digest:
             _spawn(self._finish(), f"file-{self.peer.name}")
 
     async def _finish(self) -> None:
@@ -1742,6 +1752,9 @@ class IncomingFile:
             self.fail("the SHA-256 does not match")
             return
         try:
+            if self.syncing is not None:
+                with contextlib.suppress(OSError):
+                    await self.syncing
             fd, self.fd = self.fd, -1
             await asyncio.get_running_loop().run_in_executor(None, sync_and_close, fd)
             for _ in range(100):  # take a free name first (O_EXCL), then put the file there: nothing is replaced
@@ -1985,7 +1998,6 @@ class Room(Emitter):
             raise UsageError(f"{self.label(peer)} does not take files (a browser, or started without --files DIR)")
         try:
             size = path.stat().st_size
-            digest = await asyncio.get_running_loop().run_in_executor(None, file_sha256, path)
         except OSError as exc:
             raise UsageError(f"cannot read {path}: {exc.strerror}") from None
         channel = await peer.open_channel(f"file/{new_id()}")
@@ -1993,10 +2005,14 @@ class Room(Emitter):
         channel.on("message", replies.put_nowait)
         channel.on("close", lambda: replies.put_nowait(None))
         try:
-            channel.send(to_json({"name": path.name, "size": size, "sha256": digest}))
+            channel.send(to_json({"name": path.name, "size": size}))
             await self._file_reply(peer, replies)  # the go-ahead
-            await self._stream_file(channel, path, size, replies)
+            digest = await self._stream_file(channel, path, size, replies)
+            if channel.readyState == "open" and replies.empty():
+                channel.send(to_json({"sha256": digest}))  # hashed on the way: the file is read once
             return clean((await self._file_reply(peer, replies)).get("saved"), 255)
+        except OSError as exc:
+            raise RtchatError(f"cannot read {path}: {exc.strerror}") from None
         finally:
             channel.close()
 
@@ -2013,8 +2029,10 @@ class Room(Emitter):
         return reply
 
     @staticmethod
-    async def _stream_file(channel, path: Path, size: int, replies: asyncio.Queue) -> None:
-        """Chunks as fast as the channel drains them; stops early if the receiver speaks up (it gave up)."""
+    async def _stream_file(channel, path: Path, size: int, replies: asyncio.Queue) -> str:
+        """Chunks as fast as the channel drains them, hashed on the way (the SHA-256 is returned); stops early if
+        the receiver speaks up (it gave up)."""
+        digest = hashlib.sha256()
         low, high = FILE_BUFFER_BYTES
         channel.bufferedAmountLowThreshold = low
         drained = asyncio.Event()
@@ -2035,7 +2053,9 @@ class Room(Emitter):
                 if channel.readyState != "open":
                     raise RtchatError("the connection closed during the transfer")
                 channel.send(chunk)
+                digest.update(chunk)
                 left -= len(chunk)
+        return digest.hexdigest()
 
     async def wait_for_peers(self, count: int = 1, timeout: float = 30.0) -> list[Peer]:
         """Until count peers are verified; NoPeers after timeout."""

@@ -861,8 +861,8 @@ class Bench:
         self.results["4_bulk"] = {"rtchat_MBps": summary(ours), "raw_MBps": summary(base),
                                   "file_MBps": summary(files),
                                   "method": f"{reps} reps x {total >> 20} MiB; raw: {size}-byte channel.send; "
-                                            "file: room.send_file (SHA-256 first, 16 KiB binary chunks on a "
-                                            "channel of its own, receiver writes, checks and fsyncs); chat: "
+                                            "file: room.send_file (16 KiB binary chunks on a channel of its own, "
+                                            "hashed on the way; the receiver writes, checks and fsyncs); chat: "
                                             f"{size}-char room.send texts (signed, kept in history, acked); all "
                                             f"wait for bufferedamountlow above {high >> 10} KiB (low {low >> 10} "
                                             "KiB); MB/s = payload / (receiver has it all - sender's start)"}

@@ -84,8 +84,11 @@ def test_a_corrupted_file_is_not_saved(broker, tmp_path):
         assert verdict["ok"] is False and "SHA-256" in verdict["error"]
         await eventually(lambda: statuses, what="the status line")
         assert not files and list((tmp_path / "inbox").iterdir()) == []
-        # more bytes than announced, and a header that is not one
-        for header, payload in (({"name": "y", "size": 2, "sha256": "0" * 64}, b"abc"), ("nonsense", None)):
+        # more bytes than announced, a wrong hash after the data, a bad trailer, and a header that is not one
+        for header, payload, trailer in (({"name": "y", "size": 2, "sha256": "0" * 64}, b"abc", None),
+                                         ({"name": "z", "size": 2}, b"ab", {"sha256": "0" * 64}),
+                                         ({"name": "z", "size": 2}, b"ab", {"sha256": 5}),
+                                         ("nonsense", None, None)):
             channel = await ra.peers["bob"].open_channel("file/" + rtchat.new_id())
             replies = asyncio.Queue()
             channel.on("message", replies.put_nowait)
@@ -93,6 +96,8 @@ def test_a_corrupted_file_is_not_saved(broker, tmp_path):
             if payload:
                 await asyncio.wait_for(replies.get(), 5)
                 channel.send(payload)
+            if trailer:
+                channel.send(rtchat.to_json(trailer))
             verdict = rtchat.parse_json(await asyncio.wait_for(replies.get(), 5))
             assert verdict["ok"] is False, verdict
         await asyncio.sleep(0.2)
