@@ -1699,7 +1699,9 @@ class IncomingFile:
             else:
                 self.header["sha256"] = digest
                 _spawn(self._finish(), f"file-{self.peer.name}")
-        elif not isinstance(data, bytes) or self.got + len(data) > self.header["size"]:
+        elif not isinstance(data, bytes):
+            self.fail("its SHA-256 came before the whole file")
+        elif self.got + len(data) > self.header["size"]:
             self.fail("more data than announced")
         else:
             try:
@@ -1713,7 +1715,8 @@ class IncomingFile:
             self.got += len(data)
             if self.got - self.synced >= FILE_SYNC_BYTES and (self.syncing is None or self.syncing.done()):
                 self.synced = self.got  # to disk as it comes, in a thread: the fsync at the end has little left
-                self.syncing = asyncio.get_running_loop().run_in_executor(None, os.fdatasync, self.fd)
+                self.syncing = asyncio.get_running_loop().run_in_executor(
+                    None, getattr(os, "fdatasync", os.fsync), self.fd)
                 self.syncing.add_done_callback(lambda f: f.exception())
             if self.got == self.header["size"] and self.header["sha256"]:
                 _spawn(self._finish(), f"file-{self.peer.name}")
@@ -1753,8 +1756,7 @@ class IncomingFile:
             return
         try:
             if self.syncing is not None:
-                with contextlib.suppress(OSError):
-                    await self.syncing
+                await self.syncing  # an error writing back is an error saving the file
             fd, self.fd = self.fd, -1
             await asyncio.get_running_loop().run_in_executor(None, sync_and_close, fd)
             for _ in range(100):  # take a free name first (O_EXCL), then put the file there: nothing is replaced
@@ -1898,7 +1900,7 @@ class Room(Emitter):
         if not self.joined:
             return
         self.joined = False
-        await self._write_all()  # what we received is written and acknowledged before we go
+        await self._write_all(COMMIT_EVERY_S * 20)  # what came is written and acknowledged (while peers talk on)
         self._publish("unload", "disconnecting", compact=not self._legacy_near)
         for task in self._tasks:
             task.cancel()
@@ -1915,9 +1917,10 @@ class Room(Emitter):
             await asyncio.wait_for(asyncio.gather(*(pc.close() for pc in pcs), return_exceptions=True), 2)
         await self._write_all()  # and what came while we were leaving
 
-    async def _write_all(self) -> None:
+    async def _write_all(self, timeout: float = math.inf) -> None:
         self._write_unsigned(math.inf)
-        while self._committing:
+        deadline = time.monotonic() + timeout
+        while self._committing and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
 
     def verified_peers(self) -> list[Peer]:
@@ -2037,6 +2040,7 @@ class Room(Emitter):
         channel.bufferedAmountLowThreshold = low
         drained = asyncio.Event()
         channel.on("bufferedamountlow", drained.set)
+        channel.on("close", drained.set)
         with path.open("rb") as f:
             left = size
             while left > 0 and replies.empty():
@@ -2165,8 +2169,10 @@ class Room(Emitter):
         # know for it, is not from it. (Not knowing its message key, e.g. after a crash, the channel decides.)
         impostor = signer is None and self.trust.signs(bare_name(sender)) and self.trust.policy != "any" and (
             mkey is None or bool(self._message_keys_of(sender)))
-        if impostor and mkey is not None and (sender, mkey) not in self._warned:
-            self._warned.add((sender, mkey))
+        if impostor and mkey is not None and ("impostor", bare_name(sender)) not in self._warned:
+            if len(self._warned) > 1024:
+                self._warned.clear()
+            self._warned.add(("impostor", bare_name(sender)))  # once per name: anyone can make fresh keys
             self.emit("key-changed", sender, None, "changed")  # no identity key to show: only its message key
         if signer is False or (impostor and envelope["subtopic"] != "connect"):  # a connect is only a hint
             self.dropped += 1
@@ -2232,16 +2238,18 @@ class Room(Emitter):
         if mkey is not None:
             if not (isinstance(mkey, str) and isinstance(nonce, str) and verify_message(mkey, sig, signed)):
                 return False, None
-            return self._identity_of(mkey), mkey
+            return self._identity_of(envelope["sender"], mkey), mkey
         return self._rsa_signer(envelope, data, subtopic, sig, nonce, signed), None
 
-    def _identity_of(self, mkey: str) -> str | None:
-        """The identity key that certified a message key, if we have met it (a peer here, or an author)."""
-        for peer in self.peers.values():
-            if peer.message_key == mkey and peer.key_string:
-                return peer.key_string
-        return next((a["key"] for a in self.store.data["authors"].values()
-                     if isinstance(a, dict) and a.get("mkey") == mkey and isinstance(a.get("key"), str)), None)
+    def _identity_of(self, sender: str, mkey: str) -> str | None:
+        """The identity key of this sender that certified this message key, if we know it: its live session's, or
+        one pinned for its name. Another peer's message key does not make a signature this sender's."""
+        peer = self.peers.get(sender)
+        if peer is not None and peer.message_key == mkey and peer.key_string:
+            return peer.key_string
+        authors = self.store.data["authors"]
+        return next((pin["key"] for fp, pin in self.trust.pins_for(bare_name(sender)).items()
+                     if isinstance(author := authors.get(fp), dict) and author.get("mkey") == mkey), None)
 
     def _message_keys_of(self, name: str) -> set[str]:
         """The message keys of the identities pinned for this name, as far as we have them."""
@@ -3361,8 +3369,8 @@ async def _send(ctx: Context, args: str) -> None:
         started = time.monotonic()
         try:
             saved = await room.send_file(name, path)
-        except RtchatError as exc:
-            ctx.echo(f"-!- {path} was not sent to {name}: {exc}")
+        except Exception as exc:  # in the background: every failure is told, none is a traceback
+            ctx.echo(f"-!- {path} was not sent to {name}: {exc if isinstance(exc, RtchatError) else repr(exc)}")
             return
         took = max(time.monotonic() - started, 1e-3)
         ctx.echo(f"-!- {name} has {path} as {saved} ({human_size(size)} in {took:.1f} s, checked)")
@@ -3644,9 +3652,10 @@ class App:
             name, fp, verdict = args
             why = "uses a key you have not pinned" if verdict == "new" else "has a DIFFERENT KEY than the one pinned"
             bare = clean(bare_name(name), 80)
-            if fp is None:  # an rtchat.py peer's signaling, signed by a message key that is not the pinned one's
-                text = f"{why} (its signaling is signed by another key); ignored. If that is expected, " \
-                       f"/untrust {bare} and meet again"
+            if fp is None:  # signaling in a pinned rtchat.py peer's name, signed by another message key
+                text = f"{why} (its signaling is signed by another key; anyone on the broker can send that); " \
+                       f"ignored. Only if {bare} tells you they have a new key: /untrust {bare}, then compare " \
+                       f"safety numbers (/whois) when you meet"
             else:
                 text = f"{why} ({show_fingerprint(fp)}); refused. If that is expected, /trust {bare}"
             self.printer.event("key-changed", room.name, clean(name, 80), text, fp)
@@ -3774,7 +3783,7 @@ async def run_pipe(app: App, wait_peers: int, timeout: float) -> int:
     except NoPeers as exc:
         if refused:  # nobody to send to because a key was refused: say that, with its own exit code
             raise KeyMismatch(f"{exc}; refused {', '.join(sorted(refused))}: not the pinned key "
-                              f"(see --trust, or /trust NAME in a chat)") from None
+                              f"(see --trust; in a chat, /whois, /trust or /untrust NAME)") from None
         raise
     app.printer.status(f"sending to {', '.join(room.label(p) for p in room.verified_peers())}")
     sent, reached = 0, set()

@@ -507,24 +507,28 @@ def test_signaling_signed_with_another_message_key(broker, tmp_path):
         (alice, bob), (ra, rb) = await start_pair(tmp_path, broker.url, room="a3m")
         await eventually(lambda: ra.peers["bob"].message_key and rb.peers["alice"].message_key, 5, "hellos")
         sa = ra.peers["bob"]
-        own = rtchat.Identity.generate()
-        m = Mallory(own)
-        info = {"client": rtchat.CLIENT_TAG, "inbox": "0123456789abcdef"}
-        offer = {"userInfo": info, "offer": {"localDescription": {"type": "offer", "sdp": await m.offer()},
-                                             "target": "alice"}}
-        before = ra.dropped
-        for subtopic, data in (("RTCOffer", offer), ("unload", "disconnecting"), ("connect", info)):
-            for where in (topic, ra.inbox):
-                wire.publish(envelope("bob", subtopic, data, identity=own, topic=topic, compact=True), where)
-        await asyncio.sleep(1.5)
-        answers = wire.captured(topic, "alice", "RTCAnswer", target="bob")
-        record("3c offer/unload in known bob's name signed with another message key",
-               ra.peers.get("bob") is sa and sa.is_verified and not answers and ra.dropped - before >= 4,
-               f"session kept={ra.peers.get('bob') is sa}, alice answered {len(answers)}x, "
-               f"dropped={ra.dropped - before}")
-        record("3c the forged connect does not move bob's inbox", ra._inboxes["bob"][0] != f"{topic}/{info['inbox']}",
-               f"bob's inbox at alice={ra._inboxes['bob'][0]}")
-        await close_all(m, alice, bob, wire)
+        eve = await make_client("eve", tmp_path, broker.url).start()   # someone alice has met: her key is known
+        await eve.join("a3m")
+        await eventually(lambda: "eve" in ra.peers and ra.peers["eve"].message_key, 10, "alice meets eve")
+        for who, own in (("a stranger's", rtchat.Identity.generate()), ("eve's", eve.identity)):
+            m = Mallory(own)
+            info = {"client": rtchat.CLIENT_TAG, "inbox": rtchat.new_id()}
+            offer = {"userInfo": info, "offer": {"localDescription": {"type": "offer", "sdp": await m.offer()},
+                                                 "target": "alice"}}
+            before = ra.dropped
+            for subtopic, data in (("RTCOffer", offer), ("unload", "disconnecting"), ("connect", info)):
+                for where in (topic, ra.inbox):
+                    wire.publish(envelope("bob", subtopic, data, identity=own, topic=topic, compact=True), where)
+            await asyncio.sleep(1.5)
+            answers = wire.captured(topic, "alice", "RTCAnswer", target="bob")
+            record(f"3c offer/unload in known bob's name signed with {who} message key",
+                   ra.peers.get("bob") is sa and sa.is_verified and not answers and ra.dropped - before >= 4,
+                   f"session kept={ra.peers.get('bob') is sa}, alice answered {len(answers)}x, "
+                   f"dropped={ra.dropped - before}")
+            record(f"3c a connect signed with {who} message key does not move bob's inbox",
+                   ra._inboxes["bob"][0] != f"{topic}/{info['inbox']}", f"bob's inbox at alice={ra._inboxes['bob'][0]}")
+            await m.close()
+        await close_all(alice, bob, eve, wire)
     run(scenario(), 60)
     assert_blocked("3c")
 
