@@ -375,6 +375,14 @@ def canonical_json(value: Any) -> bytes:
     return _CANONICAL_ENCODER.encode(value).encode()
 
 
+def parse_json(text: str | bytes) -> Any:
+    """json.loads that turns every failure (bad syntax, deep nesting, bad UTF-8) into ValueError."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError, UnicodeDecodeError) as exc:
+        raise ValueError(str(exc)[:200]) from None
+
+
 def small_json(data: Any, limit: int = 4096) -> Any:
     """A short JSON text from a peer (a header, a reply), or None."""
     if not isinstance(data, str) or len(data) > limit:
@@ -382,14 +390,6 @@ def small_json(data: Any, limit: int = 4096) -> Any:
     with contextlib.suppress(ValueError):
         return parse_json(data)
     return None
-
-
-def parse_json(text: str | bytes) -> Any:
-    """json.loads that turns every failure (bad syntax, deep nesting, bad UTF-8) into ValueError."""
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError, UnicodeDecodeError) as exc:
-        raise ValueError(str(exc)[:200]) from None
 
 
 COMPACT_MAGIC = b"\x00rtc1"   # an envelope between rtchat.py peers, on an inbox only they read: zlib'd JSON ...
@@ -691,6 +691,21 @@ def verify_message(message_public: str, signature: Any, data: bytes) -> bool:
 # re-reads the file first, so two processes of one user merge rather than clobber.
 # =============================================================================
 
+@contextlib.contextmanager
+def locked_beside(path: Path):
+    """An exclusive lock between processes, on PATH.lock: a file of its own, because the file it guards is
+    replaced by atomic renames (and a lock on the old one would go with it)."""
+    if not path.parent.is_dir():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if fcntl:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _empty_state() -> dict:
     return {"format": STATE_FORMAT, "name": None, "identity": None, "pins": {}, "rooms": {},
             "last_room": None, "input_history": [], "plugins": {}, "instances": {}, "authors": {}, "outbox": []}
@@ -706,13 +721,13 @@ class Store:
         self._flush_timer: asyncio.TimerHandle | None = None
 
     def load(self) -> dict:
-        with self._locked():
+        with locked_beside(self.path):
             self.data = self._read()
         return self.data
 
     def update(self, mutate: Callable[[dict], Any]) -> Any:
         """Apply mutate to the freshest state on disk and write it back, under the lock."""
-        with self._locked():
+        with locked_beside(self.path):
             data = self._read()
             for pending in self._pending:
                 pending(data)
@@ -739,17 +754,6 @@ class Store:
                 self.update(lambda data: None)
             except RtchatError as exc:
                 log.error("%s", exc)
-
-    @contextlib.contextmanager
-    def _locked(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(str(self.path) + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            if fcntl:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
 
     def _read(self) -> dict:
         try:
@@ -899,7 +903,7 @@ class HistoryLog:
 
     def write(self, new: list[dict]) -> None:
         """Add entries to the file, not yet surely on disk (see sync): this, the Python part, stays on the loop."""
-        with self._lock, self._file_lock():
+        with self._lock, locked_beside(self.path):
             fd = -1
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -924,7 +928,7 @@ class HistoryLog:
 
     def compact(self) -> None:
         """Keep the newest `limit` entries: a new file, fsynced, put in place. Blocks: a Room runs it in a thread."""
-        with self._lock, self._file_lock():
+        with self._lock, locked_beside(self.path):
             try:
                 self._read()
                 keep, lines = self._entries[-self.limit:], self._lines[-self.limit:]
@@ -938,19 +942,6 @@ class HistoryLog:
                 self._size = self.path.stat().st_size
             except OSError as exc:
                 raise StateError(f"cannot compact history file {self.path}: {exc}") from None
-
-    @contextlib.contextmanager
-    def _file_lock(self):
-        """Between processes. A file of its own: compaction replaces the data file, and a lock on it would go too."""
-        if not self.path.parent.is_dir():
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        lock = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            if fcntl:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(lock)
 
 
 # =============================================================================

@@ -95,6 +95,21 @@ def out(obj: dict) -> None:
     sys.stdout.flush()
 
 
+async def paced(channel, count: int, send, low: int, high: int) -> dict:
+    """send() count times, the same back-pressure for rtchat and the baseline: above `high` bytes buffered,
+    wait until the channel drains to `low`."""
+    channel.bufferedAmountLowThreshold = low
+    drained = asyncio.Event()
+    channel.on("bufferedamountlow", drained.set)
+    t0 = mono()
+    for _ in range(count):
+        if channel.bufferedAmount > high:
+            drained.clear()
+            await asyncio.wait_for(drained.wait(), 60)
+        send()
+    return {"t0": t0, "t_sent": mono(), "count": count}
+
+
 def patch_loopback_ice() -> None:
     """aioice never offers 127.0.0.1 by itself: offer exactly that (what rtchat's --ice-host does)."""
     import aioice.ice
@@ -230,19 +245,8 @@ class RtWorker:
 
     async def do_bulk(self, room: str, total: int, size: int, low: int, high: int) -> dict:
         r = self.rooms[room]
-        channel = r.verified_peers()[0].channels["chat"]
-        channel.bufferedAmountLowThreshold = low
-        drained = asyncio.Event()
-        channel.on("bufferedamountlow", drained.set)
-        body = "".join(random.choices(string.ascii_letters, k=size))
-        count = total // size
-        t0 = mono()
-        for _i in range(count):
-            if channel.bufferedAmount > high:
-                drained.clear()
-                await asyncio.wait_for(drained.wait(), 60)
-            r.send("B" + body[1:])
-        return {"t0": t0, "t_sent": mono(), "count": count}
+        body = "B" + "".join(random.choices(string.ascii_letters, k=size - 1))
+        return await paced(r.verified_peers()[0].channels["chat"], total // size, lambda: r.send(body), low, high)
 
     async def do_quit(self) -> dict:
         if self.client is not None:
@@ -402,18 +406,8 @@ class RawWorker:
 
     async def do_bulk(self, peer: str, total: int, size: int, low: int, high: int) -> dict:
         channel = self.channels[peer]
-        channel.bufferedAmountLowThreshold = low
-        drained = asyncio.Event()
-        channel.on("bufferedamountlow", drained.set)
         body = "B" + "".join(random.choices(string.ascii_letters, k=size - 1))
-        count = total // size
-        t0 = mono()
-        for _ in range(count):
-            if channel.bufferedAmount > high:
-                drained.clear()
-                await asyncio.wait_for(drained.wait(), 60)
-            channel.send(body)
-        return {"t0": t0, "t_sent": mono(), "count": count}
+        return await paced(channel, total // size, lambda: channel.send(body), low, high)
 
     async def do_quit(self) -> dict:
         await self.do_close_all()
