@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import secrets
 import shutil
@@ -1455,6 +1456,689 @@ class Peer(Emitter):
         if self.pc is not None:
             _spawn(self.pc.close(), f"close-{self.name}")
         self.emit("closed", self, reason)
+
+
+# =============================================================================
+# Gossip: large rooms without a full mesh. HyParView membership (at most D
+# connections per member, repaired from a passive view) and PlumTree broadcast
+# (a spanning tree; ids announced on the other links), without I/O: events in,
+# actions out, time and randomness passed in. Knows no Peer and no Room.
+# =============================================================================
+
+MAX_NEIGHBORS = 6            # D: connections a member keeps in a large room (HyParView active view; paper: 5)
+MAX_PASSIVE = 30             # members known but not connected, to repair from (HyParView paper, p9)
+JOIN_WALK_HOPS = 6           # ARWL: a join's random walk ends in a neighbour request after this many hops (p9)
+PASSIVE_WALK_HOPS = 3        # PRWL: where the walk has this many hops left, the newcomer is kept as passive (p9)
+SHUFFLE_WALK_HOPS = 6        # a shuffle walks this far before it is answered (p9)
+SHUFFLE_ACTIVE, SHUFFLE_PASSIVE = 3, 4   # members from each view a shuffle carries, besides its origin (p9)
+SHUFFLE_EVERY_S = 30.0       # ±20%, drawn from the injected random source so members do not shuffle in step
+SHUFFLE_WAIT_S = 10.0        # a shuffle's answer is taken this long, and only with its nonce
+MAX_SHUFFLES = 4             # shuffles waiting for an answer at once
+NEIGHBOR_WAIT_S = 3.0        # a join or neighbour request unanswered this long is sent again, ... (iroh-gossip)
+NEIGHBOR_TRIES = 2           # ... and after this many tries the member is taken as gone
+REPAIR_EVERY_S = 5.0         # how often a member short of neighbours asks one more from its passive view
+REFUSED_KEEP_S = 60.0        # a member that refused us, or dropped us, is not asked again within this
+DISCONNECT_TIPS = 4          # members named in a disconnect, so the one dropped has someone to ask
+GRAFT_WAIT_S = 0.5           # an announced message that has not come by then is asked for (PlumTree timeout 1)
+GRAFT_RETRY_S = 0.25         # an unanswered GRAFT goes to the next announcer after this (timeout 2, ~ a round trip)
+IHAVE_DELAY_S = 0.05         # announcements are gathered this long into one IHAVE per neighbour
+IHAVE_MAX_IDS = 64           # ids in one IHAVE, and announcements queued per neighbour
+OPTIMIZE_HOPS = 7            # a lazy link this many hops shorter than the tree's replaces it (PlumTree paper, p12)
+MAX_HOPS = 255               # a message further from its author than this is malformed
+SEEN_KEEP_S = 600.0          # ids of messages had are remembered this long, ...
+MAX_SEEN = 20_000            # ... and at most this many (about 3 MB); Room's ledger dedupes beyond that
+CACHE_KEEP_S = 60.0          # messages kept to answer GRAFTs and to catch up new neighbours, ...
+MAX_CACHED = 500             # ... at most this many (8 MB if every one were a line of MAX_TEXT_CHARS)
+MAX_MISSING = 1000           # ids announced to us but not yet had, tracked at once
+MAX_MESSAGE_ID_CHARS = 64    # as Room's message ids
+
+GOSSIP_KINDS = ("join", "fwd", "nbr", "nbr-re", "dis", "shuffle", "shuffle-re", "gossip", "ihave", "graft", "prune")
+"""The `t` of every gossip frame (PROTOCOL.md, Membership and gossip)."""
+LINK_KINDS = frozenset(("fwd", "shuffle", "gossip", "ihave", "graft", "prune"))
+"""Kinds taken only from a neighbour whose connection is up; the others may come through signaling."""
+
+
+@dataclasses.dataclass(slots=True)
+class Timer:
+    """A timer the core asked for; it comes back as TimerExpired. seq tells a timer from a later one alike."""
+    kind: str
+    key: str = ""
+    seq: int = 0
+
+
+@dataclasses.dataclass(slots=True)
+class RecvMessage:
+    """A gossip frame from a member, over our connection to it or through signaling."""
+    peer: str
+    msg: Any
+
+
+@dataclasses.dataclass(slots=True)
+class Broadcast:
+    """Our own message for the room. The id is the caller's; payload is any JSON value, passed on unread."""
+    id: str
+    payload: Any
+
+
+@dataclasses.dataclass(slots=True)
+class TimerExpired:
+    timer: Timer
+
+
+@dataclasses.dataclass(slots=True)
+class NeighborUp:
+    """The connection to a member is open (one we asked for with Connect)."""
+    peer: str
+
+
+@dataclasses.dataclass(slots=True)
+class NeighborDown:
+    """The connection to a member failed or closed."""
+    peer: str
+
+
+@dataclasses.dataclass(slots=True)
+class Join:
+    """Enter the room through a member seen on the broker; more contacts may follow."""
+    contact: str
+
+
+@dataclasses.dataclass(slots=True)
+class Leave:
+    """We are leaving: neighbours are told, so they repair at once."""
+
+
+@dataclasses.dataclass(slots=True)
+class SendMessage:
+    """Send a gossip frame: over the connection to the member if one is open, else through signaling."""
+    peer: str
+    msg: dict
+
+
+@dataclasses.dataclass(slots=True)
+class Connect:
+    """The member is now a neighbour: open a connection to it (it asks for the same) and report NeighborUp."""
+    peer: str
+
+
+@dataclasses.dataclass(slots=True)
+class Disconnect:
+    """The member is no longer a neighbour: close the connection, or stop setting it up."""
+    peer: str
+
+
+@dataclasses.dataclass(slots=True)
+class ScheduleTimer:
+    delay: float
+    timer: Timer
+
+
+@dataclasses.dataclass(slots=True)
+class Deliver:
+    """A message of the room, new to us: via is the neighbour it came from, hops its distance from the author."""
+    id: str
+    payload: Any
+    via: str
+    hops: int
+
+
+@dataclasses.dataclass(slots=True)
+class FindContact:
+    """We know no spare member to repair from (or none at all): Join one seen on the broker, if there is one.
+    This is also what heals a group of members cut off from the rest."""
+
+
+@dataclasses.dataclass(slots=True)
+class _Linked:
+    """Between the two parts: a neighbour's connection came up or went away."""
+    peer: str
+    up: bool
+
+
+def _peer_field(value: Any) -> str | None:
+    """A member's wire name from a frame, or None: a string short and clean enough to be a name."""
+    if isinstance(value, str) and 0 < len(value) <= MAX_NAME_CHARS + 16 and clean(value) == value:
+        return value
+    return None
+
+
+def _id_field(value: Any) -> str | None:
+    return value if isinstance(value, str) and 0 < len(value) <= MAX_MESSAGE_ID_CHARS else None
+
+
+def _count_field(value: Any, top: int) -> int | None:
+    """An int from 0 to top (JSON true is not 1 here)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= top else None
+
+
+def _peers_field(value: Any, most: int) -> list[str] | None:
+    """A list of at most `most` wire names; one bad entry spoils the list."""
+    if not isinstance(value, list) or len(value) > most:
+        return None
+    peers = [_peer_field(v) for v in value]
+    return None if None in peers else peers
+
+
+class Membership:
+    """HyParView: the members we hold connections to (the active view, at most max_active) and those we know of
+    to repair from (the passive view). A newcomer's join walks the overlay and ends in neighbour requests; a lost
+    neighbour is replaced from the passive view; shuffles keep passive views fresh.
+
+    Members that agree to be neighbours both emit Connect, so a connection exists only while both want it."""
+
+    def __init__(self, me: str, rng: random.Random, max_active: int = MAX_NEIGHBORS) -> None:
+        self.me, self.rng, self.max_active = me, rng, max_active
+        self.active: dict[str, bool] = {}        # neighbour -> is its connection up
+        self.passive: dict[str, None] = {}       # an ordered set, so runs with one seed repeat exactly
+        self.pending: dict[str, tuple[int, dict, int]] = {}  # joins and neighbour requests out -> timer seq, msg, try
+        self._connecting: dict[str, int] = {}    # neighbours whose connection is not up -> the seq of its timer
+        self._refused: dict[str, float] = {}     # member -> until when it is not asked again
+        self._shuffles: dict[int, float] = {}    # our shuffles' nonces -> until when their answer is taken
+        self._seq = itertools.count(1)
+
+    def up_neighbors(self) -> list[str]:
+        return [peer for peer, up in self.active.items() if up]
+
+    # -- entering, and neighbour requests ------------------------------------------------------------
+    def join(self, contact: str, out: list) -> None:
+        if contact != self.me and contact not in self.active and contact not in self.pending:
+            self._add_passive(contact)
+            self._ask(contact, {"t": "join"}, out)
+
+    def on_join(self, peer: str, out: list) -> None:
+        """A newcomer: ours even if someone must go, and introduced to the room by walks from each neighbour."""
+        fresh = peer not in self.active
+        self._accept(peer, out)
+        if fresh:
+            for neighbor in self.up_neighbors():
+                if neighbor != peer:
+                    out.append(SendMessage(neighbor, {"t": "fwd", "n": peer, "ttl": JOIN_WALK_HOPS}))
+
+    def on_forward_join(self, sender: str, peer: str, ttl: int, out: list) -> None:
+        if peer == self.me or peer in self.active or peer in self.pending:
+            return
+        onward = [n for n in self.up_neighbors() if n not in (sender, peer)]
+        if ttl == 0 or not onward:
+            if len(self.pending) < self.max_active:
+                self._ask(peer, {"t": "nbr", "hi": True}, out)
+            else:
+                self._add_passive(peer)
+            return
+        if ttl == PASSIVE_WALK_HOPS:
+            self._add_passive(peer)
+        out.append(SendMessage(self.rng.choice(onward), {"t": "fwd", "n": peer, "ttl": ttl - 1}))
+
+    def on_neighbor_request(self, peer: str, high: bool, out: list) -> None:
+        """High priority (the asker has no neighbour, or ends a join's walk) is never refused."""
+        if high or peer in self.active or len(self.active) < self.max_active:
+            self._accept(peer, out)
+        else:
+            out.append(SendMessage(peer, {"t": "nbr-re", "ok": False}))
+            self._add_passive(peer)
+
+    def on_neighbor_reply(self, peer: str, ok: bool, now: float, out: list) -> None:
+        if self.pending.pop(peer, None) is None:
+            return  # not asked, or given up on: its connection will not be wanted here, and so will not open
+        if not ok:
+            self._refuse(peer, now)
+        elif peer not in self.active:
+            self._add_active(peer, out)
+        self._refill(now, out)
+
+    def _ask(self, peer: str, msg: dict, out: list, attempt: int = 1) -> None:
+        seq = next(self._seq)
+        self.pending[peer] = (seq, msg, attempt)
+        out.append(SendMessage(peer, msg))
+        out.append(ScheduleTimer(NEIGHBOR_WAIT_S, Timer("nbr", peer, seq)))
+
+    def _accept(self, peer: str, out: list) -> None:
+        out.append(SendMessage(peer, {"t": "nbr-re", "ok": True}))
+        if peer not in self.active:
+            self._add_active(peer, out)
+
+    def _add_active(self, peer: str, out: list) -> None:
+        if len(self.active) >= self.max_active:
+            self._drop_random(peer, out)
+        self.passive.pop(peer, None)
+        self.pending.pop(peer, None)
+        self.active[peer] = False
+        seq = self._connecting[peer] = next(self._seq)
+        out.append(Connect(peer))
+        out.append(ScheduleTimer(CONNECT_TIMEOUT_S, Timer("connect", peer, seq)))
+
+    def _drop_random(self, keep: str, out: list) -> None:
+        """Make room: a random neighbour goes to the passive view, told why and given members to ask instead."""
+        victim = self.rng.choice([p for p in self.active if p != keep])
+        out.append(SendMessage(victim, {"t": "dis", "alive": True, "ns": self._tips(victim, DISCONNECT_TIPS)}))
+        self._remove(victim, out)
+        self._add_passive(victim)
+
+    def _tips(self, exclude: str, count: int) -> list[str]:
+        """Up to count members we know, passive first, for a member that needs some."""
+        tips = self._sample([p for p in self.passive if p != exclude], count)
+        return tips + self._sample([p for p in self.active if p != exclude], count - len(tips))
+
+    def _sample(self, population: list[str], count: int) -> list[str]:
+        return self.rng.sample(population, min(count, len(population))) if count > 0 else []
+
+    # -- connections ---------------------------------------------------------------------------------
+    def link_up(self, peer: str, out: list) -> None:
+        if peer not in self.active:
+            out.append(Disconnect(peer))  # a connection we did not ask for
+        elif not self.active[peer]:
+            self.active[peer] = True
+            self._connecting.pop(peer, None)
+            out.append(_Linked(peer, True))
+
+    def link_down(self, peer: str, now: float, out: list) -> None:
+        """A neighbour's connection failed or closed: it is taken as gone, and replaced."""
+        if peer in self.active:
+            self._remove(peer, out)
+            self.passive.pop(peer, None)
+            self._refill(now, out)
+
+    def on_disconnect(self, peer: str, alive: bool, tips: list[str], now: float, out: list) -> None:
+        """A neighbour (or a member we asked) drops us; if it stays in the room, we keep it as passive."""
+        was_asked = self.pending.pop(peer, None) is not None
+        if not was_asked and peer not in self.active:
+            return  # not ours: its tips are not taken either
+        for tip in tips:
+            self._add_passive(tip)
+        if peer in self.active:
+            self._remove(peer, out)
+        if alive:
+            self._add_passive(peer)
+            self._refuse(peer, now)
+        else:
+            self.passive.pop(peer, None)
+        self._refill(now, out)
+
+    def _remove(self, peer: str, out: list) -> None:
+        was_up = self.active.pop(peer)
+        self._connecting.pop(peer, None)
+        out.append(Disconnect(peer))
+        if was_up:
+            out.append(_Linked(peer, False))
+
+    def leave(self, out: list) -> None:
+        for peer in list(self.active):
+            out.append(SendMessage(peer, {"t": "dis", "alive": False, "ns": []}))
+            self._remove(peer, out)
+        self.passive.clear()
+        self.pending.clear()
+
+    # -- repair --------------------------------------------------------------------------------------
+    def _refill(self, now: float, out: list) -> None:
+        """One more neighbour from the passive view, if there is room: high priority if we have none at all."""
+        if len(self.active) + len(self.pending) >= self.max_active:
+            return
+        candidates = [p for p in self.passive if p not in self.pending and self._refused.get(p, 0.0) <= now]
+        if candidates:
+            peer = self.rng.choice(candidates)
+            self._ask(peer, {"t": "nbr", "hi": not self.active}, out)
+
+    def _refuse(self, peer: str, now: float) -> None:
+        self._refused.pop(peer, None)
+        self._refused[peer] = now + REFUSED_KEEP_S
+        if len(self._refused) > 2 * MAX_PASSIVE:
+            del self._refused[next(iter(self._refused))]
+
+    def _add_passive(self, peer: str) -> None:
+        if peer == self.me or peer in self.active or peer in self.passive:
+            return
+        if len(self.passive) >= MAX_PASSIVE:
+            del self.passive[self.rng.choice(list(self.passive))]
+        self.passive[peer] = None
+
+    def on_timer(self, timer: Timer, now: float, out: list) -> None:
+        if timer.kind == "nbr" and self.pending.get(timer.key, (None,))[0] == timer.seq:
+            _, msg, attempt = self.pending.pop(timer.key)
+            if attempt < NEIGHBOR_TRIES:
+                self._ask(timer.key, msg, out, attempt + 1)
+            else:  # no answer: gone
+                self.passive.pop(timer.key, None)
+                self._refill(now, out)
+        elif timer.kind == "connect" and self._connecting.get(timer.key) == timer.seq:
+            self._remove(timer.key, out)  # agreed, but the connection never came up
+            self.passive.pop(timer.key, None)
+            self._refill(now, out)
+        elif timer.kind == "repair":
+            self._repair(now, out)
+        elif timer.kind == "shuffle":
+            self._shuffle(now, out)
+
+    def _repair(self, now: float, out: list) -> None:
+        """Ask again where earlier attempts failed; ask for contacts when there is no one spare left to ask."""
+        for peer in [p for p, until in self._refused.items() if until <= now]:
+            del self._refused[peer]
+        self._refill(now, out)
+        if not (self.pending or self.passive):
+            out.append(FindContact())
+        out.append(ScheduleTimer(REPAIR_EVERY_S, Timer("repair")))
+
+    # -- shuffles ------------------------------------------------------------------------------------
+    def _shuffle(self, now: float, out: list) -> None:
+        """Trade a few members we know for a few a random walk's end knows, so passive views stay alive."""
+        neighbors = self.up_neighbors()
+        if neighbors:
+            to = self.rng.choice(neighbors)
+            nodes = [self.me] + self._sample([p for p in self.active if p != to], SHUFFLE_ACTIVE) \
+                + self._sample(list(self.passive), SHUFFLE_PASSIVE)
+            nonce = self.rng.getrandbits(31)
+            self._shuffles[nonce] = now + SHUFFLE_WAIT_S
+            if len(self._shuffles) > MAX_SHUFFLES:
+                del self._shuffles[next(iter(self._shuffles))]
+            out.append(SendMessage(to, {"t": "shuffle", "o": self.me, "ns": nodes, "ttl": SHUFFLE_WALK_HOPS,
+                                        "k": nonce}))
+        out.append(ScheduleTimer(SHUFFLE_EVERY_S * self.rng.uniform(0.8, 1.2), Timer("shuffle")))
+
+    def on_shuffle(self, sender: str, origin: str, nodes: list[str], ttl: int, nonce: int, out: list) -> None:
+        if origin == self.me:
+            return
+        onward = [n for n in self.up_neighbors() if n not in (sender, origin)]
+        if ttl > 0 and onward:
+            out.append(SendMessage(self.rng.choice(onward), {"t": "shuffle", "o": origin, "ns": nodes,
+                                                             "ttl": ttl - 1, "k": nonce}))
+            return
+        out.append(SendMessage(origin, {"t": "shuffle-re", "ns": self._tips(origin, len(nodes)), "k": nonce}))
+        for node in nodes:
+            self._add_passive(node)
+
+    def on_shuffle_reply(self, nodes: list[str], nonce: int, now: float, out: list) -> None:
+        until = self._shuffles.pop(nonce, None)
+        if until is not None and until >= now:
+            for node in nodes:
+                self._add_passive(node)
+            self._refill(now, out)
+
+
+class BroadcastTree:
+    """PlumTree: each message once to every member, pushed whole along a spanning tree of the neighbours (the
+    eager links) and announced by id on the others (lazy links). A member the tree missed asks an announcer for
+    it (GRAFT), which puts that link in the tree; a duplicate takes its link out (PRUNE).
+
+    lazy=False floods instead (every message whole on every link): the baseline the benchmark compares with.
+    check(id, payload), if given, says whether a payload is genuinely the message with that id (an author's
+    signature, or a content hash); a message that fails it is dropped and its id stays free."""
+
+    def __init__(self, lazy: bool = True, check: Callable[[str, Any], bool] | None = None) -> None:
+        self.is_lazy, self.check = lazy, check
+        self.eager: dict[str, None] = {}
+        self.lazy: dict[str, None] = {}
+        self._queued: dict[str, list[list]] = {}         # neighbour -> [id, hops] for its next IHAVE
+        self._dispatch_due = False
+        self._seen: dict[str, float] = {}                # id -> until when it is remembered
+        self._cache: dict[str, tuple[Any, int, float]] = {}  # id -> payload, hops to us, until when kept
+        self._missing: dict[str, list[tuple[str, int]]] = {}  # announced, not had: id -> [(announcer, hops)]
+        self._grafting: dict[str, None] = {}             # ids with a GRAFT timer running
+
+    def has_seen(self, msg_id: str) -> bool:
+        return msg_id in self._seen
+
+    def broadcast(self, msg_id: str, payload: Any, now: float, out: list) -> None:
+        if msg_id not in self._seen:
+            self._remember(msg_id, payload, 0, now)
+            self._push(msg_id, payload, 0, None, out)
+
+    def neighbor_up(self, peer: str, now: float, out: list) -> None:
+        """A new neighbour starts in the tree, and hears what we had lately (it may have missed it while away)."""
+        self.eager[peer] = None
+        self._expire(now)
+        recent = [[msg_id, hops + 1] for msg_id, (_, hops, _) in self._cache.items()][-IHAVE_MAX_IDS:]
+        if recent:
+            out.append(SendMessage(peer, {"t": "ihave", "h": recent}))
+
+    def neighbor_down(self, peer: str) -> None:
+        self.eager.pop(peer, None)
+        self.lazy.pop(peer, None)
+        self._queued.pop(peer, None)
+        for msg_id in list(self._missing):
+            self._missing[msg_id] = [(p, h) for p, h in self._missing[msg_id] if p != peer]
+
+    def on_gossip(self, peer: str, msg_id: str, hops: int, payload: Any, now: float, out: list) -> None:
+        if msg_id in self._seen:
+            if self.is_lazy:  # we had it: this link is not needed in the tree
+                self._make_lazy(peer)
+                out.append(SendMessage(peer, {"t": "prune"}))
+            return
+        if self.check is not None and not self.check(msg_id, payload):
+            return
+        self._remember(msg_id, payload, hops, now)
+        self._grafting.pop(msg_id, None)
+        announcers = self._missing.pop(msg_id, None)
+        self.eager[peer] = None
+        self.lazy.pop(peer, None)
+        self._push(msg_id, payload, hops, peer, out)
+        if announcers and self.is_lazy:
+            self._shorten(peer, hops, *min(announcers, key=lambda a: a[1]), out)
+        out.append(Deliver(msg_id, payload, peer, hops))
+
+    def _shorten(self, parent: str, hops: int, peer: str, announced: int, out: list) -> None:
+        """The tree brought a message the long way round: the much shorter announced link replaces its last hop."""
+        if hops - announced >= OPTIMIZE_HOPS and peer != parent:
+            if peer not in self.eager:
+                self.eager[peer] = None
+                self.lazy.pop(peer, None)
+                out.append(SendMessage(peer, {"t": "graft"}))
+            self._make_lazy(parent)
+            out.append(SendMessage(parent, {"t": "prune"}))
+
+    def on_ihave(self, peer: str, entries: list[tuple[str, int]], out: list) -> None:
+        for msg_id, hops in entries:
+            if msg_id in self._seen:
+                continue
+            announcers = self._missing.get(msg_id)
+            if announcers is None:
+                if len(self._missing) >= MAX_MISSING:
+                    continue
+                announcers = self._missing[msg_id] = []
+            if all(p != peer for p, _ in announcers):
+                announcers.append((peer, hops))
+            if msg_id not in self._grafting:
+                self._grafting[msg_id] = None
+                out.append(ScheduleTimer(GRAFT_WAIT_S, Timer("graft", msg_id)))
+
+    def on_graft(self, peer: str, msg_id: str | None, out: list) -> None:
+        self.eager[peer] = None
+        self.lazy.pop(peer, None)
+        if msg_id in self._cache:
+            payload, hops, _ = self._cache[msg_id]
+            out.append(SendMessage(peer, {"t": "gossip", "id": msg_id, "r": hops + 1, "d": payload}))
+
+    def on_prune(self, peer: str) -> None:
+        if self.is_lazy:
+            self._make_lazy(peer)
+
+    def on_timer(self, timer: Timer, now: float, out: list) -> None:
+        if timer.kind == "ihave":
+            self._dispatch_due = False
+            for peer in list(self._queued):
+                self._flush(peer, out)
+        elif timer.kind == "graft":
+            self._graft(timer.key, out)
+
+    def _graft(self, msg_id: str, out: list) -> None:
+        """Still missing: ask the first announcer left, and the next one if that does not answer either."""
+        self._grafting.pop(msg_id, None)
+        announcers = self._missing.get(msg_id)
+        if msg_id in self._seen or not announcers:
+            self._missing.pop(msg_id, None)
+            return
+        peer, _ = announcers.pop(0)
+        self.eager[peer] = None
+        self.lazy.pop(peer, None)
+        out.append(SendMessage(peer, {"t": "graft", "id": msg_id}))
+        self._grafting[msg_id] = None
+        out.append(ScheduleTimer(GRAFT_RETRY_S, Timer("graft", msg_id)))
+
+    def _push(self, msg_id: str, payload: Any, hops: int, came_from: str | None, out: list) -> None:
+        frame = {"t": "gossip", "id": msg_id, "r": hops + 1, "d": payload}
+        for peer in self.eager:
+            if peer != came_from:
+                out.append(SendMessage(peer, frame))
+        for peer in self.lazy:
+            if peer != came_from:
+                queue = self._queued.setdefault(peer, [])
+                queue.append([msg_id, hops + 1])
+                if len(queue) >= IHAVE_MAX_IDS:
+                    self._flush(peer, out)
+                elif not self._dispatch_due:
+                    self._dispatch_due = True
+                    out.append(ScheduleTimer(IHAVE_DELAY_S, Timer("ihave")))
+
+    def _flush(self, peer: str, out: list) -> None:
+        entries = self._queued.pop(peer, None)
+        if entries:
+            out.append(SendMessage(peer, {"t": "ihave", "h": entries}))
+
+    def _make_lazy(self, peer: str) -> None:
+        if peer in self.eager or peer in self.lazy:
+            self.eager.pop(peer, None)
+            self.lazy[peer] = None
+
+    def _remember(self, msg_id: str, payload: Any, hops: int, now: float) -> None:
+        self._expire(now)
+        self._seen[msg_id] = now + SEEN_KEEP_S
+        if len(self._seen) > MAX_SEEN:
+            del self._seen[next(iter(self._seen))]
+        self._cache[msg_id] = (payload, hops, now + CACHE_KEEP_S)
+        if len(self._cache) > MAX_CACHED:
+            del self._cache[next(iter(self._cache))]
+
+    def _expire(self, now: float) -> None:
+        """Oldest first: both tables are in the order things came."""
+        while self._seen and next(iter(self._seen.values())) < now:
+            del self._seen[next(iter(self._seen))]
+        while self._cache and next(iter(self._cache.values()))[2] < now:
+            del self._cache[next(iter(self._cache))]
+
+
+class Gossip:
+    """One member's gossip in one large room: Membership and BroadcastTree behind one handle(event, now).
+
+    Frames from members are checked here, field by field, before either part sees them; a malformed frame, or a
+    link kind from a member that is not an up neighbour, is dropped. Time is `now` in seconds (monotonic), passed
+    in; randomness comes from rng, so a seeded simulation repeats exactly."""
+
+    def __init__(self, me: str, rng: random.Random, *, max_neighbors: int = MAX_NEIGHBORS, flood: bool = False,
+                 check: Callable[[str, Any], bool] | None = None) -> None:
+        self.me = me
+        self.membership = Membership(me, rng, max_neighbors)
+        self.tree = BroadcastTree(lazy=not flood, check=check)
+        self.has_left = False
+        self._started = False
+
+    def handle(self, event: Any, now: float) -> list:
+        out: list = []
+        if self.has_left:
+            return out
+        if not self._started:
+            self._started = True
+            out += [ScheduleTimer(SHUFFLE_EVERY_S * self.membership.rng.uniform(0.8, 1.2), Timer("shuffle")),
+                    ScheduleTimer(REPAIR_EVERY_S, Timer("repair"))]
+        kind = type(event)
+        if kind is RecvMessage:
+            self._receive(event.peer, event.msg, now, out)
+        elif kind is Broadcast:
+            if _id_field(event.id) is None:
+                raise ValueError(f"a message id is a string of 1 to {MAX_MESSAGE_ID_CHARS} characters")
+            self.tree.broadcast(event.id, event.payload, now, out)
+        elif kind is TimerExpired:
+            part = self.tree if event.timer.kind in ("graft", "ihave") else self.membership
+            part.on_timer(event.timer, now, out)
+        elif kind is NeighborUp:
+            self.membership.link_up(event.peer, out)
+        elif kind is NeighborDown:
+            self.membership.link_down(event.peer, now, out)
+        elif kind is Join:
+            if _peer_field(event.contact) is not None:
+                self.membership.join(event.contact, out)
+        elif kind is Leave:
+            self.membership.leave(out)
+            self.has_left = True
+        return self._relay_links(out, now)
+
+    def _relay_links(self, out: list, now: float) -> list:
+        """Tell the tree about neighbours that came and went; what it says goes out after the membership's."""
+        if not any(type(o) is _Linked for o in out):
+            return out
+        result = []
+        for o in out:
+            if type(o) is not _Linked:
+                result.append(o)
+            elif o.up:
+                self.tree.neighbor_up(o.peer, now, result)
+            else:
+                self.tree.neighbor_down(o.peer)
+        return result
+
+    def _receive(self, peer: Any, msg: Any, now: float, out: list) -> None:
+        if _peer_field(peer) is None or peer == self.me or not isinstance(msg, dict):
+            return
+        kind = msg.get("t")
+        handler = self._KINDS.get(kind) if isinstance(kind, str) else None
+        if handler is not None and (kind not in LINK_KINDS or self.membership.active.get(peer)):
+            handler(self, peer, msg, now, out)
+
+    def _on_join(self, peer: str, msg: dict, now: float, out: list) -> None:
+        self.membership.on_join(peer, out)
+
+    def _on_forward_join(self, peer: str, msg: dict, now: float, out: list) -> None:
+        newcomer, ttl = _peer_field(msg.get("n")), _count_field(msg.get("ttl"), JOIN_WALK_HOPS)
+        if newcomer is not None and ttl is not None:
+            self.membership.on_forward_join(peer, newcomer, ttl, out)
+
+    def _on_neighbor(self, peer: str, msg: dict, now: float, out: list) -> None:
+        if isinstance(msg.get("hi"), bool):
+            self.membership.on_neighbor_request(peer, msg["hi"], out)
+
+    def _on_neighbor_reply(self, peer: str, msg: dict, now: float, out: list) -> None:
+        if isinstance(msg.get("ok"), bool):
+            self.membership.on_neighbor_reply(peer, msg["ok"], now, out)
+
+    def _on_disconnect(self, peer: str, msg: dict, now: float, out: list) -> None:
+        tips = _peers_field(msg.get("ns"), DISCONNECT_TIPS)
+        if isinstance(msg.get("alive"), bool) and tips is not None:
+            self.membership.on_disconnect(peer, msg["alive"], tips, now, out)
+
+    def _on_shuffle(self, peer: str, msg: dict, now: float, out: list) -> None:
+        origin, ttl = _peer_field(msg.get("o")), _count_field(msg.get("ttl"), SHUFFLE_WALK_HOPS)
+        nodes = _peers_field(msg.get("ns"), 1 + SHUFFLE_ACTIVE + SHUFFLE_PASSIVE)
+        nonce = _count_field(msg.get("k"), 2 ** 31)
+        if None not in (origin, ttl, nodes, nonce):
+            self.membership.on_shuffle(peer, origin, nodes, ttl, nonce, out)
+
+    def _on_shuffle_reply(self, peer: str, msg: dict, now: float, out: list) -> None:
+        nodes = _peers_field(msg.get("ns"), 1 + SHUFFLE_ACTIVE + SHUFFLE_PASSIVE)
+        nonce = _count_field(msg.get("k"), 2 ** 31)
+        if nodes is not None and nonce is not None:
+            self.membership.on_shuffle_reply(nodes, nonce, now, out)
+
+    def _on_gossip(self, peer: str, msg: dict, now: float, out: list) -> None:
+        msg_id, hops = _id_field(msg.get("id")), _count_field(msg.get("r"), MAX_HOPS)
+        if msg_id is not None and hops and "d" in msg:
+            self.tree.on_gossip(peer, msg_id, hops, msg["d"], now, out)
+
+    def _on_ihave(self, peer: str, msg: dict, now: float, out: list) -> None:
+        entries = msg.get("h")
+        if not isinstance(entries, list) or len(entries) > IHAVE_MAX_IDS:
+            return
+        parsed = [(_id_field(e[0]), _count_field(e[1], MAX_HOPS)) if isinstance(e, list) and len(e) == 2
+                  else (None, None) for e in entries]
+        if all(msg_id is not None and hops for msg_id, hops in parsed):
+            self.tree.on_ihave(peer, parsed, out)
+
+    def _on_graft(self, peer: str, msg: dict, now: float, out: list) -> None:
+        msg_id = msg.get("id")
+        if msg_id is None or _id_field(msg_id) is not None:
+            self.tree.on_graft(peer, msg_id, out)
+
+    def _on_prune(self, peer: str, msg: dict, now: float, out: list) -> None:
+        self.tree.on_prune(peer)
+
+    _KINDS = {"join": _on_join, "fwd": _on_forward_join, "nbr": _on_neighbor, "nbr-re": _on_neighbor_reply,
+              "dis": _on_disconnect, "shuffle": _on_shuffle, "shuffle-re": _on_shuffle_reply, "gossip": _on_gossip,
+              "ihave": _on_ihave, "graft": _on_graft, "prune": _on_prune}
 
 
 # =============================================================================
