@@ -1476,7 +1476,7 @@ SHUFFLE_WAIT_S = 10.0        # a shuffle's answer is taken this long, and only w
 MAX_SHUFFLES = 4             # shuffles waiting for an answer at once
 NEIGHBOR_WAIT_S = 3.0        # a join or neighbour request unanswered this long is sent again, ... (iroh-gossip)
 NEIGHBOR_TRIES = 2           # ... and after this many tries the member is taken as gone
-REPAIR_EVERY_S = 5.0         # how often a member short of neighbours asks one more from its passive view
+REPAIR_EVERY_S = 5.0         # how often a member short of neighbours asks again
 REFUSED_KEEP_S = 60.0        # a member that refused us, or dropped us, is not asked again within this
 DISCONNECT_TIPS = 4          # members named in a disconnect, so the one dropped has someone to ask
 GRAFT_WAIT_S = 0.5           # an announced message that has not come by then is asked for (PlumTree timeout 1)
@@ -1584,8 +1584,8 @@ class Deliver:
 
 @dataclasses.dataclass(slots=True)
 class FindContact:
-    """We know no spare member to repair from (or none at all): Join one seen on the broker, if there is one.
-    This is also what heals a group of members cut off from the rest."""
+    """We have fewer than half of D neighbours and no one to ask: Join a member seen on the broker, if any.
+    This is also what joins a group of members cut off from the rest back to it."""
 
 
 @dataclasses.dataclass(slots=True)
@@ -1640,9 +1640,14 @@ class Membership:
         return [peer for peer, up in self.active.items() if up]
 
     # -- entering, and neighbour requests ------------------------------------------------------------
-    def join(self, contact: str, out: list) -> None:
-        if contact != self.me and contact not in self.active and contact not in self.pending:
-            self._add_passive(contact)
+    def join(self, contact: str, now: float, out: list) -> None:
+        """Enter through the contact; once in (or on the way in), a contact is one more member to repair from."""
+        if contact == self.me or contact in self.active or contact in self.pending:
+            return
+        self._add_passive(contact)
+        if self.active or self.pending:
+            self._refill(now, out)
+        else:
             self._ask(contact, {"t": "join"}, out)
 
     def on_join(self, peer: str, out: list) -> None:
@@ -1681,9 +1686,9 @@ class Membership:
             return  # not asked, or given up on: its connection will not be wanted here, and so will not open
         if not ok:
             self._refuse(peer, now)
+            self._refill(now, out)  # the repair goes on with someone else
         elif peer not in self.active:
             self._add_active(peer, out)
-        self._refill(now, out)
 
     def _ask(self, peer: str, msg: dict, out: list, attempt: int = 1) -> None:
         seq = next(self._seq)
@@ -1770,12 +1775,15 @@ class Membership:
     # -- repair --------------------------------------------------------------------------------------
     def _refill(self, now: float, out: list) -> None:
         """One more neighbour from the passive view, if there is room: high priority if we have none at all."""
-        if len(self.active) + len(self.pending) >= self.max_active:
-            return
-        candidates = [p for p in self.passive if p not in self.pending and self._refused.get(p, 0.0) <= now]
+        candidates = self._candidates(now)
         if candidates:
-            peer = self.rng.choice(candidates)
-            self._ask(peer, {"t": "nbr", "hi": not self.active}, out)
+            self._ask(self.rng.choice(candidates), {"t": "nbr", "hi": not self.active}, out)
+
+    def _candidates(self, now: float) -> list[str]:
+        """Whom we would ask to be a neighbour now: none if the view is full (with the requests out)."""
+        if len(self.active) + len(self.pending) >= self.max_active:
+            return []
+        return [p for p in self.passive if p not in self.pending and self._refused.get(p, 0.0) <= now]
 
     def _refuse(self, peer: str, now: float) -> None:
         self._refused.pop(peer, None)
@@ -1808,12 +1816,14 @@ class Membership:
             self._shuffle(now, out)
 
     def _repair(self, now: float, out: list) -> None:
-        """Ask again where earlier attempts failed; ask for contacts when there is no one spare left to ask."""
+        """A member left with fewer than half of D neighbours (every try to replace the lost ones failed) asks
+        again, or for contacts when there is no one left to ask. Above that, only losses cause requests."""
         for peer in [p for p, until in self._refused.items() if until <= now]:
             del self._refused[peer]
-        self._refill(now, out)
-        if not (self.pending or self.passive):
-            out.append(FindContact())
+        if 2 * (len(self.active) + len(self.pending)) < self.max_active:
+            self._refill(now, out)
+            if not self.pending:
+                out.append(FindContact())
         out.append(ScheduleTimer(REPAIR_EVERY_S, Timer("repair")))
 
     # -- shuffles ------------------------------------------------------------------------------------
@@ -1844,12 +1854,11 @@ class Membership:
         for node in nodes:
             self._add_passive(node)
 
-    def on_shuffle_reply(self, nodes: list[str], nonce: int, now: float, out: list) -> None:
+    def on_shuffle_reply(self, nodes: list[str], nonce: int, now: float) -> None:
         until = self._shuffles.pop(nonce, None)
         if until is not None and until >= now:
             for node in nodes:
                 self._add_passive(node)
-            self._refill(now, out)
 
 
 class BroadcastTree:
@@ -2052,7 +2061,7 @@ class Gossip:
             self.membership.link_down(event.peer, now, out)
         elif kind is Join:
             if _peer_field(event.contact) is not None:
-                self.membership.join(event.contact, out)
+                self.membership.join(event.contact, now, out)
         elif kind is Leave:
             self.membership.leave(out)
             self.has_left = True
@@ -2112,7 +2121,7 @@ class Gossip:
         nodes = _peers_field(msg.get("ns"), 1 + SHUFFLE_ACTIVE + SHUFFLE_PASSIVE)
         nonce = _count_field(msg.get("k"), 2 ** 31)
         if nodes is not None and nonce is not None:
-            self.membership.on_shuffle_reply(nodes, nonce, now, out)
+            self.membership.on_shuffle_reply(nodes, nonce, now)
 
     def _on_gossip(self, peer: str, msg: dict, now: float, out: list) -> None:
         msg_id, hops = _id_field(msg.get("id")), _count_field(msg.get("r"), MAX_HOPS)
