@@ -26,9 +26,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-if "rtchat" not in sys.modules:
+try:
+    import rtchat
+except ImportError:  # run from bench/: the rtchat.py beside it
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import rtchat  # noqa: E402
+    import rtchat
 
 LINK_LATENCY_S = (0.01, 0.06)    # one way on a data channel
 SIGNAL_LATENCY_S = (0.05, 0.25)  # one way through the broker

@@ -4,7 +4,7 @@
     python bench/run.py                    all figures, full repetitions (a few minutes)
     python bench/run.py --quick            few repetitions, N <= 5, small bulk (CI: proves it still works)
     python bench/run.py --only 1,3         selected figures (1 setup, 2 signaling bytes, 3 round trip,
-                                           4 bulk, 5 pipe/startup, 6 room scale)
+                                           4 bulk, 5 pipe/startup, 6 room scale, 7 gossip simulation)
     python bench/run.py --out FILE.json    where the results go (default bench/results/<timestamp>.json)
 
 Loopback only: as root the benchmark moves itself into a private network namespace in which only `lo` is up,
@@ -1155,6 +1155,16 @@ class Bench:
         finally:
             await stop_all(ws)
 
+    # -- figure 7: the gossip core in a simulated large room (bench/gossip_sim.py) ------------------------------
+    async def fig_gossip_sim(self) -> None:
+        sys.path.insert(0, str(RTCHAT.parent))  # gossip_sim imports rtchat: this run's snapshot
+        import gossip_sim
+        results, rows = await asyncio.to_thread(gossip_sim.figure, self.quick, self.args.seed or 1)
+        self.results["7_gossip_sim"] = results
+        self.notes.append("figure 7: " + results["method"])
+        for r in rows:
+            self.row(**r)
+
 
 PROBE = r'''
 import sys, time, os, json, atexit, types
@@ -1276,7 +1286,7 @@ def render(rows: list[dict]) -> str:
 
 
 async def orchestrate(args: argparse.Namespace, network: str) -> int:
-    figures = {int(x) for x in args.only.split(",")} if args.only else {1, 2, 3, 4, 5, 6}
+    figures = {int(x) for x in args.only.split(",")} if args.only else {1, 2, 3, 4, 5, 6, 7}
     global RTCHAT
     workdir = Path(tempfile.mkdtemp(prefix="rtchat-bench-"))
     # One consistent rtchat.py for the whole run, even if the file is edited meanwhile.
@@ -1301,6 +1311,8 @@ async def orchestrate(args: argparse.Namespace, network: str) -> int:
             steps.append(("pipe", bench.fig_pipe))
         if 6 in figures:
             steps.append(("scale", bench.fig_scale))
+        if 7 in figures:
+            steps.append(("gossip sim", bench.fig_gossip_sim))
         for label, step in steps:
             t = mono()
             print(f"bench: {label} ...", file=sys.stderr, flush=True)
@@ -1345,7 +1357,7 @@ async def orchestrate(args: argparse.Namespace, network: str) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few repetitions, N up to 5, small bulk (< ~60 s)")
-    parser.add_argument("--only", metavar="LIST", help="comma-separated figures: 1..6")
+    parser.add_argument("--only", metavar="LIST", help="comma-separated figures: 1..7")
     parser.add_argument("--out", metavar="FILE", help="results JSON (default bench/results/<timestamp>.json)")
     parser.add_argument("--sizes", metavar="LIST", help="figure 6 room sizes (default 2,5,10,20; quick 2,5)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (worker logs, state files)")
