@@ -118,11 +118,15 @@ FILE_SYNC_BYTES = 4 * 1024 * 1024      # a file being received goes to disk in s
 FILE_DISK_RESERVE = 64 * 1024 ** 2     # a file is refused if it would leave less free space than this
 BACKFILL_MAX = 200                     # messages one peer passes another when they meet
 BACKFILL_FRAME_CHARS = 48 * 1024
+SETTLE_S = 0.3                         # a room is complete once nobody new was heard of for this long
+LEAVE_DRAIN_S = 2.0                    # on leaving, what we sent (acks above all) may take this long to arrive
 INPUT_HISTORY = 500
 STATE_FORMAT = 1
 
-EVENTS = ("message", "dm", "join", "leave", "verified", "key-changed", "delivered", "file", "status")
-"""Event names: what Room emits, what plugins subscribe to with @on, and the --json `type` values."""
+EVENTS = ("message", "dm", "join", "leave", "verified", "key-changed", "delivered", "file", "status", "history")
+"""Event names: what Room emits and plugins subscribe to with @on. "message" and "dm" are news only: a message
+said before we joined, passed on by a peer, is a "history" event (msg.history is True). They are also the --json
+`type` values, except that a history message keeps its own type ("message") and is marked "history": true."""
 
 EX_USAGE, EX_UNAVAILABLE, EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 2, 69, 75, 77, 78
 
@@ -979,6 +983,8 @@ class BrokerURL:
             raise UsageError(f"broker URL {url!r} has a bad port") from None
         if not parts.hostname:
             raise UsageError(f"broker URL {url!r} has no host")
+        if not re.fullmatch(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+(?:%\w+)?", parts.hostname):
+            raise UsageError(f"broker URL {url!r}: {parts.hostname!r} is not a host name or address")
         path = parts.path or "/mqtt"
         if parts.query:
             path += "?" + parts.query
@@ -2173,6 +2179,7 @@ class Message:
 
     sender is the author's wire name; relayed_by names the peer that passed it on (backfill).
     sig is the author's signature, kept so the message can be passed on unaltered.
+    history: said before we came (kept on disk, or passed on by a peer when we met), not news.
     """
     id: str
     room: str
@@ -2186,6 +2193,7 @@ class Message:
     to: str | None = None
     relayed_by: str | None = None
     sig: str | None = None
+    history: bool = False
 
     def to_dict(self) -> dict:
         """The --json form."""
@@ -2195,11 +2203,14 @@ class Message:
             data["to"] = self.to
         if self.relayed_by:
             data["relayed_by"] = self.relayed_by
+        if self.history:
+            data["history"] = True
         return data
 
     def record(self) -> dict:
-        """The history form: the --json form plus the author's signature."""
+        """The history form: the --json form plus the author's signature (every entry there is history)."""
         record = self.to_dict()
+        record.pop("history", None)
         if self.sig:
             record["sig"] = self.sig
         return record
@@ -2585,6 +2596,7 @@ class Room(Emitter):
             return
         self.joined = False
         await self._write_all(COMMIT_EVERY_S * 20)  # what came is written and acknowledged (while peers talk on)
+        await self._drain(LEAVE_DRAIN_S)  # and the acks have arrived: our unload must not overtake them
         self._publish("unload", "disconnecting", compact=not self._legacy_near)
         for task in self._tasks:
             task.cancel()
@@ -2600,6 +2612,13 @@ class Room(Emitter):
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.gather(*(pc.close() for pc in pcs), return_exceptions=True), 2)
         await self._write_all()  # and what came while we were leaving
+
+    async def _drain(self, timeout: float) -> None:
+        """Until every open session has delivered what we sent on it (the remote SCTP acknowledged it): closing
+        a connection aborts it, and what is still queued is lost."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not all(p.is_idle() for p in self.peers.values()):
+            await asyncio.sleep(0.01)  # SCTP acknowledgements raise no event: poll
 
     async def _write_all(self, timeout: float = math.inf) -> None:
         self._write_unsigned(math.inf)
@@ -2668,20 +2687,22 @@ class Room(Emitter):
         return [Message.from_dict(e) for e in self.store.data["outbox"] if e.get("room") == self.name]
 
     async def ask(self, name: str, topic: str, content: Any = None, timeout: float = ASK_TIMEOUT_S) -> Any:
-        """Ask one peer a question (RTChat's question/answer RPC). Raises AskError with no answer."""
-        peer = self.find(name)
-        if not peer.is_verified:
-            raise UsageError(f"{self.label(peer)} is not verified yet")
+        """Ask one peer a question (RTChat's question/answer RPC). Raises AskError with no answer.
+        A peer still being verified is waited for (up to VERIFY_TIMEOUT_S)."""
+        peer = await self._verified_peer(name)
         return await peer.ask(topic, content, timeout)
 
-    async def send_file(self, name: str, path: str | os.PathLike) -> str:
+    async def send_file(self, name: str, path: str | os.PathLike, *,
+                        progress: Callable[[int, int], Any] | None = None) -> str:
         """Send a file to one rtchat.py peer on a channel of its own; returns the name it was saved under,
-        once the peer has all of it on disk with the right SHA-256. Raises RtchatError if it refuses or fails."""
-        peer = self.find(name)
+        once the peer has all of it on disk with the right SHA-256. Raises RtchatError if it refuses or fails.
+        A peer still being verified is waited for (up to VERIFY_TIMEOUT_S). progress(sent, size) is called as
+        chunks go out."""
         path = Path(path).expanduser()
         if not path.is_file():
             raise UsageError(f"{path} is not a file")
-        if not (peer.is_verified and peer.takes_files):
+        peer = await self._verified_peer(name)
+        if not peer.takes_files:
             raise UsageError(f"{self.label(peer)} does not take files (a browser, or started without --files DIR)")
         try:
             size = path.stat().st_size
@@ -2694,7 +2715,7 @@ class Room(Emitter):
         try:
             channel.send(to_json({"name": path.name, "size": size}))
             await self._file_reply(peer, replies)  # the go-ahead
-            digest = await self._stream_file(channel, path, size, replies)
+            digest = await self._stream_file(channel, path, size, replies, progress)
             if channel.readyState == "open" and replies.empty():
                 channel.send(to_json({"sha256": digest}))  # hashed on the way: the file is read once
             return clean((await self._file_reply(peer, replies)).get("saved"), 255)
@@ -2716,7 +2737,8 @@ class Room(Emitter):
         return reply
 
     @staticmethod
-    async def _stream_file(channel, path: Path, size: int, replies: asyncio.Queue) -> str:
+    async def _stream_file(channel, path: Path, size: int, replies: asyncio.Queue,
+                           progress: Callable[[int, int], Any] | None) -> str:
         """Chunks as fast as the channel drains them, hashed on the way (the SHA-256 is returned); stops early if
         the receiver speaks up (it gave up)."""
         digest = hashlib.sha256()
@@ -2743,30 +2765,85 @@ class Room(Emitter):
                 channel.send(chunk)
                 digest.update(chunk)
                 left -= len(chunk)
+                if progress is not None:
+                    progress(size - left, size)
         return digest.hexdigest()
 
-    async def wait_for_peers(self, count: int = 1, timeout: float = 30.0) -> list[Peer]:
-        """Until count peers are verified; NoPeers after timeout."""
+    async def _until(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Wait until done(), checked whenever a peer is verified or says hello; False at timeout."""
         deadline = time.monotonic() + timeout
-        while len(self.verified_peers()) < count:
+        while not done():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise NoPeers(f"no peer in #{self.name} within {timeout:g} s "
-                              f"({len(self.verified_peers())} of {count} verified)")
+                return False
             self._peer_event.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._peer_event.wait(), remaining)
+        return True
+
+    async def wait_for_peers(self, count: int = 1, timeout: float = 30.0) -> list[Peer]:
+        """Until count peers are verified; NoPeers after timeout."""
+        if not await self._until(lambda: len(self.verified_peers()) >= count, timeout):
+            raise NoPeers(f"no peer in #{self.name} within {timeout:g} s "
+                          f"({len(self.verified_peers())} of {count} verified)")
         return self.verified_peers()
+
+    async def wait_for_peer(self, name: str, timeout: float = 30.0) -> Peer:
+        """Until the peer called name (wire name, bare name or label) is verified, and has said what it takes
+        (files, late signatures) if it is an rtchat.py peer; NoPeers after timeout, UsageError if the name fits
+        more than one verified peer."""
+        wanted = name.lstrip("@").rstrip(":,")
+
+        def matches() -> list[Peer]:
+            return [p for p in self.verified_peers() if wanted in (p.name, bare_name(p.name), self.label(p))
+                    and not (p.is_rtchat_py and p.channel_bound and p.message_key is None)]  # its hello follows
+        if not await self._until(lambda: bool(matches()), timeout):
+            raise NoPeers(f"{clean(wanted, MAX_NAME_CHARS)} was not verified in #{self.name} within {timeout:g} s")
+        if len(matches()) > 1:
+            raise UsageError(f"{wanted!r} could be {', '.join(self.label(p) for p in matches())}; say which")
+        return matches()[0]
+
+    async def _verified_peer(self, name: str) -> Peer:
+        """A connected peer by name, once verified: one still proving its key is waited for, briefly."""
+        peer = self.find(name)
+        try:
+            return await self.wait_for_peer(peer.name, VERIFY_TIMEOUT_S)
+        except NoPeers:
+            raise UsageError(f"{self.label(peer)} is connected but not verified (within {VERIFY_TIMEOUT_S:g} s)"
+                             ) from None
+
+    async def wait_for_room(self, count: int = 1, timeout: float = 30.0, settle: float = SETTLE_S) -> list[Peer]:
+        """Until at least count peers are verified, every peer heard of in the room is verified too, and nobody new
+        was heard of for `settle` seconds: what is sent then reaches everyone here. NoPeers if fewer than count
+        are verified by timeout; at timeout it returns the verified ones (see unverified_peers for the others)."""
+        deadline = time.monotonic() + timeout
+        await self.wait_for_peers(count, timeout)
+        known, quiet_since = set(self.peers), time.monotonic()
+        while time.monotonic() < deadline:
+            if set(self.peers) - known:
+                known, quiet_since = known | set(self.peers), time.monotonic()
+            if not self.unverified_peers() and time.monotonic() - quiet_since >= settle:
+                break
+            await asyncio.sleep(0.02)  # peers heard of raise no event: poll
+        return self.verified_peers()
+
+    def unverified_peers(self) -> list[Peer]:
+        """Peers heard of (announced, or in set-up) that are not verified (yet)."""
+        return [p for p in self.peers.values() if not p.is_verified and p.state != "closed"]
+
+    def unacknowledged(self) -> set[str]:
+        """Wire names of rtchat.py peers that have not acknowledged every message we sent them."""
+        return set().union(*self._unacked.values())
 
     async def flush(self, timeout: float = 10.0) -> bool:
         """Until every message sent is acknowledged by rtchat.py peers and acked by browsers' SCTP.
-        False after timeout, or at once if a recipient left without acknowledging."""
+        False after timeout, or as soon as only recipients that left are missing (see unacknowledged)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            live = {p.name for p in self.peers.values() if p.is_open}
-            if any(names - live for names in self._unacked.values()):
+            missing = self.unacknowledged()
+            if missing and not missing & {p.name for p in self.peers.values() if p.is_open}:
                 return False
-            if not self._unacked and not self._to_commit and not self._committing and \
+            if not missing and not self._to_commit and not self._committing and \
                     all(p.is_idle() for p in self.peers.values() if not p.is_rtchat_py):
                 return True
             await asyncio.sleep(0.01)  # browsers' SCTP acks raise no event: poll
@@ -2774,7 +2851,8 @@ class Room(Emitter):
 
     def history(self, count: int = 20) -> list[Message]:
         """The last count messages of this room, oldest first (kept on disk, also across restarts)."""
-        return [Message.from_dict(e) for e in self.log.entries()[-count:]] if count > 0 else []
+        entries = self.log.entries()[-count:] if count > 0 else []
+        return [dataclasses.replace(Message.from_dict(e), history=True) for e in entries]
 
     # -- signaling out ------------------------------------------------------------------------
     def _publish(self, subtopic: str, data: Any, to: str | None = None, compact: bool = False) -> None:
@@ -3465,7 +3543,7 @@ class Room(Emitter):
                 max(0.0, due - time.monotonic()), self._write_unsigned)
 
     def _accept(self, msg: Message, peer: Peer | None, ack_label: str, signature_follows: bool = False) -> None:
-        """A new message: shown now, written to disk, and acknowledged once it is on disk.
+        """A message we did not have: shown now, written to disk, and acknowledged once it is on disk.
         One whose signature follows waits for it (or SIGNATURE_WAIT_S) before it is written."""
         if msg.id in self._known:
             if peer is not None and peer.is_rtchat_py:
@@ -3481,7 +3559,7 @@ class Room(Emitter):
             self._sweep_unsigned_later()
         else:
             self._commit_later(entry, peer if peer is not None and peer.is_rtchat_py else None, ack_label)
-        self.emit(msg.kind, msg)
+        self.emit("history" if msg.history else msg.kind, msg)
 
     def _commit_later(self, entry: dict, ack_to: Peer | None = None, ack_label: str = "chat") -> None:
         """Group history writes: one fsync (in a thread, off the loop) for what arrived meanwhile, then the acks.
@@ -3584,6 +3662,7 @@ class Room(Emitter):
         peer.message_key = value["mkey"]
         peer.late_signatures = value.get("late_sigs") is True
         peer.takes_files = value.get("files") is True
+        self._peer_event.set()
         author = {"key": peer.key_string, "mkey": value["mkey"], "mcert": value["mcert"]}
         if self.store.data["authors"].get(peer.fingerprint) != author:
             self.store.defer(lambda d: d["authors"].__setitem__(peer.fingerprint, author))
@@ -3626,7 +3705,8 @@ class Room(Emitter):
         return self.store.data["authors"].get(fp)
 
     def _on_backfill(self, peer: Peer, kind: str, value: dict) -> None:
-        """Messages we missed, passed on by a peer: the author's signature decides what they are worth."""
+        """Messages we missed, passed on by a peer: the author's signature decides what they are worth. They are
+        history, never news, even from their author (who passes on what it said before we met)."""
         authors, records = value.get("authors"), value.get("msgs")
         if not isinstance(authors, dict) or not isinstance(records, list):
             return
@@ -3645,7 +3725,7 @@ class Room(Emitter):
             msg = Message(id=str(record["id"])[:64], room=self.name, sender=str(record["from"])[:MAX_NAME_CHARS + 16],
                           text=str(record["text"])[:MAX_TEXT_CHARS], ts=record["ts"], kind="message",
                           fingerprint=record.get("fingerprint") if isinstance(record.get("fingerprint"), str) else None,
-                          action=bool(record.get("action")), relayed_by=peer.name,
+                          action=bool(record.get("action")), relayed_by=peer.name, history=True,
                           sig=record.get("sig") if isinstance(record.get("sig"), str) else None)
         except (KeyError, TypeError, ValueError):
             return None
@@ -3671,8 +3751,6 @@ class Room(Emitter):
         else:  # an id of its own: a relay must not claim the id of a genuine message it altered
             msg.trust, msg.sig, msg.fingerprint = "unverified", None, None
             msg.id = "unverified-" + hashlib.sha256(f"{peer.name}\n{msg.id}".encode()).hexdigest()[:16]
-        if msg.sender == peer.name and msg.trust == "relayed":
-            msg.trust, msg.relayed_by = ("channel-bound" if peer.channel_bound else "legacy"), None
         shown = clean(msg.text, keep_newlines=True)
         if shown != msg.text:  # the signature fits only the text as written: it cannot be passed on as the author's
             msg.text, msg.sig = shown, None
@@ -3735,8 +3813,21 @@ def _pid_alive(pid: Any) -> bool:
     return True
 
 
+def list_option(values: list[str] | str | None) -> list[str]:
+    """'a,b' or ['a', 'b,c'] -> the non-empty items."""
+    values = [values] if isinstance(values, str) else values or ()
+    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+
+
+def ice_option(value: str | None) -> list[str] | None:
+    """--ice / RTCHAT_ICE: None for the default servers, [] for 'none', else the URLs."""
+    return None if not value else [] if value.strip().lower() == "none" else list_option(value)
+
+
 class Client(Emitter):
     """The library's entry point: owns the state file, the identity and the broker; joins Rooms.
+    What is not given comes from the environment the command line reads (RTCHAT_BROKER, RTCHAT_STATE,
+    RTCHAT_ICE, RTCHAT_ICE_HOST), else the defaults.
 
         async with rtchat.Client("bot", broker="mqtt://127.0.0.1") as client:
             room = await client.join("ops")
@@ -3744,7 +3835,7 @@ class Client(Emitter):
             room.send("deploy finished")
     """
 
-    def __init__(self, name: str, *, broker: str = DEFAULT_BROKER, state: str | os.PathLike | None = None,
+    def __init__(self, name: str, *, broker: str | None = None, state: str | os.PathLike | None = None,
                  ice: list[str] | None = None, ice_hosts: list[str] | None = None, trust: str = "new",
                  passphrase: str | None = None, files: str | os.PathLike | None = None) -> None:
         super().__init__()
@@ -3752,9 +3843,11 @@ class Client(Emitter):
         require_packages()
         self.name = check_display_name(name)
         self.store = Store(state or default_state_path())
-        self.signaling = Signaling(broker)
+        self.signaling = Signaling(broker or os.environ.get("RTCHAT_BROKER") or DEFAULT_BROKER)
         self.trust = Trust(self.store, trust)
+        ice = ice_option(os.environ.get("RTCHAT_ICE")) if ice is None else ice
         self.ice = ice_configuration(DEFAULT_ICE if ice is None else ice)
+        ice_hosts = list_option(os.environ.get("RTCHAT_ICE_HOST")) if ice_hosts is None else ice_hosts
         if ice_hosts:
             restrict_ice_hosts(ice_hosts)
         self.passphrase = passphrase
@@ -4153,7 +4246,9 @@ async def _quit(ctx: Context, args: str) -> None:
 # =============================================================================
 
 def plugin_folders() -> list[Path]:
-    folders = [Path(__file__).resolve().parent / "contrib"]
+    """contrib/ beside this file, unless that is an installed copy's site-packages (where a contrib/ is anyone's)."""
+    here = Path(__file__).resolve().parent
+    folders = [] if here.name in ("site-packages", "dist-packages") else [here / "contrib"]
     folders += [Path(p).expanduser() for p in os.environ.get("RTCHAT_PLUGINS", "").split(os.pathsep) if p]
     return folders
 
@@ -4196,8 +4291,65 @@ def use_color(stream, flag: str | None = None) -> bool:
     return hasattr(stream, "isatty") and stream.isatty()
 
 
+def _peer_fields(room: Room, peer: Peer) -> dict:
+    return {"from": room.label(peer), "fingerprint": peer.fingerprint, "channel_bound": peer.channel_bound,
+            "client": clean(peer.client_tag, 64) if peer.client_tag else None}
+
+
+def key_changed_text(name: str, fp: str | None, verdict: str) -> str:
+    why = "uses a key you have not pinned" if verdict == "new" else "has a DIFFERENT KEY than the one pinned"
+    bare = clean(bare_name(name), 80)
+    if fp is None:  # signaling in a pinned rtchat.py peer's name, signed by another message key
+        return f"{why} (its signaling is signed by another key; anyone on the broker can send that); " \
+               f"ignored. Only if {bare} tells you they have a new key: /untrust {bare}, then compare " \
+               f"safety numbers (/whois) when you meet"
+    return f"{why} ({show_fingerprint(fp)}); refused. If that is expected, /trust {bare}"
+
+
+def message_record(msg: Message) -> dict:
+    """A message as --json prints it (Message.to_dict, with every string from a peer cleaned)."""
+    record = msg.to_dict()
+    for field in ("from", "to", "relayed_by"):
+        if isinstance(record.get(field), str):
+            record[field] = clean(record[field], MAX_NAME_CHARS + 16)
+    record["text"] = clean(record["text"], keep_newlines=True)
+    return record
+
+
+def event_record(room: Room, event: str, *args: Any) -> dict:
+    """An event as --json prints it: type, room, from, text, fingerprint and ts always (from, fingerprint may be
+    null), and the fields of its kind. Every string from a peer is cleaned. Fields are only ever added."""
+    record = {"type": event, "room": room.name, "from": None, "text": "", "fingerprint": None, "ts": now_ms()}
+    if event in ("message", "dm", "history"):
+        return message_record(args[0])
+    if event in ("join", "verified"):
+        record.update(_peer_fields(room, args[0]))
+        if event == "join":
+            how = "channel-bound" if args[0].channel_bound else "legacy key check, not channel-bound"
+            record["text"] = f"joined (verified, {how})"
+    elif event == "leave":
+        peer, reason = args
+        record.update(_peer_fields(room, peer), text=f"left ({clean(reason, 200)})", reason=clean(reason, 200))
+    elif event == "key-changed":
+        name, fp, verdict = args
+        record.update({"from": clean(name, 80), "fingerprint": fp, "verdict": verdict,
+                       "text": key_changed_text(name, fp, verdict)})
+    elif event == "delivered":
+        msg_id, peer = args
+        record.update(_peer_fields(room, peer), id=msg_id)
+    elif event == "file":
+        got = args[0]
+        record.update({"from": room.label(got.sender), "fingerprint": got.fingerprint, "name": got.name,
+                       "path": str(got.path), "size": got.size, "sha256": got.sha256,
+                       "text": f"sent {got.name} ({human_size(got.size)}), saved as {got.path}"})
+    elif event == "status":
+        record["text"] = clean(args[0], 500).removeprefix("-!- ")
+    return record
+
+
 class Printer:
-    """Turns messages and events into lines: 'chat' for people, 'plain' (NAME: TEXT) or 'json' for scripts."""
+    """Turns messages and events into lines: 'chat' for people, 'plain' (NAME: TEXT) or 'json' for scripts;
+    'quiet' (pipe mode) shows no messages, and status on stderr."""
 
     def __init__(self, style: str, color: bool, out=None, err=None) -> None:
         self.style = style
@@ -4219,15 +4371,14 @@ class Printer:
         except BrokenPipeError:
             self.broken = True
 
+    def json_line(self, record: dict) -> None:
+        self._write(self.out, json.dumps(record, ensure_ascii=False))
+
     def message(self, msg: Message, me: str, from_history: bool = False) -> None:
+        if self.style == "quiet":
+            return
         if self.style == "json":
-            record = msg.to_dict()
-            for field in ("from", "to", "relayed_by"):
-                if isinstance(record.get(field), str):
-                    record[field] = clean(record[field], MAX_NAME_CHARS + 16)
-            record["text"] = clean(record["text"], keep_newlines=True)
-            self._write(self.out, json.dumps({**record, **({"history": True} if from_history else {})},
-                                             ensure_ascii=False))
+            self.json_line({**message_record(msg), **({"history": True} if from_history else {})})
             return
         text, sender = msg.text, clean(msg.sender, MAX_NAME_CHARS + 16)
         if msg.relayed_by:
@@ -4249,14 +4400,8 @@ class Printer:
         indent = " " * (len(time.strftime("%H:%M")) + 1)
         self._write(self.out, f"{stamp} {who} {lines[0]}" + "".join(f"\n{indent}  {line}" for line in lines[1:]))
 
-    def event(self, kind: str, room: str, name: str, text: str = "", fp: str | None = None,
-              fields: dict | None = None) -> None:
-        """join/leave/key-changed/file lines: NDJSON on stdout in json style (with fields), else a marked line."""
-        if self.style == "json":
-            self._write(self.out, json.dumps({"type": kind, "room": room, "from": name, "text": text,
-                                              "fingerprint": fp, "ts": now_ms(), **(fields or {})},
-                                             ensure_ascii=False))
-            return
+    def event(self, kind: str, name: str, text: str = "") -> None:
+        """join/leave/key-changed/file: a marked line (json style prints event_record instead)."""
         marker = {"join": "-->", "leave": "<--"}.get(kind, "-!-")
         self.status(f"{marker} {name} {text}".rstrip(), 32 if kind == "join" else 33 if kind == "leave" else 31)
 
@@ -4279,6 +4424,7 @@ class App:
         self.printer = printer
         self.secret = secret
         self.history_lines = history_lines
+        self.history_left = math.inf        # history events still to show (--listen --history N shows N in all)
         self.room: Room | None = None
         self.done = asyncio.Event()
         self._contexts: dict[str, Context] = {}
@@ -4323,34 +4469,20 @@ class App:
 
     def _display(self, event: str, *args: Any) -> None:
         room = self.room
-        if event in ("message", "dm"):
+        if event == "history":  # a message said before we came, passed on by a peer: shown as history, if wanted
+            if self.history_left > 0:
+                self.history_left -= 1
+                self.show(args[0], from_history=True)
+        elif self.printer.style == "json":
+            self.printer.json_line(event_record(room, event, *args))
+        elif event in ("message", "dm"):
             self.show(args[0])
-        elif event == "join":
-            peer = args[0]
-            how = "channel-bound" if peer.channel_bound else "legacy key check, not channel-bound"
-            self.printer.event("join", room.name, room.label(peer), f"joined (verified, {how})", peer.fingerprint)
-        elif event == "leave":
-            peer, reason = args
-            self.printer.event("leave", room.name, room.label(peer), f"left ({reason})", peer.fingerprint)
-        elif event == "key-changed":
-            name, fp, verdict = args
-            why = "uses a key you have not pinned" if verdict == "new" else "has a DIFFERENT KEY than the one pinned"
-            bare = clean(bare_name(name), 80)
-            if fp is None:  # signaling in a pinned rtchat.py peer's name, signed by another message key
-                text = f"{why} (its signaling is signed by another key; anyone on the broker can send that); " \
-                       f"ignored. Only if {bare} tells you they have a new key: /untrust {bare}, then compare " \
-                       f"safety numbers (/whois) when you meet"
-            else:
-                text = f"{why} ({show_fingerprint(fp)}); refused. If that is expected, /trust {bare}"
-            self.printer.event("key-changed", room.name, clean(name, 80), text, fp)
+        elif event in ("join", "leave", "key-changed", "file"):
+            record = event_record(room, event, *args)
+            self.printer.event(event, record["from"], record["text"])
         elif event == "delivered":
             msg_id, peer = args
             self.printer.status(f"-!- delivered to {room.label(peer)}", 2)
-        elif event == "file":
-            got = args[0]
-            self.printer.event("file", room.name, room.label(got.sender),
-                               f"sent {got.name} ({human_size(got.size)}), saved as {got.path}", got.fingerprint,
-                               {"name": got.name, "path": str(got.path), "size": got.size, "sha256": got.sha256})
         elif event == "status":
             self.printer.status(clean(args[0], 500), 31)
 
@@ -4454,41 +4586,68 @@ def _stdin_lines(queue: asyncio.Queue) -> None:
     threading.Thread(target=pump, name="stdin", daemon=True).start()
 
 
+def _watch_refusals(room: Room) -> set[str]:
+    """Names whose key is refused in this room from now on: a sender says so, with its own exit code."""
+    refused: set[str] = set()
+    room.on("key-changed", lambda name, fp, verdict: refused.add(clean(name, MAX_NAME_CHARS + 16)))
+    return refused
+
+
+def _refusal(refused: set[str]) -> str:
+    return f"refused {', '.join(sorted(refused))}: not the pinned key (see --trust; in a chat, /whois, /trust or " \
+           f"/untrust NAME)"
+
+
+def _nobody(exc: NoPeers, refused: set[str]) -> RtchatError:
+    """Nobody to send to: because a key was refused (exit 77), or because nobody came (75)."""
+    return KeyMismatch(f"{exc}; {_refusal(refused)}") if refused else exc
+
+
 async def run_pipe(app: App, wait_peers: int, timeout: float) -> int:
-    """Send every stdin line as a message once enough peers are verified; exit when all are delivered."""
+    """Send every stdin line to everyone in the room: once at least wait_peers peers are verified and the others
+    heard of have connected too. Exit 0 only if every recipient acknowledged every line and nobody heard of in
+    the room was left out; stderr names who got the lines and who did not."""
     room = app.room
     queue: asyncio.Queue = asyncio.Queue()
     _stdin_lines(queue)
-    refused: set[str] = set()
-    room.on("key-changed", lambda name, fp, verdict: refused.add(clean(name, MAX_NAME_CHARS + 16)))
+    refused = _watch_refusals(room)
     app.printer.status(f"waiting for {wait_peers} verified peer(s) in #{room.name} (up to {timeout:g} s)")
     try:
-        await room.wait_for_peers(wait_peers, timeout)
+        await room.wait_for_room(wait_peers, timeout)
     except NoPeers as exc:
-        if refused:  # nobody to send to because a key was refused: say that, with its own exit code
-            raise KeyMismatch(f"{exc}; refused {', '.join(sorted(refused))}: not the pinned key "
-                              f"(see --trust; in a chat, /whois, /trust or /untrust NAME)") from None
-        raise
-    app.printer.status(f"sending to {', '.join(room.label(p) for p in room.verified_peers())}")
-    sent, reached = 0, set()
+        raise _nobody(exc, refused) from None
+    app.printer.status(f"sending to {', '.join(room.label(p) for p in room.verified_peers()) or 'nobody'}")
+    sent, recipients = 0, {}
     while (line := await queue.get()) is not None:
         if line.strip():
             room.send(line[:MAX_TEXT_CHARS])
             sent += 1
-            reached.update(p.name for p in room.verified_peers())
-    if not await room.flush(timeout):
-        raise NoPeers(f"{sent} message(s) sent, but not all were confirmed delivered within {timeout:g} s")
-    app.printer.status(f"delivered {sent} message(s) to {len(reached)} peer(s)")
+            recipients.update((p.name, room.label(p)) for p in room.verified_peers())
+    confirmed = await room.flush(timeout)
+    missing = room.unacknowledged()
+    got = sorted(label for name, label in recipients.items() if name not in missing)
+    app.printer.status(f"delivered {sent} message(s) to {len(got)} peer(s)" + (f": {', '.join(got)}" if got else ""))
+    left_out = sorted(room.label(p) for p in room.peers.values() if p.name not in recipients and p.state != "closed")
+    if missing or not confirmed:
+        names = ", ".join(sorted(recipients.get(name, name) for name in missing)) or "every peer"
+        raise NoPeers(f"{sent} message(s) sent, but not confirmed delivered by {names} within {timeout:g} s")
+    if refused:
+        raise KeyMismatch(f"not delivered to everyone: {_refusal(refused)}")
+    if left_out:
+        raise NoPeers(f"not delivered to {', '.join(left_out)}: in #{room.name}, but not verified within "
+                      f"{timeout:g} s")
     return 0
 
 
 async def run_listen(app: App, count: int | None, history: int) -> int:
-    """Print what arrives on stdout (NAME: TEXT, or NDJSON with --json); stop after count messages."""
+    """Print what is said from now on on stdout (NAME: TEXT, or NDJSON with --json); stop after count new
+    messages. With history, up to that many earlier messages first, marked: kept ones, then ones peers pass on."""
     room = app.room
     received = 0
-    if history:
-        for msg in room.history(history):
-            app.show(msg, from_history=True)
+    app.history_left = history
+    for msg in room.history(history):
+        app.history_left -= 1
+        app.show(msg, from_history=True)
 
     def counted(msg: Message) -> None:
         nonlocal received
@@ -4504,6 +4663,37 @@ async def run_listen(app: App, count: int | None, history: int) -> int:
     return 0
 
 
+def _progress_line(stream) -> Callable[[int, int], None]:
+    """A progress line redrawn in place on a terminal, at most ten times a second."""
+    shown = 0.0
+
+    def show(sent: int, size: int) -> None:
+        nonlocal shown
+        if time.monotonic() - shown >= 0.1 or sent == size:
+            shown = time.monotonic()
+            stream.write(f"\r{human_size(sent)} of {human_size(size)} ({sent * 100 // max(size, 1)}%)\x1b[K"
+                         + ("\n" if sent == size else ""))
+            stream.flush()
+    return show
+
+
+async def run_send(app: App, name: str, path: str, timeout: float) -> int:
+    """Send one file to one peer; exit 0 only once it has all of it on disk with the right SHA-256."""
+    room = app.room
+    refused = _watch_refusals(room)
+    app.printer.status(f"waiting for {name} in #{room.name} (up to {timeout:g} s)")
+    try:
+        peer = await room.wait_for_peer(name, timeout)
+    except NoPeers as exc:
+        raise _nobody(exc, {n for n in refused if bare_name(n) == bare_name(name)}) from None
+    size = os.path.getsize(path)
+    app.printer.status(f"sending {path} ({human_size(size)}) to {room.label(peer)}")
+    progress = _progress_line(app.printer.err) if app.printer.err.isatty() else None
+    saved = await room.send_file(peer.name, path, progress=progress)
+    app.printer.status(f"{room.label(peer)} has {path} as {saved} ({human_size(size)}, SHA-256 checked)")
+    return 0
+
+
 # =============================================================================
 # main: options and environment, modes, exit codes.
 # =============================================================================
@@ -4511,9 +4701,13 @@ async def run_listen(app: App, count: int | None, history: int) -> int:
 EPILOG = f"""\
 modes:
   With a terminal: interactive chat (type /help).
-  With stdin from a pipe: each line is sent as one message once --wait-peers peers are verified;
-    the program exits when every message is delivered.
-  With --listen: received messages go to stdout, as "NAME: TEXT" or NDJSON with --json.
+  With stdin from a pipe: each line is sent to everyone in the room, once --wait-peers peers are verified
+    and the others heard of have connected; it exits 0 when every one of them acknowledged every line.
+    Nothing is written to stdout.
+  With --listen: messages said from now on go to stdout, as "NAME: TEXT" or NDJSON with --json
+    (every event); --history N prints up to N earlier ones first, marked.
+  With --send PATH --to NAME: sends one file and exits 0 once NAME has it on disk, SHA-256 checked.
+  Options of another mode are a usage error.
 
 environment: RTCHAT_BROKER, RTCHAT_ROOM, RTCHAT_STATE, RTCHAT_ICE, RTCHAT_ICE_HOST, RTCHAT_SECRET,
   RTCHAT_PASSPHRASE, RTCHAT_FILES, RTCHAT_PLUGINS (extra plugin folders), RTCHAT_DEBUG=1, NO_COLOR.
@@ -4523,10 +4717,6 @@ exit codes:
   {EX_TEMPFAIL} no peer in time, or delivery not confirmed; {EX_NOPERM} key refused;
   {EX_CONFIG} state file problem; 130 interrupted.
 """
-
-
-def _list_option(values: list[str] | None) -> list[str]:
-    return [v.strip() for value in values or () for v in value.split(",") if v.strip()]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -4554,15 +4744,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(default); known = only pinned keys; any = everything")
     parser.add_argument("--files", default=env("RTCHAT_FILES", "off"), metavar="DIR|off",
                         help="take files rtchat.py peers send you, into DIR (default off: refused)")
-    parser.add_argument("--listen", action="store_true", help="print received messages to stdout; send nothing")
-    parser.add_argument("--json", action="store_true", help="with --listen: one JSON object per line")
-    parser.add_argument("--count", type=int, metavar="N", help="with --listen: exit after N messages")
-    parser.add_argument("--history", type=int, default=0, metavar="N",
-                        help="with --listen: print the last N messages of the room first")
-    parser.add_argument("--wait-peers", type=int, default=1, metavar="N",
-                        help="pipe mode: verified peers to wait for before sending (default 1)")
-    parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
-                        help="pipe mode: how long to wait for peers and for delivery (default 30)")
+    parser.add_argument("--listen", action="store_true",
+                        help="print messages said from now on to stdout; send nothing")
+    parser.add_argument("--json", action="store_true", help="with --listen: one JSON object per line, every event")
+    parser.add_argument("--count", type=int, metavar="N", help="with --listen: exit after N new messages")
+    parser.add_argument("--history", type=int, metavar="N",
+                        help="with --listen: print up to N earlier messages too, marked as history")
+    parser.add_argument("--wait-peers", type=int, metavar="N",
+                        help="pipe mode: verified peers to wait for at least before sending (default 1)")
+    parser.add_argument("--send", metavar="PATH", help="send this file to the peer --to names, then exit")
+    parser.add_argument("--to", metavar="NAME", help="with --send: who gets the file")
+    parser.add_argument("--timeout", type=float, metavar="SECONDS",
+                        help="pipe mode and --send: how long to wait for peers, and for delivery (default 30)")
     parser.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                         help="colour on a terminal (auto, the default, also follows NO_COLOR and TERM=dumb)")
     parser.add_argument("--no-color", dest="color", action="store_const", const="never", help="same as --color never")
@@ -4570,12 +4763,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="log details to stderr")
     parser.add_argument("--version", action="version", version=f"rtchat.py {__version__}")
     args = parser.parse_args(argv)
-    args.ice = None if not args.ice else [] if args.ice.strip().lower() == "none" else _list_option([args.ice])
-    args.ice_host = _list_option(args.ice_host)
+    args.ice = ice_option(args.ice)
+    args.ice_host = list_option(args.ice_host)
+    args.mode = "listen" if args.listen else "send" if args.send or args.to else \
+        "interactive" if sys.stdin.isatty() else "pipe"
+    allowed = {"listen": {"json", "count", "history"}, "pipe": {"wait_peers", "timeout"},
+               "send": {"send", "to", "timeout"}, "interactive": set()}[args.mode]
+    for option in ("json", "count", "history", "wait_peers", "send", "to", "timeout"):
+        if getattr(args, option) not in (None, False) and option not in allowed:
+            parser.error(f"--{option.replace('_', '-')} does not apply to {args.mode} mode "
+                         f"(see the modes below --help's options)")
+    if args.mode == "send" and not (args.send and args.to):
+        parser.error("--send PATH and --to NAME go together")
+    if args.send and not os.path.isfile(args.send):
+        parser.error(f"--send {args.send}: not a file")
     if args.count is not None and args.count < 1:
         parser.error("--count must be at least 1")
-    if args.wait_peers < 0:
-        parser.error("--wait-peers must be 0 or more")
+    if (args.history or 0) < 0 or (args.wait_peers or 0) < 0:
+        parser.error("--history and --wait-peers must be 0 or more")
+    args.history, args.wait_peers = args.history or 0, 1 if args.wait_peers is None else args.wait_peers
+    args.timeout = 30.0 if args.timeout is None else args.timeout
     return args
 
 
@@ -4584,7 +4791,7 @@ async def run(args: argparse.Namespace) -> int:
     if args.room:
         check_room_name(args.room)
     name = args.name
-    interactive = not args.listen and sys.stdin.isatty()
+    interactive = args.mode == "interactive"
     if not name:
         name = Store(state_path).load().get("name")
         if not name:
@@ -4596,7 +4803,7 @@ async def run(args: argparse.Namespace) -> int:
             passphrase = getpass.getpass("passphrase for your rtchat key: ")
     client = Client(name, broker=args.broker, state=state_path, ice=args.ice, ice_hosts=args.ice_host,
                     trust=args.trust, passphrase=passphrase, files=None if args.files == "off" else args.files)
-    style = "chat" if interactive else "json" if args.json else "plain"
+    style = "chat" if interactive else "json" if args.json else "plain" if args.listen else "quiet"
     printer = Printer(style, use_color(sys.stdout, args.color))
     registry = Registry()
     registry.collect(globals(), "core")
@@ -4607,26 +4814,36 @@ async def run(args: argparse.Namespace) -> int:
         printer.status(f"{len(loaded)} plugin(s) loaded" + (f", {len(skipped)} skipped" if skipped else ""))
     await client.start()
     app = App(client, registry, printer, secret=args.secret, history_lines=10 if interactive else 0)
+    if args.mode == "listen":
+        app.history_left = args.history  # backfilled messages are history: shown only as many as asked for
     loop = asyncio.get_running_loop()
     import signal
+    interrupted = []
+
+    def interrupt() -> None:
+        interrupted.append(True)
+        app.done.set()
     for signum in (signal.SIGTERM, signal.SIGHUP) + (() if interactive else (signal.SIGINT,)):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signum, app.done.set)
+            loop.add_signal_handler(signum, interrupt)
     try:
         room = args.room or client.store.data.get("last_room") or DEFAULT_ROOM
         await app.switch_room(room)
         if interactive:
-            return await run_interactive(app)
-        if args.listen:
-            return await run_listen(app, args.count, args.history)
-        pipe = asyncio.ensure_future(run_pipe(app, args.wait_peers, args.timeout))
-        stop = asyncio.ensure_future(app.done.wait())
-        await asyncio.wait({pipe, stop}, return_when=asyncio.FIRST_COMPLETED)
-        if not pipe.done():
-            pipe.cancel()
-            return 130
-        stop.cancel()
-        return pipe.result()
+            code = await run_interactive(app)
+        elif args.mode == "listen":
+            code = await run_listen(app, args.count, args.history)
+        else:
+            sender = run_pipe(app, args.wait_peers, args.timeout) if args.mode == "pipe" else \
+                run_send(app, args.to, args.send, args.timeout)
+            task = asyncio.ensure_future(sender)
+            stop = asyncio.ensure_future(app.done.wait())
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():
+                task.cancel()
+            stop.cancel()
+            code = 130 if interrupted else task.result()
+        return 130 if interrupted else code
     finally:
         await client.close()
 
@@ -4660,5 +4877,10 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """The `rtchat` command of an installed copy (pip install .)."""
     _exit_now(main())
+
+
+if __name__ == "__main__":
+    console_main()

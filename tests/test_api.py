@@ -14,7 +14,7 @@ def test_public_names():
 
 def test_event_names():
     assert rtchat.EVENTS == ("message", "dm", "join", "leave", "verified", "key-changed", "delivered", "file",
-                             "status")
+                             "status", "history")  # names are only ever added
 
 
 def test_signatures():
@@ -23,7 +23,8 @@ def test_signatures():
     assert list(inspect.signature(rtchat.Room.send).parameters) == ["self", "text", "action"]
     # sending never waits (it queues on the channel), so an event handler can reply at once
     assert not inspect.iscoroutinefunction(rtchat.Room.send) and not inspect.iscoroutinefunction(rtchat.Room.dm)
-    assert list(inspect.signature(rtchat.Room.send_file).parameters) == ["self", "name", "path"]
+    assert list(inspect.signature(rtchat.Room.send_file).parameters) == ["self", "name", "path", "progress"]
+    assert list(inspect.signature(rtchat.Room.wait_for_peer).parameters) == ["self", "name", "timeout"]
     assert list(inspect.signature(rtchat.Room.dm).parameters) == ["self", "name", "text"]
     assert list(inspect.signature(rtchat.Room.ask).parameters) == ["self", "name", "topic", "content", "timeout"]
     assert list(inspect.signature(rtchat.command).parameters) == ["name", "aliases", "help", "usage", "example"]

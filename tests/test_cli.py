@@ -41,7 +41,8 @@ def test_pipe_sender_delivers_and_listener_prints_json(broker, tmp_path):
     for m in messages:
         assert m["room"] == "ops" and m["from"] == "ci-bot" and isinstance(m["ts"], int) and m["id"]
         assert m["trust"] == "channel-bound" and len(m["fingerprint"]) == 64
-    assert events[0]["type"] == "join" and events[0]["from"] == "ci-bot"
+    assert [(e["type"], e["from"]) for e in events[:2]] == [("verified", "ci-bot"), ("join", "ci-bot")]
+    assert events[0]["channel_bound"] is True and events[0]["fingerprint"] == messages[0]["fingerprint"]
 
 
 def test_plain_listener_prints_name_colon_text(broker, tmp_path):

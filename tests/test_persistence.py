@@ -31,14 +31,13 @@ def test_late_joiner_gets_what_was_said_in_order_once(broker, tmp_path):
         carol = await make_client("carol", tmp_path, broker.url).start()
         got = []
         rc = await carol.join("room")
-        rc.on("message", got.append)
+        rc.on("history", got.append)  # said before carol came: history, never news
         await rc.wait_for_peers(2, 20)
         await eventually(lambda: len(got) >= 6, what="backfill")
         await asyncio.sleep(0.5)
         assert [m.text for m in got] == [f"line {i}" for i in range(6)]
-        for m in got:  # from its author directly, or passed on by the other with the author's signature checked
-            assert (m.trust, m.relayed_by) in (("channel-bound", None), ("relayed", "bob" if m.sender == "alice"
-                                                                                    else "alice"))
+        for m in got:  # passed on by its author or by the other, the author's signature checked either way
+            assert m.history and m.trust == "relayed" and m.relayed_by in ("alice", "bob")
         assert [m.text for m in rc.history(10)] == [f"line {i}" for i in range(6)]
         await close_all([alice, bob, carol])
     run(scenario())
@@ -54,7 +53,7 @@ def test_relayed_messages_are_checked_and_marked(broker, tmp_path):
         carol = await make_client("carol", tmp_path, broker.url).start()
         rc = await carol.join("room")
         got = []
-        rc.on("message", got.append)
+        rc.on("history", got.append)
         await eventually(lambda: got, 20, "the relayed message")
         msg = got[0]
         assert (msg.text, msg.sender, msg.relayed_by, msg.trust) == ("said while carol was away", "alice", "bob",
@@ -74,6 +73,8 @@ def test_relayed_messages_are_checked_and_marked(broker, tmp_path):
 
 
 def test_restarted_peer_receives_every_message_once_in_order(broker, tmp_path):
+    """What was said while bob was down reaches him when he is back, in order, as history (--history 20 shows it,
+    marked); then news is news."""
     async def scenario():
         alice = await make_client("alice", tmp_path, broker.url).start()
         ra = await alice.join("crash")
@@ -84,11 +85,18 @@ def test_restarted_peer_receives_every_message_once_in_order(broker, tmp_path):
         bob.wait()
         await eventually(lambda: not ra.verified_peers(), 20, "bob gone")
         sent = [ra.send(f"missed {i}") for i in range(20)]
-        bob = subprocess.Popen(rtchat_cmd(*args, "--count", "20"), env=cli_env(broker.url), stdout=subprocess.PIPE,
-                               text=True)
+        bob = subprocess.Popen(rtchat_cmd(*args, "--count", "1", "--history", "20"), env=cli_env(broker.url),
+                               stdout=subprocess.PIPE, text=True)
+        history = []
+        while len(history) < 20:
+            event = json.loads(await asyncio.get_running_loop().run_in_executor(None, bob.stdout.readline))
+            if event["type"] == "message":
+                history.append(event)
+        assert [e["text"] for e in history] == [m.text for m in sent] and all(e["history"] for e in history)
+        ra.send("back again")
         out, _ = await asyncio.get_running_loop().run_in_executor(None, bob.communicate, None)
-        texts = [e["text"] for e in map(json.loads, out.splitlines()) if e["type"] == "message"]
-        assert texts == [m.text for m in sent]
+        news = [e for e in map(json.loads, out.splitlines()) if e["type"] == "message"]
+        assert [(e["text"], "history" in e) for e in news] == [("back again", False)]
         await alice.close()
     run(scenario(), 90)
 
