@@ -7,13 +7,16 @@ leave 127.0.0.1 whatever a library does; ICE is pointed at 127.0.0.1 with no STU
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -150,3 +153,96 @@ def cli_env(broker_url: str, **extra: str) -> dict:
 
 def rtchat_cmd(*args: str) -> list[str]:
     return [sys.executable, str(ROOT / "rtchat.py"), *args]
+
+
+# -- PeerJS: a real PeerServer (npm `peer`, installed by .ci/run) ------------------------------------------
+
+PEERJS_SERVER_SCRIPT = ROOT / "tests" / "peerjs_server.cjs"
+
+
+def peerjs_node_modules() -> Path | None:
+    """Where npm `peer` is: $RTCHAT_PEERJS_SERVER_DIR (what .ci/run fills), ~/.cache/rtchat-ci/peer, or the
+    browser harness's $PJS_NODE_MODULES."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rtchat-ci" / "peer"
+    candidates = [Path(os.environ["RTCHAT_PEERJS_SERVER_DIR"]) / "node_modules"] \
+        if os.environ.get("RTCHAT_PEERJS_SERVER_DIR") else [cache / "node_modules"]
+    if os.environ.get("PJS_NODE_MODULES"):
+        candidates.append(Path(os.environ["PJS_NODE_MODULES"]))
+    return next((c for c in candidates if (c / "peer" / "package.json").is_file()), None)
+
+
+def missing_peerjs_server() -> str | None:
+    if not shutil.which("node"):
+        return "node is not installed (apt-get install nodejs npm); .ci/run installs it"
+    if peerjs_node_modules() is None:
+        return "npm `peer` not found (npm install --prefix ~/.cache/rtchat-ci/peer peer@1.0.2); .ci/run installs it"
+    return None
+
+
+class PeerServer:
+    """A real PeerJS server (npm `peer`) on 127.0.0.1. events: what its clients did, one dict each."""
+
+    def __init__(self, **options) -> None:
+        self.options = options
+        self.events: list[dict] = []
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> PeerServer:
+        env = dict(os.environ, NODE_PATH=str(peerjs_node_modules()))
+        self.proc = subprocess.Popen(["node", str(PEERJS_SERVER_SCRIPT), json.dumps(self.options)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        first = self.proc.stdout.readline()
+        try:
+            self.port = json.loads(first)["port"]
+        except (ValueError, KeyError, TypeError):
+            self.stop()
+            raise RuntimeError(f"the PeerJS server did not start: {first}{self.proc.stdout.read()[-2000:]}") \
+                from None
+        threading.Thread(target=self._read, daemon=True).start()
+        return self
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with contextlib.suppress(ValueError):
+                self.events.append(json.loads(line))
+
+    def url(self, key: str | None = None) -> str:
+        path = self.options.get("path", "/").strip("/")
+        return f"ws://127.0.0.1:{self.port}/{path + '/' if path else ''}" + (f"?key={key}" if key else "")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _start_peerserver(**options) -> PeerServer:
+    reason = missing_peerjs_server()
+    if reason:
+        if os.environ.get("RTCHAT_REQUIRE_PEERJS") == "1":
+            pytest.fail(f"PeerJS server needed (RTCHAT_REQUIRE_PEERJS=1): {reason}")
+        print(f"PeerJS tests skipped: {reason}")
+        pytest.skip(f"PeerJS server: {reason}")
+    return PeerServer(**options).start()
+
+
+@pytest.fixture(scope="session")
+def peerserver():
+    """One PeerServer for the session: key "peerjs", path "/", EXPIRE after 5 s, as the page's cloud."""
+    server = _start_peerserver()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_peerserver():
+    """PeerServers with options of the test's own: own_peerserver(key=..., path=..., expire_timeout=ms)."""
+    servers: list[PeerServer] = []
+
+    def start(**options) -> PeerServer:
+        servers.append(_start_peerserver(**options))
+        return servers[-1]
+    yield start
+    for server in servers:
+        server.stop()
