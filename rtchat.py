@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 # /// script
 # requires-python = ">=3.10"
-# dependencies = ["aiortc>=1.9", "paho-mqtt>=2", "prompt_toolkit>=3", "cryptography>=42"]
+# dependencies = ["aiortc>=1.9", "paho-mqtt>=2", "prompt_toolkit>=3", "cryptography>=42", "websockets>=13"]
 # ///
 """rtchat: serverless, end-to-end encrypted group chat in one file.
 
@@ -44,7 +44,7 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 try:  # Unix only; on other systems the state file is not locked across processes.
     import fcntl
@@ -130,6 +130,7 @@ said before we joined, passed on by a peer, is a "history" event (msg.history is
 `type` values, except that a history message keeps its own type ("message") and is marked "history": true."""
 
 EX_USAGE, EX_UNAVAILABLE, EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 2, 69, 75, 77, 78
+EX_NOUSER, EX_CANTCREAT, EX_PROTOCOL = 67, 73, 76   # PeerJS: user not online, name taken, server refused us
 
 _CONTROL_RE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b.|[\x00-\x1f\x7f-\x9f]")
 # Unicode categories Cf (format: bidi overrides, invisible marks; ZWJ U+200D kept for emoji), Co, Cs, Zl, Zp.
@@ -229,6 +230,25 @@ class AskError(RtchatError):
     """A question got no usable answer (timeout, no handler, peer gone)."""
 
 
+class PeerServerUnreachable(BrokerUnreachable):
+    """The PeerJS server cannot be reached, or closed the connection before letting us in."""
+
+
+class NameTaken(RtchatError):
+    """Someone else is logged in under this name on the PeerJS server (ID-TAKEN)."""
+    exit_code = EX_CANTCREAT
+
+
+class PeerServerRefused(RtchatError):
+    """The PeerJS server said no: an invalid key, too many clients (ERROR)."""
+    exit_code = EX_PROTOCOL
+
+
+class PeerUnavailable(RtchatError):
+    """Nobody by that name is on the PeerJS server (EXPIRE), or the connection to them failed."""
+    exit_code = EX_NOUSER
+
+
 _PACKAGES = {"aiortc": "aiortc", "paho": "paho-mqtt", "prompt_toolkit": "prompt_toolkit",
              "cryptography": "cryptography"}
 
@@ -240,10 +260,13 @@ def missing_packages() -> list[str]:
 def require_packages() -> None:
     missing = missing_packages()
     if missing:
-        raise RtchatError(
-            f"missing Python packages: {', '.join(missing)}. Install them with:\n"
-            f"    {Path(sys.executable).name} -m pip install {' '.join(_PACKAGES.values())}\n"
-            f"  (or run this file with `uv run rtchat.py` / `pipx run rtchat.py`)")
+        raise missing_packages_error(missing, list(_PACKAGES.values()))
+
+
+def missing_packages_error(missing: list[str], install: list[str]) -> RtchatError:
+    return RtchatError(f"missing Python packages: {', '.join(missing)}. Install them with:\n"
+                       f"    {Path(sys.executable).name} -m pip install {' '.join(install)}\n"
+                       f"  (or run this file with `uv run rtchat.py` / `pipx run rtchat.py`)")
 
 
 # =============================================================================
@@ -1107,6 +1130,293 @@ class Signaling(Emitter):
 
 
 # =============================================================================
+# PeerJS signaling: one WebSocket to a PeerServer (npm `peer`), where the
+# peerjs-multichat page meets. Log-in by id, heartbeats, and OFFER, ANSWER,
+# CANDIDATE, LEAVE, EXPIRE as checked plain values (PeerJSSignal). Uses Wire.
+# Emits "signal" (PeerJSSignal) and "lost" (reason); knows no connection.
+# =============================================================================
+
+PEERJS_CLOUD = "wss://0.peerjs.com/"       # what the page's `new Peer(id)` uses (PeerJS 1.2.0), key "peerjs"
+PEERJS_DEFAULT_KEY = "peerjs"
+PEERJS_ID_PREFIX = "secure-p2p-multichat-"  # the page's appPrefix: user alice is secure-p2p-multichat-alice
+PEERJS_HEARTBEAT_S = 5.0                   # as PeerJS clients; the server drops a client silent for 60-90 s
+MAX_PEERJS_MESSAGE_CHARS = 64 * 1024       # one signaling message; an SDP is a few KiB
+MAX_PEERJS_SOCKET_BYTES = 128 * 1024 ** 2  # above what the server relays (100 MiB), so that no peer can have our
+                                           # socket closed by sending a big message (it is dropped, unparsed)
+MAX_PEERJS_IDS = 256                       # ids read from one peer list (OFFER metadata, `connections` message)
+PEERJS_RELAYED = ("OFFER", "ANSWER", "CANDIDATE", "LEAVE", "EXPIRE")
+_PEERJS_NAME_RE = re.compile(r"[A-Za-z0-9]+(?:[ _-][A-Za-z0-9]+)*")  # PeerJS's id rule (peerjs-multichat.md §2)
+_CONNECTION_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")                # PeerJS makes dc_ + base 36
+_DATA_SECTION_RE = re.compile(r"^m=application \d+ [A-Z/]*SCTP", re.MULTILINE)
+
+
+def peerjs_id(name: str) -> str:
+    """The page's id for a user name; UsageError for a name PeerJS refuses."""
+    if not isinstance(name, str) or peerjs_name(PEERJS_ID_PREFIX + name) is None:
+        raise UsageError(f"name {name!r} cannot be used on PeerJS: letters and digits, with single spaces, "
+                         f"'_' or '-' between them, at most {MAX_NAME_CHARS} characters")
+    return PEERJS_ID_PREFIX + name
+
+
+def peerjs_name(peer_id: Any) -> str | None:
+    """The user name in a page's id; None for anything else (another application's id, junk)."""
+    if not (isinstance(peer_id, str) and peer_id.startswith(PEERJS_ID_PREFIX)):
+        return None
+    name = peer_id[len(PEERJS_ID_PREFIX):]
+    return name if len(name) <= MAX_NAME_CHARS and _PEERJS_NAME_RE.fullmatch(name) else None
+
+
+def peerjs_ids(value: Any) -> tuple[str, ...]:
+    """A peer list from the network: the page's ids in it, each once, at most MAX_PEERJS_IDS."""
+    if not isinstance(value, list):
+        return ()
+    ids = (peer_id for peer_id in value[:MAX_PEERJS_IDS] if peerjs_name(peer_id) is not None)
+    return tuple(dict.fromkeys(ids))
+
+
+class RateLimit:
+    """A token bucket per key: per_second on average, bursts up to burst. Forgets everyone past max_keys keys."""
+
+    def __init__(self, per_second: float, burst: int, max_keys: int = 4096) -> None:
+        self.per_second, self.burst, self.max_keys = per_second, burst, max_keys
+        self._buckets: dict[Any, tuple[float, float]] = {}
+
+    def allow(self, key: Any, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        tokens, last = self._buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.per_second)
+        if len(self._buckets) >= self.max_keys and key not in self._buckets:
+            self._buckets.clear()
+        self._buckets[key] = (tokens - 1 if tokens >= 1 else tokens, now)
+        return tokens >= 1
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerJSServer:
+    """A PeerServer: ws[s]://host:port/path/ with its API key (?key=, default "peerjs")."""
+    secure: bool
+    host: str
+    port: int
+    path: str   # begins and ends with "/"
+    key: str
+
+    @classmethod
+    def parse(cls, url: str | None = None) -> PeerJSServer:
+        """None: the page's cloud server. ws:// wss:// (or http:// https://); with no scheme, wss:// when the
+        port is 443 or not given (the cloud: `0.peerjs.com`), else ws:// (`127.0.0.1:9000`)."""
+        url = url or PEERJS_CLOUD
+        parts = urlsplit(url if "://" in url else f"//{url}")
+        try:
+            port = parts.port
+        except ValueError:
+            raise UsageError(f"PeerJS server URL {url!r} has a bad port") from None
+        scheme = parts.scheme.lower() or ("wss" if port in (None, 443) else "ws")
+        if scheme not in ("ws", "wss", "http", "https"):
+            raise UsageError(f"PeerJS server URL {url!r}: use ws:// or wss://")
+        if not parts.hostname:
+            raise UsageError(f"PeerJS server URL {url!r} has no host")
+        query = parse_qs(parts.query, keep_blank_values=True)
+        if set(query) - {"key"} or len(query.get("key", [""])) != 1:
+            raise UsageError(f"PeerJS server URL {url!r}: the only parameter it takes is ?key=")
+        key = query.get("key", [PEERJS_DEFAULT_KEY])[0]
+        if not key or len(key) > 256 or clean(key) != key:
+            raise UsageError(f"PeerJS server URL {url!r} has a bad key")
+        secure = scheme in ("wss", "https")
+        path = "/" + parts.path.strip("/") + "/" if parts.path.strip("/") else "/"
+        return cls(secure, parts.hostname, port or (443 if secure else 80), path, key)
+
+    def socket_url(self, peer_id: str, token: str) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        query = urlencode({"key": self.key, "id": peer_id, "token": token}, quote_via=quote)
+        return f"{'wss' if self.secure else 'ws'}://{host}:{self.port}{self.path}peerjs?{query}"
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'wss' if self.secure else 'ws'}://{host}:{self.port}{self.path}"
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerJSSignal:
+    """One message the server relayed, checked: every field has the type and size it should."""
+    kind: str                        # OFFER, ANSWER, CANDIDATE, LEAVE or EXPIRE
+    src: str                         # the sender's id, as the server saw it (EXPIRE: the id that was not there)
+    connection_id: str = ""
+    sdp: str = ""                    # OFFER, ANSWER
+    candidate: dict | None = None    # CANDIDATE: candidate, sdpMid, sdpMLineIndex, usernameFragment
+    peer_ids: tuple[str, ...] = ()   # OFFER: metadata.peerIds, the caller's mesh
+    client: str = ""                 # OFFER, ANSWER: its `browser` field ("chrome", or rtchat.py's CLIENT_TAG)
+
+    @classmethod
+    def parse(cls, message: Any) -> PeerJSSignal | None:
+        """None for anything but a well-formed relayed message from one of the page's ids."""
+        if not isinstance(message, dict) or message.get("type") not in PEERJS_RELAYED:
+            return None
+        kind, src, payload = message["type"], message.get("src"), message.get("payload")
+        if peerjs_name(src) is None:
+            return None
+        if kind in ("LEAVE", "EXPIRE"):
+            return cls(kind, src)
+        if not isinstance(payload, dict):
+            return None
+        connection_id = payload.get("connectionId")
+        if not (isinstance(connection_id, str) and _CONNECTION_ID_RE.fullmatch(connection_id)):
+            return None
+        if kind == "CANDIDATE":
+            candidate = _peerjs_candidate(payload.get("candidate"))
+            return cls(kind, src, connection_id, candidate=candidate) if candidate else None
+        description = payload.get("sdp")
+        expected = "offer" if kind == "OFFER" else "answer"
+        if not (isinstance(description, dict) and description.get("type") == expected
+                and isinstance(description.get("sdp"), str) and _DATA_SECTION_RE.search(description["sdp"])):
+            return None  # no SDP, or one with no data channel in it
+        client = payload.get("browser")
+        client = clean(client, 64) if isinstance(client, str) else ""
+        if kind == "ANSWER":
+            return cls(kind, src, connection_id, description["sdp"], client=client)
+        if payload.get("type") != "data" or payload.get("serialization", "json") != "json":
+            return None  # a call, or a DataConnection in a serialization we do not speak (binary)
+        metadata = payload.get("metadata")
+        peer_ids = peerjs_ids(metadata.get("peerIds")) if isinstance(metadata, dict) else ()
+        return cls(kind, src, connection_id, description["sdp"], peer_ids=peer_ids, client=client)
+
+
+def _peerjs_candidate(value: Any) -> dict | None:
+    if not isinstance(value, dict):
+        return None
+    line, mid, index, ufrag = (value.get(k) for k in ("candidate", "sdpMid", "sdpMLineIndex", "usernameFragment"))
+    if not (isinstance(line, str) and 0 < len(line) <= 512):
+        return None
+    return {"candidate": line,
+            "sdpMid": mid if isinstance(mid, str) and len(mid) <= 32 else None,
+            "sdpMLineIndex": index if isinstance(index, int) and not isinstance(index, bool) and 0 <= index < 64
+            else None,
+            "usernameFragment": ufrag if isinstance(ufrag, str) and len(ufrag) <= 256 else None}
+
+
+def _websockets():
+    """The websockets package: imported when the PeerJS network is first used, as nothing else needs it."""
+    try:
+        import websockets.asyncio.client
+        import websockets.exceptions
+    except ImportError:
+        raise missing_packages_error(["websockets"], ["websockets"]) from None
+    return websockets
+
+
+class PeerJSSignaling(Emitter):
+    """Our id on a PeerServer: log in, keep alive, relay. What fails a check is dropped and counted."""
+
+    def __init__(self, peer_id: str, server: PeerJSServer | str | None = None, connect_timeout: float = 10.0,
+                 heartbeat_s: float = PEERJS_HEARTBEAT_S) -> None:
+        super().__init__()
+        self.server = server if isinstance(server, PeerJSServer) else PeerJSServer.parse(server)
+        self.peer_id = peer_id
+        self.connect_timeout = connect_timeout
+        self.heartbeat_s = heartbeat_s
+        self.is_connected = False
+        self.dropped = 0
+        self._token = secrets.token_hex(8)
+        self._rates = RateLimit(*RATE_PER_SENDER)
+        self._socket = None
+        self._tasks: list[asyncio.Task] = []
+
+    def __repr__(self) -> str:
+        return f"PeerJSSignaling({self.peer_id!r} on {self.server})"
+
+    async def connect(self) -> None:
+        """Log in; returns once the server has said OPEN.
+        Raises NameTaken, PeerServerRefused (a bad key) or PeerServerUnreachable."""
+        ws = _websockets()
+        try:
+            self._socket = await ws.asyncio.client.connect(
+                self.server.socket_url(self.peer_id, self._token), max_size=MAX_PEERJS_SOCKET_BYTES, max_queue=1,
+                open_timeout=self.connect_timeout)
+            first = await asyncio.wait_for(self._socket.recv(), self.connect_timeout)
+        except (OSError, asyncio.TimeoutError, ws.exceptions.WebSocketException) as exc:
+            await self._drop_socket()
+            raise PeerServerUnreachable(f"cannot reach PeerJS server {self.server}: {_socket_error(exc)}") from None
+        with contextlib.suppress(ValueError):
+            first = parse_json(first) if len(first) <= MAX_PEERJS_MESSAGE_CHARS else None
+        kind = first.get("type") if isinstance(first, dict) else None
+        if kind != "OPEN":
+            await self._drop_socket()
+            payload = first.get("payload") if isinstance(first, dict) else None
+            reason = clean(payload.get("msg"), 200) if isinstance(payload, dict) else "no reason given"
+            if kind == "ID-TAKEN":
+                raise NameTaken(f"{peerjs_name(self.peer_id) or self.peer_id} is already taken on {self.server}")
+            if kind == "ERROR":
+                raise PeerServerRefused(f"PeerJS server {self.server} refused us: {reason}")
+            raise PeerServerUnreachable(f"{self.server} is not a PeerJS server (it did not say OPEN)")
+        self.is_connected = True
+        self._tasks += [_spawn(self._read(), f"peerjs-read-{self.peer_id}"),
+                        _spawn(self._heartbeat(), f"peerjs-heartbeat-{self.peer_id}")]
+
+    async def send(self, kind: str, dst: str, payload: dict | None = None) -> bool:
+        """Relay one message to dst; False while we are not connected."""
+        if not self.is_connected:
+            return False
+        message = {"type": kind, "dst": dst} if payload is None else {"type": kind, "payload": payload, "dst": dst}
+        try:
+            await self._socket.send(to_json(message))
+        except _websockets().exceptions.ConnectionClosed:
+            return False
+        return True
+
+    async def close(self) -> None:
+        self.is_connected = False
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._drop_socket()
+
+    async def _drop_socket(self) -> None:
+        socket, self._socket = self._socket, None
+        if socket is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(socket.close(), 2)
+
+    async def _heartbeat(self) -> None:
+        while self.is_connected:
+            await asyncio.sleep(self.heartbeat_s)
+            with contextlib.suppress(_websockets().exceptions.ConnectionClosed):
+                await self._socket.send('{"type":"HEARTBEAT"}')
+
+    async def _read(self) -> None:
+        closed = _websockets().exceptions.ConnectionClosed
+        try:
+            async for text in self._socket:
+                self._receive(text)
+            reason = "the server closed the connection"
+        except closed as exc:
+            reason = f"connection lost ({exc.rcvd.code if exc.rcvd else 'no close frame'})"
+        if self.is_connected:
+            self.is_connected = False
+            log.warning("lost PeerJS server %s: %s", self.server, reason)
+            self.emit("lost", reason)
+
+    def _receive(self, text: str | bytes) -> None:
+        message = None
+        if len(text) <= MAX_PEERJS_MESSAGE_CHARS:
+            with contextlib.suppress(ValueError):
+                message = parse_json(text)
+        signal = PeerJSSignal.parse(message)
+        if signal is None or not self._rates.allow(signal.src):
+            self.dropped += 1
+            log.debug("%r: dropped a server message", self)
+            return
+        self.emit("signal", signal)
+
+
+def _socket_error(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    return clean(str(exc), 200) or type(exc).__name__
+
+
+# =============================================================================
 # Peer: one remote wire name, its RTCPeerConnection and RTChat's 11 data
 # channels, ask/answer by n, ping/pong liveness, call declining. Uses Wire.
 # Emits "open", "frame" (label, value), "closed" (reason); knows no Room.
@@ -1166,6 +1476,25 @@ def negotiated_fingerprint(pc) -> str | None:
     except Exception:  # aiortc internals moved: aiortc itself has checked the SDP fingerprint in DTLS
         log.debug("cannot read the negotiated DTLS fingerprint", exc_info=True)
         return None
+
+
+def remote_candidate(data: dict, remote_sdp: str):
+    """A trickled candidate as aiortc takes it; None if malformed or meant for another of the sender's sessions
+    (its ufrag is not the one in remote_sdp: browsers' candidates carry no target, rtchat-wire.md §5.3)."""
+    ufrag = data.get("usernameFragment")
+    if ufrag and ufrag != sdp_field(remote_sdp, "ice-ufrag"):
+        return None
+    line = data.get("candidate")
+    if not isinstance(line, str) or not line.strip() or len(line) > 512:
+        return None
+    try:
+        candidate = candidate_from_sdp(line.split(":", 1)[1] if line.startswith(("candidate:", "a=")) else line)
+    except (ValueError, IndexError):
+        return None
+    mid, index = data.get("sdpMid"), data.get("sdpMLineIndex")
+    candidate.sdpMid = mid if isinstance(mid, str) else None
+    candidate.sdpMLineIndex = index if isinstance(index, int) else (0 if candidate.sdpMid is None else None)
+    return candidate
 
 
 class Peer(Emitter):
@@ -1263,19 +1592,9 @@ class Peer(Emitter):
             if len(self._candidates) < MAX_PENDING_CANDIDATES:
                 self._candidates.append(data)
             return
-        ufrag = data.get("usernameFragment")
-        if ufrag and ufrag != sdp_field(self.remote_sdp, "ice-ufrag"):
-            return  # meant for another of the sender's sessions (candidates carry no target, §5.3)
-        line = data.get("candidate")
-        if not isinstance(line, str) or not line.strip() or len(line) > 512:
+        candidate = remote_candidate(data, self.remote_sdp)
+        if candidate is None:
             return
-        try:
-            candidate = candidate_from_sdp(line.split(":", 1)[1] if line.startswith(("candidate:", "a=")) else line)
-        except (ValueError, IndexError):
-            return
-        mid, index = data.get("sdpMid"), data.get("sdpMLineIndex")
-        candidate.sdpMid = mid if isinstance(mid, str) else None
-        candidate.sdpMLineIndex = index if isinstance(index, int) else (0 if candidate.sdpMid is None else None)
         try:
             await self.pc.addIceCandidate(candidate)
         except Exception as exc:
@@ -2155,6 +2474,539 @@ class Gossip:
     _KINDS = {"join": _on_join, "fwd": _on_forward_join, "nbr": _on_neighbor, "nbr-re": _on_neighbor_reply,
               "dis": _on_disconnect, "shuffle": _on_shuffle, "shuffle-re": _on_shuffle_reply, "gossip": _on_gossip,
               "ihave": _on_ihave, "graft": _on_graft, "prune": _on_prune}
+
+
+# =============================================================================
+# PeerJS mesh: the peerjs-multichat page's data plane and merge rules. One
+# RTCPeerConnection per DataConnection (PeerJSConnection); MeshPlan decides who
+# to dial, PeerJSMesh does the I/O. Uses Wire, PeerJS signaling, Peer's ICE
+# helpers. Emits "join", "leave", "chat" (PeerJSChat), "unreachable", "lost".
+# =============================================================================
+
+PEERJS_CONSENT = (1.0, 5)        # ICE consent checked every ~1 s, gone after 5 misses in a row: a closed tab is seen
+                                 # in ~7 s, as Chrome sees one in ~6 s (aioice alone: 6 misses 5 s apart, ~33 s)
+MAX_PEERJS_CONNECTIONS = 4       # per peer: merge races make two; more is a flood
+MAX_MESH_PEERS = 256             # peers connected or being connected, and ids waiting to be dialled
+CHAT_RATE = (10.0, 30)           # chat lines one peer may send: per second, burst
+DEFAULT_MAX_MESSAGE_BYTES = 65536  # what a peer takes whose SDP has no a=max-message-size (RFC 8841)
+
+
+def quicken_consent(pc, interval_s: float, misses: int) -> None:
+    """Check ICE consent on this connection every ~interval_s and give up after misses in a row.
+
+    aioice reads its CONSENT_INTERVAL and CONSENT_FAILURES as module globals: this connection gets its own copy
+    of aioice's check reading other values, so other connections keep aioice's pace. Call it before the
+    connection starts (after createDataChannel or setRemoteDescription)."""
+    import types
+
+    import aioice.ice
+    try:
+        connection = pc.sctp.transport.transport._connection
+        check = aioice.ice.Connection.query_consent
+    except AttributeError:  # aiortc or aioice internals moved: keep their pace
+        log.debug("cannot tune ICE consent checks here")
+        return
+    values = {**vars(aioice.ice), "CONSENT_INTERVAL": interval_s, "CONSENT_FAILURES": misses}
+    tuned = types.FunctionType(check.__code__, values, check.__name__, check.__defaults__, check.__closure__)
+    connection.query_consent = tuned.__get__(connection)
+
+
+def max_message_bytes(sdp: str) -> int:
+    """The largest message the author of this SDP takes (a=max-message-size; 0 there means no limit)."""
+    value = sdp_field(sdp, "max-message-size")
+    if value is None or not value.isdigit():
+        return DEFAULT_MAX_MESSAGE_BYTES
+    return min(int(value) or MAX_FRAME_CHARS, MAX_FRAME_CHARS)
+
+
+class PeerJSConnection(Emitter):
+    """One PeerJS DataConnection: an RTCPeerConnection of its own with one unordered channel labelled with the
+    connection id, JSON objects as text frames. Emits "open", "message" (dict), "closed" (reason)."""
+
+    def __init__(self, peer_id: str, connection_id: str, ice: RTCConfiguration) -> None:
+        super().__init__()
+        self.peer_id = peer_id
+        self.connection_id = connection_id
+        self.state = "connecting"        # connecting, open, closed
+        self.client = ""                 # what its OFFER or ANSWER said it runs (unchecked)
+        self.max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
+        self.dropped = 0                 # frames that were not a JSON object of a sane size
+        self.channel = None
+        self.remote_sdp: str | None = None
+        self._candidates: list[dict] = []
+        self.pc = RTCPeerConnection(ice)
+        self.pc.on("datachannel", self._adopt)
+        self.pc.on("connectionstatechange", self._on_connection_state)
+        self._deadline = asyncio.get_running_loop().call_later(CONNECT_TIMEOUT_S, self.close, "did not connect")
+
+    def __repr__(self) -> str:
+        return f"PeerJSConnection({self.peer_id!r}, {self.connection_id!r}, {self.state})"
+
+    async def offer(self) -> str:
+        self._adopt(self.pc.createDataChannel(self.connection_id, ordered=False))
+        quicken_consent(self.pc, *PEERJS_CONSENT)
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        return self.pc.localDescription.sdp
+
+    async def answer(self, sdp: str) -> str:
+        await self._set_remote(sdp, "offer")
+        quicken_consent(self.pc, *PEERJS_CONSENT)
+        await self.pc.setLocalDescription(await self.pc.createAnswer())
+        return self.pc.localDescription.sdp
+
+    async def accept_answer(self, sdp: str) -> None:
+        if self.pc.signalingState != "have-local-offer":
+            return  # a second ANSWER: the first one stands
+        try:
+            await self._set_remote(sdp, "answer")
+        except Exception as exc:  # an SDP aiortc cannot take
+            log.debug("%r: answer refused: %s", self, exc)
+            self.close("bad answer")
+
+    async def _set_remote(self, sdp: str, kind: str) -> None:
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=kind))
+        self.remote_sdp = sdp
+        self.max_message_bytes = max_message_bytes(sdp)
+        buffered, self._candidates = self._candidates, []
+        for data in buffered:
+            await self.add_candidate(data)
+
+    async def add_candidate(self, data: dict) -> None:
+        """A trickled candidate; kept until the remote SDP is known."""
+        if self.remote_sdp is None:
+            if len(self._candidates) < MAX_PENDING_CANDIDATES:
+                self._candidates.append(data)
+            return
+        candidate = remote_candidate(data, self.remote_sdp)
+        if candidate is not None and self.state != "closed":
+            try:
+                await self.pc.addIceCandidate(candidate)
+            except Exception as exc:
+                log.debug("%r: candidate refused: %s", self, exc)
+
+    def _adopt(self, channel) -> None:
+        if self.channel is not None:
+            return  # PeerJS opens one channel per connection: a second one is not read
+        self.channel = channel
+        channel.on("open", self._set_open)
+        channel.on("message", self._on_frame)
+        channel.on("close", lambda: self.close("channel closed"))
+        if channel.readyState == "open":  # a remote channel is announced already open
+            self._set_open()
+
+    def _set_open(self) -> None:
+        if self.state == "connecting":
+            self.state = "open"
+            self._deadline.cancel()
+            self.emit("open", self)
+
+    def _on_connection_state(self) -> None:
+        if self.pc.connectionState in ("failed", "closed"):
+            self.close(f"connection {self.pc.connectionState}")
+
+    def _on_frame(self, data: str | bytes) -> None:
+        """A JSON object, in a text frame (PeerJS 1.2's "json") or a binary one (PeerJS 1.5's)."""
+        value = None
+        if len(data) <= MAX_FRAME_CHARS:
+            with contextlib.suppress(ValueError):
+                value = parse_json(data)
+        if isinstance(value, dict):
+            self.emit("message", self, value)
+        else:
+            self.dropped += 1
+
+    def send(self, value: dict) -> bool:
+        """One JSON text frame; False if the connection is not open or the frame is over what the peer takes."""
+        text = to_json(value)  # ASCII: as many bytes as characters
+        if self.state != "open" or self.channel.readyState != "open" or len(text) > self.max_message_bytes:
+            return False
+        self.channel.send(text)
+        return True
+
+    def close(self, reason: str = "closed") -> None:
+        if self.state == "closed":
+            return
+        self.state = "closed"
+        self._deadline.cancel()
+        _spawn(self.pc.close(), f"close-{self.connection_id}")
+        self.emit("closed", self, reason)
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerJSChat:
+    """A chat line on the PeerJS network, exactly as its author sent it (clean() it to show it)."""
+    sender: str                 # the author: always the user whose connection it came on
+    text: str
+    timestamp: int | None       # the author's clock, epoch ms; None if it sent nothing that makes sense
+
+    def frame(self) -> dict:
+        """What the page sends and reads."""
+        return {"type": "chat", "chat": {"sender": self.sender, "message": self.text, "timestamp": self.timestamp}}
+
+    @classmethod
+    def read(cls, value: Any, peer_id: str) -> PeerJSChat | None:
+        """A page's chat frame from the connection of peer_id; None if malformed, too long, or in another's name
+        (the page lets anyone write any sender)."""
+        chat = value.get("chat") if isinstance(value, dict) and value.get("type") == "chat" else None
+        if not isinstance(chat, dict):
+            return None
+        sender, text, stamp = chat.get("sender"), chat.get("message"), chat.get("timestamp")
+        if sender != peerjs_name(peer_id) or not isinstance(text, str) or not 0 < len(text) <= MAX_TEXT_CHARS:
+            return None
+        valid = isinstance(stamp, (int, float)) and not isinstance(stamp, bool) and math.isfinite(stamp) and \
+            0 <= stamp < 2 ** 53
+        return cls(sender, text, int(stamp) if valid else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshAction:
+    """What MeshPlan asks for: dial, answer, send-peers (a `connections` message), drop (a connection), or
+    tell about a peer: join, leave, unreachable (the server does not know it, or no connection to it opened)."""
+    kind: str
+    peer_id: str
+    connection_id: str = ""
+    peer_ids: tuple[str, ...] = ()
+    reason: str = ""
+
+
+class MeshPlan:
+    """The page's merge rules, with no I/O: connection events in, MeshActions out.
+
+    A caller puts its peer list in its OFFER; the callee sends its own (`connections`) once the connection is
+    open; each side dials every id it has no connection with (ours skipped), so two meshes become one. Merge
+    races make duplicate connections to one peer: all are read, and sends go on the oldest open one, the one
+    the page is sure to handle (it ignores an incoming connection from a peer it already has open)."""
+
+    def __init__(self, me: str, new_connection_id: Callable[[], str], max_peers: int = MAX_MESH_PEERS,
+                 max_pending: int = MAX_PENDING_SESSIONS) -> None:
+        self.me = me
+        self.new_connection_id = new_connection_id
+        self.max_peers = max_peers
+        self.max_pending = max_pending
+        self._connections: dict[str, dict[str, int | None]] = {}  # peer -> connection id -> open order, or None
+        self._incoming: set[tuple[str, str]] = set()   # (peer, connection id) of the connections peers opened
+        self._heard: set[str] = set()       # peers whose list we have (in their OFFER or a `connections`)
+        self._queued: dict[str, None] = {}  # ids to dial once fewer connections are being set up
+        self._opened = itertools.count()
+
+    # -- what happened --------------------------------------------------------------------------
+    def want(self, peer_id: str) -> list[MeshAction]:
+        """Someone asked to connect to peer_id."""
+        return self._dial([peer_id])
+
+    def offered(self, peer_id: str, connection_id: str, peer_ids: tuple[str, ...]) -> list[MeshAction]:
+        """An OFFER: answered unless over a cap, and every id in the caller's list we lack is dialled."""
+        known = self._connections.get(peer_id, {})
+        if peer_id == self.me or connection_id in known or len(known) >= MAX_PEERJS_CONNECTIONS or \
+                self._pending() >= self.max_pending or (not known and self._peer_count() >= self.max_peers):
+            return []
+        self._connections.setdefault(peer_id, {})[connection_id] = None
+        self._incoming.add((peer_id, connection_id))
+        self._heard.add(peer_id)
+        return [MeshAction("answer", peer_id, connection_id)] + self._dial(peer_ids)
+
+    def opened(self, peer_id: str, connection_id: str) -> list[MeshAction]:
+        """A connection is open: the peer joins if it is its first, and a callee sends its list."""
+        connections = self._connections.get(peer_id, {})
+        if connection_id not in connections or connections[connection_id] is not None:
+            return []  # unknown, or open already
+        joined = not self._open(peer_id)
+        connections[connection_id] = next(self._opened)
+        actions = [MeshAction("join", peer_id)] if joined else []
+        if (peer_id, connection_id) in self._incoming:
+            others = tuple(p for p in self.peers() if p != peer_id)
+            actions.append(MeshAction("send-peers", peer_id, connection_id, others))
+        return actions + self._drain()
+
+    def listed(self, peer_id: str, peer_ids: tuple[str, ...]) -> list[MeshAction]:
+        """A `connections` message from peer_id."""
+        if not self._open(peer_id):
+            return []
+        self._heard.add(peer_id)
+        return self._dial(peer_ids)
+
+    def closed(self, peer_id: str, connection_id: str, reason: str = "") -> list[MeshAction]:
+        connections = self._connections.get(peer_id, {})
+        if connection_id not in connections:
+            return []
+        was_open = connections.pop(connection_id) is not None
+        self._incoming.discard((peer_id, connection_id))
+        actions = []
+        if was_open and not self._open(peer_id):
+            actions.append(MeshAction("leave", peer_id, connection_id, reason=reason))
+        if not connections:
+            del self._connections[peer_id]
+            self._heard.discard(peer_id)
+            if not was_open:
+                actions.append(MeshAction("unreachable", peer_id, connection_id, reason=reason))
+        return actions + self._drain()
+
+    def expired(self, peer_id: str) -> list[MeshAction]:
+        """The server could not deliver to peer_id (EXPIRE): connections still being set up with it are dropped."""
+        self._queued.pop(peer_id, None)
+        connections = self._connections.get(peer_id, {})
+        pending = [c for c, order in connections.items() if order is None]
+        if not pending:
+            return []
+        for connection_id in pending:
+            del connections[connection_id]
+            self._incoming.discard((peer_id, connection_id))
+        if not connections:
+            del self._connections[peer_id]
+            self._heard.discard(peer_id)
+        return [MeshAction("drop", peer_id, c) for c in pending] + \
+            [MeshAction("unreachable", peer_id, reason="not online")] + self._drain()
+
+    # -- what is -----------------------------------------------------------------------------------
+    def peers(self) -> list[str]:
+        """Peers with an open connection, in the order they joined."""
+        firsts = {p: min(o for o in c.values() if o is not None) for p, c in self._connections.items()
+                  if self._open(p)}
+        return sorted(firsts, key=firsts.get)
+
+    def sending_connection(self, peer_id: str) -> str | None:
+        """The oldest open connection to peer_id."""
+        open_ = {c: o for c, o in self._connections.get(peer_id, {}).items() if o is not None}
+        return min(open_, key=open_.get) if open_ else None
+
+    def is_settled(self) -> bool:
+        """Nothing is being set up or waits to be, and we have the list of every peer: the mesh reached so far
+        is merged."""
+        return not self._queued and not self._pending() and all(p in self._heard for p in self.peers())
+
+    # -- inside -------------------------------------------------------------------------------------
+    def _open(self, peer_id: str) -> bool:
+        return any(order is not None for order in self._connections.get(peer_id, {}).values())
+
+    def _pending(self) -> int:
+        return sum(order is None for c in self._connections.values() for order in c.values())
+
+    def _peer_count(self) -> int:
+        return len(self._connections) + len(self._queued)
+
+    def _dial(self, peer_ids) -> list[MeshAction]:
+        actions = []
+        for peer_id in peer_ids:
+            if peer_id == self.me or peer_id in self._connections or peer_id in self._queued:
+                continue
+            if self._peer_count() >= self.max_peers:
+                break
+            if self._pending() >= self.max_pending:
+                self._queued[peer_id] = None
+                continue
+            connection_id = self.new_connection_id()
+            self._connections[peer_id] = {connection_id: None}
+            actions.append(MeshAction("dial", peer_id, connection_id, tuple(self.peers())))
+        return actions
+
+    def _drain(self) -> list[MeshAction]:
+        queued = list(self._queued)[: max(0, self.max_pending - self._pending())]
+        for peer_id in queued:
+            del self._queued[peer_id]
+        return self._dial(queued)
+
+
+class PeerJSMesh(Emitter):
+    """Us in a peerjs-multichat mesh: our id on a PeerServer, a PeerJSConnection per DataConnection, MeshPlan's
+    decisions carried out. Emits "join" (name), "leave" (name, reason), "chat" (PeerJSChat), "unreachable"
+    (name), "lost" (reason: the server went away; open connections go on).
+
+        mesh = PeerJSMesh("alice", server="ws://127.0.0.1:9000/", ice=ice_configuration([]))
+        await mesh.start()               # NameTaken, PeerServerRefused, PeerServerUnreachable
+        await mesh.connect("bob")        # PeerUnavailable: "bob is not online"
+        mesh.send_chat("hi")
+    """
+
+    def __init__(self, name: str, *, server: PeerJSServer | str | None = None, ice: RTCConfiguration,
+                 connect_timeout: float = 10.0, heartbeat_s: float = PEERJS_HEARTBEAT_S) -> None:
+        super().__init__()
+        self.name = name
+        self.peer_id = peerjs_id(name)
+        self.ice = ice
+        self.signaling = PeerJSSignaling(self.peer_id, server, connect_timeout, heartbeat_s)
+        self.plan = MeshPlan(self.peer_id, lambda: f"dc_{secrets.token_hex(6)}")
+        self.connections: dict[tuple[str, str], PeerJSConnection] = {}
+        self.dropped = 0                 # chat lines refused: malformed, in another's name, over the rate
+        self._chat_rates = RateLimit(*CHAT_RATE)
+        self._waiting: dict[str, list[asyncio.Future]] = {}   # connect() calls, by peer id
+        self._progress = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+
+    def __repr__(self) -> str:
+        return f"PeerJSMesh({self.name!r}, {len(self.plan.peers())} peers)"
+
+    async def start(self) -> PeerJSMesh:
+        self.signaling.on("signal", self._on_signal)
+        self.signaling.on("lost", lambda reason: self.emit("lost", reason))
+        await self.signaling.connect()
+        return self
+
+    async def connect(self, name: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+        """Until a connection to this user is open (the merge with its mesh goes on: see wait_settled).
+        Raises PeerUnavailable if nobody by that name is on the server or it does not connect in time."""
+        peer_id = peerjs_id(name)
+        if peer_id == self.peer_id:
+            raise UsageError("that is your own name")
+        if peer_id in self.plan.peers():
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(peer_id, []).append(waiter)
+        try:
+            self._carry_out(self.plan.want(peer_id))
+            await asyncio.wait_for(waiter, timeout)
+        except asyncio.TimeoutError:
+            raise PeerUnavailable(f"{name} did not connect within {timeout:g} s") from None
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiting.get(peer_id, []).remove(waiter)
+
+    async def wait_settled(self, timeout: float) -> bool:
+        """Until the mesh reached so far has merged (MeshPlan.is_settled); False after timeout."""
+        deadline = time.monotonic() + timeout
+        while not self.plan.is_settled():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._progress.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), remaining)
+        return True
+
+    def peers(self) -> list[str]:
+        """Names of the users we have an open connection to, in the order they joined."""
+        return [peerjs_name(p) for p in self.plan.peers()]
+
+    def send_chat(self, text: str) -> tuple[PeerJSChat, list[str]]:
+        """Say text to everyone in the mesh as the page does; returns the chat and the names it went to."""
+        if not 0 < len(text) <= MAX_TEXT_CHARS:
+            raise UsageError(f"a chat line has 1 to {MAX_TEXT_CHARS} characters")
+        chat = PeerJSChat(self.name, text, now_ms())
+        sent = [peerjs_name(p) for p in self.plan.peers() if self._send(p, chat.frame())]
+        return chat, sent
+
+    async def close(self) -> None:
+        """Leave: peers are told (LEAVE through the server, and each connection closes), the server let go."""
+        for peer_id in self.plan.peers():
+            await self.signaling.send("LEAVE", peer_id)
+        connections = list(self.connections.values())
+        for connection in connections:
+            connection.close("we left")
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(*(c.pc.close() for c in connections), return_exceptions=True), 2)
+        await self.signaling.close()
+
+    # -- carrying out the plan ----------------------------------------------------------------
+    def _carry_out(self, actions: list[MeshAction]) -> None:
+        for action in actions:
+            peer_id, name = action.peer_id, peerjs_name(action.peer_id)
+            if action.kind == "dial":
+                self._task(self._dial(self._connection(peer_id, action.connection_id), action.peer_ids))
+            elif action.kind == "send-peers":
+                connection = self.connections.get((peer_id, action.connection_id))
+                if connection is not None:
+                    connection.send({"type": "connections", "peerIds": list(action.peer_ids)})
+            elif action.kind == "drop":
+                connection = self.connections.get((peer_id, action.connection_id))
+                if connection is not None:
+                    connection.close("not on the server")
+            elif action.kind == "join":
+                self._settle(peer_id, None)
+                self.emit("join", name)
+            elif action.kind == "leave":
+                self.emit("leave", name, action.reason)
+            elif action.kind == "unreachable":
+                self._settle(peer_id, PeerUnavailable(f"{name} is not online" if action.reason == "not online"
+                                                      else f"could not connect to {name} ({action.reason})"))
+                self.emit("unreachable", name, action.reason)
+        self._progress.set()
+
+    def _settle(self, peer_id: str, error: Exception | None) -> None:
+        for waiter in self._waiting.pop(peer_id, []):
+            if not waiter.done():
+                waiter.set_result(None) if error is None else waiter.set_exception(error)
+
+    def _task(self, coro) -> None:
+        task = _spawn(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _connection(self, peer_id: str, connection_id: str) -> PeerJSConnection:
+        connection = PeerJSConnection(peer_id, connection_id, self.ice)
+        self.connections[(peer_id, connection_id)] = connection
+        connection.on("open", lambda c: self._carry_out(self.plan.opened(c.peer_id, c.connection_id)))
+        connection.on("message", self._on_message)
+        connection.on("closed", self._on_closed)
+        return connection
+
+    async def _dial(self, connection: PeerJSConnection, peer_ids: tuple[str, ...]) -> None:
+        try:
+            sdp = await connection.offer()
+        except Exception:
+            log.exception("%r: cannot make an offer", connection)
+            connection.close("no offer")
+            return
+        payload = {"sdp": {"type": "offer", "sdp": slim_sdp(sdp)}, "type": "data",
+                   "connectionId": connection.connection_id, "label": connection.connection_id, "browser": CLIENT_TAG,
+                   "reliable": False, "serialization": "json",
+                   "metadata": {"peerIds": list(peer_ids)}}  # the page fails on an OFFER without it
+        if not await self.signaling.send("OFFER", connection.peer_id, payload):
+            connection.close("no PeerJS server")
+
+    async def _answer(self, connection: PeerJSConnection, sdp: str) -> None:
+        try:
+            answer = await connection.answer(sdp)
+        except Exception as exc:  # an SDP aiortc cannot take
+            log.debug("%r: offer refused: %s", connection, exc)
+            connection.close("bad offer")
+            return
+        payload = {"sdp": {"type": "answer", "sdp": slim_sdp(answer)}, "type": "data",
+                   "connectionId": connection.connection_id, "browser": CLIENT_TAG}
+        await self.signaling.send("ANSWER", connection.peer_id, payload)
+
+    def _send(self, peer_id: str, value: dict) -> bool:
+        connection = self.connections.get((peer_id, self.plan.sending_connection(peer_id)))
+        return connection is not None and connection.send(value)
+
+    # -- from the server and the connections --------------------------------------------------------
+    def _on_signal(self, signal: PeerJSSignal) -> None:
+        connection = self.connections.get((signal.src, signal.connection_id))
+        if signal.kind == "OFFER":
+            actions = self.plan.offered(signal.src, signal.connection_id, signal.peer_ids)
+            if any(action.kind == "answer" for action in actions):
+                connection = self._connection(signal.src, signal.connection_id)
+                connection.client = signal.client
+                self._task(self._answer(connection, signal.sdp))
+            self._carry_out([action for action in actions if action.kind != "answer"])
+        elif signal.kind == "ANSWER" and connection is not None:
+            connection.client = signal.client
+            self._task(connection.accept_answer(signal.sdp))
+        elif signal.kind == "CANDIDATE" and connection is not None:
+            self._task(connection.add_candidate(signal.candidate))
+        elif signal.kind == "LEAVE":
+            for (peer_id, _), connection in list(self.connections.items()):
+                if peer_id == signal.src:
+                    connection.close("left")
+        elif signal.kind == "EXPIRE":
+            self._carry_out(self.plan.expired(signal.src))
+
+    def _on_message(self, connection: PeerJSConnection, value: dict) -> None:
+        kind = value.get("type")
+        if kind == "connections":
+            self._carry_out(self.plan.listed(connection.peer_id, peerjs_ids(value.get("peerIds"))))
+        elif kind == "chat":
+            chat = PeerJSChat.read(value, connection.peer_id)
+            if chat is None or not self._chat_rates.allow(connection.peer_id):
+                self.dropped += 1
+                return
+            self.emit("chat", chat)
+
+    def _on_closed(self, connection: PeerJSConnection, reason: str) -> None:
+        self.connections.pop((connection.peer_id, connection.connection_id), None)
+        self._carry_out(self.plan.closed(connection.peer_id, connection.connection_id, reason))
 
 
 # =============================================================================
