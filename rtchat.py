@@ -89,6 +89,7 @@ MAX_KEY_CHARS = 4096
 MAX_PENDING_CANDIDATES = 64            # per sender, §5.3
 MAX_PENDING_SESSIONS = 32              # sessions being set up with unpinned names: each is a PeerConnection
 CONNECT_TIMEOUT_S = 20.0               # a session not open by then is dropped
+NO_PATH_AFTER_S = 10.0                 # ICE checks with no working pair by then never get one (aioice: ~60 s)
 MAX_NONCES = 200_000                   # replay cache under a flood; a live session is also guarded by its own stamp
 CLOCK_SKEW_S = 120                     # envelope timestamp window, §9.2
 RATE_PER_SENDER = (20.0, 60)           # signaling messages: per second, burst
@@ -124,7 +125,8 @@ LEAVE_DRAIN_S = 2.0                    # on leaving, what we sent (acks above al
 INPUT_HISTORY = 500
 STATE_FORMAT = 1
 
-EVENTS = ("message", "dm", "join", "leave", "verified", "key-changed", "delivered", "file", "status", "history")
+EVENTS = ("message", "dm", "join", "leave", "verified", "key-changed", "delivered", "file", "no-route", "status",
+          "history")
 """Event names: what Room emits and plugins subscribe to with @on. "message" and "dm" are news only: a message
 said before we joined, passed on by a peer, is a "history" event (msg.history is True). They are also the --json
 `type` values, except that a history message keeps its own type ("message") and is marked "history": true."""
@@ -1419,20 +1421,49 @@ def _socket_error(exc: BaseException) -> str:
 # =============================================================================
 # Peer: one remote wire name, its RTCPeerConnection and RTChat's 11 data
 # channels, ask/answer by n, ping/pong liveness, call declining. Uses Wire.
-# Emits "open", "frame" (label, value), "closed" (reason); knows no Room.
+# Emits "open", "frame" (label, value), "no-route" (facts), "closed" (reason);
+# knows no Room.
 # =============================================================================
 
-def ice_configuration(urls: list[str]) -> RTCConfiguration:
-    """STUN/TURN URLs; TURN credentials go before the host: turn:USER:PASS@host:3478."""
-    servers = []
-    for url in urls:
-        match = re.match(r"^(turns?):([^:@]+):([^@]+)@(.+)$", url)
-        if match:
-            scheme, user, password, rest = match.groups()
-            servers.append(RTCIceServer(urls=f"{scheme}:{rest}", username=user, credential=password))
-        else:
-            servers.append(RTCIceServer(urls=url))
-    return RTCConfiguration(iceServers=servers)
+_ICE_URL_RE = re.compile(r"(?P<scheme>stun|turns?):(?:(?P<user>[^:@]+):(?P<password>[^@]+)@)?"
+                         r"(?P<host>[^?:@/\[\]]+)(?::(?P<port>\d{1,5}))?(?:\?transport=(?P<transport>udp|tcp))?")
+
+
+@dataclasses.dataclass(frozen=True)
+class IceServer:
+    """One STUN or TURN server as --ice gives it: stun:HOST[:PORT], turn[s]:USER:PASS@HOST[:PORT][?transport=tcp]."""
+    scheme: str
+    host: str
+    port: int
+    transport: str = "udp"
+    user: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> IceServer:
+        match = _ICE_URL_RE.fullmatch(url.strip())
+        if match is None or (match["scheme"] == "stun" and (match["user"] or match["transport"])) \
+                or (match["scheme"] == "turns" and match["transport"] == "udp"):
+            raise UsageError(f"bad ICE server {clean(url, 200)!r}: use stun:HOST:PORT or "
+                             f"turn:USER:PASS@HOST:PORT (add ?transport=tcp for TURN over TCP)")
+        port = int(match["port"] or (5349 if match["scheme"] == "turns" else 3478))
+        if not 0 < port < 65536:
+            raise UsageError(f"bad port in ICE server {clean(url, 200)!r}")
+        transport = match["transport"] or ("tcp" if match["scheme"] == "turns" else "udp")
+        return cls(match["scheme"], match["host"], port, transport, match["user"], match["password"])
+
+    @property
+    def url(self) -> str:
+        """The URL without credentials (what aiortc takes, and what may be shown)."""
+        default = "tcp" if self.scheme == "turns" else "udp"
+        query = f"?transport={self.transport}" if self.scheme != "stun" and self.transport != default else ""
+        return f"{self.scheme}:{self.host}:{self.port}{query}"
+
+
+def ice_configuration(servers: list[IceServer]) -> RTCConfiguration:
+    """aiortc's configuration for these servers (aioice uses the first STUN and the first TURN server only)."""
+    return RTCConfiguration(iceServers=[RTCIceServer(urls=s.url, username=s.user, credential=s.password)
+                                        for s in servers])
 
 
 def restrict_ice_hosts(addresses: list[str]) -> None:
@@ -1465,6 +1496,9 @@ def enlarge_socket_buffers(pc) -> None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
+
+
+CANDIDATE_TYPES = {"host", "srflx", "prflx", "relay"}   # what a peer's SDP may say, all we repeat of it
 
 
 def negotiated_fingerprint(pc) -> str | None:
@@ -1575,12 +1609,14 @@ class Peer(Emitter):
         self.remote_sdp = sdp
         await self._flush_candidates()
         await pc.setLocalDescription(await pc.createAnswer())
+        self._watch_path()
         return pc.localDescription.sdp
 
     async def accept_answer(self, sdp: str) -> None:
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
         self.remote_sdp = sdp
         await self._flush_candidates()
+        self._watch_path()
 
     @property
     def awaits_answer(self) -> bool:
@@ -1646,6 +1682,59 @@ class Peer(Emitter):
             self.close(f"connection {state}")
         elif state == "connected" and not self.is_offerer:
             self._tasks.append(_spawn(self._answerer_fallback_open(), f"open-{self.name}"))
+
+    # -- network path -------------------------------------------------------------------------
+    def _watch_path(self) -> None:
+        """Both descriptions are set, so signaling reached the peer and ICE checks run: they find a pair soon,
+        or never (aioice itself gives up only after about a minute)."""
+        self.pc.on("iceconnectionstatechange", self._on_ice_state)
+        self._tasks.append(_spawn(self._path_deadline(), f"path-{self.name}"))
+
+    def _on_ice_state(self) -> None:
+        if self.pc is not None and self.pc.iceConnectionState == "failed":
+            self._no_path()
+
+    async def _path_deadline(self) -> None:
+        await asyncio.sleep(NO_PATH_AFTER_S)
+        if self.pc is not None and self.pc.iceConnectionState not in ("completed", "closed"):
+            self._no_path()
+
+    def _no_path(self) -> None:
+        if self.state == "connecting":
+            self.emit("no-route", self, self.ice_facts())
+            self.close("no network path")
+
+    def _ice_transport(self):
+        try:
+            return self.pc.sctp.transport.transport
+        except AttributeError:
+            return None
+
+    def ice_facts(self) -> dict:
+        """What ICE had to work with: candidate types on each side (host, srflx: an address a STUN server saw,
+        relay: a TURN allocation), whether each side is behind NAT, and whether we have STUN and TURN servers."""
+        ice = self._ice_transport()
+        ours = ice.iceGatherer.getLocalCandidates() if ice else []
+        theirs = ice.getRemoteCandidates() if ice else []
+        return {"ours": sorted({c.type for c in ours}), "theirs": sorted({c.type for c in theirs} & CANDIDATE_TYPES),
+                "nat": self._behind_nat(ours), "their_nat": self._behind_nat(theirs),
+                **{scheme: any(str(server.urls).startswith(scheme) for server in self._ice.iceServers or ())
+                   for scheme in ("stun", "turn")}}
+
+    @staticmethod
+    def _behind_nat(candidates: list) -> bool | None:
+        """A STUN server saw another address than the host's own; None: no STUN answer to tell."""
+        seen = [c for c in candidates if c.type == "srflx"]
+        return any(c.ip != c.relatedAddress for c in seen) if seen else None
+
+    @property
+    def path(self) -> str | None:
+        """How the session's packets go: "direct" or "relay" (through a TURN server); None if not known."""
+        try:
+            pair = next(iter(self._ice_transport()._connection._nominated.values()))
+        except (AttributeError, StopIteration):  # not connected, or aioice internals moved
+            return None
+        return "relay" if "relay" in (pair.local_candidate.type, pair.remote_candidate.type) else "direct"
 
     async def _open_deadline(self) -> None:
         await asyncio.sleep(CONNECT_TIMEOUT_S)
@@ -3010,6 +3099,208 @@ class PeerJSMesh(Emitter):
 
 
 # =============================================================================
+# Network check: what lies between us and the STUN/TURN servers, in the spirit
+# of `tailscale netcheck`: our public address, whether the NAT mapping depends
+# on the destination, UDP, which servers answer. aioice asks only the first
+# STUN server, so this asks them all, from one socket. Uses IceServer above.
+# =============================================================================
+
+NETCHECK_TIMEOUT_S = 3.0
+NETCHECK_MAX_SERVERS = 8
+
+
+@dataclasses.dataclass
+class ServerAnswer:
+    """One server's answer: a STUN binding (our address as it saw it) or a TURN allocation (a relay)."""
+    server: IceServer
+    ms: float | None = None                  # round trip; None: no answer
+    mapped: tuple[str, int] | None = None    # our public address as this server saw it
+    relay: tuple[str, int] | None = None     # TURN: the address it relays for us
+    error: str | None = None
+
+    @property
+    def answered(self) -> bool:
+        return self.ms is not None and self.error is None
+
+    def to_dict(self) -> dict:
+        return {"server": self.server.url, "ok": self.answered, "ms": self.ms,
+                "mapped": _address(self.mapped), "relay": _address(self.relay), "error": self.error}
+
+
+def _address(pair: tuple[str, int] | None) -> str | None:
+    return f"{pair[0]}:{pair[1]}" if pair else None
+
+
+@dataclasses.dataclass
+class NetReport:
+    """What NetCheck found. mapping: "none" (no NAT), "endpoint-independent" (one public address for every
+    destination: most peers reach us directly), "endpoint-dependent" (a symmetric NAT: a peer behind another
+    one needs TURN), "unknown" (one STUN answer), or None (no STUN answer)."""
+    local: tuple[str, int] | None
+    answers: list[ServerAnswer]
+
+    @property
+    def stun(self) -> list[ServerAnswer]:
+        return [a for a in self.answers if a.server.scheme == "stun"]
+
+    @property
+    def udp(self) -> bool | None:
+        """Whether UDP gets out (a STUN server answered); None with no STUN server to ask."""
+        return any(a.answered for a in self.stun) if self.stun else None
+
+    @property
+    def public(self) -> list[str]:
+        return list(dict.fromkeys(_address(a.mapped) for a in self.stun if a.answered))
+
+    @property
+    def mapping(self) -> str | None:
+        seen = [a.mapped for a in self.stun if a.answered]
+        if not seen:
+            return None
+        if seen[0] == self.local:
+            return "none"
+        if len(set(seen)) > 1:
+            return "endpoint-dependent"
+        return "endpoint-independent" if len(seen) > 1 else "unknown"
+
+    def to_dict(self) -> dict:
+        return {"udp": self.udp, "public": self.public, "mapping": self.mapping, "local": _address(self.local),
+                "servers": [a.to_dict() for a in self.answers]}
+
+
+class _BindingSocket(asyncio.DatagramProtocol):
+    """One UDP socket for every binding request, so that the addresses the servers see are comparable."""
+
+    def __init__(self) -> None:
+        self.transport = None
+        self._waiting: dict[bytes, tuple[tuple[str, int], asyncio.Future]] = {}
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        from aioice import stun
+        try:
+            message = stun.parse_message(data)
+        except Exception:  # untrusted bytes: not STUN, or malformed
+            return
+        server, future = self._waiting.get(message.transaction_id, (None, None))
+        if future is not None and tuple(addr[:2]) == server and not future.done():
+            future.set_result(message)
+
+    async def binding(self, server: tuple[str, int], timeout: float) -> tuple[str, int]:
+        """Our address as server sees it; retransmits as RFC 8489 does, raises TimeoutError without answer."""
+        from aioice import stun
+        request = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
+        future = asyncio.get_running_loop().create_future()
+        self._waiting[request.transaction_id] = (server, future)
+        deadline, wait = time.monotonic() + timeout, 0.25
+        try:
+            while not future.done() and time.monotonic() < deadline:
+                self.transport.sendto(bytes(request), server)
+                await asyncio.wait({future}, timeout=min(wait, deadline - time.monotonic()))
+                wait *= 2
+        finally:
+            self._waiting.pop(request.transaction_id, None)
+        if not future.done():
+            raise asyncio.TimeoutError
+        mapped = future.result().attributes.get("XOR-MAPPED-ADDRESS")
+        if not (isinstance(mapped, tuple) and len(mapped) == 2 and isinstance(mapped[1], int)):
+            raise ValueError("no mapped address in the answer")
+        return clean(mapped[0], 64), mapped[1]
+
+
+class _TurnEnd(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+class NetCheck:
+    """Ask every configured STUN server for our address (from one socket) and every TURN server for a relay."""
+
+    def __init__(self, servers: list[IceServer], hosts: list[str] | None = None,
+                 timeout: float = NETCHECK_TIMEOUT_S) -> None:
+        self.servers = servers[:NETCHECK_MAX_SERVERS]
+        self.hosts = hosts or []
+        self.timeout = timeout
+
+    async def run(self) -> NetReport:
+        stun_servers = [s for s in self.servers if s.scheme == "stun"]
+        socket_end = local = None
+        if stun_servers:
+            bind_to = next((h for h in self.hosts if ":" not in h), None)
+            transport, socket_end = await asyncio.get_running_loop().create_datagram_endpoint(
+                _BindingSocket, local_addr=(bind_to or "0.0.0.0", 0))
+            local = transport.get_extra_info("sockname")[:2]
+        try:
+            answers = await asyncio.gather(*(
+                self._binding(socket_end, s) if s.scheme == "stun" else self._allocate(s) for s in self.servers))
+        finally:
+            if socket_end is not None:
+                socket_end.transport.close()
+        if local is not None and local[0] == "0.0.0.0":
+            local = (await self._source_address(stun_servers[0]), local[1])
+        return NetReport(local, list(answers))
+
+    async def _resolve(self, server: IceServer) -> tuple[str, int]:
+        import socket
+        infos = await asyncio.get_running_loop().getaddrinfo(server.host, server.port, family=socket.AF_INET,
+                                                             type=socket.SOCK_DGRAM)
+        return infos[0][4][0], server.port
+
+    async def _source_address(self, server: IceServer) -> str | None:
+        """The address this host sends from towards server (a connected UDP socket sends nothing)."""
+        import socket
+        with contextlib.suppress(OSError, asyncio.TimeoutError), \
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect(await asyncio.wait_for(self._resolve(server), self.timeout))
+            return sock.getsockname()[0]
+        return None
+
+    async def _binding(self, end: _BindingSocket, server: IceServer) -> ServerAnswer:
+        answer = ServerAnswer(server)
+        try:
+            address = await asyncio.wait_for(self._resolve(server), self.timeout)
+            started = time.monotonic()
+            answer.mapped = await end.binding(address, self.timeout)
+            answer.ms = (time.monotonic() - started) * 1000
+        except asyncio.TimeoutError:
+            answer.error = "no answer"
+        except (OSError, ValueError) as exc:
+            answer.error = clean(str(exc), 200)
+        return answer
+
+    async def _allocate(self, server: IceServer) -> ServerAnswer:
+        """A TURN allocation with the configured credentials, deleted again at once."""
+        from aioice import stun, turn
+        answer = ServerAnswer(server)
+        try:
+            address = await asyncio.wait_for(self._resolve(server), self.timeout)
+            started = time.monotonic()
+            transport, end = await asyncio.wait_for(turn.create_turn_endpoint(
+                _TurnEnd, address, server.user, server.password, ssl=server.scheme == "turns",
+                transport=server.transport), self.timeout)
+            answer.ms = (time.monotonic() - started) * 1000
+            answer.relay = transport.get_extra_info("sockname")
+            answer.mapped = transport.get_extra_info("related_address")
+            transport.close()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(end.closed, 1.0)
+        except asyncio.TimeoutError:
+            answer.error = "no answer"
+        except stun.TransactionFailed as exc:
+            code = exc.response.attributes.get("ERROR-CODE", (0, ""))[0]
+            answer.error = "credentials refused" if code in (401, 403, 441) else f"refused ({code})"
+        except Exception as exc:  # a TCP refusal, TLS, a malformed answer: one line, not a traceback
+            answer.error = clean(f"{type(exc).__name__}: {exc}", 200)
+        return answer
+
+
+# =============================================================================
 # Room: the mesh in one room. Who is seen, connected and verified; signed
 # signaling; trust (TOFU pins); chat, DM, ask; history. Uses everything above.
 # Emits the EVENTS; a bot or a test uses it with no UI. Client builds Rooms.
@@ -4141,6 +4432,7 @@ class Room(Emitter):
         peer.on("open", self._on_open)
         peer.on("frame", self._on_frame)
         peer.on("file-channel", self._on_file_channel)
+        peer.on("no-route", lambda peer, facts: self.emit("no-route", peer, facts))
         peer.on("closed", self._on_closed)
         return peer
 
@@ -4698,10 +4990,13 @@ class Client(Emitter):
         self.signaling = Signaling(broker or os.environ.get("RTCHAT_BROKER") or DEFAULT_BROKER)
         self.trust = Trust(self.store, trust)
         ice = ice_option(os.environ.get("RTCHAT_ICE")) if ice is None else ice
-        self.ice = ice_configuration(DEFAULT_ICE if ice is None else ice)
+        self.ice_servers = [IceServer.parse(url) for url in (DEFAULT_ICE if ice is None else ice)]
+        self.ice = ice_configuration(self.ice_servers)
         ice_hosts = list_option(os.environ.get("RTCHAT_ICE_HOST")) if ice_hosts is None else ice_hosts
+        self.ice_hosts = ice_hosts
         if ice_hosts:
             restrict_ice_hosts(ice_hosts)
+        self.network: NetReport | None = None  # the last netcheck()
         self.passphrase = passphrase
         self.questions: dict[str, Callable[[Question], Any]] = {}
         self.rooms: dict[str, Room] = {}
@@ -4741,6 +5036,11 @@ class Client(Emitter):
         self.rooms[name] = joined
         await joined.join()
         return joined
+
+    async def netcheck(self) -> NetReport:
+        """Probe the network towards the configured STUN/TURN servers (see NetCheck); kept as self.network."""
+        self.network = await NetCheck(self.ice_servers, self.ice_hosts).run()
+        return self.network
 
     async def leave(self, room: Room) -> None:
         self.rooms.pop(room.name, None)
@@ -4955,8 +5255,51 @@ async def _peers(ctx: Context, args: str) -> None:
         kind = "rtchat.py" if peer.is_rtchat_py else "browser"
         trust = ("verified, channel-bound" if peer.channel_bound else "verified (legacy, not channel-bound)") \
             if peer.is_verified else peer.state
+        if peer.name in ctx._app.no_route and not peer.is_open:  # a room tries again now and then
+            trust = "no network path (trying again; see /netcheck)"
         rtt = f", {peer.rtt_ms:.1f} ms" if peer.rtt_ms is not None else ""
-        ctx.echo(f"{room.label(peer):<24} {trust}{rtt}  [{kind}]")
+        path = {"relay": ", through a TURN relay", "direct": ", direct"}.get(peer.path if peer.is_open else None, "")
+        ctx.echo(f"{room.label(peer):<24} {trust}{rtt}{path}  [{kind}]")
+
+
+MAPPING_WORDS = {
+    "none": "no (no NAT: your address is public)",
+    "endpoint-independent": "no (one public address for every destination: peers reach you directly, unless "
+                            "they sit behind a symmetric NAT)",
+    "endpoint-dependent": "yes (a symmetric NAT: peers behind most other NATs reach you only through TURN)",
+    "unknown": "unknown (it takes two STUN servers to tell)",
+    None: "unknown (no STUN answer)",
+}
+
+
+def netcheck_lines(report: NetReport) -> list[str]:
+    """A NetReport in words, one fact a line."""
+    if not report.answers:
+        return ["no STUN or TURN server to ask (--ice)"]
+    udp = {True: "yes", False: "no STUN server answered: UDP is blocked, or the servers are down",
+           None: "not checked (no STUN server)"}[report.udp]
+    lines = [f"UDP: {udp}"]
+    if report.public:
+        lines.append(f"public address: {', '.join(report.public)}")
+    lines.append(f"mapping varies by destination: {MAPPING_WORDS[report.mapping]}")
+    lines.append("servers:")
+    for answer in report.answers:
+        if answer.relay:
+            said = f"relay {_address(answer.relay)}, {answer.ms:.1f} ms"
+        elif answer.answered:
+            said = f"saw you as {_address(answer.mapped)}, {answer.ms:.1f} ms"
+        else:
+            said = answer.error or "no answer"
+        lines.append(f"  {answer.server.url:<36} {said}")
+    return lines
+
+
+@command("netcheck", help="what your network lets through: NAT, UDP, STUN/TURN servers", usage="/netcheck")
+async def _netcheck(ctx: Context, args: str) -> None:
+    """Asks every --ice server: STUN servers for the address they see (from one socket: if they see different
+    ones, the NAT maps by destination and peers behind another NAT need TURN), TURN servers for a relay."""
+    for line in netcheck_lines(await ctx.client.netcheck()):
+        ctx.echo(line)
 
 
 @command("whois", help="a peer's key fingerprint and your safety number", usage="/whois NAME")
@@ -5130,6 +5473,39 @@ def load_plugins(registry: Registry, folders: list[Path]) -> tuple[list[str], li
 # =============================================================================
 
 _COLORS = (31, 32, 33, 34, 35, 36, 91, 92, 93, 94, 95, 96)
+TURN_HINT = "--ice turn:USER:PASS@HOST:3478"
+
+
+def no_route_text(them: str, facts: dict, report: NetReport | None) -> str:
+    """Why ICE found no path to a peer (from a Peer's ice_facts and our NetReport), and what would make one."""
+    ours, theirs = facts.get("ours", []), facts.get("theirs", [])
+    udp = report.udp if report and report.udp is not None else facts.get("nat") is not None
+    if not facts.get("stun"):
+        cause = "you have no STUN server"
+    elif not udp:
+        cause = "no STUN server answered you: UDP may be blocked on your network"
+    elif report and report.mapping == "endpoint-dependent":
+        cause = "you are behind a symmetric NAT"
+    else:
+        cause = "you are behind a NAT" if facts.get("nat") else "your address is public"
+    their_udp = "srflx" in theirs or "relay" in theirs
+    if not udp:
+        pass  # the cause is on our side; what they offered says little
+    elif not their_udp:
+        cause += f"; {them} gave no public address: UDP may be blocked there"
+    elif facts.get("their_nat"):
+        cause += f"; {them} is behind a NAT{' too' if facts.get('nat') else ''}"
+    if "relay" in ours:
+        fix = f"{them} cannot reach your TURN relay either: {them} needs a TURN server (over TCP if UDP is blocked)"
+    elif facts.get("turn"):
+        fix = "your TURN server gave no relay: see /netcheck"
+    elif facts.get("stun") and not udp:
+        fix = f"add a TURN server reachable over TCP: {TURN_HINT}?transport=tcp"
+    elif not their_udp:
+        fix = f"{them} needs a TURN server (over TCP if UDP is blocked there)"
+    else:
+        fix = f"add a TURN server: {TURN_HINT}"
+    return f"no network path ({cause}); {fix}"
 
 
 def use_color(stream, flag: str | None = None) -> bool:
@@ -5178,7 +5554,7 @@ def event_record(room: Room, event: str, *args: Any) -> dict:
         record.update(_peer_fields(room, args[0]))
         if event == "join":
             how = "channel-bound" if args[0].channel_bound else "legacy key check, not channel-bound"
-            record["text"] = f"joined (verified, {how})"
+            record.update(text=f"joined (verified, {how})", path=args[0].path)
     elif event == "leave":
         peer, reason = args
         record.update(_peer_fields(room, peer), text=f"left ({clean(reason, 200)})", reason=clean(reason, 200))
@@ -5194,6 +5570,9 @@ def event_record(room: Room, event: str, *args: Any) -> dict:
         record.update({"from": room.label(got.sender), "fingerprint": got.fingerprint, "name": got.name,
                        "path": str(got.path), "size": got.size, "sha256": got.sha256,
                        "text": f"sent {got.name} ({human_size(got.size)}), saved as {got.path}"})
+    elif event == "no-route":  # App adds text (the facts in words) and mapping (from a netcheck)
+        peer, facts = args
+        record.update(_peer_fields(room, peer), **facts)
     elif event == "status":
         record["text"] = clean(args[0], 500).removeprefix("-!- ")
     return record
@@ -5253,8 +5632,9 @@ class Printer:
         self._write(self.out, f"{stamp} {who} {lines[0]}" + "".join(f"\n{indent}  {line}" for line in lines[1:]))
 
     def event(self, kind: str, name: str, text: str = "") -> None:
-        """join/leave/key-changed/file: a marked line (json style prints event_record instead)."""
+        """join/leave/key-changed/file/no-route: a marked line (json style prints event_record instead)."""
         marker = {"join": "-->", "leave": "<--"}.get(kind, "-!-")
+        name += ":" if kind == "no-route" else ""
         self.status(f"{marker} {name} {text}".rstrip(), 32 if kind == "join" else 33 if kind == "leave" else 31)
 
     def status(self, text: str, code: int | str = 2) -> None:
@@ -5281,6 +5661,7 @@ class App:
         self.done = asyncio.Event()
         self._contexts: dict[str, Context] = {}
         self._listeners: list[tuple[str, Callable]] = []
+        self.no_route: set[str] = set()   # peers with no network path: told once, until they join
         for topic, (func, origin) in registry.questions.items():
             client.questions[topic] = lambda q, func=func, origin=origin: func(self.context(origin), q)
 
@@ -5305,6 +5686,7 @@ class App:
             return
         room = await self.client.join(name, self.secret)
         self.room = room
+        self.no_route.clear()
         self._listeners = [(event, room.on(event, self._relay(event))) for event in EVENTS]
         for msg in room.history(self.history_lines):
             self.show(msg, from_history=True)
@@ -5321,10 +5703,17 @@ class App:
 
     def _display(self, event: str, *args: Any) -> None:
         room = self.room
+        if event == "join":
+            self.no_route.discard(args[0].name)
         if event == "history":  # a message said before we came, passed on by a peer: shown as history, if wanted
             if self.history_left > 0:
                 self.history_left -= 1
                 self.show(args[0], from_history=True)
+        elif event == "no-route":
+            peer, facts = args
+            if peer.name not in self.no_route:  # a room tries again now and then: one line is enough
+                self.no_route.add(peer.name)
+                _spawn(self._tell_no_route(room, peer, facts), f"no-route-{peer.name}")
         elif self.printer.style == "json":
             self.printer.json_line(event_record(room, event, *args))
         elif event in ("message", "dm"):
@@ -5337,6 +5726,21 @@ class App:
             self.printer.status(f"-!- delivered to {room.label(peer)}", 2)
         elif event == "status":
             self.printer.status(clean(args[0], 500), 31)
+
+    async def _tell_no_route(self, room: Room, peer: Peer, facts: dict) -> None:
+        """Say why a peer cannot be reached, knowing our NAT better after a netcheck (once per run)."""
+        report = self.client.network
+        if report is None:
+            try:
+                report = await self.client.netcheck()
+            except Exception:
+                log.debug("netcheck failed", exc_info=True)
+        record = event_record(room, "no-route", peer, facts)
+        record.update(text=no_route_text(record["from"], facts, report), mapping=report.mapping if report else None)
+        if self.printer.style == "json":
+            self.printer.json_line(record)
+        else:
+            self.printer.event("no-route", record["from"], record["text"])
 
     async def run_line(self, line: str) -> None:
         """handle_line with errors turned into one line for the user."""
@@ -5565,7 +5969,7 @@ environment: RTCHAT_BROKER, RTCHAT_ROOM, RTCHAT_STATE, RTCHAT_ICE, RTCHAT_ICE_HO
   RTCHAT_PASSPHRASE, RTCHAT_FILES, RTCHAT_PLUGINS (extra plugin folders), RTCHAT_DEBUG=1, NO_COLOR.
 
 exit codes:
-  0 success; 1 other error; {EX_USAGE} bad usage; {EX_UNAVAILABLE} broker unreachable;
+  0 success; 1 other error; {EX_USAGE} bad usage; {EX_UNAVAILABLE} broker (--netcheck: every server) unreachable;
   {EX_TEMPFAIL} no peer in time, or delivery not confirmed; {EX_NOPERM} key refused;
   {EX_CONFIG} state file problem; 130 interrupted.
 """
@@ -5596,6 +6000,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(default); known = only pinned keys; any = everything")
     parser.add_argument("--files", default=env("RTCHAT_FILES", "off"), metavar="DIR|off",
                         help="take files rtchat.py peers send you, into DIR (default off: refused)")
+    parser.add_argument("--netcheck", action="store_true",
+                        help="show what the network lets through (public address, NAT mapping, UDP, which --ice "
+                             "servers answer) and exit")
     parser.add_argument("--listen", action="store_true",
                         help="print messages said from now on to stdout; send nothing")
     parser.add_argument("--json", action="store_true", help="with --listen: one JSON object per line, every event")
@@ -5638,7 +6045,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+async def run_netcheck(args: argparse.Namespace) -> int:
+    """--netcheck: the report on stdout (JSON with --json); EX_UNAVAILABLE if no server answered."""
+    report = await NetCheck([IceServer.parse(url) for url in (DEFAULT_ICE if args.ice is None else args.ice)],
+                            args.ice_host).run()
+    lines = [json.dumps(report.to_dict())] if args.json else netcheck_lines(report)
+    print("\n".join(lines), flush=True)
+    return EX_UNAVAILABLE if report.answers and not any(a.answered for a in report.answers) else 0
+
+
 async def run(args: argparse.Namespace) -> int:
+    if args.netcheck:
+        return await run_netcheck(args)
     state_path = Path(args.state).expanduser() if args.state else default_state_path()
     if args.room:
         check_room_name(args.room)

@@ -4,10 +4,12 @@
     python bench/run.py                    all figures, full repetitions (a few minutes)
     python bench/run.py --quick            few repetitions, N <= 5, small bulk (CI: proves it still works)
     python bench/run.py --only 1,3         selected figures (1 setup, 2 signaling bytes, 3 round trip,
-                                           4 bulk, 5 pipe/startup, 6 room scale, 7 gossip simulation)
+                                           4 bulk, 5 pipe/startup, 6 room scale, 7 gossip simulation,
+                                           8 chat-ready through NATs and TURN: needs root, coturn)
     python bench/run.py --out FILE.json    where the results go (default bench/results/<timestamp>.json)
 
-Loopback only: as root the benchmark moves itself into a private network namespace in which only `lo` is up,
+Loopback only: as root the benchmark moves itself into a private network namespace in which only `lo` is up
+(figure 8 builds the NAT lab of tests/netlab.py: namespaces of its own, addresses only inside them),
 starts its own mosquitto on a free 127.0.0.1 port, and points ICE at 127.0.0.1 with no STUN. Peers are
 separate processes (this file run with --worker rt|raw) that talk to the orchestrator in JSON lines.
 Timestamps are time.monotonic(), which is CLOCK_MONOTONIC and so comparable across processes on Linux.
@@ -1066,6 +1068,75 @@ class Bench:
         floors["raw_connect_s"] = raw_ms / 1000 if raw_ms else None
         return floors
 
+    # -- figure 8: chat-ready through NATs and TURN (the NAT lab of tests/netlab.py) ---------------
+    NETWORK_CELLS = (  # (label, sender's kind, listener's kind, TURN); the first is the baseline
+        ("no NAT, direct", "open", "open", False),
+        ("no NAT, TURN configured", "open", "open", True),
+        ("port-restricted both, hole punched", "restricted", "restricted", False),
+        ("full cone to symmetric", "fullcone", "symmetric", False),
+        ("symmetric both, TURN relay", "symmetric", "symmetric", True),
+        ("UDP blocked to no NAT, TURN over TCP", "udpblocked", "open", True),
+    )
+
+    async def fig_networks(self) -> None:
+        sys.path.insert(0, str(ROOT / "tests"))
+        import netlab
+        reason = netlab.unavailable()
+        if reason:
+            self.notes.append(f"figure 8 skipped: {reason}")
+            return
+        reps = 1 if self.quick else 5
+        kinds = {kind for _, a, b, _ in self.NETWORK_CELLS for kind in (a, b)}
+        ready: dict[str, list[float]] = {label: [] for label, *_ in self.NETWORK_CELLS}
+        with netlab.Lab(self.workdir, [(f"{kind}{n}", kind) for kind in sorted(kinds) for n in (1, 2)]) as lab:
+            for rep in range(reps + 1):  # the first round is a warm-up (keys, pins, first imports)
+                for label, a, b, turn in self.NETWORK_CELLS:
+                    ms = await self.lab_cell(lab, lab.clients[f"{a}1"], lab.clients[f"{b}2"], turn)
+                    if rep:
+                        ready[label].append(ms)
+        base = summary(ready[self.NETWORK_CELLS[0][0]])
+        self.results["8_networks"] = {"ready_ms": {k: summary(v) for k, v in ready.items()}, "method": (
+            "NAT lab of tests/netlab.py; a listener in the room, then a pipe sender behind the other router; "
+            "ready = from the sender's 'waiting for' (in the room) to 'sending to' (listener verified). "
+            "Sequential cells; baseline: both without NAT, STUN only")}
+        for label, *_ in self.NETWORK_CELLS:
+            self.row("8 networks", f"chat-ready: {label}", summary(ready[label]), base, "ms", fmt="{:.0f}")
+
+    async def lab_cell(self, lab, sender: object, listener: object, turn: bool) -> float | None:
+        """Milliseconds from a pipe sender in its room to its listener verified, one behind each router."""
+        room = f"net-{rand_tag()}"
+
+        def command(client, *extra: str) -> list[str]:
+            ice = lab.stun_urls() + ([lab.turn_url(tcp=client.kind == "udpblocked")] if turn else [])
+            return ["ip", "netns", "exec", client.ns, sys.executable, str(RTCHAT), f"{client.kind}-{client.name}",
+                    "--room", room, "--broker", lab.broker_url, "--state", self.state(client.name), "--ice",
+                    ",".join(ice), "--ice-host", client.address, *extra]
+        procs = []
+        try:
+            procs.append(await asyncio.create_subprocess_exec(
+                *command(listener, "--listen"), stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE))
+            while (line := await asyncio.wait_for(procs[0].stderr.readline(), 30)) and b"listening" not in line:
+                pass
+            procs.append(await asyncio.create_subprocess_exec(
+                *command(sender, "--timeout", "30"), stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE))
+            procs[1].stdin.write(b"hi\n")
+            procs[1].stdin.close()
+            joined = None
+            while line := await asyncio.wait_for(procs[1].stderr.readline(), 60):
+                if b"waiting for" in line:
+                    joined = mono()
+                elif b"sending to" in line and joined is not None:
+                    return (mono() - joined) * 1000
+            self.notes.append(f"figure 8: {sender.kind} to {listener.kind} (turn={turn}) did not connect")
+            return None
+        finally:
+            for proc in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+
     # -- figure 6: room scale --------------------------------------------------------------------
     async def fig_scale(self) -> None:
         sizes = [int(x) for x in self.args.sizes.split(",")] if self.args.sizes else [2, 5] if self.quick \
@@ -1286,7 +1357,7 @@ def render(rows: list[dict]) -> str:
 
 
 async def orchestrate(args: argparse.Namespace, network: str) -> int:
-    figures = {int(x) for x in args.only.split(",")} if args.only else {1, 2, 3, 4, 5, 6, 7}
+    figures = {int(x) for x in args.only.split(",")} if args.only else {1, 2, 3, 4, 5, 6, 7, 8}
     global RTCHAT
     workdir = Path(tempfile.mkdtemp(prefix="rtchat-bench-"))
     # One consistent rtchat.py for the whole run, even if the file is edited meanwhile.
@@ -1313,6 +1384,8 @@ async def orchestrate(args: argparse.Namespace, network: str) -> int:
             steps.append(("scale", bench.fig_scale))
         if 7 in figures:
             steps.append(("gossip sim", bench.fig_gossip_sim))
+        if 8 in figures:
+            steps.append(("networks", bench.fig_networks))
         for label, step in steps:
             t = mono()
             print(f"bench: {label} ...", file=sys.stderr, flush=True)
@@ -1357,7 +1430,7 @@ async def orchestrate(args: argparse.Namespace, network: str) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few repetitions, N up to 5, small bulk (< ~60 s)")
-    parser.add_argument("--only", metavar="LIST", help="comma-separated figures: 1..7")
+    parser.add_argument("--only", metavar="LIST", help="comma-separated figures: 1..8")
     parser.add_argument("--out", metavar="FILE", help="results JSON (default bench/results/<timestamp>.json)")
     parser.add_argument("--sizes", metavar="LIST", help="figure 6 room sizes (default 2,5,10,20; quick 2,5)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (worker logs, state files)")

@@ -49,6 +49,11 @@ def unavailable() -> str | None:
                           ("mosquitto", "mosquitto")):
         if not (shutil.which(tool) or Path(f"/usr/sbin/{tool}").exists()):
             return f"the NAT lab needs {tool} (apt-get install {package}; .ci/run installs it)"
+    probe = f"{PREFIX}{os.getpid()}-probe"
+    made = _sh("ip", "netns", "add", probe, check=False)
+    _sh("ip", "netns", "del", probe, check=False)
+    if made.returncode != 0:
+        return f"the NAT lab cannot make network namespaces here: {made.stderr.strip()}"
     return None
 
 

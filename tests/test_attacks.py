@@ -1336,3 +1336,35 @@ def test_nonce_cache_under_flood_is_bounded_and_cheap(broker, tmp_path):
         await alice.close()
     run(scenario(), 60)
     assert_blocked("12")
+
+
+# =============================================================================================================
+# 13. A peer's candidates in the no-route diagnosis: its SDP says what types they are
+# =============================================================================================================
+
+def test_hostile_candidate_types_stay_out_of_the_no_route_line(monkeypatch):
+    """An offer whose candidates all carry terminal escapes as their type: nothing to check, so the session ends
+    as no-route, and none of the peer's types reach the facts or the line."""
+    monkeypatch.setattr(rtchat, "NO_PATH_AFTER_S", 1.0)
+
+    async def scenario():
+        rtchat.restrict_ice_hosts(["127.0.0.1"])
+        ice = rtchat.ice_configuration([])
+        mallory, ours = rtchat.Peer("mallory", ice), rtchat.Peer("mallory", ice)
+        offer = await mallory.create_offer()
+        line = re.search(r"a=candidate:[^\r\n]*", offer).group(0)
+        head = line.split(" 127.0.0.1 ")[0]
+        junk = ["".join(nasty.split())[:24] for nasty in NASTY]
+        sdp = offer.replace(line, "\r\n".join(f"{head} 127.0.0.1 {9 + i} typ {t}" for i, t in enumerate(junk)))
+        events = []
+        ours.on("no-route", lambda peer, facts: events.append(facts))
+        await ours.accept_offer(sdp)
+        await eventually(lambda: events, 10, "the no-route event")
+        facts = events[0]
+        text = rtchat.no_route_text("mallory", facts, None)
+        record("13 hostile candidate types in the no-route facts and line",
+               facts["theirs"] == [] and not _leaks(text + json.dumps(facts), False)
+               and ours.state == "closed", f"facts={facts!r}, text={text!r}")
+        mallory.close()
+    run(scenario(), 30)
+    assert_blocked("13")

@@ -40,7 +40,7 @@ def test_every_builtin_command_has_help_and_usage():
     registry = rtchat.Registry()
     registry.collect(vars(rtchat), "core")
     for name in ("help", "join", "part", "peers", "whois", "msg", "me", "ask", "trust", "untrust", "whoami",
-                 "history", "quit", "say", "rooms", "clear"):
+                 "history", "quit", "say", "rooms", "clear", "netcheck"):
         spec = registry.commands[name]
         assert spec.help and spec.usage.startswith("/" + name)
 
@@ -98,7 +98,8 @@ def test_lines_and_commands(broker, tmp_path):
             whois = await s.line("/whois bob")
             assert rtchat.show_fingerprint(s.bob.identity.fingerprint) in whois
             assert rtchat.safety_number(s.alice.identity.fingerprint, s.bob.identity.fingerprint) in whois
-            assert "verified, channel-bound" in await s.line("/peers")
+            assert "verified, channel-bound" in await s.line("/peers") and ", direct" in await s.line("/peers")
+            assert "no STUN or TURN server to ask (--ice)" in await s.line("/netcheck")
             assert "usage: /msg NAME TEXT" in await s.line("/msg bob")
             assert "no peer called 'zed'" in await s.line("/msg zed hi")
             assert "/roll NdS" in await s.line("/help")

@@ -1,0 +1,336 @@
+"""rtchat.py on real networks: the NAT lab of tests/netlab.py (namespaces, NAT routers, mosquitto, coturn).
+
+First the lab proves itself (each router maps and filters as its kind says), then real rtchat.py processes run in
+the client namespaces: the connectivity matrix with STUN only and with TURN, the one-line diagnosis where no path
+exists, and --netcheck behind each kind of router. Only addresses inside the lab's own namespaces are used.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import fcntl
+import itertools
+import json
+import os
+import pty
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import time
+from dataclasses import dataclass, field
+
+import netlab
+import pytest
+from conftest import ROOT
+from test_cli import _read_until
+
+import rtchat
+
+CLIENTS = [(f"{kind}{n}", kind) for kind in netlab.KINDS for n in (1, 2)]
+FILTERING = {"restricted", "symmetric"}   # drop what comes from a remote address and port they have not sent to
+
+
+def direct_path(a: str, b: str) -> bool:
+    """What ICE can do without a relay: UDP on both sides, and not two filtering NATs of which one is symmetric."""
+    if "udpblocked" in (a, b):
+        return False
+    return not ({a, b} <= FILTERING and "symmetric" in (a, b))
+
+
+PAIRS = list(itertools.combinations_with_replacement(netlab.KINDS, 2))
+TURN_HINT = "--ice turn:USER:PASS@HOST:3478"
+NO_PATH_SAMPLE = {  # (sender, listener): (what the sender says, what the listener says); symmetric both: below
+    ("restricted", "symmetric"): (
+        f"-!- bob: no network path (you are behind a NAT; bob is behind a NAT too); add a TURN server: {TURN_HINT}",
+        "no network path (you are behind a symmetric NAT; alice is behind a NAT too); add a TURN server: "
+        f"{TURN_HINT}"),
+    ("open", "udpblocked"): (
+        "-!- bob: no network path (your address is public; bob gave no public address: UDP may be blocked there); "
+        "bob needs a TURN server (over TCP if UDP is blocked there)",
+        "no network path (no STUN server answered you: UDP may be blocked on your network); add a TURN server "
+        f"reachable over TCP: {TURN_HINT}?transport=tcp"),
+}
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    reason = netlab.unavailable()
+    if reason:
+        pytest.skip(reason)
+    with netlab.Lab(tmp_path_factory.mktemp("lab"), CLIENTS) as built:
+        yield built
+
+
+def lab_env(lab: netlab.Lab, client: netlab.Client, turn: bool) -> dict:
+    """Two STUN servers (aioice asks the first only; netcheck both) and, with turn, the lab's TURN server:
+    over TCP for the client whose UDP is blocked."""
+    ice = lab.stun_urls() + ([lab.turn_url(tcp=client.kind == "udpblocked")] if turn else [])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RTCHAT_")}
+    env.update(RTCHAT_BROKER=lab.broker_url, RTCHAT_ICE=",".join(ice), RTCHAT_ICE_HOST=client.address,
+               NO_COLOR="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+# -- the lab itself ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", netlab.KINDS)
+def test_lab_routers_map_and_filter_as_their_kind(lab, kind):
+    """A STUN binding to two servers from one socket, then a datagram from an address and port never sent to."""
+    client = lab.clients[f"{kind}1"]
+    servers = f"{netlab.SERVER}:{netlab.STUN_PORT},{netlab.SERVER2}:{netlab.STUN_PORT}"
+    probe = lab.popen(client.name, [sys.executable, str(netlab.HERE / "netlab.py"), "stun", servers, "1.0"],
+                      stdout=subprocess.PIPE, text=True)
+    try:
+        first = json.loads(probe.stdout.readline())
+        mapped = [tuple(m) if m else None for m in first["mapped"]]
+        if mapped[0] is not None:
+            lab.run(lab.pub, [sys.executable, str(netlab.HERE / "netlab.py"), "knock", *map(str, mapped[0]), "4000"])
+        knocked = json.loads(probe.stdout.readline())["knocked"]
+    finally:
+        probe.kill()
+        probe.communicate()
+    if kind == "udpblocked":
+        assert mapped == [None, None] and knocked is None
+        return
+    assert all(m is not None and m[0] == client.public for m in mapped), mapped
+    if kind == "symmetric":
+        assert mapped[0] != mapped[1]  # endpoint-dependent mapping
+    else:
+        assert mapped[0] == mapped[1]  # endpoint-independent mapping
+    if kind == "open":
+        assert mapped[0] == (client.address, first["local_port"])
+    assert (knocked is not None) == (kind in ("open", "fullcone")), knocked  # endpoint-independent filtering
+
+
+# -- rtchat.py in the lab -----------------------------------------------------------------------------------------
+
+@dataclass
+class Cell:
+    """One pipe sender (alice, behind a) and one listener (bob, behind b) in a room of their own."""
+    a: str
+    b: str
+    turn: bool
+    expect_path: bool
+    lines: list[tuple[float, str]] = field(default_factory=list)   # the sender's stderr, with arrival times
+    listener_out: str = ""
+    listener_err: str = ""
+    code: int | None = None
+    started: float = 0.0
+
+    @property
+    def room(self) -> str:
+        return f"{self.a}-{self.b}-{'turn' if self.turn else 'stun'}"
+
+    def seen(self, text: str) -> float | None:
+        return next((t - self.started for t, line in self.lines if text in line), None)
+
+    @property
+    def events(self) -> list[dict]:
+        return [json.loads(line) for line in self.listener_out.splitlines() if line.startswith("{")]
+
+    @property
+    def path(self) -> str | None:
+        return next((e.get("path") for e in self.events if e["type"] == "join"), None)
+
+
+def rtchat_argv(*args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "rtchat.py"), *args]
+
+
+def run_cell(lab: netlab.Lab, cell: Cell, workdir, timeout: float = 45) -> Cell:
+    """Start both; a cell with a path ends when the sender has its message acknowledged (the listener's ack is
+    the way back), one without when the sender says why there is no path."""
+    a, b = lab.clients[f"{cell.a}1"], lab.clients[f"{cell.b}2"]
+    state = workdir / cell.room
+    state.mkdir()
+    cell.started = time.monotonic()
+    listener = lab.popen(b.name, rtchat_argv("bob", "--room", cell.room, "--state", str(state / "bob.json"),
+                                             "--listen", "--json"),
+                         env=lab_env(lab, b, cell.turn), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sender = lab.popen(a.name, rtchat_argv("alice", "--room", cell.room, "--state", str(state / "alice.json"),
+                                           "--timeout", str(timeout)),
+                       env=lab_env(lab, a, cell.turn), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True)
+    try:
+        sender.stdin.write(f"hello from {cell.a} to {cell.b}\n")
+        sender.stdin.close()
+        for line in sender.stderr:
+            cell.lines.append((time.monotonic(), line.rstrip("\n")))
+            if not cell.expect_path and "no network path" in line:
+                break
+        sender.kill()
+        cell.code = sender.wait(timeout=30)
+        if not cell.expect_path:  # the listener says it too, about as soon
+            timer = threading.Timer(30, listener.kill)
+            timer.start()
+            for line in listener.stdout:
+                cell.listener_out += line
+                if '"no-route"' in line:
+                    break
+            timer.cancel()
+    finally:
+        sender.kill()
+        listener.terminate()
+        try:
+            out, cell.listener_err = listener.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            listener.kill()
+            out, cell.listener_err = listener.communicate()
+        cell.listener_out += out
+    return cell
+
+
+def run_cells(lab, cells: list[Cell], workdir) -> list[Cell]:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(lambda cell: run_cell(lab, cell, workdir), cells))
+
+
+def print_table(capsys, title: str, cells: list[Cell]) -> None:
+    """Seconds from the sender's start to chat-ready ('sending to': bob verified), or to the diagnosis where no
+    path exists; 'joined' is the sender in its room, so ready - joined is the connection alone. Cells run four
+    at a time on a shared machine: read the figures as rough."""
+    def seconds(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+    rows = [f"{title}: seconds to chat-ready (no path: to the diagnosis)",
+            f"  {'sender':<11} {'listener':<11} {'path':<7} {'joined':>7} {'ready':>7}"]
+    for cell in cells:
+        ready = cell.seen("sending to") if cell.expect_path else cell.seen("no network path")
+        rows.append(f"  {cell.a:<11} {cell.b:<11} {(cell.path or 'none'):<7} "
+                    f"{seconds(cell.seen('waiting for')):>7} {seconds(ready):>7}")
+    with capsys.disabled():
+        print("\n" + "\n".join(rows))
+
+
+def check_delivered(cell: Cell) -> None:
+    stderr = "\n".join(line for _, line in cell.lines)
+    assert cell.code == 0, f"{cell.room}: {stderr}\nlistener: {cell.listener_err[-2000:]}"
+    assert "delivered 1 message(s) to 1 peer(s)" in stderr
+    texts = [e["text"] for e in cell.events if e["type"] == "message"]
+    assert texts == [f"hello from {cell.a} to {cell.b}"], cell.listener_out
+
+
+@pytest.mark.timeout(300)
+def test_matrix_with_stun_only(lab, tmp_path, capsys):
+    """Every pair with a direct path connects directly; where none exists, both sides say so."""
+    cells = [Cell(a, b, False, True) for a, b in PAIRS if direct_path(a, b)]
+    cells += [Cell(a, b, False, False) for a, b in NO_PATH_SAMPLE]
+    run_cells(lab, cells, tmp_path)
+    print_table(capsys, "STUN only", cells)
+    for cell in cells:
+        if cell.expect_path:
+            check_delivered(cell)
+            assert cell.path == "direct", cell.events
+        else:
+            ours, theirs = NO_PATH_SAMPLE[(cell.a, cell.b)]
+            assert [line for _, line in cell.lines if "no network path" in line] == [ours], cell.lines
+            assert not any(e["type"] == "join" for e in cell.events)
+            assert [e["text"] for e in cell.events if e["type"] == "no-route"] == [theirs], cell.listener_out
+
+
+@pytest.mark.timeout(300)
+def test_matrix_with_turn(lab, tmp_path, capsys):
+    """With a TURN server every pair connects: through the relay where no direct path exists (TURN over TCP for
+    the client whose UDP is blocked)."""
+    cells = run_cells(lab, [Cell(a, b, True, True) for a, b in PAIRS], tmp_path)
+    print_table(capsys, "with TURN", cells)
+    for cell in cells:
+        check_delivered(cell)
+        if not direct_path(cell.a, cell.b):
+            assert cell.path == "relay", (cell.room, cell.events)
+
+
+def test_no_path_is_said_in_one_line_with_cause_and_fix(lab, tmp_path):
+    """Two symmetric NATs and no TURN: signaling works, ICE cannot. Each side says why in one line, well before
+    the sender gives up, and the listener's NDJSON has the typed event."""
+    cell = run_cell(lab, Cell("symmetric", "symmetric", False, False), tmp_path, timeout=60)
+    said = [line for _, line in cell.lines if "no network path" in line]
+    assert said == ["-!- bob: no network path (you are behind a symmetric NAT; bob is behind a NAT too); "
+                    f"add a TURN server: {TURN_HINT}"], cell.lines
+    assert cell.code != 0 and not any("sending to" in line for _, line in cell.lines)
+    event = next(e for e in cell.events if e["type"] == "no-route")
+    assert event["from"] == "alice" and event["mapping"] == "endpoint-dependent"
+    assert event["turn"] is False and event["nat"] is True and event["their_nat"] is True
+    assert event["ours"] == ["host", "srflx"] and event["theirs"] == ["host", "srflx"]
+    assert event["text"].startswith("no network path (you are behind a symmetric NAT; alice is behind a NAT too)")
+
+
+def test_interactive_client_says_why_and_peers_shows_it(lab, tmp_path):
+    """At a terminal behind a symmetric NAT, with bob behind another and no TURN: the line, then /peers."""
+    a, b = lab.clients["symmetric1"], lab.clients["symmetric2"]
+    lab.popen(b.name, rtchat_argv("bob", "--room", "tty-no-path", "--state", str(tmp_path / "bob.json"), "--listen"),
+              env=lab_env(lab, b, False), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execve(shutil.which("ip"), ["ip", "netns", "exec", a.ns, *rtchat_argv(
+            "alice", "--room", "tty-no-path", "--state", str(tmp_path / "alice.json"))],
+            {**lab_env(lab, a, False), "TERM": "xterm"})
+    try:
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+        _read_until(fd, b"[tty-no-path]")
+        _read_until(fd, b"bob: no network path (you are behind a symmetric NAT", timeout=60)
+        for _ in range(20):  # between two attempts bob is briefly not listed at all
+            os.write(fd, b"/peers\r")
+            if b"no network path (trying again" in _read_until(fd, b"[tty-no-path]"):
+                break
+        else:
+            raise AssertionError("/peers never showed bob without a network path")
+        os.write(fd, b"\x04")
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+
+
+NETCHECK_EXPECT = {  # kind: (udp, mapping)
+    "open": (True, "none"),
+    "fullcone": (True, "endpoint-independent"),
+    "restricted": (True, "endpoint-independent"),
+    "symmetric": (True, "endpoint-dependent"),
+    "udpblocked": (False, None),
+}
+
+
+@pytest.mark.parametrize("kind", netlab.KINDS)
+def test_netcheck_behind_each_kind_of_router(lab, kind):
+    client = lab.clients[f"{kind}1"]
+    env = lab_env(lab, client, turn=True)
+    env["RTCHAT_ICE"] += "," + netlab.Lab.turn_url(password="wrong")
+    result = lab.run(client.name, rtchat_argv("--netcheck", "--json"), env=env)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    udp, mapping = NETCHECK_EXPECT[kind]
+    assert (report["udp"], report["mapping"]) == (udp, mapping), report
+    if udp:
+        assert {p.rsplit(":", 1)[0] for p in report["public"]} == {client.public}
+        assert len(report["public"]) == (2 if kind == "symmetric" else 1)
+    else:
+        assert report["public"] == []
+    stun1, stun2, good_turn, bad_turn = report["servers"]
+    assert stun1["ok"] is stun2["ok"] is udp
+    assert good_turn["ok"] and good_turn["relay"].startswith(netlab.SERVER + ":")
+    assert good_turn["server"].endswith("?transport=tcp") == (kind == "udpblocked")
+    assert not bad_turn["ok"] and bad_turn["error"] == ("credentials refused" if udp else "no answer")
+    words = lab.run(client.name, rtchat_argv("--netcheck"), env=env).stdout
+    assert words.startswith("UDP: yes\n" if udp else "UDP: no STUN server answered") and "servers:" in words
+    assert ("mapping varies by destination: yes" in words) == (kind == "symmetric")
+
+
+def test_ice_urls_parse_with_transport_and_refuse_junk():
+    server = rtchat.IceServer.parse("turn:u:p:w@203.0.113.1:3478?transport=tcp")
+    assert (server.user, server.password, server.transport, server.url) == \
+        ("u", "p:w", "tcp", "turn:203.0.113.1:3478?transport=tcp")
+    assert rtchat.IceServer.parse("stun:203.0.113.1").url == "stun:203.0.113.1:3478"
+    assert rtchat.IceServer.parse("turns:u:p@turn.example:443").transport == "tcp"
+    for junk in ("stun:u:p@host", "turn:host?transport=sctp", "turns:u:p@h?transport=udp", "http://x",
+                 "turn:u:p@h:99999", "stun:"):
+        with pytest.raises(rtchat.UsageError, match="ICE server"):
+            rtchat.IceServer.parse(junk)
+    config = rtchat.ice_configuration([server])
+    assert config.iceServers[0].username == "u" and config.iceServers[0].credential == "p:w"
