@@ -3232,9 +3232,12 @@ class NetCheck:
         stun_servers = [s for s in self.servers if s.scheme == "stun"]
         socket_end = local = None
         if stun_servers:
-            bind_to = next((h for h in self.hosts if ":" not in h), None)
-            transport, socket_end = await asyncio.get_running_loop().create_datagram_endpoint(
-                _BindingSocket, local_addr=(bind_to or "0.0.0.0", 0))
+            bind_to = next((h for h in self.hosts if ":" not in h), "0.0.0.0")
+            try:
+                transport, socket_end = await asyncio.get_running_loop().create_datagram_endpoint(
+                    _BindingSocket, local_addr=(bind_to, 0))
+            except OSError as exc:
+                raise RtchatError(f"cannot open a UDP socket on {bind_to}: {exc.strerror or exc}") from None
             local = transport.get_extra_info("sockname")[:2]
         try:
             answers = await asyncio.gather(*(
@@ -3278,11 +3281,10 @@ class NetCheck:
         """A TURN allocation with the configured credentials, deleted again at once."""
         from aioice import stun, turn
         answer = ServerAnswer(server)
-        try:
-            address = await asyncio.wait_for(self._resolve(server), self.timeout)
-            started = time.monotonic()
+        started = time.monotonic()
+        try:  # by name, as ICE does: a TLS certificate names the host
             transport, end = await asyncio.wait_for(turn.create_turn_endpoint(
-                _TurnEnd, address, server.user, server.password, ssl=server.scheme == "turns",
+                _TurnEnd, (server.host, server.port), server.user, server.password, ssl=server.scheme == "turns",
                 transport=server.transport), self.timeout)
             answer.ms = (time.monotonic() - started) * 1000
             answer.relay = transport.get_extra_info("sockname")
