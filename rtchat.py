@@ -125,8 +125,8 @@ LEAVE_DRAIN_S = 2.0                    # on leaving, what we sent (acks above al
 INPUT_HISTORY = 500
 STATE_FORMAT = 1
 
-EVENTS = ("message", "dm", "join", "leave", "verified", "key-changed", "delivered", "file", "no-route", "status",
-          "history")
+EVENTS = ("message", "dm", "join", "leave", "verified", "key-changed", "delivered", "file", "status", "history",
+          "no-route")
 """Event names: what Room emits and plugins subscribe to with @on. "message" and "dm" are news only: a message
 said before we joined, passed on by a peer, is a "history" event (msg.history is True). They are also the --json
 `type` values, except that a history message keeps its own type ("message") and is marked "history": true."""
