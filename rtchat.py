@@ -5965,6 +5965,7 @@ modes:
   With --listen: messages said from now on go to stdout, as "NAME: TEXT" or NDJSON with --json
     (every event); --history N prints up to N earlier ones first, marked.
   With --send PATH --to NAME: sends one file and exits 0 once NAME has it on disk, SHA-256 checked.
+  With --netcheck: asks the --ice servers what the network lets through, prints it (an object with --json), exits.
   Options of another mode are a usage error.
 
 environment: RTCHAT_BROKER, RTCHAT_ROOM, RTCHAT_STATE, RTCHAT_ICE, RTCHAT_ICE_HOST, RTCHAT_SECRET,
@@ -6026,10 +6027,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.ice = ice_option(args.ice)
     args.ice_host = list_option(args.ice_host)
-    args.mode = "listen" if args.listen else "send" if args.send or args.to else \
+    args.mode = "netcheck" if args.netcheck else "listen" if args.listen else "send" if args.send or args.to else \
         "interactive" if sys.stdin.isatty() else "pipe"
     allowed = {"listen": {"json", "count", "history"}, "pipe": {"wait_peers", "timeout"},
-               "send": {"send", "to", "timeout"}, "interactive": set()}[args.mode]
+               "send": {"send", "to", "timeout"}, "interactive": set(), "netcheck": {"json"}}[args.mode]
     for option in ("json", "count", "history", "wait_peers", "send", "to", "timeout"):
         if getattr(args, option) not in (None, False) and option not in allowed:
             parser.error(f"--{option.replace('_', '-')} does not apply to {args.mode} mode "
@@ -6057,7 +6058,7 @@ async def run_netcheck(args: argparse.Namespace) -> int:
 
 
 async def run(args: argparse.Namespace) -> int:
-    if args.netcheck:
+    if args.mode == "netcheck":
         return await run_netcheck(args)
     state_path = Path(args.state).expanduser() if args.state else default_state_path()
     if args.room:
