@@ -1097,7 +1097,7 @@ class Bench:
         base = summary(ready[self.NETWORK_CELLS[0][0]])
         self.results["8_networks"] = {"ready_ms": {k: summary(v) for k, v in ready.items()}, "method": (
             "NAT lab of tests/netlab.py; a listener in the room, then a pipe sender behind the other router; "
-            "ready = from the sender's 'waiting for' (in the room) to 'sending to' (listener verified). "
+            "ready = from the sender's 'waiting for' (in the room) to its '--> ... joined (verified' line. "
             "Sequential cells; baseline: both without NAT, STUN only")}
         for label, *_ in self.NETWORK_CELLS:
             self.row("8 networks", f"chat-ready: {label}", summary(ready[label]), base, "ms", fmt="{:.0f}")
@@ -1127,7 +1127,7 @@ class Bench:
             while line := await asyncio.wait_for(procs[1].stderr.readline(), 60):
                 if b"waiting for" in line:
                     joined = mono()
-                elif b"sending to" in line and joined is not None:
+                elif b"joined (verified" in line and joined is not None:
                     return (mono() - joined) * 1000
             self.notes.append(f"figure 8: {sender.kind} to {listener.kind} (turn={turn}) did not connect")
             return None

@@ -190,15 +190,15 @@ def run_cells(lab, cells: list[Cell], workdir) -> list[Cell]:
 
 
 def print_table(capsys, title: str, cells: list[Cell]) -> None:
-    """Seconds from the sender's start to chat-ready ('sending to': bob verified), or to the diagnosis where no
-    path exists; 'joined' is the sender in its room, so ready - joined is the connection alone. Cells run four
-    at a time on a shared machine: read the figures as rough."""
+    """Seconds from the sender's start to its room joined ('in room'), and to chat-ready (its line saying bob
+    joined, verified) or, where no path exists, to the diagnosis; ready - in room is the connection alone. Cells
+    run four at a time on a shared machine: read the figures as rough."""
     def seconds(value: float | None) -> str:
         return "-" if value is None else f"{value:.2f}"
     rows = [f"{title}: seconds to chat-ready (no path: to the diagnosis)",
-            f"  {'sender':<11} {'listener':<11} {'path':<7} {'joined':>7} {'ready':>7}"]
+            f"  {'sender':<11} {'listener':<11} {'path':<7} {'in room':>7} {'ready':>7}"]
     for cell in cells:
-        ready = cell.seen("sending to") if cell.expect_path else cell.seen("no network path")
+        ready = cell.seen("joined (verified") if cell.expect_path else cell.seen("no network path")
         rows.append(f"  {cell.a:<11} {cell.b:<11} {(cell.path or 'none'):<7} "
                     f"{seconds(cell.seen('waiting for')):>7} {seconds(ready):>7}")
     with capsys.disabled():
