@@ -122,6 +122,19 @@ def test_listeners_that_exit_after_one_line_acknowledge_it(broker, tmp_path):
         stop_all(room)
 
 
+def test_an_empty_pipe_leaves_nobody_out(broker, tmp_path):
+    """Nothing on stdin: nothing to deliver, so nobody in the room was left out (exit 0, as before issue 10)."""
+    env = cli_env(broker.url)
+    room = [listen(n, "empty", tmp_path, env) for n in ("alice", "bob")]
+    try:
+        wait_mesh(room)
+        result = pipe("ci", "empty", tmp_path, env, "", "--timeout", "20")
+        assert result.returncode == 0, result.stderr
+        assert "delivered 0 message(s)" in result.stderr and "not delivered" not in result.stderr
+    finally:
+        stop_all(room)
+
+
 def test_pipe_names_who_was_not_reached(broker, tmp_path):
     """bob is in the room but refused (a changed key): alice gets the line, and the exit code says bob did not."""
     env = cli_env(broker.url)
