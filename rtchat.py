@@ -6033,7 +6033,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     allowed = {"listen": {"json", "count", "history"}, "pipe": {"wait_peers", "timeout"},
                "send": {"send", "to", "timeout"}, "interactive": set(), "netcheck": {"json"}}[args.mode]
     for option in ("json", "count", "history", "wait_peers", "send", "to", "timeout"):
-        if getattr(args, option) not in (None, False) and option not in allowed:
+        value = getattr(args, option)
+        if value is not None and value is not False and option not in allowed:  # 0 is given too
             parser.error(f"--{option.replace('_', '-')} does not apply to {args.mode} mode "
                          f"(see the modes below --help's options)")
     if args.mode == "send" and not (args.send and args.to):
