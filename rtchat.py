@@ -5162,14 +5162,20 @@ class Context:
         return self._app.client.me
 
     async def say(self, text: str, action: bool = False) -> Message:
+        self._check_may_send()
         msg = self.room.send(text, action=action)
         self._app.show(msg)
         return msg
 
     async def dm(self, name: str, text: str) -> Message:
+        self._check_may_send()
         msg = self.room.dm(name, text)
         self._app.show(msg)
         return msg
+
+    def _check_may_send(self) -> None:
+        if not self._app.plugins_send:
+            raise UsageError("nothing is sent in this mode (a listener sends nothing, a pipe only its lines)")
 
     def echo(self, text: str) -> None:
         """Show a line to the local user only; nothing is sent."""
@@ -5652,12 +5658,13 @@ class App:
     """What every front end shares: the client, the room you are in, commands, plugins and output."""
 
     def __init__(self, client: Client, registry: Registry, printer: Printer, secret: str | None = None,
-                 history_lines: int = 10) -> None:
+                 history_lines: int = 10, plugins_send: bool = True) -> None:
         self.client = client
         self.registry = registry
         self.printer = printer
         self.secret = secret
         self.history_lines = history_lines
+        self.plugins_send = plugins_send    # off in the script modes: they send only what they are given
         self.history_left = math.inf        # history events still to show (--listen --history N shows N in all)
         self.room: Room | None = None
         self.done = asyncio.Event()
@@ -6088,7 +6095,8 @@ async def run(args: argparse.Namespace) -> int:
     if interactive and (loaded or skipped):
         printer.status(f"{len(loaded)} plugin(s) loaded" + (f", {len(skipped)} skipped" if skipped else ""))
     await client.start()
-    app = App(client, registry, printer, secret=args.secret, history_lines=10 if interactive else 0)
+    app = App(client, registry, printer, secret=args.secret, history_lines=10 if interactive else 0,
+              plugins_send=interactive)
     loop = asyncio.get_running_loop()
     import signal
     interrupted = []

@@ -16,8 +16,8 @@ def roll_dice(spec: str) -> tuple[list[int], int]:
 
 async def _roll_for_room(ctx, spec: str) -> None:
     rolls, total = roll_dice(spec)
-    ctx.state["rolled"] = ctx.state.get("rolled", 0) + 1
     await ctx.say(f"rolled {spec}: {' + '.join(map(str, rolls))} = {total}", action=True)
+    ctx.state["rolled"] = ctx.state.get("rolled", 0) + 1
 
 
 @command("roll", help="roll dice and tell the room", usage="/roll NdS", example="/roll 2d6")
@@ -36,7 +36,7 @@ async def roll_when_asked(ctx, msg):
         try:
             await _roll_for_room(ctx, request[len(prefix):].strip() or "1d6")
         except UsageError:
-            pass  # not dice after all: someone talking to us
+            pass  # not dice after all (someone talking to us), or a listener, which sends nothing
 
 
 @question("d20")

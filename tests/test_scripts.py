@@ -216,6 +216,21 @@ def test_library_and_plugins_get_history_apart_from_messages(broker, tmp_path):
     run(scenario(), 90)
 
 
+def test_a_listener_sends_nothing_for_a_plugin(broker, tmp_path):
+    """contrib/dice.py rolls when asked by name in a chat; alice, a --listen, asked the same says nothing."""
+    env = cli_env(broker.url)
+    room = [listen(n, "mute", tmp_path, env) for n in ("alice", "bob")]
+    try:
+        wait_mesh(room)
+        for line in ("alice: roll 2d6", "after"):  # alice acknowledged the request before "after" is sent
+            assert pipe("ci", "mute", tmp_path, env, f"{line}\n").returncode == 0
+        for p in room:
+            p.wait_for(lambda q: any(m["text"] == "after" for m in q.messages()), 20, "the second line")
+            assert [(m["from"], m["text"]) for m in p.messages()] == [("ci", "alice: roll 2d6"), ("ci", "after")]
+    finally:
+        stop_all(room)
+
+
 # 3. A pipe sender writes nothing to stdout --------------------------------------------------------------------
 
 def test_pipe_sender_stdout_stays_empty_while_it_receives(broker, tmp_path):
