@@ -5666,6 +5666,7 @@ class App:
         self.history_lines = history_lines
         self.plugins_send = plugins_send    # off in the script modes: they send only what they are given
         self.history_left = math.inf        # history events still to show (--listen --history N shows N in all)
+        self._passed_on: list[Message] = []  # history events of this turn of the loop: one peer's batch
         self.room: Room | None = None
         self.done = asyncio.Event()
         self._contexts: dict[str, Context] = {}
@@ -5715,9 +5716,9 @@ class App:
         if event == "join":
             self.no_route.discard(args[0].name)
         if event == "history":  # a message said before we came, passed on by a peer: shown as history, if wanted
-            if self.history_left > 0:
-                self.history_left -= 1
-                self.show(args[0], from_history=True)
+            if not self._passed_on:
+                asyncio.get_running_loop().call_soon(self._show_passed_on)
+            self._passed_on.append(args[0])
         elif event == "no-route":
             peer, facts = args
             if peer.name not in self.no_route:  # a room tries again now and then: one line is enough
@@ -5750,6 +5751,14 @@ class App:
             self.printer.json_line(record)
         else:
             self.printer.event("no-route", record["from"], record["text"])
+
+    def _show_passed_on(self) -> None:
+        """What a peer passed on at once comes oldest first: the newest of it, as many as are still wanted."""
+        batch, self._passed_on = self._passed_on, []
+        keep = int(min(len(batch), max(self.history_left, 0)))
+        self.history_left -= keep
+        for msg in batch[len(batch) - keep:]:
+            self.show(msg, from_history=True)
 
     async def run_line(self, line: str) -> None:
         """handle_line with errors turned into one line for the user."""
