@@ -3720,7 +3720,7 @@ class Room(Emitter):
         self._committing = False
         self._last_commit = 0.0
         self._tasks: list[asyncio.Task] = []
-        self._peer_event = asyncio.Event()
+        self._peer_event = asyncio.Event()  # a peer heard of, verified, saying hello, or gone
         self.joined = False
         self._joined_at = 0.0
 
@@ -3965,11 +3965,15 @@ class Room(Emitter):
         are verified by timeout; at timeout it returns the verified ones (see unverified_peers for the others)."""
         deadline = time.monotonic() + timeout
         await self.wait_for_peers(count, timeout)
-        while time.monotonic() < deadline:
-            last_news = max([self._joined_at, *(p.created for p in self.peers.values())])
-            if not self.unverified_peers() and time.monotonic() - last_news >= settle:
-                break
-            await asyncio.sleep(0.02)  # peers heard of raise no event: poll
+        while (left := deadline - time.monotonic()) > 0:
+            quiet_for = time.monotonic() - max([self._joined_at, *(p.created for p in self.peers.values())])
+            if not self.unverified_peers():
+                if quiet_for >= settle:
+                    break
+                left = min(left, settle - quiet_for)  # unless someone new is heard of meanwhile
+            self._peer_event.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._peer_event.wait(), left)
         return self.verified_peers()
 
     def unverified_peers(self) -> list[Peer]:
@@ -4428,6 +4432,7 @@ class Room(Emitter):
     def _register(self, peer: Peer) -> Peer:
         old = self.peers.get(peer.name)
         self.peers[peer.name] = peer  # first: closing the old one must not forget what we know of the name
+        self._peer_event.set()
         if old is not None and old is not peer:
             old.close("replaced")
         peer._candidates = self._candidates.pop(peer.name, [])
@@ -4551,6 +4556,7 @@ class Room(Emitter):
     def _on_closed(self, peer: Peer, reason: str) -> None:
         if self.peers.get(peer.name) is peer:
             del self.peers[peer.name]
+            self._peer_event.set()
             self._inboxes.pop(peer.name, None)
             self._offered_at.pop(peer.name, None)
         self._early.pop(peer.name, None)
