@@ -5625,10 +5625,14 @@ class Printer:
         if self.style == "json":
             self.json_line({**message_record(msg), **({"history": True} if from_history else {})})
             return
-        text, sender = msg.text, clean(msg.sender, MAX_NAME_CHARS + 16)
+        text, sender, notes = msg.text, clean(msg.sender, MAX_NAME_CHARS + 16), []
         if msg.relayed_by:
-            unverified = ", unverified" if msg.trust == "unverified" else ""
-            text += f"  (via {clean(msg.relayed_by, MAX_NAME_CHARS + 16)}{unverified})"
+            notes.append(f"via {clean(msg.relayed_by, MAX_NAME_CHARS + 16)}"
+                         + (", unverified" if msg.trust == "unverified" else ""))
+        if from_history and self.style == "plain":  # the chat marks history by its time stamp's style
+            notes.append("history")
+        if notes:
+            text += f"  ({', '.join(notes)})"
         if self.style == "plain":
             prefix = f"{sender} (dm)" if msg.kind == "dm" else sender
             self._write(self.out, f"{prefix}: {'* ' if msg.action else ''}{text.replace(chr(10), ' ')}")

@@ -185,6 +185,27 @@ def test_listeners_take_only_news_for_news(broker, tmp_path):
         stop_all([keeper])
 
 
+def test_plain_listener_marks_history(broker, tmp_path):
+    """Without --json too, --history N lines say they are history; news does not."""
+    env = cli_env(broker.url)
+    args = ["alice", "--room", "plain", "--state", str(tmp_path / "alice.json"), "--listen"]
+    first = Proc(args, env)
+    try:
+        first.wait_for(lambda q: any("listening" in line for line in q.err), 20, "the listener")
+        assert pipe("ci", "plain", tmp_path, env, "old line\n").returncode == 0
+    finally:
+        first.stop()
+    assert first.out == ["ci: old line"]
+    again = Proc([*args, "--history", "1", "--count", "1"], env)
+    try:
+        again.wait_for(lambda q: q.out, 20, "the history line")
+        assert pipe("ci", "plain", tmp_path, env, "new line\n").returncode == 0
+        assert again.proc.wait(30) == 0
+        assert again.out == ["ci: old line  (history)", "ci: new line"]
+    finally:
+        again.stop()
+
+
 def test_library_and_plugins_get_history_apart_from_messages(broker, tmp_path):
     """room.on("message") and @on("message") fire for new messages only; backfill is a "history" event."""
     async def scenario():
