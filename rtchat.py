@@ -117,6 +117,9 @@ MAX_INCOMING_FILES = 4                 # at once, per room
 FILE_IDLE_S = 30.0                     # a transfer that stalls this long is given up
 FILE_SYNC_BYTES = 4 * 1024 * 1024      # a file being received goes to disk in steps of this, in the background
 FILE_DISK_RESERVE = 64 * 1024 ** 2     # a file is refused if it would leave less free space than this
+FILE_PROGRESS_EVERY_S = 0.25          # a transfer reports its progress at most this often
+ACCEPT_NEXT_KEY_S = 600.0              # after /trust NAME with no key to pin, the next key NAME proves is pinned
+REFUSAL_HINT_EVERY_S = 30.0            # we tell a refused peer why at most this often per name
 BACKFILL_MAX = 200                     # messages one peer passes another when they meet
 BACKFILL_FRAME_CHARS = 48 * 1024
 SETTLE_S = 0.25                        # a room is complete once nobody new was heard of for this long (since
@@ -126,7 +129,7 @@ INPUT_HISTORY = 500
 STATE_FORMAT = 1
 
 EVENTS = ("message", "dm", "join", "leave", "verified", "key-changed", "delivered", "file", "status", "history",
-          "no-route")
+          "no-route", "file-progress", "question-failed", "key-accepted", "key-refused")
 """Event names: what Room emits and plugins subscribe to with @on. "message" and "dm" are news only: a message
 said before we joined, passed on by a peer, is a "history" event (msg.history is True). They are also the --json
 `type` values, except that a history message keeps its own type ("message") and is marked "history": true."""
@@ -739,7 +742,8 @@ def locked_beside(path: Path):
 
 def _empty_state() -> dict:
     return {"format": STATE_FORMAT, "name": None, "identity": None, "pins": {}, "rooms": {},
-            "last_room": None, "input_history": [], "plugins": {}, "instances": {}, "authors": {}, "outbox": []}
+            "last_room": None, "input_history": [], "plugins": {}, "instances": {}, "authors": {}, "outbox": [],
+            "ignored": []}
 
 
 class Store:
@@ -3411,6 +3415,15 @@ class Trust:
             raise UsageError(f"trust policy must be one of {', '.join(self.POLICIES)}")
         self.store = store
         self.policy = policy
+        self._accepting: dict[str, float] = {}  # bare name -> until when the next key it proves is pinned
+
+    def accept_next(self, name: str) -> None:
+        """/trust NAME when no key of NAME is at hand: the next key NAME proves in a channel is pinned in place of
+        the old one (for ACCEPT_NEXT_KEY_S), so a peer who changed keys can connect again."""
+        self._accepting[name] = time.monotonic() + ACCEPT_NEXT_KEY_S
+
+    def is_accepting(self, name: str) -> bool:
+        return self._accepting.get(name, -math.inf) > time.monotonic()
 
     def pins_for(self, name: str) -> dict[str, dict]:
         return {fp: pin for fp, pin in self.store.data["pins"].items() if name in pin.get("names", ())}
@@ -3435,6 +3448,8 @@ class Trust:
         """Pin a key for a name. author: its certified message key too, in the same write (so a crash cannot
         leave a pin of a signing peer whose signatures we could not check)."""
         fp = fingerprint(key_string)
+        if replace:
+            self._accepting.pop(name, None)
 
         def add(data: dict) -> None:
             if author:
@@ -3457,6 +3472,8 @@ class Trust:
             self.store.update(add)
 
     def unpin(self, name: str) -> int:
+        self._accepting.pop(name, None)
+
         def drop(data: dict) -> int:
             count = 0
             for fp in list(data["pins"]):
@@ -3504,6 +3521,29 @@ class ReceivedFile:
     fingerprint: str | None
 
 
+@dataclasses.dataclass
+class Transfer:
+    """A file on its way, in or out: what every 'file-progress' event carries, from the offer to the end.
+
+    state: 'offered', 'moving', 'checking' (all bytes sent, the receiver checks them), 'done' or 'failed'
+    (error says why). done counts bytes; started is time.monotonic() at the offer, for rates."""
+    id: str
+    room: str
+    peer: str
+    name: str
+    size: int
+    incoming: bool
+    done: int = 0
+    state: str = "offered"
+    error: str | None = None
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    reported: float = dataclasses.field(default=-math.inf, repr=False)
+
+    @property
+    def is_over(self) -> bool:
+        return self.state in ("done", "failed")
+
+
 class IncomingFile:
     """One file arriving on its own channel: a JSON header (name, size), then raw chunks, then its SHA-256
     (or the SHA-256 in the header); we answer go-ahead, then done.
@@ -3522,6 +3562,7 @@ class IncomingFile:
         self.active = time.monotonic()
         self.synced = 0                              # bytes handed to a background fdatasync so far
         self.syncing: asyncio.Future | None = None   # that fdatasync
+        self.transfer: Transfer | None = None         # what the room reports, once the header is accepted
         channel.on("message", self._on_data)
         channel.on("close", lambda: self.fail("the sender went away", tell=False))
         asyncio.get_running_loop().call_later(FILE_IDLE_S, self._check_idle)
@@ -3554,6 +3595,8 @@ class IncomingFile:
                 return
             self.digest.update(data)
             self.got += len(data)
+            self.transfer.done = self.got
+            self.room._report(self.transfer, "moving")
             if self.got - self.synced >= FILE_SYNC_BYTES and (self.syncing is None or self.syncing.done()):
                 self.synced = self.got  # to disk as it comes, in a thread: the fsync at the end has little left
                 self.syncing = asyncio.get_running_loop().run_in_executor(
@@ -3580,11 +3623,13 @@ class IncomingFile:
                 self.fail("not enough free space")
                 return
             self.header = {"name": safe_file_name(header.get("name")), "size": size, "sha256": digest}
+            self.transfer = Transfer(new_id(), self.room.name, self.peer.name, self.header["name"], size, True)
             self.part = unused_path(folder, self.header["name"] + f".{new_id()}.part")
             self.fd = os.open(self.part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as exc:
             self.fail(f"cannot write: {exc.strerror}")
             return
+        self.room._report(self.transfer)  # the receiver hears of a file when it starts, not when it is complete
         self._reply({"ok": True})
         if size == 0 and digest:
             _spawn(self._finish(), f"file-{self.peer.name}")
@@ -3616,6 +3661,7 @@ class IncomingFile:
             return
         self._reply({"ok": True, "saved": path.name})
         self.room._incoming.discard(self)
+        self.room._report(self.transfer, "done")
         self.room.emit("file", ReceivedFile(self.room.name, self.peer.name, self.header["name"], path,
                                             self.header["size"], self.header["sha256"], self.peer.fingerprint))
 
@@ -3631,9 +3677,9 @@ class IncomingFile:
         if self.part is not None:
             with contextlib.suppress(OSError):
                 self.part.unlink()
-        if self.header is not None:
-            self.room.emit("status", f"-!- a file from {self.room.label(self.peer)} "
-                                     f"({self.header['name']}) was not saved: {reason}")
+        if self.transfer is not None:
+            self.transfer.error = reason
+            self.room._report(self.transfer, "failed")
         self.channel.close()
 
     def _reply(self, value: dict) -> None:
@@ -3706,7 +3752,8 @@ class Room(Emitter):
         self._seen_nonces: dict[Any, float] = {}
         self._nonce_limit = 20000
         self._rates: dict[str, list[float]] = {}
-        self._warned: set[tuple[str, str]] = set()
+        self._warned: set[tuple] = set()
+        self._hinted: dict[str, float] = {}     # bare name -> when we last told it we refuse its key
         self.refused: dict[str, str] = {}       # bare name -> the last key refused for it
         self._unacked: dict[str, set[str]] = {}
         self._dm_ids: dict[str, str] = {}       # our DMs awaiting an ack: id -> recipient
@@ -3855,21 +3902,44 @@ class Room(Emitter):
             size = path.stat().st_size
         except OSError as exc:
             raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-        channel = await peer.open_channel(f"file/{new_id()}")
-        replies: asyncio.Queue = asyncio.Queue()
-        channel.on("message", replies.put_nowait)
-        channel.on("close", lambda: replies.put_nowait(None))
+        transfer = Transfer(new_id(), self.name, peer.name, path.name, size, incoming=False)
+        self._report(transfer)
+        channel = None
         try:
+            channel = await peer.open_channel(f"file/{transfer.id}")
+            replies: asyncio.Queue = asyncio.Queue()
+            channel.on("message", replies.put_nowait)
+            channel.on("close", lambda: replies.put_nowait(None))
             channel.send(to_json({"name": path.name, "size": size}))
             await self._file_reply(peer, replies)  # the go-ahead
-            digest = await self._stream_file(channel, path, size, replies, progress)
+            digest = await self._stream_file(channel, path, size, replies, transfer, progress)
             if channel.readyState == "open" and replies.empty():
                 channel.send(to_json({"sha256": digest}))  # hashed on the way: the file is read once
-            return clean((await self._file_reply(peer, replies)).get("saved"), 255)
+            self._report(transfer, "checking")
+            saved = clean((await self._file_reply(peer, replies)).get("saved"), 255)
+            self._report(transfer, "done")
+            return saved
         except OSError as exc:
-            raise RtchatError(f"cannot read {path}: {exc.strerror}") from None
+            transfer.error = f"cannot read {path}: {exc.strerror}"
+            raise RtchatError(transfer.error) from None
+        except BaseException as exc:
+            transfer.error = str(exc) if isinstance(exc, RtchatError) else type(exc).__name__
+            raise
         finally:
-            channel.close()
+            if transfer.error is not None:
+                self._report(transfer, "failed")
+            if channel is not None:
+                channel.close()
+
+    def _report(self, transfer: Transfer, state: str | None = None) -> None:
+        """A 'file-progress' event: at once for a change of state, at most every FILE_PROGRESS_EVERY_S for bytes."""
+        now = time.monotonic()
+        if state is None or state == transfer.state:
+            if now - transfer.reported < FILE_PROGRESS_EVERY_S:
+                return
+        transfer.state = state or transfer.state
+        transfer.reported = now
+        self.emit("file-progress", transfer)
 
     async def _file_reply(self, peer: Peer, replies: asyncio.Queue) -> dict:
         try:
@@ -3883,8 +3953,7 @@ class Room(Emitter):
             raise RtchatError(f"{self.label(peer)} refused the file: {clean(reply.get('error'), 200)}")
         return reply
 
-    @staticmethod
-    async def _stream_file(channel, path: Path, size: int, replies: asyncio.Queue,
+    async def _stream_file(self, channel, path: Path, size: int, replies: asyncio.Queue, transfer: Transfer,
                            progress: Callable[[int, int], Any] | None) -> str:
         """Chunks as fast as the channel drains them, hashed on the way (the SHA-256 is returned); stops early if
         the receiver speaks up (it gave up)."""
@@ -3912,6 +3981,8 @@ class Room(Emitter):
                 channel.send(chunk)
                 digest.update(chunk)
                 left -= len(chunk)
+                transfer.done = size - left
+                self._report(transfer, "moving")
                 if progress is not None:
                     progress(size - left, size)
         return digest.hexdigest()
@@ -4004,11 +4075,12 @@ class Room(Emitter):
         return [dataclasses.replace(Message.from_dict(e), history=True) for e in entries]
 
     # -- signaling out ------------------------------------------------------------------------
-    def _publish(self, subtopic: str, data: Any, to: str | None = None, compact: bool = False) -> None:
+    def _publish(self, subtopic: str, data: Any, to: str | None = None, compact: bool = False,
+                 topic: str | None = None) -> None:
         """Signed signaling: browsers ignore the extra fields (rtchat-wire.md §9.3). With `to`, it goes to that
         peer's inbox if it has one; the signature still covers the room topic. compact, for rtchat.py 0.2: signed
         with our Ed25519 message key (which the channel later ties to our identity), and zlib'd on an inbox."""
-        topic = self._inboxes.get(to, (self.topic, False))[0]
+        topic = topic or self._inboxes.get(to, (self.topic, False))[0]
         envelope = {"sender": self.me, "timestamp": now_ms(), "subtopic": subtopic, "data": data,
                     "nonce": new_id()}
         signed = SIGNING_CONTEXT + canonical_json([self.topic, self.me, subtopic, envelope["timestamp"],
@@ -4078,13 +4150,16 @@ class Room(Emitter):
         signer, mkey = self._signer(envelope)
         # A peer we know signs: what comes in its name unsigned, or signed by a message key other than the ones we
         # know for it, is not from it. (Not knowing its message key, e.g. after a crash, the channel decides.)
+        accepting = mkey is not None and self.trust.is_accepting(bare_name(sender))  # /trust NAME: the channel decides
         impostor = signer is None and self.trust.signs(bare_name(sender)) and self.trust.policy != "any" and (
-            mkey is None or bool(self._message_keys_of(sender)))
-        if impostor and mkey is not None and ("impostor", bare_name(sender)) not in self._warned:
-            if len(self._warned) > 1024:
-                self._warned.clear()
-            self._warned.add(("impostor", bare_name(sender)))  # once per name: anyone can make fresh keys
-            self.emit("key-changed", sender, None, "changed")  # no identity key to show: only its message key
+            mkey is None or bool(self._message_keys_of(sender))) and not accepting
+        if impostor and mkey is not None:
+            self._hint_refused(sender, envelope)
+            if ("impostor", bare_name(sender)) not in self._warned:
+                if len(self._warned) > 1024:
+                    self._warned.clear()
+                self._warned.add(("impostor", bare_name(sender)))  # once per name: anyone can make fresh keys
+                self.emit("key-changed", sender, None, "changed")  # no identity key to show: only its message key
         if signer is False or (impostor and envelope["subtopic"] != "connect"):  # a connect is only a hint
             self.dropped += 1
             log.debug("dropped %s from %r: bad or missing signature", envelope["subtopic"], sender)
@@ -4094,9 +4169,37 @@ class Room(Emitter):
             return
         handler = {"connect": self._on_connect, "RTCOffer": self._on_offer, "RTCAnswer": self._on_answer,
                    "RTCIceCandidate": self._on_candidate, "unload": self._on_unload,
-                   "nameChange": self._on_name_change}.get(envelope["subtopic"])
+                   "nameChange": self._on_name_change, "refused": self._on_refused}.get(envelope["subtopic"])
         if handler is not None:
             handler(sender, envelope["data"], signer, envelope["timestamp"], mkey)
+
+    def _hint_refused(self, sender: str, envelope: dict) -> None:
+        """Tell an rtchat.py peer whose signaling we drop (its key is not the one pinned for its name) why it cannot
+        connect, on its inbox, at most every REFUSAL_HINT_EVERY_S per name. Only a hint: it opens nothing."""
+        data = envelope["data"]
+        info = data.get("userInfo") if envelope["subtopic"] == "RTCOffer" and isinstance(data, dict) else data
+        tag = info.get("inbox") if isinstance(info, dict) else None
+        bare, now = bare_name(sender), time.monotonic()
+        if not (isinstance(tag, str) and re.fullmatch(r"[0-9a-f]{16}", tag)) or \
+                now - self._hinted.get(bare, -math.inf) < REFUSAL_HINT_EVERY_S:
+            return
+        if len(self._hinted) > 1024:
+            self._hinted.clear()
+        self._hinted[bare] = now
+        self._publish("refused", {"target": sender, "reason": "key-changed"}, compact=True,
+                      topic=f"{self.topic}/{tag}")
+
+    def _on_refused(self, sender: str, data: Any, signer: str | None, stamp: float, mkey: str | None) -> None:
+        """A peer says it refuses our key (it has another pinned for our name): a 'key-refused' event, once per
+        peer and reason. confirmed: signed by the key we have pinned for it, else anyone could have sent it."""
+        if not isinstance(data, dict) or data.get("target") != self.me:
+            return
+        reason = data.get("reason") if data.get("reason") in ("key-changed",) else "unknown"
+        if ("refused-by", sender, reason) not in self._warned:
+            if len(self._warned) > 1024:
+                self._warned.clear()
+            self._warned.add(("refused-by", sender, reason))
+            self.emit("key-refused", sender, reason, signer is not None)
 
     def _for_us(self, envelope: dict) -> bool:
         """False for offers and answers to others: a room of N sees N² of them, and they must not use up the
@@ -4201,7 +4304,7 @@ class Room(Emitter):
             verdict = self.trust.verdict(bare_name(name), key)
         except ValueError:
             return False
-        if self.trust.allows(verdict):
+        if self.trust.allows(verdict) or (verdict == "changed" and self.trust.is_accepting(bare_name(name))):
             return True
         self.refused[bare_name(name)] = key  # what /trust NAME would accept
         if len(self.refused) > 256:
@@ -4226,7 +4329,7 @@ class Room(Emitter):
     def _note_inbox(self, name: str, info: Any, signer: str | None) -> None:
         """Where an rtchat.py peer wants its offers and answers. For a peer we know, only from what it signed;
         a stranger's may be forged, but that wins no session: identities are proven in the channel."""
-        if signer is None and self.trust.signs(bare_name(name)):
+        if signer is None and self.trust.signs(bare_name(name)) and not self.trust.is_accepting(bare_name(name)):
             return
         tag = info.get("inbox") if isinstance(info, dict) else None
         if isinstance(tag, str) and re.fullmatch(r"[0-9a-f]{16}", tag):
@@ -4510,7 +4613,7 @@ class Room(Emitter):
     async def _verify_legacy(self, peer: Peer) -> None:
         """RTChat's identify/challenge (§6.4) with the holes closed: a false result fails, nothing is sticky."""
         challenge = secrets.token_bytes(32)
-        pins = self.trust.pins_for(bare_name(peer.name))
+        pins = {} if self.trust.is_accepting(bare_name(peer.name)) else self.trust.pins_for(bare_name(peer.name))
         key = None
         try:
             if pins:
@@ -4539,9 +4642,15 @@ class Room(Emitter):
     def _verified(self, peer: Peer) -> None:
         peer.state = "verified"
         peer.verified_at = time.monotonic()
+        accepted = False
         with contextlib.suppress(RtchatError, ValueError):
-            if self.trust.verdict(bare_name(peer.name), peer.key_string) != "changed":  # --trust any: never re-pin
-                self.trust.pin(bare_name(peer.name), peer.key_string, signs=peer.channel_bound, author=peer.author)
+            bare = bare_name(peer.name)
+            verdict = self.trust.verdict(bare, peer.key_string)
+            accepted = verdict == "changed" and self.trust.is_accepting(bare)
+            if verdict != "changed" or accepted:  # --trust any: never re-pin; after /trust NAME: in place of the old
+                self.trust.pin(bare, peer.key_string, signs=peer.channel_bound, author=peer.author, replace=accepted)
+        if accepted:
+            self.emit("key-accepted", peer)
         self._peer_event.set()
         self.emit("verified", peer)
         self.emit("join", peer)
@@ -4621,17 +4730,21 @@ class Room(Emitter):
         if handler is None:
             peer.reply(value.get("n"), question, error=f"no answer for {topic!r} here")
             return
+        asked = Question(peer, topic, question.get("content"))
         try:
-            answer = handler(Question(peer, topic, question.get("content")))
+            answer = handler(asked)
             if asyncio.iscoroutine(answer):
                 answer = await asyncio.wait_for(answer, ASK_TIMEOUT_S)
+        except Exception as exc:  # whatever a handler raises: the asker hears at once, the user gets an event
+            log.debug("question %r from %s failed", topic, peer.name, exc_info=True)
+            failure = "no answer in time" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__
+            peer.reply(value.get("n"), question, error=f"{topic} failed: {failure}")
+            self.emit("question-failed", asked, exc)
+            return
+        try:
             to_json(answer)
         except (TypeError, ValueError):
             answer = str(answer)
-        except Exception as exc:
-            log.exception("question %r from %s failed", topic, peer.name)
-            peer.reply(value.get("n"), question, error=f"{topic} failed: {type(exc).__name__}")
-            return
         peer.reply(value.get("n"), question, answer)
 
     def _on_text(self, peer: Peer, label: str, value: Any) -> None:
@@ -5246,17 +5359,28 @@ async def _help(ctx: Context, args: str) -> None:
     ctx.echo("Lines not starting with / are sent to the room; //text sends a line starting with /.")
 
 
-@command("join", "j", help="switch to another room", usage="/join ROOM", example="/join #ops")
+@command("join", "j", help="join a room too, and go there", usage="/join ROOM", example="/join #ops")
 async def _join(ctx: Context, args: str) -> None:
-    """Leaves the current room and joins ROOM (a leading # is accepted)."""
-    room, _ = _split_first(args, "/join ROOM")
-    await ctx._app.switch_room(room)
+    """The rooms you were in stay joined (see /rooms, /switch); a leading # is accepted. They are joined again
+    when you next start rtchat.py."""
+    words = args.split()
+    if len(words) != 1:
+        raise UsageError("usage: /join ROOM (one word, e.g. /join ops); you stay where you are")
+    await ctx._app.switch_room(words[0])
 
 
-@command("part", "leave", help="leave the current room", usage="/part")
+@command("part", "leave", help="leave a room (this one by default)", usage="/part [ROOM]")
 async def _part(ctx: Context, args: str) -> None:
-    await ctx._app.switch_room(None)
-    ctx.echo("you are in no room now: /join ROOM")
+    left = args.strip() or (ctx.room.name if ctx._app.room else None)
+    now = await ctx._app.part_room(args.strip() or None)
+    ctx.echo(f"-!- left #{clean(left, 200)}; " + (f"now in #{now.name}" if now else "you are in no room: /join ROOM"))
+
+
+@command("switch", "s", "window", help="go to another room you are in (also Alt-1..9, Ctrl-N, Ctrl-P)",
+         usage="/switch ROOM")
+async def _switch(ctx: Context, args: str) -> None:
+    room, _ = _split_first(args, "/switch ROOM")
+    ctx._app.select_room(room)
 
 
 @command("peers", "who", "names", help="who is seen, connected, verified, with round trip", usage="/peers")
@@ -5322,12 +5446,15 @@ async def _whois(ctx: Context, args: str) -> None:
     name, _ = _split_first(args, "/whois NAME")
     peer = ctx.room.find(name)
     ctx.echo(f"{ctx.room.label(peer)}: {'rtchat.py' if peer.is_rtchat_py else 'browser'}, {peer.state}")
-    if peer.fingerprint:
+    if ctx.client.trust.is_accepting(bare_name(peer.name)):
+        ctx.echo("  /trust is waiting: the next key it proves is pinned")
+    if not peer.is_verified:
+        announced = f": it announced {show_fingerprint(peer.fingerprint)}, unproven" if peer.fingerprint else ""
+        ctx.echo(f"  NOT VERIFIED{announced}; no safety number until it proves its key")
+    elif peer.fingerprint:
         pinned = ctx.client.trust.verdict(bare_name(peer.name), peer.key_string)
         ctx.echo(f"  key fingerprint {show_fingerprint(peer.fingerprint)} ({pinned})")
         ctx.echo(f"  safety number   {safety_number(ctx.client.identity.fingerprint, peer.fingerprint)}")
-    else:
-        ctx.echo("  no key seen yet")
 
 
 @command("msg", "query", "m", help="direct message to one peer", usage="/msg NAME TEXT")
@@ -5395,17 +5522,22 @@ async def _ask(ctx: Context, args: str) -> None:
     ctx.echo(f"{room.label(peer)} answers: {clean(shown, keep_newlines=True)}")
 
 
-@command("trust", help="pin a peer's current key (also accepts a changed key)", usage="/trust NAME")
+@command("trust", help="pin a peer's key; for a changed key, the one it proves next", usage="/trust NAME")
 async def _trust(ctx: Context, args: str) -> None:
+    """A verified peer's key, or a browser's refused key, is pinned at once. Otherwise (an rtchat.py peer that
+    changed keys) the next key NAME proves in a channel, within 10 minutes, is pinned in place of the old one."""
     name, _ = _split_first(args, "/trust NAME")
-    room = ctx.room
-    peer = room.peers.get(name) or next((p for p in room.peers.values() if bare_name(p.name) == name), None)
-    key = peer.key_string if peer else room.refused.get(bare_name(name))
-    if not key:
-        raise UsageError(f"no key seen for {name!r} here")
-    ctx.client.trust.pin(bare_name(name), key, replace=True)
-    room.refused.pop(bare_name(name), None)
-    ctx.echo(f"pinned {bare_name(name)} to key {show_fingerprint(fingerprint(key))}")
+    room, bare = ctx.room, bare_name(name)
+    peer = room.peers.get(name) or next((p for p in room.peers.values() if bare_name(p.name) == bare), None)
+    key = peer.key_string if peer and peer.is_verified else room.refused.get(bare)
+    if key:
+        ctx.client.trust.pin(bare, key, replace=True)
+        room.refused.pop(bare, None)
+        ctx.echo(f"pinned {bare} to key {show_fingerprint(fingerprint(key))}")
+    else:
+        ctx.client.trust.accept_next(bare)
+        ctx.echo(f"-!- the next key {bare} proves (within {ACCEPT_NEXT_KEY_S / 60:g} minutes) will be pinned for "
+                 f"{bare}; then compare safety numbers with /whois {bare}")
     if peer is None or not peer.is_open:
         room.announce()
 
@@ -5432,11 +5564,52 @@ async def _history(ctx: Context, args: str) -> None:
         ctx._app.show(msg, from_history=True)
 
 
-@command("rooms", "list", help="rooms you have been in", usage="/rooms")
+@command("lastlog", help="search this room's history", usage="/lastlog TEXT", example="/lastlog deploy")
+async def _lastlog(ctx: Context, args: str) -> None:
+    """Every kept message of the room that contains TEXT (any case), oldest first, with its date."""
+    if not args.strip():
+        raise UsageError("usage: /lastlog TEXT")
+    wanted = args.strip().casefold()
+    found = [msg for msg in ctx.room.history(HISTORY_PER_ROOM) if wanted in msg.text.casefold()]
+    for msg in found[-50:]:
+        ctx._app.show(msg, from_history=True)
+    ctx.echo(f"-!- {len(found)} message(s) with {args.strip()!r} in #{ctx.room.name}" +
+             (" (the last 50 shown)" if len(found) > 50 else ""))
+
+
+@command("ignore", help="hide someone's messages (kept across restarts)", usage="/ignore [NAME]")
+async def _ignore(ctx: Context, args: str) -> None:
+    """Without NAME, lists whom you ignore. Their messages are still kept in the history."""
+    name = bare_name(args.strip().lstrip("@")).casefold()
+    if not name:
+        ignored = ctx.client.store.data["ignored"]
+        ctx.echo("ignoring " + ", ".join(ignored) if ignored else "you ignore nobody")
+        return
+    ctx.client.store.update(lambda d: d["ignored"].append(name) if name not in d["ignored"] else None)
+    ctx.echo(f"-!- ignoring {name} (/unignore {name} to undo)")
+
+
+@command("unignore", help="show someone's messages again", usage="/unignore NAME")
+async def _unignore(ctx: Context, args: str) -> None:
+    name, _ = _split_first(bare_name(args.strip().lstrip("@")).casefold(), "/unignore NAME")
+    if name not in ctx.client.store.data["ignored"]:
+        raise UsageError(f"you do not ignore {name}")
+    ctx.client.store.update(lambda d: d["ignored"].remove(name) if name in d["ignored"] else None)
+    ctx.echo(f"-!- no longer ignoring {name}")
+
+
+@command("rooms", "list", help="the rooms you are in, and those you have been in", usage="/rooms")
 async def _rooms(ctx: Context, args: str) -> None:
+    app = ctx._app
+    for number, room in enumerate(app.rooms, 1):
+        unread = app.unread.get(room.name)
+        state = "here" if room is app.room else f"{unread.count} unread" if unread else "joined"
+        ctx.echo(f"{number}: #{clean(room.name, 200)} ({state}, {len(room.verified_peers())} verified)")
     rooms = ctx.client.store.data["rooms"]
-    for name in sorted(rooms, key=lambda r: -rooms[r].get("last_joined", 0)):
-        ctx.echo(f"#{clean(name, 200)}" + (" (here)" if ctx._app.room and ctx._app.room.name == name else ""))
+    earlier = [name for name in sorted(rooms, key=lambda r: -rooms[r].get("last_joined", 0))
+               if name not in ctx.client.rooms]
+    if earlier:
+        ctx.echo("earlier: " + " ".join(f"#{clean(name, 200)}" for name in earlier[:20]))
 
 
 @command("clear", help="clear the screen", usage="/clear")
@@ -5522,6 +5695,58 @@ def no_route_text(them: str, facts: dict, report: NetReport | None) -> str:
     return f"no network path ({cause}); {fix}"
 
 
+MAX_SHOWN_ROWS = 12      # screen rows one message or notice may take at a terminal; the rest is counted, not shown
+
+
+def wrap_cells(text: str, first: int, rest: int) -> list[str]:
+    """text in pieces that fill first, then rest, terminal cells (wide characters count two), cut after a space
+    where one is in the piece's second half. A row we cut is never left for the terminal to wrap."""
+    from prompt_toolkit.utils import get_cwidth
+    pieces: list[str] = []
+    piece: list[str] = []
+    cells = 0
+    for ch in text:
+        width = get_cwidth(ch)
+        if cells + width > (rest if pieces else first) and piece:
+            cut = len(piece)
+            space = "".join(piece).rfind(" ")
+            if space >= cut // 2:
+                cut = space + 1
+            pieces.append("".join(piece[:cut]))
+            piece = piece[cut:]
+            cells = sum(get_cwidth(c) for c in piece)
+        piece.append(ch)
+        cells += width
+    pieces.append("".join(piece))
+    return pieces
+
+
+def screen_rows(head: str, text: str, width: int | None, limit: int = MAX_SHOWN_ROWS) -> list[str]:
+    """head + text as terminal rows. Every row after the first is indented, so no part of a message, however
+    padded or broken into lines, can start a row the way another message does; and one message takes at most
+    limit rows, the last saying how much is not shown (issue 12)."""
+    indent = " " * max(2, min(len(head), (width or 80) // 3))
+    rows: list[str] = []
+    consumed: list[int] = []  # characters of text shown up to and including each row
+    done = 0
+    for number, line in enumerate(text.split("\n")):
+        lead = head if number == 0 else indent
+        pieces = wrap_cells(lead + line, width, width - len(indent)) if width else [lead + line]
+        for index, piece in enumerate(pieces):
+            rows.append(piece if index == 0 else indent + piece)
+            done += len(piece) - (len(lead) if index == 0 else 0)
+            consumed.append(done)
+            if len(rows) > limit:
+                return rows[:limit - 1] + [f"{indent}[... {len(text) - consumed[limit - 2]} more characters]"]
+        done += 1
+    return rows
+
+
+def mentions(text: str, name: str) -> bool:
+    """Does a message name you (your name as a word, any case)?"""
+    return re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text, re.IGNORECASE) is not None
+
+
 def use_color(stream, flag: str | None = None) -> bool:
     """--color=always/never, else NO_COLOR, TERM=dumb and whether the stream is a terminal decide."""
     if flag in ("always", "never"):
@@ -5542,10 +5767,23 @@ def key_changed_text(name: str, fp: str | None, verdict: str) -> str:
     why = "uses a key you have not pinned" if verdict == "new" else "has a DIFFERENT KEY than the one pinned"
     bare = clean(bare_name(name), 80)
     if fp is None:  # signaling in a pinned rtchat.py peer's name, signed by another message key
-        return f"{why} (its signaling is signed by another key; anyone on the broker can send that); " \
-               f"ignored. Only if {bare} tells you they have a new key: /untrust {bare}, then compare " \
-               f"safety numbers (/whois) when you meet"
+        return f"{why}: its signaling is signed by another key (a new key, or anyone on the broker); ignored. " \
+               f"If {bare} changed keys, /trust {bare} accepts the key they prove next; then compare safety " \
+               f"numbers (/whois {bare})"
     return f"{why} ({show_fingerprint(fp)}); refused. If that is expected, /trust {bare}"
+
+
+def transfer_text(transfer: Transfer, label: str = "") -> str:
+    """What a 'file-progress' event says, as seen from our side."""
+    if transfer.state == "failed":
+        way = f"sent {transfer.name}, but it was not saved" if transfer.incoming else f"{transfer.name} was not sent"
+        return f"{way}: {clean(transfer.error, 300)}"
+    if transfer.state == "offered":
+        return f"is sending you {transfer.name} ({human_size(transfer.size)})" if transfer.incoming else \
+            f"offered {transfer.name} ({human_size(transfer.size)})"
+    if transfer.state == "done":
+        return f"{transfer.name} ({human_size(transfer.size)}) is there, SHA-256 checked"
+    return describe_transfer(transfer, label)
 
 
 def message_record(msg: Message) -> dict:
@@ -5587,6 +5825,29 @@ def event_record(room: Room, event: str, *args: Any) -> dict:
     elif event == "no-route":  # App adds text (the facts in words) and mapping (from a netcheck)
         peer, facts = args
         record.update(_peer_fields(room, peer), **facts)
+    elif event == "key-accepted":
+        peer = args[0]
+        record.update(_peer_fields(room, peer), text=f"is now pinned to its new key "
+                      f"{show_fingerprint(peer.fingerprint)}, as /trust asked; compare safety numbers: "
+                      f"/whois {room.label(peer)}")
+    elif event == "key-refused":
+        name, reason, confirmed = args
+        me = bare_name(room.me)
+        record.update({"from": clean(name, 80), "reason": reason, "confirmed": confirmed,
+                       "text": f"refuses your key: it has another key pinned for the name {me}, so you cannot "
+                               f"connect. If you changed keys, ask them to type /trust {me}" +
+                               ("" if confirmed else " (unconfirmed: anyone on the broker could send this)")})
+    elif event == "file-progress":
+        transfer = args[0]
+        record.update({"from": room.label(transfer.peer), "id": transfer.id, "name": transfer.name,
+                       "size": transfer.size, "done": transfer.done, "incoming": transfer.incoming,
+                       "state": transfer.state, "error": transfer.error,
+                       "text": transfer_text(transfer, room.label(transfer.peer))})
+    elif event == "question-failed":
+        asked, exc = args
+        error = f"{type(exc).__name__}: {clean(exc, 300)}"
+        record.update(_peer_fields(room, asked.sender), topic=clean(asked.topic, 64), error=error,
+                      text=f"the answer to its question {clean(asked.topic, 64)!r} failed: {error}")
     elif event == "status":
         record["text"] = clean(args[0], 500).removeprefix("-!- ")
     return record
@@ -5596,11 +5857,14 @@ class Printer:
     """Turns messages and events into lines: 'chat' for people, 'plain' (NAME: TEXT) or 'json' for scripts;
     'quiet' (pipe mode) shows no messages, and status on stderr."""
 
-    def __init__(self, style: str, color: bool, out=None, err=None) -> None:
+    def __init__(self, style: str, color: bool, out=None, err=None, width: Callable[[], int] | None = None,
+                 bell: bool = False) -> None:
         self.style = style
         self.color = color and style != "json"
         self.out = out or sys.stdout
         self.err = err or sys.stderr
+        self.width = width          # a terminal's columns, for 'chat': rows are cut to fit, never wrapped by it
+        self.bell = bell            # ring on a mention or a direct message ('chat')
         self.broken = False
 
     def _paint(self, text: str, code: int | str) -> str:
@@ -5609,9 +5873,9 @@ class Printer:
     def nick(self, name: str) -> str:
         return self._paint(name, _COLORS[int(hashlib.sha256(bare_name(name).encode()).hexdigest(), 16) % 12])
 
-    def _write(self, stream, line: str) -> None:
+    def _write(self, stream, line: str, end: str = "\n") -> None:
         try:
-            stream.write(line + "\n")
+            stream.write(line + end)
             stream.flush()
         except BrokenPipeError:
             self.broken = True
@@ -5619,56 +5883,107 @@ class Printer:
     def json_line(self, record: dict) -> None:
         self._write(self.out, json.dumps(record, ensure_ascii=False))
 
-    def message(self, msg: Message, me: str, from_history: bool = False) -> None:
+    def message(self, msg: Message, me: str, from_history: bool = False, other_room: bool = False,
+                mention: bool = False) -> None:
         if self.style == "quiet":
             return
         if self.style == "json":
             self.json_line({**message_record(msg), **({"history": True} if from_history else {})})
             return
-        text, sender, notes = msg.text, clean(msg.sender, MAX_NAME_CHARS + 16), []
+        text, sender = msg.text, clean(msg.sender, MAX_NAME_CHARS + 16)
+        via = ""
         if msg.relayed_by:
-            notes.append(f"via {clean(msg.relayed_by, MAX_NAME_CHARS + 16)}"
-                         + (", unverified" if msg.trust == "unverified" else ""))
-        if from_history and self.style == "plain":  # the chat marks history by its time stamp's style
-            notes.append("history")
-        if notes:
-            text += f"  ({', '.join(notes)})"
+            via = f"via {clean(msg.relayed_by, MAX_NAME_CHARS + 16)}" + (
+                ", unverified" if msg.trust == "unverified" else "")
         if self.style == "plain":
+            # (the chat marks history by its time stamp's style)
+            notes = [note for note in (via, "history" if from_history else "") if note]
+            text += f"  ({', '.join(notes)})" if notes else ""
             prefix = f"{sender} (dm)" if msg.kind == "dm" else sender
             self._write(self.out, f"{prefix}: {'* ' if msg.action else ''}{text.replace(chr(10), ' ')}")
             return
-        stamp = time.strftime("%H:%M", time.localtime(msg.ts / 1000))
-        stamp = self._paint(stamp, 2 if not from_history else "2;3")
-        if msg.kind == "dm":
-            who = f"[{self.nick(sender)} -> {self.nick(clean(msg.to or me, MAX_NAME_CHARS + 16))}]"
-        elif msg.action:
-            who = f"* {self.nick(sender)}"
-        else:
-            who = f"<{self.nick(sender)}>"
-        lines = text.split("\n")
-        indent = " " * (len(time.strftime("%H:%M")) + 1)
-        self._write(self.out, f"{stamp} {who} {lines[0]}" + "".join(f"\n{indent}  {line}" for line in lines[1:]))
+        self._chat_message(msg, sender, f"({via})" if via else "", me, from_history, other_room, mention)
 
-    def event(self, kind: str, name: str, text: str = "") -> None:
-        """join/leave/key-changed/file/no-route: a marked line (json style prints event_record instead)."""
+    def _chat_message(self, msg: Message, sender: str, via: str, me: str, from_history: bool, other_room: bool,
+                      mention: bool) -> None:
+        """HH:MM <name> text (with the date if not from today, #room first if not the room you are in). The
+        sender and how far it is trusted are on the first row, before the text; other rows are indented."""
+        when = time.localtime(msg.ts / 1000)
+        stamp = time.strftime("%H:%M" if when[:3] == time.localtime()[:3] else "%Y-%m-%d %H:%M", when)
+        to = clean(msg.to or me, MAX_NAME_CHARS + 16)
+        if msg.kind == "dm":
+            who, painted = f"[{sender} -> {to}]", f"[{self.nick(sender)} -> {self.nick(to)}]"
+        elif msg.action:
+            who, painted = f"* {sender}", f"* {self.nick(sender)}"
+        else:
+            who, painted = f"<{sender}>", f"<{self.nick(sender)}>"
+        place = f"#{clean(msg.room, 200)} " if other_room else ""
+        mark = f"{via} " if via else ""
+        head = f"{place}{stamp} {who} {mark}"
+        painted = f"{place}{self._paint(stamp, '2;3' if from_history else 2)} {painted} " + (
+            self._paint(via, 33) + " " if via else "")
+        self._rows(head, msg.text, painted, "1;33" if mention else None)
+        if mention and self.bell and not from_history:
+            self._write(self.out, "\a", end="")
+
+    def _rows(self, head: str, text: str, painted_head: str | None = None, code: int | str | None = None,
+              stream=None, limit: int = MAX_SHOWN_ROWS) -> None:
+        rows = screen_rows(head, text, self.width() if self.width else None, limit)
+        if painted_head is not None and rows[0].startswith(head):
+            rows[0] = painted_head + self._paint(rows[0][len(head):], code) if code else painted_head + rows[0][
+                len(head):]
+            rows[1:] = [self._paint(row, code) for row in rows[1:]] if code else rows[1:]
+        elif code:
+            rows = [self._paint(row, code) for row in rows]
+        self._write(stream or self.out, "\n".join(rows))
+
+    def event(self, kind: str, name: str, text: str = "", room: str | None = None) -> None:
+        """join/leave/key-changed/file/no-route: a marked line, led by the room if it is not the one you are in
+        (json style prints event_record instead)."""
         marker = {"join": "-->", "leave": "<--"}.get(kind, "-!-")
         name += ":" if kind == "no-route" else ""
-        self.status(f"{marker} {name} {text}".rstrip(), 32 if kind == "join" else 33 if kind == "leave" else 31)
+        place = f"#{clean(room, 200)} " if room else ""
+        self.status(f"{place}{marker} {name} {text}".rstrip(), 32 if kind == "join" else 33 if kind == "leave" else 31)
 
-    def status(self, text: str, code: int | str = 2) -> None:
-        stream = self.out if self.style == "chat" else self.err
-        self._write(stream, self._paint(text, code) if self.style == "chat" else text)
+    def status(self, text: str, code: int | str = 2, limit: int = MAX_SHOWN_ROWS) -> None:
+        if self.style == "chat":
+            self._rows("", text, code=code, limit=limit)
+        else:
+            self._write(self.err, text)
 
     def clear(self) -> None:
         if self.style == "chat":
             self._write(self.out, "\x1b[2J\x1b[H")
 
 
+@dataclasses.dataclass
+class Unread:
+    """Lines that came in a room while you were in another: all of them, and those for you (mentions, DMs)."""
+    count: int = 0
+    for_you: int = 0
+
+
+def describe_transfer(transfer: Transfer, label: str) -> str:
+    """'sending report.pdf to bob: 45.0 MB of 300.0 MB (15%), 13.6 MB/s, 19 s left'."""
+    verb, way = ("receiving", "from") if transfer.incoming else ("sending", "to")
+    line = f"{verb} {transfer.name} {way} {label}: {human_size(transfer.done)} of {human_size(transfer.size)}"
+    if transfer.size:
+        line += f" ({100 * transfer.done // transfer.size}%)"
+    elapsed = time.monotonic() - transfer.started
+    if transfer.state == "checking":
+        return line + ", waiting for the receiver to check it"
+    if transfer.done and elapsed > 0:
+        rate = transfer.done / elapsed
+        line += f", {human_size(rate)}/s, {math.ceil((transfer.size - transfer.done) / rate)} s left"
+    return line
+
+
 class App:
-    """What every front end shares: the client, the room you are in, commands, plugins and output."""
+    """What every front end shares: the client, the rooms you are in (one of them current), commands, plugins
+    and output. Room events become lines here: the library reports facts, this words them."""
 
     def __init__(self, client: Client, registry: Registry, printer: Printer, secret: str | None = None,
-                 history_lines: int = 10, plugins_send: bool = True) -> None:
+                 history_lines: int = 10, plugins_send: bool = True, remember_rooms: bool = False) -> None:
         self.client = client
         self.registry = registry
         self.printer = printer
@@ -5677,10 +5992,14 @@ class App:
         self.plugins_send = plugins_send    # off in the script modes: they send only what they are given
         self.history_left = math.inf        # history events still to show (--listen --history N shows N in all)
         self._passed_on: list[Message] = []  # history events of this turn of the loop: one peer's batch
+        self.remember_rooms = remember_rooms  # the interactive chat rejoins the rooms you were in on its next start
         self.room: Room | None = None
+        self.unread: dict[str, Unread] = {}
+        self.transfers: dict[str, Transfer] = {}  # files on their way, in or out
+        self.changed: Callable[[], None] = lambda: None  # the screen redraws what shows state (toolbar, progress)
         self.done = asyncio.Event()
         self._contexts: dict[str, Context] = {}
-        self._listeners: list[tuple[str, Callable]] = []
+        self._listeners: dict[str, list[tuple[str, Callable]]] = {}
         self.no_route: set[str] = set()   # peers with no network path: told once, until they join
         for topic, (func, origin) in registry.questions.items():
             client.questions[topic] = lambda q, func=func, origin=origin: func(self.context(origin), q)
@@ -5693,36 +6012,98 @@ class App:
     def echo(self, text: str) -> None:
         self.printer.status(clean(text, 4000, keep_newlines=True), 0)
 
-    def show(self, msg: Message, from_history: bool = False) -> None:
-        self.printer.message(msg, self.client.me, from_history)
+    def show(self, msg: Message, from_history: bool = False, mention: bool = False) -> None:
+        other = self.room is None or msg.room != self.room.name
+        self.printer.message(msg, self.client.me, from_history, other_room=other, mention=mention)
 
-    async def switch_room(self, name: str | None) -> None:
-        if self.room is not None:
-            for event, listener in self._listeners:
-                self.room.off(event, listener)
-            await self.client.leave(self.room)
-            self.room = None
-        if name is None:
-            return
-        room = await self.client.join(name, self.secret)
+    @property
+    def rooms(self) -> list[Room]:
+        """The rooms joined, in the order they were joined (Alt-1 is the first)."""
+        return list(self.client.rooms.values())
+
+    async def switch_room(self, name: str) -> Room:
+        """Make ROOM the current room, joining it first if need be; the other rooms stay joined. A bad name is a
+        UsageError before anything changes."""
+        name = check_room_name(name)
+        room = self.client.rooms.get(name)
+        if room is None:
+            room = await self.client.join(name, self.secret)
+            self._listeners[name] = [(event, room.on(event, self._relay(room, event))) for event in EVENTS]
+            self.room = room
+            for msg in room.history(self.history_lines):
+                self.show(msg, from_history=True)
+            sealed = " (sealed)" if room.seal else ""
+            self.printer.status(f"-!- joined #{clean(room.name, 200)}{sealed} as {room.me} "
+                                f"on {self.client.signaling.broker}")
+            if self.remember_rooms:
+                self.client.store.defer(lambda d: d["rooms"].setdefault(name, {}).update(open=True))
+        return self.select_room(name)
+
+    def select_room(self, name: str) -> Room:
+        """Make a joined room the current one (/switch, Alt-1..9, Ctrl-N/Ctrl-P)."""
+        room = self.client.rooms.get(name.lstrip("#"))
+        if room is None:
+            raise UsageError(f"you are not in #{clean(name.lstrip('#'), 200)} (/join it first)")
         self.room = room
-        self.no_route.clear()
-        self._listeners = [(event, room.on(event, self._relay(event))) for event in EVENTS]
-        for msg in room.history(self.history_lines):
-            self.show(msg, from_history=True)
-        sealed = " (sealed)" if room.seal else ""
-        self.printer.status(f"-!- joined #{clean(room.name, 200)}{sealed} as {room.me} "
-                            f"on {self.client.signaling.broker}")
+        self.unread.pop(room.name, None)
+        if self.remember_rooms:
+            self.client.store.defer(lambda d: d.update(last_room=room.name))
+        self.changed()
+        return room
 
-    def _relay(self, event: str) -> Callable:
+    async def part_room(self, name: str | None = None) -> Room | None:
+        """Leave a room (the current one by default); returns the room you are in after it, if any."""
+        room = self.room if name is None else self.client.rooms.get(name.lstrip("#"))
+        if room is None:
+            raise UsageError("you are in no room" if name is None else f"you are not in #{clean(name, 200)}")
+        for event, listener in self._listeners.pop(room.name, ()):
+            room.off(event, listener)
+        self.unread.pop(room.name, None)
+        await self.client.leave(room)
+        if self.remember_rooms:
+            self.client.store.defer(lambda d: d["rooms"].setdefault(room.name, {}).update(open=False))
+        if self.room is room:
+            self.room = None
+            if self.rooms:
+                self.select_room(self.rooms[-1].name)
+        self.changed()
+        return self.room
+
+    async def rejoin(self, current: str) -> None:
+        """Join the rooms that were open when the interactive chat last ran (current last, so it is current)."""
+        rooms = self.client.store.data["rooms"]
+        remembered = sorted((name for name, r in rooms.items() if isinstance(r, dict) and r.get("open")),
+                            key=lambda name: rooms[name].get("last_joined", 0))
+        for name in remembered:
+            if name != current.lstrip("#"):
+                try:
+                    await self.switch_room(name)
+                except RtchatError as exc:
+                    self.printer.status(f"-!- could not rejoin #{clean(name, 200)}: {exc}", 31)
+
+    def is_ignored(self, name: str) -> bool:
+        return bare_name(name).casefold() in self.client.store.data["ignored"]
+
+    def _relay(self, room: Room, event: str) -> Callable:
         def relay(*args: Any) -> None:
-            self._display(event, *args)
+            self._display(room, event, *args)
             for func, origin in self.registry.hooks.get(event, ()):
-                _spawn(call_hook(func, self.context(origin), *args), f"hook-{origin}-{event}")
+                _spawn(self._run_hook(func, origin, event, args), f"hook-{origin}-{event}")
         return relay
 
-    def _display(self, event: str, *args: Any) -> None:
-        room = self.room
+    async def _run_hook(self, func: Callable, origin: str, event: str, args: tuple) -> None:
+        try:
+            await call_hook(func, self.context(origin), *args)
+        except Exception as exc:
+            self.failed(f"@on({event!r}) in {origin}", exc)
+
+    def failed(self, what: str, exc: BaseException) -> None:
+        """A command or handler broke: one line for the user; the traceback only with --debug."""
+        log.debug("%s failed", what, exc_info=exc)
+        self.printer.status(f"-!- {what} failed: {type(exc).__name__}: {clean(exc, 300)} (see --debug)", 31)
+
+    def _display(self, room: Room, event: str, *args: Any) -> None:
+        other = room is not self.room
         if event == "join":
             self.no_route.discard(args[0].name)
         if event == "history":  # a message said before we came, passed on by a peer: shown as history, if wanted
@@ -5737,13 +6118,30 @@ class App:
         elif self.printer.style == "json":
             self.printer.json_line(event_record(room, event, *args))
         elif event in ("message", "dm"):
-            self.show(args[0])
-        elif event in ("join", "leave", "key-changed", "file"):
+            msg = args[0]
+            if self.is_ignored(msg.sender):
+                return
+            for_you = msg.kind == "dm" or mentions(msg.text, self.client.name)
+            if other:
+                unread = self.unread.setdefault(room.name, Unread())
+                unread.count += 1
+                unread.for_you += for_you
+                self.changed()
+            self.show(msg, mention=for_you)
+        elif event in ("join", "leave", "key-changed", "file", "key-accepted", "key-refused"):
             record = event_record(room, event, *args)
-            self.printer.event(event, record["from"], record["text"])
+            self.printer.event(event, record["from"], record["text"], room.name if other else None)
+            self.changed()
         elif event == "delivered":
             msg_id, peer = args
-            self.printer.status(f"-!- delivered to {room.label(peer)}", 2)
+            self.printer.status(("#" + room.name + " " if other else "") + f"-!- delivered to {room.label(peer)}", 2)
+        elif event == "file-progress":
+            self._display_transfer(room, args[0], other)
+        elif event == "question-failed":
+            asked, exc = args
+            origin = self.registry.questions.get(asked.topic, (None, "a handler"))[1]
+            self.failed(f"the answer to {room.label(asked.sender)}'s question {clean(asked.topic, 64)!r} "
+                        f"({origin}; they were told)", exc)
         elif event == "status":
             self.printer.status(clean(args[0], 500), 31)
 
@@ -5760,11 +6158,24 @@ class App:
         if self.printer.style == "json":
             self.printer.json_line(record)
         else:
-            self.printer.event("no-route", record["from"], record["text"])
+            self.printer.event("no-route", record["from"], record["text"],
+                               room.name if room is not self.room else None)
+
+    def _display_transfer(self, room: Room, transfer: Transfer, other: bool) -> None:
+        """Files on their way are kept for the screen's progress lines; an incoming one is told when it starts and,
+        if it fails, why (an outgoing one's end is told by whoever sent it, e.g. /send)."""
+        if transfer.is_over:
+            self.transfers.pop(transfer.id, None)
+        else:
+            self.transfers[transfer.id] = transfer
+        if transfer.incoming and transfer.state in ("offered", "failed"):
+            self.printer.event("file", room.label(transfer.peer), transfer_text(transfer),
+                               room.name if other else None)
+        self.changed()
 
     def _show_passed_on(self) -> None:
         """What a peer passed on at once comes oldest first: the newest of it, as many as are still wanted."""
-        batch, self._passed_on = self._passed_on, []
+        batch, self._passed_on = [msg for msg in self._passed_on if not self.is_ignored(msg.sender)], []
         keep = int(min(len(batch), max(self.history_left, 0)))
         self.history_left -= keep
         for msg in batch[len(batch) - keep:]:
@@ -5777,17 +6188,23 @@ class App:
         except RtchatError as exc:
             self.printer.status(f"-!- {exc}", 31)
         except Exception as exc:
-            log.debug("command failed", exc_info=True)
-            self.printer.status(f"-!- {line.split()[0]} failed: {type(exc).__name__}: {exc} (see --debug)", 31)
+            self.failed(line.split()[0], exc)
 
-    def toolbar(self) -> str:
+    def toolbar(self) -> list[tuple[str, str]]:
+        """The status bar: the room you are in and who is there, then other rooms with unread lines (those with
+        lines for you stand out), then you and the broker. Most important first, for narrow terminals."""
         client, room = self.client, self.room
+        bar = [("", f" #{room.name}{' (sealed)' if room.seal else ''}: {len(room.verified_peers())} verified of "
+                    f"{len(room.peers)} seen " if room else " no room (/join ROOM) ")]
+        for number, other in enumerate(self.rooms, 1):
+            unread = self.unread.get(other.name)
+            if other is not room and unread:
+                style = "class:toolbar.for-you" if unread.for_you else ""
+                bar.append(("", "|"))
+                bar.append((style, f" {number}:#{other.name} {unread.count}{'!' if unread.for_you else ''} "))
         broker = "broker ok" if client.signaling.is_connected else "broker reconnecting"
-        if room is None:
-            return f" {client.me} | no room | {broker} "
-        verified = len(room.verified_peers())
-        return f" {client.me} in #{room.name}{' (sealed)' if room.seal else ''} | {verified} verified of " \
-               f"{len(room.peers)} seen | {broker} "
+        bar.append(("", f"| {client.me}, {broker} "))
+        return bar
 
 
 class _StateHistory:
@@ -5810,50 +6227,176 @@ class _StateHistory:
 
 
 def _completer(app: App):
-    from prompt_toolkit.completion import Completer, Completion
+    from prompt_toolkit.completion import Completer, Completion, PathCompleter
+    from prompt_toolkit.document import Document
+    paths = PathCompleter(expanduser=True)
 
     class ChatCompleter(Completer):
-        """Command names after '/', peer names elsewhere ('alice: ' at the start of a line)."""
+        """Command names after '/' and '/help ', file paths after '/send NAME ', rooms after /join, /switch and
+        /part, peer names elsewhere ('alice: ' at the start of a line)."""
 
         def get_completions(self, document, complete_event):
             text = document.text_before_cursor
             word = document.get_word_before_cursor(WORD=True)
-            if text.startswith("/") and " " not in text:
-                for name in sorted(app.registry.commands):
-                    if name.startswith(text[1:].lower()):
-                        yield Completion("/" + name, start_position=-len(text))
-                return
-            room = app.room
-            for peer in list(room.peers.values()) if room else []:
-                label = room.label(peer)
-                if label.lower().startswith(word.lstrip("@").lower()):
-                    yield Completion(label + (": " if text == word else ""), start_position=-len(word))
+            typed, space, rest = text.partition(" ")
+            spec = app.registry.commands.get(typed[1:].lower()) if typed.startswith("/") and space else None
+            if text.startswith("/") and not space:
+                yield from self._commands(text[1:], "/")
+            elif spec is not None and spec.name == "help" and " " not in rest:
+                yield from self._commands(rest.lstrip("/"), "")
+            elif spec is not None and spec.name == "send" and " " in rest.lstrip():
+                yield from paths.get_completions(Document(rest.lstrip().partition(" ")[2].lstrip()), complete_event)
+            elif spec is not None and spec.name in ("join", "switch", "part") and " " not in rest:
+                known = [room.name for room in app.rooms] + [name for name in app.client.store.data["rooms"]
+                                                            if spec.name == "join"]
+                for name in dict.fromkeys(known):
+                    if name.startswith(rest.lstrip("#")):
+                        yield Completion(name, start_position=-len(rest))
+            else:
+                room = app.room
+                for peer in list(room.peers.values()) if room else []:
+                    label = room.label(peer)
+                    if label.lower().startswith(word.lstrip("@").lower()):
+                        yield Completion(label + (": " if text == word else ""), start_position=-len(word))
+
+        @staticmethod
+        def _commands(typed: str, slash: str):
+            for name in sorted(app.registry.commands):
+                if name.startswith(typed.lower()):
+                    yield Completion(slash + name, start_position=-len(typed) - len(slash))
     return ChatCompleter()
 
 
-async def run_interactive(app: App) -> int:
+class ScreenOutput:
+    """Where the interactive chat's lines go. While the prompt runs, prompt_toolkit erases the prompt and the
+    status bar, the lines are printed, and it draws both again below them: a line never lands in the draft or
+    under the status bar. Lines that come together are printed together, with one redraw."""
+
+    def __init__(self) -> None:
+        from prompt_toolkit.output import create_output
+        self.output = create_output()
+        self.app = None  # the prompt's Application while there is one
+        self._pending: list[str] = []
+        self._scheduled = False
+
+    def columns(self) -> int:
+        return max(20, self.output.get_size().columns)
+
+    def write(self, text: str) -> None:
+        self._pending.append(text)
+
+    def flush(self) -> None:
+        if self.app is None or not self.app.is_running:
+            self._print()
+        elif not self._scheduled:
+            from prompt_toolkit.application import run_in_terminal
+            from prompt_toolkit.application.current import set_app
+            self._scheduled = True
+            with set_app(self.app):  # also from callbacks that run outside the prompt's context (peers, timers)
+                run_in_terminal(self._print)
+
+    def _print(self) -> None:
+        self._scheduled = False
+        text, self._pending = "".join(self._pending), []
+        if text:
+            self.output.write_raw(text.replace("\n", "\r\n"))
+            self.output.flush()
+
+
+class _LogToScreen(logging.Handler):
+    """Log lines (warnings; everything with --debug) shown above the prompt like any other line."""
+
+    def __init__(self, printer: Printer, formatter: logging.Formatter | None) -> None:
+        super().__init__()
+        self.printer = printer
+        self.setFormatter(formatter)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            self.printer.status(self.format(record), 31, limit=1000)
+
+
+def _key_bindings(app: App):
+    from prompt_toolkit.filters import has_completions
+    from prompt_toolkit.key_binding import KeyBindings
+    from prompt_toolkit.keys import Keys
+
+    keys = KeyBindings()
+
+    @keys.add("c-c")
+    def _interrupt(event) -> None:
+        """Ctrl-C clears the line; a second one in a row, on the empty line, leaves (as does Ctrl-D)."""
+        previous = event.previous_key_sequence
+        if event.current_buffer.text:
+            event.current_buffer.reset()
+        elif previous and previous[-1].key == Keys.ControlC:
+            event.app.exit(exception=KeyboardInterrupt)
+        else:
+            app.echo("-!- Ctrl-C again (or Ctrl-D, or /quit) to leave")
+
+    def go(offset: int | None = None, number: int | None = None) -> None:
+        rooms = app.rooms
+        if number is not None:
+            if number <= len(rooms):
+                app.select_room(rooms[number - 1].name)
+        elif rooms:
+            here = rooms.index(app.room) if app.room in rooms else 0
+            app.select_room(rooms[(here + offset) % len(rooms)].name)
+
+    for number in range(1, 10):
+        keys.add("escape", str(number))(lambda event, number=number: go(number=number))
+    keys.add("c-n", filter=~has_completions)(lambda event: go(1))
+    keys.add("c-p", filter=~has_completions)(lambda event: go(-1))
+    return keys
+
+
+def _prompt_message(app: App) -> str:
+    """Files on their way, one line each, updated in place; then the prompt, '[room] '."""
+    lines = []
+    for transfer in list(app.transfers.values()):
+        room = app.client.rooms.get(transfer.room)
+        lines.append("-!- " + describe_transfer(transfer, room.label(transfer.peer) if room else transfer.peer))
+    return "\n".join(lines + [f"[{app.room.name if app.room else '-'}] "])
+
+
+async def run_interactive(app: App, screen: ScreenOutput) -> int:
     from prompt_toolkit import PromptSession
     from prompt_toolkit.patch_stdout import patch_stdout
+    from prompt_toolkit.styles import Style
 
-    session = PromptSession(history=_StateHistory.make(app.client.store), completer=_completer(app),
-                            complete_while_typing=False, bottom_toolbar=app.toolbar, refresh_interval=1.0,
-                            erase_when_done=True)  # the line comes back formatted, as in IRC clients
-    app.echo("Type to chat; /help lists commands; Ctrl-D quits.")
-    with patch_stdout(raw=True):
-        while not app.done.is_set():
-            prompt = asyncio.ensure_future(session.prompt_async(f"[{app.room.name if app.room else '-'}] "))
-            done = asyncio.ensure_future(app.done.wait())
-            await asyncio.wait({prompt, done}, return_when=asyncio.FIRST_COMPLETED)
-            if not prompt.done():
-                prompt.cancel()
+    session = PromptSession(lambda: _prompt_message(app), history=_StateHistory.make(app.client.store),
+                            completer=_completer(app), complete_while_typing=False, bottom_toolbar=app.toolbar,
+                            refresh_interval=1.0, erase_when_done=True,  # the line comes back formatted, as in IRC
+                            key_bindings=_key_bindings(app), output=screen.output,
+                            style=Style.from_dict({"toolbar.for-you": "bold underline"}))
+    screen.app, app.changed = session.app, session.app.invalidate
+    root = logging.getLogger()
+    handlers = root.handlers[:]
+    root.handlers = [_LogToScreen(app.printer, handlers[0].formatter if handlers else None)]
+    lines: set[asyncio.Task] = set()
+    app.echo("Type to chat; /help lists commands; Ctrl-C clears the line; Ctrl-D or /quit leaves.")
+    try:
+        with patch_stdout(raw=True):  # anything else printed goes above the prompt too
+            while not app.done.is_set():
+                prompt = asyncio.ensure_future(session.prompt_async())
+                done = asyncio.ensure_future(app.done.wait())
+                await asyncio.wait({prompt, done}, return_when=asyncio.FIRST_COMPLETED)
                 done.cancel()
-                break
-            done.cancel()
-            try:
-                line = prompt.result()
-            except (EOFError, KeyboardInterrupt):
-                break
-            await app.run_line(line)
+                if not prompt.done():
+                    prompt.cancel()
+                    break
+                try:
+                    line = prompt.result()
+                except (EOFError, KeyboardInterrupt):
+                    break
+                task = _spawn(app.run_line(line), "line")  # nothing a command waits for holds up typing
+                lines.add(task)
+                task.add_done_callback(lines.discard)
+    finally:
+        for task in lines:
+            task.cancel()
+        root.handlers = handlers
+        screen.app, app.changed = None, lambda: None
     return 0
 
 
@@ -6048,6 +6591,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                         help="colour on a terminal (auto, the default, also follows NO_COLOR and TERM=dumb)")
     parser.add_argument("--no-color", dest="color", action="store_const", const="never", help="same as --color never")
+    parser.add_argument("--no-bell", dest="bell", action="store_false",
+                        help="no terminal bell when someone names you or sends you a direct message")
     parser.add_argument("--debug", action="store_true", default=bool(env("RTCHAT_DEBUG")),
                         help="log details to stderr")
     parser.add_argument("--version", action="version", version=f"rtchat.py {__version__}")
@@ -6105,7 +6650,9 @@ async def run(args: argparse.Namespace) -> int:
     client = Client(name, broker=args.broker, state=state_path, ice=args.ice, ice_hosts=args.ice_host,
                     trust=args.trust, passphrase=passphrase, files=None if args.files == "off" else args.files)
     style = "chat" if interactive else "json" if args.json else "plain" if args.listen else "quiet"
-    printer = Printer(style, use_color(sys.stdout, args.color))
+    screen = ScreenOutput() if interactive else None
+    printer = Printer(style, use_color(sys.stdout, args.color), out=screen, err=screen,
+                      width=screen.columns if screen else None, bell=interactive and args.bell)
     registry = Registry()
     registry.collect(globals(), "core")
     loaded, skipped = load_plugins(registry, plugin_folders())
@@ -6115,7 +6662,7 @@ async def run(args: argparse.Namespace) -> int:
         printer.status(f"{len(loaded)} plugin(s) loaded" + (f", {len(skipped)} skipped" if skipped else ""))
     await client.start()
     app = App(client, registry, printer, secret=args.secret, history_lines=10 if interactive else 0,
-              plugins_send=interactive)
+              plugins_send=interactive, remember_rooms=interactive)
     loop = asyncio.get_running_loop()
     import signal
     interrupted = []
@@ -6128,9 +6675,11 @@ async def run(args: argparse.Namespace) -> int:
             loop.add_signal_handler(signum, interrupt)
     try:
         room = args.room or client.store.data.get("last_room") or DEFAULT_ROOM
+        if interactive:
+            await app.rejoin(room)
         await app.switch_room(room)
         if interactive:
-            code = await run_interactive(app)
+            code = await run_interactive(app, screen)
         elif args.mode == "listen":
             code = await run_listen(app, args.count, args.history)
         else:
