@@ -6367,6 +6367,7 @@ async def run_interactive(app: App, screen: ScreenOutput) -> int:
     session = PromptSession(lambda: _prompt_message(app), history=_StateHistory.make(app.client.store),
                             completer=_completer(app), complete_while_typing=False, bottom_toolbar=app.toolbar,
                             refresh_interval=1.0, erase_when_done=True,  # the line comes back formatted, as in IRC
+                            reserve_space_for_menu=0,  # the status bar right under the line, as in IRC clients
                             key_bindings=_key_bindings(app), output=screen.output,
                             style=Style.from_dict({"toolbar.for-you": "bold underline"}))
     screen.app, app.changed = session.app, session.app.invalidate
@@ -6374,7 +6375,7 @@ async def run_interactive(app: App, screen: ScreenOutput) -> int:
     handlers = root.handlers[:]
     root.handlers = [_LogToScreen(app.printer, handlers[0].formatter if handlers else None)]
     lines: set[asyncio.Task] = set()
-    app.echo("Type to chat; /help lists commands; Ctrl-C clears the line; Ctrl-D or /quit leaves.")
+    app.echo("Type to chat; /help lists commands; Ctrl-D or /quit leaves.")
     try:
         with patch_stdout(raw=True):  # anything else printed goes above the prompt too
             while not app.done.is_set():

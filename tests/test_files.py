@@ -71,8 +71,8 @@ def test_a_corrupted_file_is_not_saved(broker, tmp_path):
     """A sender whose bytes do not match its header's SHA-256: refused, and no file or .part is left."""
     async def scenario():
         alice, bob, ra, rb = await file_pair(tmp_path, broker.url)
-        statuses, files = [], []
-        rb.on("status", statuses.append)
+        reports, files = [], []
+        rb.on("file-progress", lambda transfer: reports.append((transfer.state, transfer.error)))
         rb.on("file", files.append)
         channel = await ra.peers["bob"].open_channel("file/forged")
         replies = asyncio.Queue()
@@ -82,7 +82,8 @@ def test_a_corrupted_file_is_not_saved(broker, tmp_path):
         channel.send(b"abcd")
         verdict = rtchat.parse_json(await asyncio.wait_for(replies.get(), 5))
         assert verdict["ok"] is False and "SHA-256" in verdict["error"]
-        await eventually(lambda: statuses, what="the status line")
+        await eventually(lambda: reports and reports[-1][0] == "failed", what="the failure report")
+        assert reports[0] == ("offered", None) and "SHA-256" in reports[-1][1]
         assert not files and list((tmp_path / "inbox").iterdir()) == []
         # more bytes than announced, a wrong hash after the data, a bad trailer, and a header that is not one
         for header, payload, trailer in (({"name": "y", "size": 2, "sha256": "0" * 64}, b"abc", None),
