@@ -6330,7 +6330,7 @@ def _key_bindings(app: App):
         if event.current_buffer.text:
             event.current_buffer.reset()
         elif previous and previous[-1].key == Keys.ControlC:
-            event.app.exit(exception=KeyboardInterrupt)
+            event.app.exit(exception=EOFError)  # as Ctrl-D (a KeyboardInterrupt would stop the event loop)
         else:
             app.echo("-!- Ctrl-C again (or Ctrl-D, or /quit) to leave")
 

@@ -24,16 +24,23 @@ MESSAGE_ROW = re.compile(r"^\d\d:\d\d <(\w+)> (.*)$")
 class Terminal:
     """rtchat.py on a pty of cols x rows; what it writes goes through pyte, which answers its cursor queries."""
 
-    def __init__(self, args: list[str], env: dict, cols: int = 80, rows: int = 24) -> None:
+    def __init__(self, args: list[str], env: dict, cols: int = 80, rows: int = 24, cwd=None) -> None:
         self.screen = pyte.Screen(cols, rows)
         self.stream = pyte.ByteStream(self.screen)
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: the terminal's size is set before rtchat.py looks at it
             fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+            if cwd:
+                os.chdir(cwd)
             os.execve(sys.executable, rtchat_cmd(*args), env)
         self.screen.write_process_input = lambda text: os.write(self.fd, text.encode())
+        self.bells = 0
+        self.screen.bell = self._bell
         self.closed = False
         asyncio.get_running_loop().add_reader(self.fd, self._read)
+
+    def _bell(self, *args) -> None:
+        self.bells += 1
 
     def _read(self) -> None:
         try:
@@ -51,6 +58,10 @@ class Terminal:
 
     def text(self) -> str:
         return "\n".join(self.rows())
+
+    def lines(self) -> list[str]:
+        """The rows, with rows cut to the width (indented) joined back to the line they continue."""
+        return re.sub(r"\n +", " ", self.text()).split("\n")
 
     def type(self, keys: str | bytes) -> None:
         os.write(self.fd, keys.encode() if isinstance(keys, str) else keys)
@@ -99,9 +110,10 @@ class Terminal:
 
 
 @contextlib.asynccontextmanager
-async def chat(tmp_path, broker, name="alice", room="vis", cols=80, rows=24, extra=(), **env):
-    term = Terminal([name, "--room", room, "--state", str(tmp_path / f"{name}.json"), *extra],
-                    cli_env(broker.url, TERM="xterm", **env), cols, rows)
+async def chat(tmp_path, broker, name="alice", room="vis", cols=80, rows=24, extra=(), state=None, cwd=None,
+               **env):
+    term = Terminal([name, "--room", room, "--state", str(state or tmp_path / f"{name}.json"), *extra],
+                    cli_env(broker.url, TERM="xterm", **env), cols, rows, cwd)
     try:
         await term.wait(lambda: f"[{room}]" in term.prompt_row(), "the prompt")
         yield term
@@ -135,18 +147,20 @@ def test_a_draft_survives_two_peers_talking(broker, tmp_path, cols, rows):
                     room.send(f"{who} says {n}")
                     said.append((who, f"{who} says {n}"))
             # each peer's lines in the order it said them; how the two interleave is up to the network
-            await term.wait(lambda: sorted(message_rows(term)) == sorted(said), "every message on a row of its own")
+            await term.wait(lambda: sorted(message_rows(term)) == sorted(said) and term.prompt_row() ==
+                            "[vis] draft number 3" and len(term.toolbar_rows()) == 1,
+                            "every message on a row of its own, the draft, the status bar")
             for who in ("bob", "carol"):
                 assert [row for row in message_rows(term) if row[0] == who] == [row for row in said if row[0] == who]
-            assert term.prompt_row() == "[vis] draft number 3"
             assert [row for row in term.rows() if "draft" in row] == ["[vis] draft number 3"]
-            assert len(term.toolbar_rows()) == 1 and term.toolbar_rows()[0].startswith(" #vis: 2 verified of 2 seen")
+            assert term.toolbar_rows()[0].startswith(" #vis: 2 verified of 2 seen")
+            below = term.rows()[term.screen.cursor.y + 1:]
+            assert below[-1] == term.toolbar_rows()[0] and not any(below[:-1])  # the status bar at the bottom
             received = []
             rb.on("message", received.append)
             term.type("\r")
             await term.wait(lambda: ("alice", "draft number 3") in message_rows(term), "the sent line")
-            assert term.prompt_row() == "[vis]"
-            await asyncio.wait_for(rb.wait_for_peers(2), 10)
+            await term.wait(lambda: term.prompt_row() == "[vis]", "an empty prompt")
             for client in clients:
                 await client.close()
             await term.wait(lambda: "0 verified of 0 seen" in term.text(), "the status bar to follow")
@@ -154,3 +168,211 @@ def test_a_draft_survives_two_peers_talking(broker, tmp_path, cols, rows):
             term.type("\x04")
             assert await term.exit_code() == 0
     run(scenario(), 90)
+
+
+def test_a_resize_keeps_the_screen_whole(broker, tmp_path):
+    async def scenario():
+        async with chat(tmp_path, broker) as term:
+            clients, (rb,) = await peers_in(tmp_path, broker, "vis", "bob")
+            await rb.wait_for_peers(1, 20)
+            await term.wait_for_text("bob joined")
+            term.type("a draft")
+            await term.wait(lambda: term.prompt_row() == "[vis] a draft", "the draft")
+            term.resize(50, 30)
+            await term.wait(lambda: term.prompt_row() == "[vis] a draft" and len(term.toolbar_rows()) == 1,
+                            "the prompt and one status bar after the resize")
+            rb.send("word " * 14)
+            await term.wait(lambda: ("bob", "word " * 6 + "word") in [(w, t.rstrip()) for w, t in message_rows(term)],
+                            "the message cut to 50 columns")
+            rows = term.rows()
+            first = next(i for i, row in enumerate(rows) if MESSAGE_ROW.match(row) and "word" in row)
+            assert rows[first + 1].startswith(" " * 12 + "word") and all(len(row) <= 50 for row in rows)
+            assert term.prompt_row() == "[vis] a draft" and len(term.toolbar_rows()) == 1
+            await clients[0].close()
+    run(scenario(), 90)
+
+
+def test_ask_does_not_hold_up_typing(broker, tmp_path):
+    """Problem 2: a line typed while /ask waits goes out at once (here the answer waits for that line)."""
+    async def scenario():
+        async with chat(tmp_path, broker) as term:
+            clients, (rb,) = await peers_in(tmp_path, broker, "vis", "bob")
+            typed = asyncio.Event()
+            rb.on("message", lambda msg: msg.text == "typed while waiting" and typed.set())
+
+            async def slow(question):
+                await asyncio.wait_for(typed.wait(), rtchat.ASK_TIMEOUT_S - 1)
+                return "got it"
+            clients[0].questions["slow"] = slow
+            await rb.wait_for_peers(1, 20)
+            await term.wait_for_text("bob joined")
+            term.type("/ask bob slow\r")
+            await term.wait_for_text("asking bob: slow")
+            term.type("typed while waiting\r")
+            await term.wait_for_text("bob answers: got it")
+            assert ("alice", "typed while waiting") in message_rows(term)
+            await clients[0].close()
+    run(scenario(), 90)
+
+
+BROKEN_PLUGIN = '''
+from rtchat import on, question
+
+@question("boom")
+def boom(ctx, q):
+    raise ValueError("no dice")
+
+@question("crash")
+async def crash(ctx, q):
+    raise RuntimeError("deep down")
+
+@on("join")
+def greet(ctx, peer):
+    raise RuntimeError("hook broke")
+'''
+
+
+def test_failing_handlers_are_one_line_and_the_asker_hears_at_once(broker, tmp_path):
+    """Problem 3: question handlers and hooks that raise: one line each, no traceback, an error answer at once."""
+    async def scenario():
+        (tmp_path / "plugins").mkdir()
+        (tmp_path / "plugins" / "broken.py").write_text(BROKEN_PLUGIN)
+        async with chat(tmp_path, broker, RTCHAT_PLUGINS=str(tmp_path / "plugins")) as term:
+            clients, (rb,) = await peers_in(tmp_path, broker, "vis", "bob")
+            await rb.wait_for_peers(1, 20)
+            await term.wait_for_text("@on('join') in broken failed: RuntimeError: hook broke (see --debug)")
+            with pytest.raises(rtchat.AskError, match="boom failed: ValueError"):
+                await rb.ask("alice", "boom")
+            with pytest.raises(rtchat.AskError, match="crash failed: RuntimeError"):
+                await rb.ask("alice", "crash")
+            await term.wait_for_text("RuntimeError: deep down (see --debug)")
+            lines = [line for line in term.lines() if "failed" in line]
+            assert len(lines) == 3 and "question 'boom' (broken; they were told) failed: ValueError: no dice" in lines[1]
+            assert "Traceback" not in term.text() and "UnboundLocalError" not in term.text()
+            await clients[0].close()
+    run(scenario(), 90)
+
+
+def test_a_bad_join_is_an_error_and_you_stay(broker, tmp_path):
+    """Problem 4: /join with a bad argument says why and leaves you where you were."""
+    async def scenario():
+        async with chat(tmp_path, broker) as term:
+            clients, (rb,) = await peers_in(tmp_path, broker, "vis", "bob")
+            await rb.wait_for_peers(1, 20)
+            for line, why in (("/join #", "1 to 200 characters"), ("/join bad room name", "one word"),
+                              ("/join " + "x" * 201, "1 to 200 characters"), ("/join a+b", "cannot contain")):
+                term.type(line + "\r")
+                await term.wait(lambda: why in term.text() and term.prompt_row() == "[vis]", f"{why!r}, still in #vis")
+                term.type("/clear\r")
+                await term.wait(lambda: why not in term.text(), "a clear screen")
+            received = []
+            rb.on("message", received.append)
+            term.type("still here\r")
+            await term.wait(lambda: [m.text for m in received] == ["still here"], "the line to reach bob in #vis")
+            await clients[0].close()
+    run(scenario(), 90)
+
+
+def test_ctrl_c_clears_the_line_and_a_second_one_leaves(broker, tmp_path):
+    """Problem 5."""
+    async def scenario():
+        async with chat(tmp_path, broker) as term:
+            term.type("half a thought")
+            await term.wait(lambda: term.prompt_row() == "[vis] half a thought", "the draft")
+            term.type("\x03")
+            await term.wait(lambda: term.prompt_row() == "[vis]", "the line cleared")
+            assert os.waitpid(term.pid, os.WNOHANG) == (0, 0)
+            term.type("\x03")
+            assert await term.exit_code() == 0
+        async with chat(tmp_path, broker) as term:  # Ctrl-C on an empty line first only tells how to leave
+            term.type("\x03")
+            await term.wait_for_text("Ctrl-C again")
+            term.type("x\x7f")
+            await term.wait(lambda: term.prompt_row() == "[vis]", "the prompt")
+            assert os.waitpid(term.pid, os.WNOHANG) == (0, 0)
+            term.type("/quit\r")
+            assert await term.exit_code() == 0
+    run(scenario(), 90)
+
+
+def test_a_changed_key_is_explained_on_both_sides_and_trust_takes_the_next(broker, tmp_path):
+    """Problem 6: carol comes back with a new key. alice is told what to type, carol why she cannot connect;
+    /trust carol accepts the key she proves next."""
+    async def scenario():
+        async with chat(tmp_path, broker) as alice:
+            async with chat(tmp_path, broker, name="carol") as carol:
+                await alice.wait_for_text("carol joined")
+                carol.type("/quit\r")
+                assert await carol.exit_code() == 0
+            (tmp_path / "new").mkdir()
+            async with chat(tmp_path, broker, name="carol", state=tmp_path / "new" / "carol.json") as carol:
+                await alice.wait_for_text("carol has a DIFFERENT KEY")
+                assert any("/trust carol accepts the key they prove next" in line for line in alice.lines())
+                await carol.wait_for_text("alice refuses your key")
+                # carol has lost what she knew of alice with her old key: she cannot tell this hint from a forgery
+                assert any("ask them to type /trust carol (unconfirmed" in line for line in carol.lines())
+                alice.type("/trust carol\r")
+                await alice.wait_for_text("is now pinned to its new key")
+                await carol.wait_for_text("alice joined (verified, channel-bound)")
+            new = rtchat.Store(tmp_path / "new" / "carol.json").load()["identity"]["public_key"]
+            pins = rtchat.Store(tmp_path / "alice.json").load()["pins"]
+            assert [fp for fp, pin in pins.items() if "carol" in pin["names"]] == [rtchat.fingerprint(new)]
+    run(scenario(), 120)
+
+
+def test_whois_says_when_a_peer_is_not_verified(broker, tmp_path):
+    """Problem 6: a key that was only announced gets no safety number."""
+    async def scenario():
+        async with chat(tmp_path, broker) as term:
+            mallory = rtchat.Identity.generate()
+            signaling = rtchat.Signaling(broker.url)
+            await signaling.connect()
+            envelope = {"sender": "mallory", "timestamp": rtchat.now_ms(), "subtopic": "connect",
+                        "data": {"publicKeyString": mallory.public_key_string}, "nonce": rtchat.new_id()}
+            signed = rtchat.SIGNING_CONTEXT + rtchat.canonical_json(
+                [rtchat.topic_for("vis"), "mallory", "connect", envelope["timestamp"], envelope["nonce"],
+                 envelope["data"]])
+            envelope["sig"] = __import__("base64").b64encode(mallory.sign(signed)).decode()
+            signaling.publish(rtchat.topic_for("vis"), rtchat.encode_envelope(envelope))
+            await term.wait(lambda: "1 seen" in term.toolbar_rows()[0], "mallory seen")
+            term.type("/whois mallory\r")
+            await term.wait_for_text("NOT VERIFIED")
+            assert rtchat.show_fingerprint(mallory.fingerprint) in term.text()
+            assert "safety number  " not in term.text()
+            await signaling.close()
+    run(scenario(), 90)
+
+
+def test_file_progress_on_both_sides(broker, tmp_path):
+    """Problem 7: a progress line that updates in place while a file goes out, and the receiver hears of the file
+    when it starts."""
+    async def scenario():
+        data = os.urandom(24 * 1024 * 1024)
+        (tmp_path / "big.bin").write_bytes(data)
+        async with chat(tmp_path, broker, extra=("--files", str(tmp_path / "alice-files"))) as term:
+            clients, (rb,) = await peers_in(tmp_path, broker, "vis", "bob", files=tmp_path / "bob-files")
+            await rb.wait_for_peers(1, 20)
+            await term.wait_for_text("bob joined")
+            most = 0
+
+            def progress(row_start: str) -> bool:
+                nonlocal most
+                rows = [row for row in term.rows() if row.startswith(row_start)]
+                most = max(most, len(rows))
+                return any(re.search(r"\(\d\d?%\), .*/s, \d+ s left", row) for row in rows)
+            await asyncio.sleep(0)
+            term.type(f"/send bob {tmp_path / 'big.bin'}\r")
+            await term.wait(lambda: progress("-!- sending big.bin to bob: "), "a progress line")
+            await term.wait(lambda: progress("-!- sending big.bin to bob: ") or "bob has" in term.text(), "x")
+            await term.wait_for_text("bob has")
+            assert most == 1 and not [row for row in term.rows() if row.startswith("-!- sending big.bin to bob: ")]
+            assert (tmp_path / "bob-files" / "big.bin").read_bytes() == data
+            most = 0
+            sending = asyncio.ensure_future(rb.send_file("alice", tmp_path / "big.bin"))
+            await term.wait_for_text("bob is sending you big.bin (25.2 MB)")
+            await term.wait(lambda: progress("-!- receiving big.bin from bob: ") or sending.done(), "progress")
+            await sending
+            await term.wait_for_text("sent big.bin (25.2 MB), saved as")
+            assert most == 1 and not [row for row in term.rows() if row.startswith("-!- receiving big.bin")]
+            await clients[0].close()
+    run(scenario(), 120)
