@@ -26,6 +26,8 @@ class Terminal:
 
     def __init__(self, args: list[str], env: dict, cols: int = 80, rows: int = 24, cwd=None) -> None:
         self.screen = pyte.Screen(cols, rows)
+        self.bells = 0
+        self.screen.bell = self._bell  # before the stream looks up the screen's handlers
         self.stream = pyte.ByteStream(self.screen)
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: the terminal's size is set before rtchat.py looks at it
@@ -34,8 +36,6 @@ class Terminal:
                 os.chdir(cwd)
             os.execve(sys.executable, rtchat_cmd(*args), env)
         self.screen.write_process_input = lambda text: os.write(self.fd, text.encode())
-        self.bells = 0
-        self.screen.bell = self._bell
         self.closed = False
         asyncio.get_running_loop().add_reader(self.fd, self._read)
 
@@ -84,6 +84,11 @@ class Terminal:
 
     def toolbar_rows(self) -> list[str]:
         return [row for row in self.rows() if " verified of " in row or "no room (/join" in row]
+
+    def toolbar(self) -> str:
+        """The status bar, or "" while there is not exactly one."""
+        rows = self.toolbar_rows()
+        return rows[0] if len(rows) == 1 else ""
 
     def prompt_row(self) -> str:
         """The row the cursor is on: where the draft is."""
@@ -153,9 +158,9 @@ def test_a_draft_survives_two_peers_talking(broker, tmp_path, cols, rows):
             for who in ("bob", "carol"):
                 assert [row for row in message_rows(term) if row[0] == who] == [row for row in said if row[0] == who]
             assert [row for row in term.rows() if "draft" in row] == ["[vis] draft number 3"]
-            assert term.toolbar_rows()[0].startswith(" #vis: 2 verified of 2 seen")
+            assert term.toolbar().startswith(" #vis: 2 verified of 2 seen")
             below = term.rows()[term.screen.cursor.y + 1:]
-            assert below[-1] == term.toolbar_rows()[0] and not any(below[:-1])  # the status bar at the bottom
+            assert below[-1] == term.toolbar() and not any(below[:-1])  # the status bar at the bottom
             received = []
             rb.on("message", received.append)
             term.type("\r")
@@ -334,7 +339,7 @@ def test_whois_says_when_a_peer_is_not_verified(broker, tmp_path):
                  envelope["data"]])
             envelope["sig"] = __import__("base64").b64encode(mallory.sign(signed)).decode()
             signaling.publish(rtchat.topic_for("vis"), rtchat.encode_envelope(envelope))
-            await term.wait(lambda: "1 seen" in term.toolbar_rows()[0], "mallory seen")
+            await term.wait(lambda: "1 seen" in term.toolbar(), "mallory seen")
             term.type("/whois mallory\r")
             await term.wait_for_text("NOT VERIFIED")
             assert rtchat.show_fingerprint(mallory.fingerprint) in term.text()
@@ -376,3 +381,99 @@ def test_file_progress_on_both_sides(broker, tmp_path):
             assert most == 1 and not [row for row in term.rows() if row.startswith("-!- receiving big.bin")]
             await clients[0].close()
     run(scenario(), 120)
+
+
+def test_no_message_can_pass_for_another_or_flood_the_screen(broker, tmp_path):
+    """Issue 12, item 10: sender and trust mark on the first row, other rows indented, at most 12 rows each."""
+    async def scenario():
+        async with chat(tmp_path, broker) as term:
+            clients, (rb,) = await peers_in(tmp_path, broker, "vis", "bob")
+            await rb.wait_for_peers(1, 20)
+            await term.wait_for_text("bob joined")
+            rb.send("\n" * 16000 + "end")
+            await term.wait_for_text("more characters]")
+            assert "bob joined" in term.text()  # one message did not scroll the screen away
+            rows = term.rows()
+            start = next(i for i, row in enumerate(rows) if re.match(r"^\d\d:\d\d <bob>$", row))
+            assert rows[start + rtchat.MAX_SHOWN_ROWS - 1].strip() == f"[... {16003 - 10} more characters]"
+            term.type("/clear\r")
+            await term.wait(lambda: "bob joined" not in term.text(), "a clear screen")
+            rb.send("hi" + " " * 75 + "12:01 <carol> I resign")
+            fake = "fine\n" * 40 + "12:02 <carol> and this"
+            rb.peers["alice"].send("chat", {"t": "backfill", "authors": {}, "msgs": [
+                {"id": rtchat.new_id(), "from": "carol", "text": fake, "ts": rtchat.now_ms(), "fingerprint": None}]})
+            await term.wait(lambda: "(via bob, unverified)" in term.text() and "I resign" in term.text(),
+                            "both messages")
+            rows = term.rows()
+            assert [row[:30] for row in rows if MESSAGE_ROW.match(row)] == [
+                row[:30] for row in rows if re.match(r"^\d\d:\d\d ", row)]
+            senders = [MESSAGE_ROW.match(row).group(1) for row in rows if MESSAGE_ROW.match(row)]
+            assert senders == ["bob", "carol"]
+            carol = next(row for row in rows if re.match(r"^\d\d:\d\d <carol>", row))
+            assert re.match(r"^\d\d:\d\d <carol> \(via bob, unverified\) fine$", carol)
+            assert sum(1 for row in rows if row.strip() == "fine") == rtchat.MAX_SHOWN_ROWS - 2
+            assert all(row.startswith(" ") or not row.lstrip().startswith(("12:0", "fine")) for row in rows
+                       if not MESSAGE_ROW.match(row))
+            await clients[0].close()
+    run(scenario(), 90)
+
+
+def test_several_rooms_mentions_and_rooms_rejoined(broker, tmp_path):
+    """Rooms side by side: /join adds and switches, unread counts in the status bar (a mention stands out and
+    rings), other rooms' lines carry their room, Alt-1 and /switch move, and the rooms come back on restart."""
+    async def scenario():
+        clients, (bob_vis,) = await peers_in(tmp_path, broker, "vis", "bob")
+        bob_ops = await clients[0].join("ops")
+        async with chat(tmp_path, broker, extra=("--color", "always")) as term:
+            await bob_vis.wait_for_peers(1, 20)
+            term.type("/join ops\r")
+            await term.wait(lambda: term.prompt_row() == "[ops]", "the prompt of #ops")
+            await bob_ops.wait_for_peers(1, 20)
+            bob_vis.send("over in vis")
+            bob_vis.send("hey alice, look")
+            await term.wait(lambda: "1:#vis 2!" in term.toolbar(), "the unread count, with a mention")
+            rows = term.rows()
+            assert any(re.match(r"^#vis \d\d:\d\d <bob> over in vis$", row) for row in rows)
+            mention = next(i for i, row in enumerate(rows) if row.endswith("hey alice, look"))
+            assert term.screen.buffer[mention][len(rows[mention]) - 1].bold and term.bells == 1
+            bar = term.rows().index(term.toolbar())
+            column = term.toolbar().index("1:#vis")
+            assert term.screen.buffer[bar][column].bold and term.screen.buffer[bar][column].underscore
+            bob_ops.send("here in ops")
+            await term.wait(lambda: any(re.match(r"^\d\d:\d\d <bob> here in ops$", row) for row in term.rows()),
+                            "a line of the current room, without its room")
+            term.type("\x1b1")
+            await term.wait(lambda: term.prompt_row() == "[vis]" and "#vis: 1 verified" in term.toolbar()
+                            and "#ops" not in term.toolbar(), "Alt-1: #vis, nothing unread")
+            term.type("/switch ops\r")
+            await term.wait(lambda: term.prompt_row() == "[ops]", "/switch")
+            term.type("\x0e")  # Ctrl-N
+            await term.wait(lambda: term.prompt_row() == "[vis]", "Ctrl-N")
+            term.type("\x04")
+            assert await term.exit_code() == 0
+        async with chat(tmp_path, broker, room="ops", extra=("--no-bell",)) as term:
+            await term.wait(lambda: "joined #vis" in term.text() and "joined #ops" in term.text(), "both rooms")
+            await asyncio.gather(bob_vis.wait_for_peers(1, 20), bob_ops.wait_for_peers(1, 20))
+            bob_vis.send("alice: again")
+            await term.wait(lambda: "1:#vis 1!" in term.toolbar(), "the mention counted")
+            assert term.bells == 0 and term.prompt_row() == "[ops]"
+            term.type("/part\r")
+            await term.wait(lambda: term.prompt_row() == "[vis]", "back in #vis after /part")
+            term.type("\x04")
+            assert await term.exit_code() == 0
+        for client in clients:
+            await client.close()
+        rooms = rtchat.Store(tmp_path / "alice.json").load()["rooms"]
+        assert rooms["vis"]["open"] and not rooms["ops"]["open"]
+    run(scenario(), 120)
+
+
+def test_completion_of_paths_and_help_topics(broker, tmp_path):
+    async def scenario():
+        (tmp_path / "report-2024.pdf").write_text("numbers")
+        async with chat(tmp_path, broker, cwd=tmp_path) as term:
+            term.type("/help lastl\t")
+            await term.wait(lambda: term.prompt_row() == "[vis] /help lastlog", "/help completed")
+            term.type("\x03/send bob rep\t")
+            await term.wait(lambda: term.prompt_row() == "[vis] /send bob report-2024.pdf", "the path completed")
+    run(scenario(), 60)
