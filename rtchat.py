@@ -104,6 +104,7 @@ PING_EVERY_S = 2.0
 PEER_SILENT_S = 8.0                    # no pong from a peer that used to answer: gone
 PROBE_TIMEOUT_S = 1.5                  # an unload/offer hint for a live session is checked by ping
 ASK_TIMEOUT_S = 10.0
+ANSWER_TIMEOUT_S = 8.0                 # a question handler that takes longer fails, in time for the asker to hear why
 HISTORY_PER_ROOM = 500
 COMMIT_GATHER_S = 0.002                # history writes (and so acks) are grouped: one fsync for what came within
 COMMIT_EVERY_S = 0.1                   # this, and no more often than this while messages keep coming
@@ -4734,7 +4735,7 @@ class Room(Emitter):
         try:
             answer = handler(asked)
             if asyncio.iscoroutine(answer):
-                answer = await asyncio.wait_for(answer, ASK_TIMEOUT_S)
+                answer = await asyncio.wait_for(answer, ANSWER_TIMEOUT_S)
         except Exception as exc:  # whatever a handler raises: the asker hears at once, the user gets an event
             log.debug("question %r from %s failed", topic, peer.name, exc_info=True)
             failure = "no answer in time" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__

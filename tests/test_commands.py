@@ -1,6 +1,7 @@
 """Commands and plugins: the registry, handle_line, contrib/ loading, a broken plugin, every example."""
 import asyncio
 import io
+import time
 
 from conftest import ROOT, eventually, make_client, run
 
@@ -40,7 +41,7 @@ def test_every_builtin_command_has_help_and_usage():
     registry = rtchat.Registry()
     registry.collect(vars(rtchat), "core")
     for name in ("help", "join", "part", "peers", "whois", "msg", "me", "ask", "trust", "untrust", "whoami",
-                 "history", "quit", "say", "rooms", "clear", "netcheck"):
+                 "history", "quit", "say", "rooms", "clear", "netcheck", "switch", "ignore", "unignore", "lastlog"):
         spec = registry.commands[name]
         assert spec.help and spec.usage.startswith("/" + name)
 
@@ -139,4 +140,47 @@ def test_quit_ends_the_app(broker, tmp_path):
         async with Scene(tmp_path, broker) as s:
             await s.line("/quit")
             assert s.app.done.is_set()
+    run(scenario())
+
+
+def test_rooms_side_by_side(broker, tmp_path):
+    """/join adds a room and goes there, /switch moves, /part leaves one; a bad name changes nothing."""
+    async def scenario():
+        async with Scene(tmp_path, broker) as s:
+            assert "you are not in #ops" in await s.line("/switch ops")
+            await s.line("/join ops")
+            assert [room.name for room in s.app.rooms] == ["cmds", "ops"] and s.app.room.name == "ops"
+            for bad in ("/join #", "/join two words", "/join " + "x" * 201, "/join a+b"):
+                assert "-!- " in await s.line(bad) and s.app.room.name == "ops", bad
+            await s.line("/switch #cmds")
+            assert s.app.room.name == "cmds"
+            rooms = await s.line("/rooms")
+            assert "1: #cmds (here" in rooms and "2: #ops (joined" in rooms
+            assert "left #ops; now in #cmds" in await s.line("/part ops")
+            assert [room.name for room in s.app.rooms] == ["cmds"]
+            assert "you are in no room" in await s.line("/part")
+            assert s.app.room is None and "no room" in s.app.toolbar()[0][1]
+    run(scenario())
+
+
+def test_ignore_lastlog_and_dates(broker, tmp_path):
+    async def scenario():
+        async with Scene(tmp_path, broker) as s:
+            bob_room = s.bob_app.room
+            assert "ignoring bob" in await s.line("/ignore bob")
+            bob_room.send("you cannot hear me")
+            await eventually(lambda: any(m.text == "you cannot hear me" for m in s.app.room.history(5)))
+            assert "you cannot hear me" not in s.out.getvalue()
+            assert rtchat.Store(tmp_path / "alice.json").load()["ignored"] == ["bob"]  # kept across restarts
+            assert "no longer ignoring bob" in await s.line("/unignore bob")
+            assert "you do not ignore bob" in await s.line("/unignore bob")
+            bob_room.send("the Deploy is done")
+            await eventually(lambda: any(m.text == "the Deploy is done" for m in s.app.room.history(5)))
+            found = await s.line("/lastlog deploy")
+            assert "<bob> the Deploy is done" in found and "1 message(s) with 'deploy'" in found
+            assert "cannot hear" not in found
+            # lines not from today carry their date
+            old = rtchat.Message(id="x", room="cmds", sender="bob", text="last year", ts=1_700_000_000_000)
+            s.app.show(old, from_history=True)
+            assert time.strftime("%Y-%m-%d %H:%M <bob> last year", time.localtime(1_700_000_000)) in s.out.getvalue()
     run(scenario())

@@ -279,3 +279,28 @@ def test_signatures_follow_their_messages(broker, tmp_path, monkeypatch):
         assert await ra.flush(5)
         await close_all([alice, bob])
     run(scenario())
+
+
+def test_failing_question_handlers_answer_at_once_and_are_reported(broker, tmp_path, monkeypatch, caplog):
+    """Whatever a handler raises, or if it takes too long, the asker gets an error answer (in time), the room
+    reports a 'question-failed' event, and nothing is logged above debug."""
+    monkeypatch.setattr(rtchat, "ANSWER_TIMEOUT_S", 0.5)
+
+    async def scenario():
+        (alice, bob), (ra, rb) = await pair(tmp_path, broker.url)
+        failures = []
+        rb.on("question-failed", lambda asked, exc: failures.append((asked.topic, asked.sender.name, type(exc))))
+        bob.questions["value"] = lambda q: int("not a number")
+        bob.questions["type"] = lambda q: len(5)
+
+        async def stuck(q):
+            await asyncio.sleep(3600)
+        bob.questions["stuck"] = stuck
+        for topic, error in (("value", "ValueError"), ("type", "TypeError"), ("stuck", "no answer in time")):
+            with pytest.raises(rtchat.AskError, match=f"{topic} failed: {error}"):
+                await ra.ask("bob", topic, timeout=5)
+        assert [(t, who) for t, who, _ in failures] == [("value", "alice"), ("type", "alice"), ("stuck", "alice")]
+        assert failures[0][2] is ValueError and failures[1][2] is TypeError
+        assert not [r for r in caplog.records if r.levelno > 10 and r.name == "rtchat"]
+        await close_all([alice, bob])
+    run(scenario())

@@ -252,7 +252,8 @@ def test_failing_handlers_are_one_line_and_the_asker_hears_at_once(broker, tmp_p
                 await rb.ask("alice", "crash")
             await term.wait_for_text("RuntimeError: deep down (see --debug)")
             lines = [line for line in term.lines() if "failed" in line]
-            assert len(lines) == 3 and "question 'boom' (broken; they were told) failed: ValueError: no dice" in lines[1]
+            assert len(lines) == 3
+            assert "question 'boom' (broken; they were told) failed: ValueError: no dice" in lines[1]
             assert "Traceback" not in term.text() and "UnboundLocalError" not in term.text()
             await clients[0].close()
     run(scenario(), 90)
@@ -267,9 +268,10 @@ def test_a_bad_join_is_an_error_and_you_stay(broker, tmp_path):
             for line, why in (("/join #", "1 to 200 characters"), ("/join bad room name", "one word"),
                               ("/join " + "x" * 201, "1 to 200 characters"), ("/join a+b", "cannot contain")):
                 term.type(line + "\r")
-                await term.wait(lambda: why in term.text() and term.prompt_row() == "[vis]", f"{why!r}, still in #vis")
+                await term.wait(lambda why=why: why in term.text() and term.prompt_row() == "[vis]",
+                                f"{why!r}, still in #vis")
                 term.type("/clear\r")
-                await term.wait(lambda: why not in term.text(), "a clear screen")
+                await term.wait(lambda why=why: why not in term.text(), "a clear screen")
             received = []
             rb.on("message", received.append)
             term.type("still here\r")
