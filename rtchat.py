@@ -5372,7 +5372,7 @@ async def _join(ctx: Context, args: str) -> None:
 
 @command("part", "leave", help="leave a room (this one by default)", usage="/part [ROOM]")
 async def _part(ctx: Context, args: str) -> None:
-    left = args.strip() or (ctx.room.name if ctx._app.room else None)
+    left = args.strip().lstrip("#") or (ctx.room.name if ctx._app.room else None)
     now = await ctx._app.part_room(args.strip() or None)
     ctx.echo(f"-!- left #{clean(left, 200)}; " + (f"now in #{now.name}" if now else "you are in no room: /join ROOM"))
 
@@ -6026,9 +6026,8 @@ class App:
         """Make ROOM the current room, joining it first if need be; the other rooms stay joined. A bad name is a
         UsageError before anything changes."""
         name = check_room_name(name)
-        room = self.client.rooms.get(name)
-        if room is None:
-            room = await self.client.join(name, self.secret)
+        if name not in self._listeners:
+            room = await self.client.join(name, self.secret)  # the room itself, if the client is in it already
             self._listeners[name] = [(event, room.on(event, self._relay(room, event))) for event in EVENTS]
             self.room = room
             for msg in room.history(self.history_lines):
@@ -6314,6 +6313,11 @@ class _LogToScreen(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         with contextlib.suppress(Exception):
+            if record.exc_info and not log.isEnabledFor(logging.DEBUG):  # a traceback only with --debug
+                exc = record.exc_info[1]
+                record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None,
+                                                "msg": f"{record.getMessage()}: {type(exc).__name__}: {exc} "
+                                                       f"(see --debug)", "args": ()})
             self.printer.status(self.format(record), 31, limit=1000)
 
 

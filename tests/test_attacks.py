@@ -965,7 +965,7 @@ NASTY = [
     "\ud800lone surrogate", "\x1b", "\x1b[", "\x1b\x1b[0m", "tab\there", "\U000e0041tag",
 ]
 FORBIDDEN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff\ud800-\udfff]")
-OWN_SGR = re.compile(r"\x1b\[(?:\d+|2;3)m")
+OWN_SGR = re.compile(r"\x1b\[(?:\d+|2;3|1;33)m")
 
 
 def _leaks(text: str, color: bool) -> list[str]:
@@ -987,7 +987,7 @@ def test_terminal_injection_is_neutralised(broker, tmp_path):
         for app in apps[1:]:
             app.room = ra
             for event in rtchat.EVENTS:
-                ra.on(event, app._relay(event))
+                ra.on(event, app._relay(ra, event))
         shown = shown_counter(ra)
         own = rtchat.Identity.generate()
         names = ["\x1b]0;pwn\x07ev\x1b[1mil", "\u202eeve\u202c", "nul\x00name", "\x9b2Jc1", "z" * 80]
