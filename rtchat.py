@@ -6288,6 +6288,8 @@ class ScreenOutput:
     def flush(self) -> None:
         if self.app is None or not self.app.is_running:
             self._print()
+        elif threading.current_thread() is not threading.main_thread():  # a log line from a worker thread
+            self.app.loop.call_soon_threadsafe(self.flush)
         elif not self._scheduled:
             from prompt_toolkit.application import run_in_terminal
             from prompt_toolkit.application.current import set_app
