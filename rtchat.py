@@ -6268,9 +6268,10 @@ def _completer(app: App):
 
 
 class ScreenOutput:
-    """Where the interactive chat's lines go. While the prompt runs, prompt_toolkit erases the prompt and the
-    status bar, the lines are printed, and it draws both again below them: a line never lands in the draft or
-    under the status bar. Lines that come together are printed together, with one redraw."""
+    """Where the interactive chat's lines go. While the prompt runs, the prompt and the status bar are erased, the
+    lines printed and both drawn again below them: a line never lands in the draft or under the status bar. Lines
+    that come together are printed together, with one redraw. (Not prompt_toolkit's run_in_terminal: that puts
+    the terminal in cooked mode meanwhile, and keys typed then would be echoed into the screen.)"""
 
     def __init__(self) -> None:
         from prompt_toolkit.output import create_output
@@ -6278,6 +6279,7 @@ class ScreenOutput:
         self.app = None  # the prompt's Application while there is one
         self._pending: list[str] = []
         self._scheduled = False
+        self._printing: asyncio.Task | None = None
 
     def columns(self) -> int:
         return max(20, self.output.get_size().columns)
@@ -6288,21 +6290,34 @@ class ScreenOutput:
     def flush(self) -> None:
         if self.app is None or not self.app.is_running:
             self._print()
-        elif threading.current_thread() is not threading.main_thread():  # a log line from a worker thread
-            self.app.loop.call_soon_threadsafe(self.flush)
         elif not self._scheduled:
-            from prompt_toolkit.application import run_in_terminal
-            from prompt_toolkit.application.current import set_app
             self._scheduled = True
-            with set_app(self.app):  # also from callbacks that run outside the prompt's context (peers, timers)
-                run_in_terminal(self._print)
+            self.app.loop.call_soon_threadsafe(self._print_soon)  # after what else comes in this turn of the loop
+
+    def _print_soon(self) -> None:
+        self._printing = _spawn(self._print_when_ready(), "screen")
+
+    async def _print_when_ready(self) -> None:
+        renderer = self.app.renderer if self.app is not None else None
+        if renderer is not None and renderer.waiting_for_cpr:
+            # A cursor position asked for before these lines must arrive first: read after them, it would make
+            # the prompt take more rows than are left, and the screen would scroll them away.
+            await renderer.wait_for_cpr_responses()
+        self._print()
 
     def _print(self) -> None:
         self._scheduled = False
         text, self._pending = "".join(self._pending), []
-        if text:
-            self.output.write_raw(text.replace("\n", "\r\n"))
-            self.output.flush()
+        if not text:
+            return
+        app = self.app if self.app is not None and self.app.is_running else None
+        if app is not None:
+            app.renderer.erase()  # the cursor goes back to where the prompt starts
+        self.output.write_raw(text.replace("\n", "\r\n"))
+        self.output.flush()
+        if app is not None:
+            app.renderer.request_absolute_cursor_position()  # how much room is left below, for the status bar
+            app.invalidate()
 
 
 class _LogToScreen(logging.Handler):

@@ -307,7 +307,8 @@ def test_options_of_another_mode_are_usage_errors(tmp_path, args, text):
 # 7. --json: a line for every event ----------------------------------------------------------------------------------
 
 def test_json_has_a_line_for_every_event(broker, tmp_path):
-    """verified, join, message, dm, file, status, delivered, key-changed, leave and history, as a script sees them."""
+    """verified, join, message, dm, file, file-progress, delivered, key-changed, leave and history, as a script sees
+    them."""
     async def prepare():  # bot and carol meet; then bot leaves a DM for carol in its outbox
         bot, carol = [await make_client(n, tmp_path, broker.url).start() for n in ("bot", "carol")]
         rb, rc = await bot.join("events"), await carol.join("events")
@@ -337,7 +338,7 @@ def test_json_has_a_line_for_every_event(broker, tmp_path):
         channel.send(json.dumps({"name": "bad.txt", "size": 3, "sha256": "0" * 64}))
         channel.send(b"abc")
         await asyncio.get_running_loop().run_in_executor(None, bot.wait_for, lambda q: any(
-            e["type"] == "status" for e in q.events()), 20, "the status line")
+            e["type"] == "file-progress" and e["state"] == "failed" for e in q.events()), 20, "the failed file")
         assert await rc.flush(10)
         await carol.close()
         impostor = await make_client("carol", tmp_path / "impostor", broker.url).start()
@@ -356,8 +357,10 @@ def test_json_has_a_line_for_every_event(broker, tmp_path):
     for e in events:
         by_type.setdefault(e["type"], []).append(e)
         assert {"type", "room", "from", "text", "fingerprint", "ts"} <= set(e) and e["room"] == "events"
-    # history is type "message" with "history": true; no-route needs a network without a path (test_networks.py)
-    assert set(by_type) == set(rtchat.EVENTS) - {"history", "no-route"}
+    # history is type "message" with "history": true; no-route needs a network without a path (test_networks.py);
+    # the others need a plugin, a /trust or a refusal to happen (test_screen.py)
+    assert set(by_type) == set(rtchat.EVENTS) - {"history", "no-route", "status", "question-failed", "key-accepted",
+                                                 "key-refused"}
     earlier = [(e["type"], e["text"]) for e in events if e.get("history")]
     assert earlier == [("message", "said before"), ("dm", "waiting for you")]
     live = [(e["type"], e["text"]) for e in events if e["type"] in ("message", "dm") and not e.get("history")]
@@ -366,7 +369,10 @@ def test_json_has_a_line_for_every_event(broker, tmp_path):
     assert by_type["delivered"][0]["from"] == "carol" and by_type["delivered"][0]["id"]
     got = by_type["file"][0]
     assert got["sha256"] == hashlib.sha256(b"some notes\n").hexdigest() and got["path"] == str(files / "notes.txt")
-    assert "bad.txt" in by_type["status"][0]["text"] and "SHA-256" in by_type["status"][0]["text"]
+    progress = [(e["name"], e["state"]) for e in by_type["file-progress"]]
+    assert progress[0] == ("notes.txt", "offered") and ("notes.txt", "done") in progress
+    failed = [e for e in by_type["file-progress"] if e["state"] == "failed"]
+    assert failed[0]["name"] == "bad.txt" and "SHA-256" in failed[0]["error"] and "bad.txt" in failed[0]["text"]
     assert by_type["key-changed"][0]["verdict"] == "changed" and by_type["key-changed"][0]["from"] == "carol"
     assert by_type["leave"][0]["reason"] and by_type["leave"][0]["from"] == "carol"
 
