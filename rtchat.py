@@ -5774,6 +5774,21 @@ def key_changed_text(name: str, fp: str | None, verdict: str) -> str:
     return f"{why} ({show_fingerprint(fp)}); refused. If that is expected, /trust {bare}"
 
 
+def describe_transfer(transfer: Transfer, label: str) -> str:
+    """'sending report.pdf to bob: 45.0 MB of 300.0 MB (15%), 13.6 MB/s, 19 s left'."""
+    verb, way = ("receiving", "from") if transfer.incoming else ("sending", "to")
+    line = f"{verb} {transfer.name} {way} {label}: {human_size(transfer.done)} of {human_size(transfer.size)}"
+    if transfer.size:
+        line += f" ({100 * transfer.done // transfer.size}%)"
+    elapsed = time.monotonic() - transfer.started
+    if transfer.state == "checking":
+        return line + ", waiting for the receiver to check it"
+    if transfer.done and elapsed > 0:
+        rate = transfer.done / elapsed
+        line += f", {human_size(rate)}/s, {math.ceil((transfer.size - transfer.done) / rate)} s left"
+    return line
+
+
 def transfer_text(transfer: Transfer, label: str = "") -> str:
     """What a 'file-progress' event says, as seen from our side."""
     if transfer.state == "failed":
@@ -5962,21 +5977,6 @@ class Unread:
     """Lines that came in a room while you were in another: all of them, and those for you (mentions, DMs)."""
     count: int = 0
     for_you: int = 0
-
-
-def describe_transfer(transfer: Transfer, label: str) -> str:
-    """'sending report.pdf to bob: 45.0 MB of 300.0 MB (15%), 13.6 MB/s, 19 s left'."""
-    verb, way = ("receiving", "from") if transfer.incoming else ("sending", "to")
-    line = f"{verb} {transfer.name} {way} {label}: {human_size(transfer.done)} of {human_size(transfer.size)}"
-    if transfer.size:
-        line += f" ({100 * transfer.done // transfer.size}%)"
-    elapsed = time.monotonic() - transfer.started
-    if transfer.state == "checking":
-        return line + ", waiting for the receiver to check it"
-    if transfer.done and elapsed > 0:
-        rate = transfer.done / elapsed
-        line += f", {human_size(rate)}/s, {math.ceil((transfer.size - transfer.done) / rate)} s left"
-    return line
 
 
 class App:
