@@ -3416,15 +3416,20 @@ class Trust:
             raise UsageError(f"trust policy must be one of {', '.join(self.POLICIES)}")
         self.store = store
         self.policy = policy
-        self._accepting: dict[str, float] = {}  # bare name -> until when the next key it proves is pinned
+        self._accepting: dict[str, float] = {}  # bare name -> since when the next key it proves is pinned
 
     def accept_next(self, name: str) -> None:
         """/trust NAME when no key of NAME is at hand: the next key NAME proves in a channel is pinned in place of
         the old one (for ACCEPT_NEXT_KEY_S), so a peer who changed keys can connect again."""
-        self._accepting[name] = time.monotonic() + ACCEPT_NEXT_KEY_S
+        self._accepting[name] = time.monotonic()
+
+    def accepting_since(self, name: str) -> float | None:
+        """When /trust NAME began to wait for NAME's next key, if it still does."""
+        since = self._accepting.get(name)
+        return since if since is not None and time.monotonic() - since < ACCEPT_NEXT_KEY_S else None
 
     def is_accepting(self, name: str) -> bool:
-        return self._accepting.get(name, -math.inf) > time.monotonic()
+        return self.accepting_since(name) is not None
 
     def pins_for(self, name: str) -> dict[str, dict]:
         return {fp: pin for fp, pin in self.store.data["pins"].items() if name in pin.get("names", ())}
@@ -3755,6 +3760,7 @@ class Room(Emitter):
         self._rates: dict[str, list[float]] = {}
         self._warned: set[tuple] = set()
         self._hinted: dict[str, float] = {}     # bare name -> when we last told it we refuse its key
+        self._refused_by: set[str] = set()      # wire names that told us they refuse our key (one retry each)
         self.refused: dict[str, str] = {}       # bare name -> the last key refused for it
         self._unacked: dict[str, set[str]] = {}
         self._dm_ids: dict[str, str] = {}       # our DMs awaiting an ack: id -> recipient
@@ -4128,6 +4134,13 @@ class Room(Emitter):
         if self.joined:
             self.announce()
 
+    def retry(self, name: str) -> None:
+        """Start again with a bare name: sessions with it not open yet are dropped (they were set up under the old
+        verdict on its key) and we announce, so that a new one begins (after /trust NAME)."""
+        for peer in [p for p in self.peers.values() if bare_name(p.name) == name and not p.is_open]:
+            peer.close("trying again")
+        self.announce()
+
     def _on_broker_back(self) -> None:
         self.announce()
 
@@ -4196,6 +4209,9 @@ class Room(Emitter):
         if not isinstance(data, dict) or data.get("target") != self.me:
             return
         reason = data.get("reason") if data.get("reason") in ("key-changed",) else "unknown"
+        if len(self._refused_by) > 256:
+            self._refused_by.clear()
+        self._refused_by.add(sender)
         if ("refused-by", sender, reason) not in self._warned:
             if len(self._warned) > 1024:
                 self._warned.clear()
@@ -4355,7 +4371,7 @@ class Room(Emitter):
         self._note_dialect(tag)
         peer = self.peers.get(sender)
         if peer is not None and peer.state not in ("seen", "closed"):
-            if peer.is_open or time.monotonic() - peer.created < STUCK_AFTER_S:
+            if peer.is_open or (time.monotonic() - peer.created < STUCK_AFTER_S and not self._hopeless(peer)):
                 return
             peer.close("stuck; trying again")
         if not self._admit(sender, key, tag):
@@ -4371,6 +4387,18 @@ class Room(Emitter):
             if sender not in self._fallbacks:
                 self._fallbacks[sender] = asyncio.get_running_loop().call_later(
                     FALLBACK_OFFER_PY_S if peer.is_rtchat_py else FALLBACK_OFFER_S, self._fallback_offer, sender)
+
+    def _hopeless(self, peer: Peer) -> bool:
+        """A session being set up that cannot succeed as it is: begun before /trust took the name's next key, or
+        with a peer that told us it refuses our key (its next announcement may mean it takes it now: one retry per
+        refusal, and not of a session younger than OFFER_DEDUP_S, which may be the answer to that announcement)."""
+        since = self.trust.accepting_since(bare_name(peer.name))
+        if since is not None and peer.created < since:
+            return True
+        if peer.name in self._refused_by and time.monotonic() - peer.created > OFFER_DEDUP_S:
+            self._refused_by.discard(peer.name)
+            return True
+        return False
 
     def _note_dialect(self, tag: str | None) -> None:
         if not speaks_compact(tag):
@@ -5540,7 +5568,7 @@ async def _trust(ctx: Context, args: str) -> None:
         ctx.echo(f"-!- the next key {bare} proves (within {ACCEPT_NEXT_KEY_S / 60:g} minutes) will be pinned for "
                  f"{bare}; then compare safety numbers with /whois {bare}")
     if peer is None or not peer.is_open:
-        room.announce()
+        room.retry(bare)
 
 
 @command("untrust", help="forget a peer's pinned key", usage="/untrust NAME")
