@@ -20,8 +20,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import collections
 import contextlib
 import dataclasses
+import errno
 import functools
 import getpass
 import hashlib
@@ -35,6 +37,7 @@ import random
 import re
 import secrets
 import shutil
+import stat
 import sys
 import tempfile
 import threading
@@ -88,6 +91,8 @@ MAX_NAME_CHARS = 64
 MAX_KEY_CHARS = 4096
 MAX_PENDING_CANDIDATES = 64            # per sender, §5.3
 MAX_PENDING_SESSIONS = 32              # sessions being set up with unpinned names: each is a PeerConnection
+MAX_SEEN_PEERS = 256                   # names announced but never connected, kept per room (oldest go first) ...
+SEEN_EXPIRE_S = 90.0                   # ... and for this long after their last announcement (three re-announces)
 CONNECT_TIMEOUT_S = 20.0               # a session not open by then is dropped
 NO_PATH_AFTER_S = 10.0                 # ICE checks with no working pair by then never get one (aioice: ~60 s)
 MAX_NONCES = 200_000                   # replay cache under a flood; a live session is also guarded by its own stamp
@@ -128,9 +133,32 @@ SETTLE_S = 0.25                        # a room is complete once nobody new was 
 LEAVE_DRAIN_S = 2.0                    # on leaving, what we sent (acks above all) may take this long to arrive
 INPUT_HISTORY = 500
 STATE_FORMAT = 1
+MAX_KNOWN_IDS = 50_000                 # message ids remembered per room beyond the history file, newest kept
+MAX_PENDING_WRITES = 5000              # messages kept for the history while the disk refuses them; retried ...
+DISK_RETRY_S = 1.0                     # ... this often, and acknowledged once written
+SCTP_MAX_MESSAGE_BYTES = 256 * 1024    # what aiortc advertises (a=max-message-size:262144): a longer one is refused
+SCTP_MAX_HELD_BYTES = 4 * 1024 ** 2    # bytes a peer may leave in our SCTP reassembly (our window is 1 MiB) ...
+SCTP_CHUNK_COST = 256                  # ... counting each chunk as this much more (tiny chunks cost objects)
+REPLY_BUFFER_BYTES = 1024 ** 2         # what we send because a peer asked waits while its channel holds this much
+SEND_BUFFER_BYTES = 4 * 1024 ** 2      # our own messages queue (in order, in memory) while a channel holds this much
+MAX_UNSIGNED_BYTES = 4 * 1024 ** 2     # per peer: text waiting for its signature; beyond, the oldest is written
+RECENT_PAYLOADS = 8192                 # digests of broker payloads just handled: an identical one is a replay
+# Per-peer budgets, (per second, burst): what one peer may make us do. Beyond them its requests are dropped.
+FRAME_BUDGET = (2000.0, 10000)         # data-channel frames of any kind, each parsed as JSON
+CHAT_BUDGET = (600.0, 3000)            # chat and dm frames (16 KiB messages at ~500/s is the bulk benchmark's pace)
+SEND_PACE = (500.0, 2000)              # what we send one peer, kept under its CHAT_BUDGET (then queued, in order)
+SYNC_BUDGET = (1 / 60, 2)              # history sync requests: one per session is what rtchat.py sends
+IDENTIFY_BUDGET = (0.1, 4)             # identify/challenge: each costs an RSA signature (1.3 ms)
+QUESTION_BUDGET = (5.0, 20)            # other questions, each runs a handler
+FILE_OFFER_BUDGET = (0.5, 8)           # file offers
+MAX_FILES_PER_PEER = 2                 # transfers at once from one peer (of MAX_INCOMING_FILES per room)
+FILE_MIN_PROGRESS = 64 * 1024          # bytes a transfer must bring every FILE_IDLE_S, or it is given up
+LZ_BUDGET = (1024 ** 2, 4 * 1024 ** 2)  # compressed bytes of lz-string per second (and burst) decoded per room
+KEY_SCRYPT = (2 ** 16, 8, 1)           # n, r, p for --passphrase: 64 MiB and ~0.2 s per guess
 
 EVENTS = ("message", "dm", "join", "leave", "verified", "key-changed", "delivered", "file", "status", "history",
-          "no-route", "file-progress", "question-failed", "key-accepted", "key-refused")
+          "no-route", "file-progress", "question-failed", "key-accepted", "key-refused", "disk-error", "disk-ok",
+          "history-conflict")
 """Event names: what Room emits and plugins subscribe to with @on. "message" and "dm" are news only: a message
 said before we joined, passed on by a peer, is a "history" event (msg.history is True). They are also the --json
 `type` values, except that a history message keeps its own type ("message") and is marked "history": true."""
@@ -158,8 +186,45 @@ def clean(text: Any, limit: int = MAX_TEXT_CHARS, keep_newlines: bool = False) -
     return _INVISIBLE_RE.sub("", text)[:limit]
 
 
+def is_encodable(text: str) -> bool:
+    """Can this string be written as UTF-8? JSON from a peer may hold lone surrogates (a "\\ud800" escape)."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+class Budget:
+    """A token bucket: how much of something one peer (or one room) may make us do, per second, with a burst."""
+
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, rate_and_burst: tuple[float, float]) -> None:
+        self.rate, self.burst = rate_and_burst
+        self.tokens = float(self.burst)
+        self.stamp = time.monotonic()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def take(self, amount: float = 1.0) -> bool:
+        self._refill()
+        if self.tokens < amount:
+            return False
+        self.tokens -= amount
+        return True
+
+    def wait_s(self, amount: float = 1.0) -> float:
+        """How long until take(amount) would succeed."""
+        self._refill()
+        return max(0.0, (amount - self.tokens) / self.rate)
 
 
 def _spawn(coro, name: str | None = None) -> asyncio.Task:
@@ -448,8 +513,9 @@ def encode_envelope(envelope: dict, compact: bool = False) -> bytes:
     return lz_compress(to_json(envelope))
 
 
-def decode_envelope(payload: bytes) -> dict | None:
-    """Both dialects (raw JSON, lz-string); None for anything that is not a well-formed envelope."""
+def decode_envelope(payload: bytes, lz_allowed: Callable[[int], bool] | None = None) -> dict | None:
+    """Both dialects (raw JSON, lz-string); None for anything that is not a well-formed envelope.
+    lz_allowed(size): may lz-string (slow, ~0.3 ms per KiB) decode this many bytes now?"""
     if not payload or len(payload) > MAX_PAYLOAD_BYTES:
         return None
     envelope = None
@@ -462,6 +528,8 @@ def decode_envelope(payload: bytes) -> dict | None:
         with contextlib.suppress(ValueError):
             envelope = parse_json(payload.decode("utf-8"))
     if not isinstance(envelope, dict):
+        if lz_allowed is not None and not lz_allowed(len(payload)):
+            return None
         text = lz_decompress(payload)
         if not text:
             return None
@@ -472,14 +540,64 @@ def decode_envelope(payload: bytes) -> dict | None:
     if not isinstance(envelope, dict):
         return None
     sender, subtopic, stamp = envelope.get("sender"), envelope.get("subtopic"), envelope.get("timestamp")
-    if not (isinstance(sender, str) and 0 < len(sender) <= MAX_NAME_CHARS + 16) or clean(sender) != sender:
-        return None  # escapes, control or bidi characters in a name: never shown, never a Peer
+    if not is_wire_name(sender):
+        return None  # escapes, control, bidi or invisible characters in a name: never shown, never a Peer
     if not (isinstance(subtopic, str) and len(subtopic) <= 64):
         return None
     if not isinstance(stamp, (int, float)) or isinstance(stamp, bool) or not math.isfinite(stamp):
         return None  # NaN would slip through every time window
     envelope.setdefault("data", None)
     return envelope
+
+
+# Characters that show as nothing or as blank space: default-ignorable and format characters, Hangul fillers,
+# the blank braille pattern and every space but U+0020 (Unicode DerivedCoreProperties; TR39 §3.1). Refused in names.
+_NAME_HIDDEN_RE = re.compile(
+    "[\u00a0\u00ad\u034f\u061c\u115f\u1160\u1680\u17b4\u17b5\u180b-\u180f\u2000-\u200f\u2028-\u202f"
+    "\u205f-\u206f\u2800\u3000\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8\U0001bca0-\U0001bca3"
+    "\U0001d173-\U0001d17a\U000e0000-\U000e0fff]")
+ID_RE = re.compile(r"[0-9A-Za-z_-]{1,64}")   # every message id we accept or keep: short, printable ASCII
+
+
+def is_wire_name(name: Any) -> bool:
+    """A peer's wire name we can show and key on: short, printable, nothing invisible, valid UTF-8."""
+    return isinstance(name, str) and 0 < len(name) <= MAX_NAME_CHARS + 16 and clean(name) == name \
+        and not _NAME_HIDDEN_RE.search(name)
+
+
+def is_message_id(value: Any) -> bool:
+    return isinstance(value, str) and ID_RE.fullmatch(value) is not None
+
+
+def is_message_text(value: Any) -> bool:
+    """A message's text we can keep as sent: not too long, and valid Unicode (no lone surrogates)."""
+    return isinstance(value, str) and len(value) <= MAX_TEXT_CHARS and is_encodable(value)
+
+
+# Letters of other scripts (and digits) that look like Latin ones: a compact part of Unicode TR39's confusables,
+# for the scripts names are typed in. Compatibility forms (fullwidth, mathematical letters) fold by NFKD.
+_CONFUSABLES = str.maketrans(dict(zip(
+    "\u0430\u0435\u04bb\u0456\u0458\u04cf\u043e\u0440\u0441\u0443\u0445\u0455\u0501\u051b\u051d\u04af"  # Cyrillic
+    "\u0410\u0412\u0415\u0405\u0406\u0408\u041a\u041c\u041d\u041e\u0420\u0421\u0422\u0425\u0423\u04ae"
+    "\u051a\u051c\u04c0"
+    "\u03b1\u03bf\u03c1\u03bd\u03c5\u03b9\u03ba\u03c7\u03b3\u03b7"                          # Greek
+    "\u0391\u0392\u0395\u0396\u0397\u0399\u039a\u039c\u039d\u039f\u03a1\u03a4\u03a5\u03a7"
+    "\u0585\u057d\u0581\u0570\u0578\u0566"                                              # Armenian
+    "\u0131\u0237\u0251\u0269\u0261\u01c0"                                              # Latin
+    "01|I",
+    "aehijlopcyxsdqwy" "ABESlJKMHOPCTXYY" "QWl"
+    "aopvuikxyn" "ABEZHlKMNOPTYX"
+    "oughnq"
+    "ijaigl"
+    "olll", strict=True)))
+
+
+def skeleton(name: str) -> str:
+    """What a name looks like (after Unicode TR39's skeleton), to spot look-alikes: compatibility forms folded,
+    accents dropped, look-alike letters of other scripts mapped to Latin ones, case ignored, rn as m."""
+    text = unicodedata.normalize("NFKD", name)
+    text = "".join(c for c in text if not unicodedata.combining(c)).translate(_CONFUSABLES).casefold()
+    return text.replace("rn", "m").replace("vv", "w")
 
 
 def topic_for(room: str) -> str:
@@ -506,6 +624,8 @@ def check_display_name(name: str) -> str:
         raise UsageError(f"a name has at most {MAX_NAME_CHARS} characters")
     if any(c in name for c in "()|") or clean(name) != name:
         raise UsageError(f"name {name!r} is not allowed: no parentheses, '|' or control characters")
+    if _NAME_HIDDEN_RE.search(name):
+        raise UsageError(f"name {name!r} is not allowed: it has invisible or blank-looking characters")
     if name.lower().startswith("anon") or name.startswith("User #"):
         raise UsageError("names starting with 'anon' or 'User #' are treated as anonymous by browsers; pick another")
     return name
@@ -599,6 +719,8 @@ def load_public_key(key_string: str):
         return _KEY_CACHE[key_string]
     if not isinstance(key_string, str) or len(key_string) > MAX_KEY_CHARS:
         raise ValueError("key too long or not text")
+    if not (key_string.isascii() and key_string.isprintable()):
+        raise ValueError("key text is not printable ASCII")  # browsers' JWK text is; it is stored and shown as is
     jwk = parse_json(key_string)
     if not isinstance(jwk, dict) or jwk.get("kty") != "RSA" or not isinstance(jwk.get("n"), str) \
             or not isinstance(jwk.get("e"), str):
@@ -672,11 +794,15 @@ class Identity:
             raise StateError("the message key in the state file is not an Ed25519 key")
         return cls(key, message_key)
 
-    def to_pem(self, passphrase: str | None = None, key=None) -> str:
-        encryption = (serialization.BestAvailableEncryption(passphrase.encode()) if passphrase
-                      else serialization.NoEncryption())
-        return (key or self.private_key).private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption).decode()
+    def to_pem(self, passphrase: str | None = None, key=None, salt: bytes | None = None) -> str:
+        """The key as PEM (PKCS#8), or with a passphrase sealed under scrypt (see seal_private_key)."""
+        key = key or self.private_key
+        if passphrase:
+            der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+            return seal_private_key(der, passphrase, salt or os.urandom(16))
+        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption()).decode()
 
     def sign(self, data: bytes) -> bytes:
         return self.private_key.sign(data, _pss(), hashes.SHA256())
@@ -685,11 +811,50 @@ class Identity:
         return base64.b64encode(self.message_key.sign(MESSAGE_CONTEXT + data)).decode()
 
 
+SEALED_KEY_PREFIX = "rtchat-key:scrypt:"
+
+
+@functools.lru_cache(maxsize=2)
+def _passphrase_key(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
+    """The AES key a passphrase gives (cached: the identity and message keys share one salt, so one scrypt)."""
+    return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(passphrase.encode())
+
+
+def seal_private_key(der: bytes, passphrase: str, salt: bytes) -> str:
+    """A private key at rest: AES-256-GCM under a key from scrypt (KEY_SCRYPT: memory-hard, ~0.2 s a guess, where
+    the PBKDF2 of PEM encryption costs 0.3 ms), written as rtchat-key:scrypt:N:R:P:SALT:NONCE+CIPHERTEXT."""
+    n, r, p = KEY_SCRYPT
+    nonce = os.urandom(12)
+    blob = nonce + AESGCM(_passphrase_key(passphrase, salt, n, r, p)).encrypt(nonce, der, SEALED_KEY_PREFIX.encode())
+    return f"{SEALED_KEY_PREFIX}{n}:{r}:{p}:{base64.b64encode(salt).decode()}:{base64.b64encode(blob).decode()}"
+
+
+def _open_sealed_key(text: str, passphrase: str | None):
+    if not passphrase:
+        raise StateError("the identity key is encrypted: give its passphrase with --passphrase or RTCHAT_PASSPHRASE")
+    try:
+        n, r, p, salt, blob = text[len(SEALED_KEY_PREFIX):].split(":")
+        n, r, p = int(n), int(r), int(p)
+        salt, blob = base64.b64decode(salt, validate=True), base64.b64decode(blob, validate=True)
+        if not (2 ** 10 <= n <= 2 ** 20 and 1 <= r <= 16 and 1 <= p <= 4 and len(salt) >= 16):
+            raise ValueError("scrypt parameters out of range")  # a doctored file must not make us allocate gigabytes
+        der = AESGCM(_passphrase_key(passphrase, salt, n, r, p)).decrypt(
+            blob[:12], blob[12:], SEALED_KEY_PREFIX.encode())
+        return serialization.load_der_private_key(der, None, unsafe_skip_rsa_key_validation=True)
+    except (ValueError, InvalidTag):
+        raise StateError("the identity key could not be read: wrong passphrase, or the key is damaged. "
+                         "It was left as it is.") from None
+
+
 def _load_private_pem(pem: str, passphrase: str | None):
+    if pem.startswith(SEALED_KEY_PREFIX):
+        return _open_sealed_key(pem, passphrase)
     try:
         return serialization.load_pem_private_key(pem.encode(), passphrase.encode() if passphrase else None,
                                                   unsafe_skip_rsa_key_validation=True)  # our own key: 36 ms saved
     except TypeError:
+        if passphrase:  # a key stored in the clear, now to be protected: Store.identity seals it
+            return _load_private_pem(pem, None)
         raise StateError("the identity key is encrypted: give its passphrase with --passphrase "
                          "or RTCHAT_PASSPHRASE") from None
     except ValueError:
@@ -726,13 +891,32 @@ def verify_message(message_public: str, signature: Any, data: bytes) -> bool:
 # re-reads the file first, so two processes of one user merge rather than clobber.
 # =============================================================================
 
+def open_own(path: str | os.PathLike, flags: int, mode: int = 0o600) -> int:
+    """os.open for a file of ours: never through a symbolic link (O_NOFOLLOW), and only a regular file this user
+    owns, so a link or a file someone else planted is refused rather than read or written through."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, "it is a symbolic link; refused", str(path)) from None
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+        os.close(fd)
+        raise OSError(errno.EPERM, "not a regular file owned by this user; refused", str(path))
+    return fd
+
+
 @contextlib.contextmanager
 def locked_beside(path: Path):
     """An exclusive lock between processes, on PATH.lock: a file of its own, because the file it guards is
     replaced by atomic renames (and a lock on the old one would go with it)."""
     if not path.parent.is_dir():
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fd = open_own(f"{path}.lock", os.O_RDWR | os.O_CREAT)
+    except OSError as exc:
+        raise StateError(f"cannot lock {path}: {exc.strerror}") from None
     try:
         if fcntl:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -747,18 +931,59 @@ def _empty_state() -> dict:
             "ignored": []}
 
 
+def _state_problem(data: dict) -> str | None:
+    """The first part of a state file that is not what rtchat.py writes, as 'where: what it should be'."""
+    def text(value: Any) -> bool:
+        return isinstance(value, str)
+
+    def mapping(value: Any, of: Callable[[Any], bool] = lambda v: True) -> bool:
+        return isinstance(value, dict) and all(of(v) for v in value.values())
+
+    def listing(value: Any, of: Callable[[Any], bool]) -> bool:
+        return isinstance(value, list) and all(of(v) for v in value)
+
+    def pin(value: Any) -> bool:
+        return mapping(value) and text(value.get("key")) and value["key"].isascii() \
+            and listing(value.get("names"), text) and isinstance(value.get("signs", False), bool)
+
+    def author(value: Any) -> bool:
+        return mapping(value) and all(text(value.get(k)) and value[k].isascii() for k in ("key", "mkey", "mcert"))
+
+    def identity(value: Any) -> bool:
+        return value is None or (mapping(value) and text(value.get("private_key"))
+                                 and (value.get("message_key") is None or text(value["message_key"])))
+
+    shapes = {"name": (lambda v: v is None or text(v), "a text"),
+              "identity": (identity, "an object with a private_key text"),
+              "pins": (lambda v: mapping(v, pin), "an object of pins, each with a key and a list of names"),
+              "rooms": (lambda v: mapping(v, mapping), "an object of objects"),
+              "last_room": (lambda v: v is None or text(v), "a text"),
+              "input_history": (lambda v: listing(v, text), "a list of texts"),
+              "plugins": (lambda v: mapping(v, mapping), "an object of objects"),
+              "instances": (lambda v: mapping(v, lambda i: mapping(i, lambda pid: type(pid) is int)),
+                            "an object of objects of process ids"),
+              "authors": (lambda v: mapping(v, author), "an object of authors, each with key, mkey and mcert"),
+              "outbox": (lambda v: listing(v, mapping), "a list of objects")}
+    for key, (fits, expected) in shapes.items():
+        if key in data and not fits(data[key]):
+            return f'"{key}" should be {expected}'
+    return None
+
+
 class Store:
     """The state file. A corrupt or newer file is never overwritten: it raises StateError instead."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path).expanduser()
         self.data = _empty_state()
+        self.generation = 0                    # counts changes to data, for indexes built from it
         self._pending: list[Callable[[dict], Any]] = []
         self._flush_timer: asyncio.TimerHandle | None = None
 
     def load(self) -> dict:
         with locked_beside(self.path):
             self.data = self._read()
+        self.generation += 1
         return self.data
 
     def update(self, mutate: Callable[[dict], Any]) -> Any:
@@ -771,11 +996,13 @@ class Store:
             result = mutate(data)
             self._write(data)
             self.data = data
+        self.generation += 1
         return result
 
     def defer(self, mutate: Callable[[dict], Any], delay: float = 0.3) -> None:
         """Apply mutate now in memory, and on disk with others shortly (one write for a burst)."""
         mutate(self.data)
+        self.generation += 1
         self._pending.append(mutate)
         if self._flush_timer is None:
             with contextlib.suppress(RuntimeError):  # no running loop: flush() at exit writes it
@@ -793,9 +1020,14 @@ class Store:
 
     def _read(self) -> dict:
         try:
-            text = self.path.read_text(encoding="utf-8")
+            fd = open_own(self.path, os.O_RDONLY)
         except FileNotFoundError:
             return _empty_state()
+        except OSError as exc:
+            raise StateError(f"cannot read state file {self.path}: {exc.strerror}. It was left untouched.") from None
+        try:
+            with os.fdopen(fd, "rb") as f:
+                text = f.read().decode("utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise StateError(f"cannot read state file {self.path}: {exc}. It was left untouched.") from None
         try:
@@ -810,18 +1042,24 @@ class Store:
         if data["format"] > STATE_FORMAT:
             raise StateError(f"{self.path} was written by a newer rtchat (format {data['format']}, this is "
                              f"format {STATE_FORMAT}). Upgrade rtchat.py, or use --state PATH.")
+        problem = _state_problem(data)
+        if problem:
+            raise StateError(f"state file {self.path} is damaged: {problem}. It was left untouched: repair it, or "
+                             f"use --state PATH.")
         for key, value in _empty_state().items():
-            if not isinstance(data.get(key), type(value)) and value is not None:
-                data[key] = value
             data.setdefault(key, value)
         return data
 
     def _write(self, data: dict) -> None:
+        try:  # encoded first: nothing that cannot be written as UTF-8 may leave a temporary file or half a state
+            encoded = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        except (ValueError, TypeError) as exc:
+            raise StateError(f"cannot write state file {self.path}: {exc}") from None
         fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
+            with os.fdopen(fd, "wb") as f:
                 os.fchmod(f.fileno(), 0o600)
-                json.dump(data, f, ensure_ascii=False, separators=(",", ":"))
+                f.write(encoded)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
@@ -842,17 +1080,21 @@ class Store:
         if stored is not None and not (isinstance(stored, dict) and isinstance(stored.get("private_key"), str)):
             raise StateError(f"the identity in {self.path} is damaged; it was left untouched. Move the file "
                              f"away to start with a new identity (peers will see a new key).")
-        if stored and isinstance(stored.get("message_key"), str):
-            return Identity.from_pem(stored["private_key"], passphrase, stored["message_key"])
-        identity = Identity.from_pem(stored["private_key"], passphrase) if stored else Identity.generate()
-        record = {"private_key": identity.to_pem(passphrase), "public_key": identity.public_key_string,
-                  "message_key": identity.to_pem(passphrase, identity.message_key),
+        message_pem = stored.get("message_key") if stored else None
+        # A key under a passphrase in the older form (PEM's PBKDF2, 2048 rounds) or in the clear is sealed anew.
+        outdated = bool(passphrase) and not stored["private_key"].startswith(SEALED_KEY_PREFIX) if stored else False
+        if isinstance(message_pem, str) and not outdated:
+            return Identity.from_pem(stored["private_key"], passphrase, message_pem)
+        identity = Identity.from_pem(stored["private_key"], passphrase, message_pem) if stored else Identity.generate()
+        salt = os.urandom(16)
+        record = {"private_key": identity.to_pem(passphrase, salt=salt), "public_key": identity.public_key_string,
+                  "message_key": identity.to_pem(passphrase, identity.message_key, salt),
                   "encrypted": bool(passphrase), "created": now_ms()}
 
         def save(data: dict) -> Identity:
             current = data.get("identity")
-            if isinstance(current, dict) and current.get("message_key"):  # another process was first
-                return Identity.from_pem(current["private_key"], passphrase, current["message_key"])
+            if current and current != stored:  # another process was first (made, completed or sealed it)
+                return Identity.from_pem(current["private_key"], passphrase, current.get("message_key"))
             data["identity"] = {**record, **({"created": current["created"]} if current else {})}
             return identity
         return self.update(save)
@@ -872,12 +1114,20 @@ def sync_and_close(fd: int) -> None:
         os.close(fd)
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until all of data is written: a write may take only part (a full disk, a signal)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 class HistoryLog:
     """A room's messages, one JSON object per line: an append costs the same however long the history is.
 
     Lives beside the state file. A line cut short by a crash is skipped; the file is compacted to the
     newest `limit` entries once it holds twice as many. Appends are locked and fsynced, so what is in it
-    survives a kill -9 and two processes of one user can share it.
+    survives a kill -9 and two processes of one user can share it. A write that fails (a full disk) is cut back
+    off, so the file never keeps half a line.
     """
 
     def __init__(self, path: Path, limit: int = HISTORY_PER_ROOM) -> None:
@@ -897,23 +1147,27 @@ class HistoryLog:
 
     def _read(self) -> list[dict]:
         try:
-            size = self.path.stat().st_size
+            fd = open_own(self.path, os.O_RDONLY)
         except FileNotFoundError:
             return self._entries
-        if size != self._size:
+        except OSError as exc:
+            raise StateError(f"cannot read history file {self.path}: {exc.strerror}") from None
+        with os.fdopen(fd, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == self._size:
+                return self._entries
             entries, lines, ids, line = [], [], set(), b"\n"
-            with self.path.open("rb") as f:
-                for line in f:
-                    try:
-                        entry = parse_json(line)
-                    except ValueError:
-                        continue
-                    if isinstance(entry, dict) and isinstance(entry.get("id"), str) and entry["id"] not in ids:
-                        ids.add(entry["id"])
-                        entries.append(entry)
-                        lines.append(line if line.endswith(b"\n") else line + b"\n")
-            self._entries, self._lines, self._ids, self._size = entries, lines, ids, size
-            self._torn = not line.endswith(b"\n")  # a line cut by a crash: ours must start on a new one
+            for line in f:
+                try:
+                    entry = parse_json(line)
+                except ValueError:
+                    continue
+                if isinstance(entry, dict) and is_message_id(entry.get("id")) and entry["id"] not in ids:
+                    ids.add(entry["id"])
+                    entries.append(entry)
+                    lines.append(line if line.endswith(b"\n") else line + b"\n")
+        self._entries, self._lines, self._ids, self._size = entries, lines, ids, size
+        self._torn = not line.endswith(b"\n")  # a line cut by a crash: ours must start on a new one
         return self._entries
 
     def ids(self) -> set[str]:
@@ -921,39 +1175,59 @@ class HistoryLog:
             self._read()
             return set(self._ids)
 
-    def append(self, new: list[dict], sync: bool = True) -> None:
+    def append(self, new: list[dict], sync: bool = True) -> list[dict]:
         """Add entries; with sync, return only once they are on disk (before they are acknowledged)."""
-        self.write(new)
+        written = self.write(new)
         if sync:
             self.sync()
         if self.needs_compaction:
             self.compact()
+        return written
 
     def sync(self) -> None:
         """What makes the writes so far durable. It blocks, so a Room runs it in a thread (it holds no lock)."""
         try:
-            fd = os.open(self.path, os.O_RDONLY)
+            fd = open_own(self.path, os.O_RDONLY)
         except OSError as exc:
-            raise StateError(f"cannot write history file {self.path}: {exc}") from None
+            raise StateError(f"cannot write history file {self.path}: {exc.strerror}") from None
         sync_and_close(fd)
 
-    def write(self, new: list[dict]) -> None:
-        """Add entries to the file, not yet surely on disk (see sync): this, the Python part, stays on the loop."""
+    def write(self, new: list[dict]) -> list[dict]:
+        """Add entries to the file, not yet surely on disk (see sync): this, the Python part, stays on the loop.
+        Returns the entries that are in the file now, whole (one that cannot be encoded is left out). StateError
+        if the write fails: then nothing of this call is in the file."""
         with self._lock, locked_beside(self.path):
             fd = -1
             try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                fd = open_own(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
                 self._read()
-                lines = [(json.dumps(e, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
-                         for e in new if e["id"] not in self._ids]
+                there, added, lines, ids = [], [], [], set(self._ids)
+                for entry in new:
+                    if entry["id"] in ids:
+                        there.append(entry)
+                        continue
+                    try:
+                        lines.append((json.dumps(entry, ensure_ascii=False, separators=(",", ":")) + "\n").encode())
+                    except (ValueError, TypeError) as exc:
+                        log.warning("history entry %r left out: %s", entry.get("id"), exc)
+                        continue
+                    added.append(entry)
+                    ids.add(entry["id"])
                 if lines:
-                    os.write(fd, b"".join([b"\n"] + lines if self._size > 0 and self._torn else lines))
-                    self._entries.extend(e for e in new if e["id"] not in self._ids)
+                    start = os.fstat(fd).st_size
+                    try:
+                        write_all(fd, b"".join([b"\n"] + lines if start > 0 and self._torn else lines))
+                    except OSError:
+                        with contextlib.suppress(OSError):  # if this fails too, _read sees the cut line as torn
+                            os.ftruncate(fd, start)
+                        raise
+                    self._entries.extend(added)
                     self._lines.extend(lines)
-                    self._ids.update(e["id"] for e in new)
+                    self._ids.update(e["id"] for e in added)
                     self._size, self._torn = os.fstat(fd).st_size, False
+                return there + added
             except OSError as exc:
-                raise StateError(f"cannot write history file {self.path}: {exc}") from None
+                raise StateError(f"cannot write history file {self.path}: {exc.strerror or exc}") from None
             finally:
                 if fd >= 0:
                     os.close(fd)
@@ -1503,6 +1777,70 @@ def enlarge_socket_buffers(pc) -> None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
 
 
+def bound_sctp_reassembly(pc, on_exceeded: Callable[[str], None]) -> None:
+    """Bound what a peer can leave in our SCTP reassembly. Checked against aiortc 1.16.0 (rtcsctptransport.py):
+    RTCSctpTransport._receive_data_chunk keeps every fragment until a message's last one comes, and scans them all
+    for each new one, so a peer that never finishes its messages (ignoring our max-message-size and our receive
+    window) held 384 MB for 300 MB sent, at quadratic cost. Wrapped here, per association: a message longer than
+    SCTP_MAX_MESSAGE_BYTES, or more than SCTP_MAX_HELD_BYTES held in all, ends it through on_exceeded(reason)."""
+    sctp = getattr(pc, "sctp", None)
+    receive = getattr(sctp, "_receive_data_chunk", None)
+    if receive is None or not isinstance(getattr(sctp, "_inbound_streams", None), dict) \
+            or not isinstance(getattr(sctp, "_advertised_rwnd", None), int):
+        log.warning("aiortc internals moved: inbound SCTP reassembly is not bounded")
+        return
+    from aiortc.rtcsctptransport import SCTP_DATA_FIRST_FRAG, SCTP_DATA_LAST_FRAG
+    window = sctp._advertised_rwnd          # aiortc lowers it by what reassembly holds, raises it as messages leave
+    runs: dict[int, tuple[int, int]] = {}   # stream -> (TSN of its last fragment, bytes of its message so far)
+    state = {"chunks": 0, "over": False}
+
+    def held(chunks: int) -> int:
+        return window - sctp._advertised_rwnd + SCTP_CHUNK_COST * chunks
+
+    def exceeded(reason: str) -> None:
+        if not state["over"]:
+            state["over"] = True
+            on_exceeded(reason)
+
+    async def bounded_receive_data_chunk(chunk) -> None:
+        if state["over"]:
+            return
+        last, size = runs.get(chunk.stream_id, (None, 0))
+        follows = last is not None and chunk.tsn == (last + 1) % 2 ** 32 and not chunk.flags & SCTP_DATA_FIRST_FRAG
+        size = len(chunk.user_data) + (size if follows else 0)  # fragments of a message come with consecutive TSNs
+        runs[chunk.stream_id] = (chunk.tsn, 0 if chunk.flags & SCTP_DATA_LAST_FRAG else size)
+        if size > SCTP_MAX_MESSAGE_BYTES:
+            exceeded(f"sent a message over {SCTP_MAX_MESSAGE_BYTES >> 10} KiB")
+            return
+        stream = sctp._inbound_streams.get(chunk.stream_id)
+        before = len(stream.reassembly) if stream else 0
+        await receive(chunk)
+        stream = sctp._inbound_streams.get(chunk.stream_id)
+        state["chunks"] += (len(stream.reassembly) if stream else 0) - before
+        if held(state["chunks"]) > SCTP_MAX_HELD_BYTES:  # recount (streams reset elsewhere), then judge
+            state["chunks"] = sum(len(s.reassembly) for s in sctp._inbound_streams.values())
+            if held(state["chunks"]) > SCTP_MAX_HELD_BYTES:
+                exceeded(f"left over {SCTP_MAX_HELD_BYTES >> 20} MiB of unfinished messages")
+    sctp._receive_data_chunk = bounded_receive_data_chunk
+
+
+async def channel_drained(channel, below: int, timeout: float) -> bool:
+    """Until the channel holds at most `below` bytes to send; False if it closed, or stayed fuller for timeout."""
+    if channel.bufferedAmount > below and channel.readyState == "open":
+        drained = asyncio.Event()
+        channel.bufferedAmountLowThreshold = below
+        channel.on("bufferedamountlow", drained.set)
+        channel.on("close", drained.set)
+        try:
+            await asyncio.wait_for(drained.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            channel.remove_listener("bufferedamountlow", drained.set)
+            channel.remove_listener("close", drained.set)
+    return channel.readyState == "open"
+
+
 CANDIDATE_TYPES = {"host", "srflx", "prflx", "relay"}   # what a peer's SDP may say, all we repeat of it
 
 
@@ -1543,6 +1881,7 @@ class Peer(Emitter):
                  client_tag: str | None = None) -> None:
         super().__init__()
         self.name = name
+        self.shape = skeleton(bare_name(name))  # what the name looks like, to spot look-alikes
         self.key_string = key_string
         self.fingerprint: str | None = None
         self.client_tag = client_tag
@@ -1562,6 +1901,16 @@ class Peer(Emitter):
         self.late_signatures = False            # it takes a message's signature in a frame of its own, later
         self.author: dict | None = None         # its key, message key and certificate, once proven in the channel
         self.takes_files = False                # it said so in its hello
+        self.lookalike: str | None = None       # a known name its name looks like (Room decides, when verified)
+        self.backfill_left = 0                  # relayed messages we still take from it (in answer to our sync)
+        self.budgets = {kind: Budget(budget) for kind, budget in (
+            ("frame", FRAME_BUDGET), ("chat", CHAT_BUDGET), ("sync", SYNC_BUDGET), ("identify", IDENTIFY_BUDGET),
+            ("question", QUESTION_BUDGET), ("file", FILE_OFFER_BUDGET))}
+        self.over_budget: dict[str, int] = {}   # requests dropped, by kind
+        self.unsigned_bytes = 0                 # its messages' text waiting for their signatures (Room keeps count)
+        self._pace = Budget(SEND_PACE)
+        self._backlog: collections.deque[tuple[str, Any]] = collections.deque()  # our messages waiting for the pace
+        self._pump: asyncio.Task | None = None
         self.pc = None
         self.channels: dict[str, Any] = {}
         self._ice = ice
@@ -1605,12 +1954,14 @@ class Peer(Emitter):
         self._labels = TEXT_CHANNELS if self.is_rtchat_py else CHANNELS
         for label in self._labels:
             self._adopt(pc.createDataChannel(label))
+        bound_sctp_reassembly(pc, self.close)
         await pc.setLocalDescription(await pc.createOffer())
         return pc.localDescription.sdp
 
     async def accept_offer(self, sdp: str) -> str:
         pc = self._make_pc()
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        bound_sctp_reassembly(pc, self.close)
         self.remote_sdp = sdp
         await self._flush_candidates()
         await pc.setLocalDescription(await pc.createAnswer())
@@ -1651,6 +2002,9 @@ class Peer(Emitter):
         label = channel.label
         if label.startswith("file/"):  # a file on its own channel, opened by an rtchat.py peer (Room decides)
             self.emit("file-channel", self, channel)
+            return
+        if label not in CHANNELS:  # nothing of ours: one more stream to keep for nothing
+            channel.close()
             return
         if label in self.channels and self.channels[label] is not channel:
             return  # a second channel with a known label: keep the first
@@ -1768,7 +2122,56 @@ class Peer(Emitter):
         channel.send(to_json(value))
         return True
 
+    def send_reply(self, label: str, value: Any) -> bool:
+        """What we send because the peer asked: dropped while its channel holds REPLY_BUFFER_BYTES, so a peer that
+        asks and does not read cannot fill our memory."""
+        channel = self.channels.get(label)
+        if channel is not None and channel.bufferedAmount > REPLY_BUFFER_BYTES:
+            self.over_budget["reply"] = self.over_budget.get("reply", 0) + 1
+            return False
+        return self.send(label, value)
+
+    def send_paced(self, label: str, value: Any) -> bool:
+        """Our own message: sent now while within SEND_PACE (under the peer's CHAT_BUDGET) and while the channel is
+        not backed up, else queued, in order, and sent as both allow. False if the channel is not open."""
+        channel = self.channels.get(label)
+        if channel is None or channel.readyState != "open":
+            return False
+        if not self._backlog and channel.bufferedAmount <= SEND_BUFFER_BYTES and self._pace.take():
+            return self.send(label, value)
+        self._backlog.append((label, value))
+        if self._pump is None:
+            self._pump = _spawn(self._send_backlog(), f"backlog-{self.name}")
+            self._tasks.append(self._pump)
+        return True
+
+    async def _send_backlog(self) -> None:
+        try:
+            while self._backlog and self.is_open:
+                label, value = self._backlog[0]
+                await asyncio.sleep(self._pace.wait_s())
+                channel = self.channels.get(label)
+                if channel is None or not await channel_drained(channel, SEND_BUFFER_BYTES, FILE_IDLE_S):
+                    return
+                if self._pace.take():
+                    self._backlog.popleft()
+                    self.send(label, value)
+        finally:
+            self._tasks.remove(self._pump)
+            self._pump = None
+
+    def allow(self, kind: str) -> bool:
+        """Within the peer's budget for this kind of request (and it is spent)? Else it is counted and dropped."""
+        if self.budgets[kind].take():
+            return True
+        self.over_budget[kind] = self.over_budget.get(kind, 0) + 1
+        if self.over_budget[kind] == 1:
+            log.info("%r: over its %s budget; such requests are dropped for a while", self, kind)
+        return False
+
     def _on_message(self, label: str, data: Any) -> None:
+        if not self.allow("frame"):
+            return
         if isinstance(data, bytes):
             try:
                 data = data.decode("utf-8")
@@ -1792,7 +2195,7 @@ class Peer(Emitter):
                 future.set_result(value)
         elif label == "ping":
             if self.is_verified:
-                self.send("pong", "pong")
+                self.send_reply("pong", "pong")
         elif label == "pong":
             if self._ping_sent is not None:
                 self.rtt_ms = (time.monotonic() - self._ping_sent) * 1000
@@ -1825,7 +2228,7 @@ class Peer(Emitter):
         body = {"n": n, "answer": answer, "question": question}
         if error is not None:
             body["error"] = error
-        self.send("answer", body)
+        self.send_reply("answer", body)
 
     async def _keep_alive(self) -> None:
         """Ping; a peer that stops answering is gone. Browsers answer only once they have verified us,
@@ -1857,7 +2260,7 @@ class Peer(Emitter):
         """Everything sent has left our buffers and been acknowledged by the remote SCTP stack."""
         if not self.is_open or self.pc is None:
             return True
-        if any(c.bufferedAmount for c in self.channels.values() if c.readyState == "open"):
+        if self._backlog or any(c.bufferedAmount for c in self.channels.values() if c.readyState == "open"):
             return False
         sctp = getattr(self.pc, "sctp", None)
         return not any(getattr(sctp, attr, None) for attr in
@@ -3324,12 +3727,26 @@ def speaks_compact(tag: str | None) -> bool:
     return bool(match) and (int(match[1]), int(match[2])) >= (0, 2)
 
 
+MESSAGE_ID_CONTEXT = b"rtchat-message-id-v1\n"
+SALT_RE = re.compile(r"[0-9a-f]{16}")
+FINGERPRINT_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def message_id(sender: str, fp: str | None, stamp: int, text: str, action: bool, salt: str) -> str:
+    """A message's id, bound to its author (wire name, key fingerprint) and its exact words: nobody can put other
+    words under an id seen in the room (rtchat.py 0.3). The author's random salt keeps repeated lines apart."""
+    digest = hashlib.sha256(MESSAGE_ID_CONTEXT + canonical_json([sender, fp or "", stamp, text, action, salt]))
+    return digest.hexdigest()[:32]
+
+
 @dataclasses.dataclass
 class Message:
     """A chat line. ts is epoch ms; trust: 'channel-bound', 'legacy', 'relayed', 'unverified' or 'self'.
 
-    sender is the author's wire name; relayed_by names the peer that passed it on (backfill).
-    sig is the author's signature, kept so the message can be passed on unaltered.
+    sender is the author's wire name; relayed_by names the peer that passed it on (backfill). text is exactly what
+    the author sent (clean() it before showing it). id is message_id() of the rest, with salt; sig is the author's
+    signature, kept so the message can be passed on unaltered. fingerprint is the author's key as checked by us;
+    claimed_fingerprint the one an unverified relay named. lookalike: a known name the sender's looks like.
     history: said before we came (kept on disk, or passed on by a peer when we met), not news.
     """
     id: str
@@ -3345,6 +3762,9 @@ class Message:
     relayed_by: str | None = None
     sig: str | None = None
     history: bool = False
+    salt: str | None = None
+    claimed_fingerprint: str | None = None
+    lookalike: str | None = None
 
     def to_dict(self) -> dict:
         """The --json form."""
@@ -3356,27 +3776,39 @@ class Message:
             data["relayed_by"] = self.relayed_by
         if self.history:
             data["history"] = True
+        if self.lookalike:
+            data["lookalike"] = self.lookalike
         return data
 
     def record(self) -> dict:
-        """The history form: the --json form plus the author's signature (every entry there is history)."""
+        """The history form: the --json form plus what checks it later (salt, signature, a claimed key); every
+        entry there is history."""
         record = self.to_dict()
         record.pop("history", None)
-        if self.sig:
-            record["sig"] = self.sig
+        for field in ("sig", "salt", "claimed_fingerprint"):
+            if getattr(self, field):
+                record[field] = getattr(self, field)
         return record
+
+    def bound_id(self) -> str:
+        """The id this message must have (see message_id)."""
+        return message_id(self.sender, self.fingerprint or self.claimed_fingerprint, self.ts, self.text, self.action,
+                          self.salt or "")
 
     def signed_part(self, topic: str) -> bytes:
         return canonical_json([topic, self.sender, self.id, self.ts, self.text, self.action])
 
     @classmethod
     def from_dict(cls, data: dict) -> Message:
+        def text_or_none(key: str) -> str | None:
+            return data[key] if isinstance(data.get(key), str) else None
         return cls(id=str(data.get("id", "")), room=str(data.get("room", "")), sender=str(data.get("from", "")),
                    text=str(data.get("text", "")), ts=data["ts"] if valid_ts(data.get("ts")) else 0,
                    kind=str(data.get("type", "message")),
                    fingerprint=data.get("fingerprint"), trust=str(data.get("trust", "unverified")),
                    action=bool(data.get("action")), to=data.get("to"), relayed_by=data.get("relayed_by"),
-                   sig=data.get("sig") if isinstance(data.get("sig"), str) else None)
+                   sig=text_or_none("sig"), salt=text_or_none("salt"),
+                   claimed_fingerprint=text_or_none("claimed_fingerprint"), lookalike=text_or_none("lookalike"))
 
 
 @dataclasses.dataclass
@@ -3417,6 +3849,9 @@ class Trust:
         self.store = store
         self.policy = policy
         self._accepting: dict[str, float] = {}  # bare name -> since when the next key it proves is pinned
+        self._indexed = -1
+        self._by_name: dict[str, dict[str, dict]] = {}
+        self._by_skeleton: dict[str, set[str]] = {}
 
     def accept_next(self, name: str) -> None:
         """/trust NAME when no key of NAME is at hand: the next key NAME proves in a channel is pinned in place of
@@ -3431,8 +3866,28 @@ class Trust:
     def is_accepting(self, name: str) -> bool:
         return self.accepting_since(name) is not None
 
+    def _index(self) -> None:
+        """Pins by name and by look (skeleton), rebuilt when the state changed: looking a name up for every
+        envelope must not scan every pin."""
+        if self._indexed == self.store.generation:
+            return
+        by_name: dict[str, dict[str, dict]] = {}
+        for fp, pin in self.store.data["pins"].items():
+            for name in pin.get("names", ()):
+                by_name.setdefault(name, {})[fp] = pin
+        self._by_skeleton = {}
+        for name in by_name:
+            self._by_skeleton.setdefault(skeleton(name), set()).add(name)
+        self._by_name, self._indexed = by_name, self.store.generation
+
     def pins_for(self, name: str) -> dict[str, dict]:
-        return {fp: pin for fp, pin in self.store.data["pins"].items() if name in pin.get("names", ())}
+        self._index()
+        return dict(self._by_name.get(name, {}))
+
+    def names_like(self, name: str) -> set[str]:
+        """Pinned names that look like this one (the same skeleton), itself excluded."""
+        self._index()
+        return self._by_skeleton.get(skeleton(name), set()) - {name}
 
     def verdict(self, name: str, key_string: str) -> str:
         """'known' (pinned for this name), 'new' (name never pinned) or 'changed' (pinned to another key)."""
@@ -3565,16 +4020,15 @@ class IncomingFile:
         self.got = 0
         self.digest = hashlib.sha256()
         self.finished = False
-        self.active = time.monotonic()
+        self.mark = 0                                # bytes it had at the last progress check
         self.synced = 0                              # bytes handed to a background fdatasync so far
         self.syncing: asyncio.Future | None = None   # that fdatasync
         self.transfer: Transfer | None = None         # what the room reports, once the header is accepted
         channel.on("message", self._on_data)
         channel.on("close", lambda: self.fail("the sender went away", tell=False))
-        asyncio.get_running_loop().call_later(FILE_IDLE_S, self._check_idle)
+        asyncio.get_running_loop().call_later(FILE_IDLE_S, self._check_progress)
 
     def _on_data(self, data: Any) -> None:
-        self.active = time.monotonic()
         if self.finished:
             return
         if self.header is None:
@@ -3593,9 +4047,7 @@ class IncomingFile:
             self.fail("more data than announced")
         else:
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(self.fd, view):]
+                write_all(self.fd, data)
             except OSError as exc:
                 self.fail(f"cannot write: {exc.strerror}")
                 return
@@ -3631,7 +4083,7 @@ class IncomingFile:
             self.header = {"name": safe_file_name(header.get("name")), "size": size, "sha256": digest}
             self.transfer = Transfer(new_id(), self.room.name, self.peer.name, self.header["name"], size, True)
             self.part = unused_path(folder, self.header["name"] + f".{new_id()}.part")
-            self.fd = os.open(self.part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            self.fd = open_own(self.part, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         except OSError as exc:
             self.fail(f"cannot write: {exc.strerror}")
             return
@@ -3654,7 +4106,7 @@ class IncomingFile:
             for _ in range(100):  # take a free name first (O_EXCL), then put the file there: nothing is replaced
                 path = unused_path(self.room.files, self.header["name"])
                 try:
-                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                    os.close(open_own(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
                     break
                 except FileExistsError:
                     continue
@@ -3692,12 +4144,17 @@ class IncomingFile:
         if self.channel.readyState == "open":
             self.channel.send(to_json(value))
 
-    def _check_idle(self) -> None:
-        if self in self.room._incoming:
-            if time.monotonic() - self.active > FILE_IDLE_S:
-                self.fail(f"nothing came for {FILE_IDLE_S:g} s")
-            else:
-                asyncio.get_running_loop().call_later(FILE_IDLE_S, self._check_idle)
+    def _check_progress(self) -> None:
+        """Every FILE_IDLE_S a transfer must bring FILE_MIN_PROGRESS bytes (or the rest, then its end): a trickle
+        must not hold one of the few slots for ever."""
+        if self not in self.room._incoming or self.finished:
+            return
+        wanted = min(FILE_MIN_PROGRESS, self.header["size"] - self.mark) if self.header else 1
+        moved, self.mark = self.got - self.mark, self.got
+        if self.header is None or moved < wanted or wanted == 0:
+            self.fail(f"less than {FILE_MIN_PROGRESS >> 10} KiB came in {FILE_IDLE_S:g} s")
+        else:
+            asyncio.get_running_loop().call_later(FILE_IDLE_S, self._check_progress)
 
 
 class Seal:
@@ -3739,9 +4196,18 @@ class Room(Emitter):
         self.seal = seal
         self.topic = seal.topic if seal else topic_for(name)
         self.log = history or HistoryLog(store.history_path(name))
-        self._known: set[str] = set()           # ids in the history, or on their way there
+        self._known: dict[str, None] = {}       # ids in the history, or on their way there (newest MAX_KNOWN_IDS)
         self.peers: dict[str, Peer] = {}
+        self._seen: dict[str, float] = {}       # names announced but never connected: when last heard, oldest first
         self.dropped = 0                      # signaling messages refused (malformed, forged, replayed, limited)
+        self.unreadable = 0                   # of those, sealed payloads this room's secret could not open
+        self._recent_payloads: dict[bytes, None] = {}  # digests of the last RECENT_PAYLOADS payloads
+        self._lz_budget = Budget(LZ_BUDGET)
+        self._claims: dict[str, set[str]] = {}  # name never verified -> keys unverified relays said it signed with
+        self._disk_error: str | None = None     # why the history cannot be written, while it cannot
+        self._pending: set[str] = set()         # ids on their way to the history: not acknowledged yet
+        self._relays: list[tuple[Message, dict | None]] = []  # relayed messages waiting for their authors
+        self._relays_timer: asyncio.TimerHandle | None = None
         # Offers and answers between rtchat.py peers go to the recipient's own subtopic: on the room topic every
         # process in a room of N would decompress all N² of them (browsers ignore the extra userInfo field).
         inbox_tag = secrets.token_hex(8)
@@ -3757,7 +4223,7 @@ class Room(Emitter):
         self._early: dict[str, list[tuple[str, Any]]] = {}
         self._seen_nonces: dict[Any, float] = {}
         self._nonce_limit = 20000
-        self._rates: dict[str, list[float]] = {}
+        self._rates: dict[str, Budget] = {}
         self._warned: set[tuple] = set()
         self._hinted: dict[str, float] = {}     # bare name -> when we last told it we refuse its key
         self._refused_by: set[str] = set()      # wire names that told us they refuse our key (one retry each)
@@ -3783,7 +4249,10 @@ class Room(Emitter):
 
     # -- public API ---------------------------------------------------------------------------
     async def join(self) -> None:
-        self._known = await asyncio.get_running_loop().run_in_executor(None, self.log.ids)
+        entries = await asyncio.get_running_loop().run_in_executor(None, self.log.entries)
+        self._known = dict.fromkeys(e["id"] for e in entries)
+        for entry in entries:
+            self._note_claim(Message.from_dict(entry))
         self.signaling.subscribe(self.topic, self._on_payload)
         self.signaling.subscribe(self.inbox, self._on_payload)
         self.signaling.on("connected", self._on_broker_back)
@@ -3801,7 +4270,7 @@ class Room(Emitter):
         self._publish("unload", "disconnecting", compact=not self._legacy_near)
         for task in self._tasks:
             task.cancel()
-        for handle in [*self._fallbacks.values(), self._announce_timer]:
+        for handle in [*self._fallbacks.values(), self._announce_timer, self._relays_timer]:
             if handle is not None:
                 handle.cancel()
         self.signaling.off("connected", self._on_broker_back)
@@ -3831,13 +4300,26 @@ class Room(Emitter):
         return [p for p in self.peers.values() if p.is_verified]
 
     def label(self, peer_or_name: Peer | str) -> str:
-        """A peer's name for display: 'alice', or 'alice#3f2a' while two keys share that name."""
+        """A peer's name for display: 'alice', or 'alice#3f2a' while two keys share that name, or while it looks
+        like another known or present name (see lookalike_of)."""
         peer = self.peers.get(peer_or_name) if isinstance(peer_or_name, str) else peer_or_name
         if peer is None:
             return clean(peer_or_name, MAX_NAME_CHARS + 8)
         name = clean(peer.name, MAX_NAME_CHARS + 8)
         twins = {p.fingerprint for p in self.peers.values() if bare_name(p.name) == bare_name(peer.name)}
-        return f"{name}#{peer.fingerprint[:4]}" if len(twins) > 1 and peer.fingerprint else name
+        marked = len(twins) > 1 or peer.lookalike is not None
+        return f"{name}#{peer.fingerprint[:4]}" if marked and peer.fingerprint else name
+
+    def lookalike_of(self, name: str) -> str | None:
+        """A pinned or present name, not this one, that this one looks like (the same skeleton): 'alice' for
+        'аlice' with a Cyrillic а, or for 'ａｌｉｃｅ'. None if it looks like no other."""
+        bare = bare_name(name)
+        like = self.trust.names_like(bare)
+        if not like:
+            shape = skeleton(bare)
+            like = {other for p in self.peers.values()
+                    if (other := bare_name(p.name)) != bare and p.shape == shape}
+        return min(like) if like else None
 
     def find(self, name: str) -> Peer:
         """A connected peer by wire name, bare name or label; UsageError if unknown or ambiguous."""
@@ -3966,20 +4448,13 @@ class Room(Emitter):
         the receiver speaks up (it gave up)."""
         digest = hashlib.sha256()
         low, high = FILE_BUFFER_BYTES
-        channel.bufferedAmountLowThreshold = low
-        drained = asyncio.Event()
-        channel.on("bufferedamountlow", drained.set)
-        channel.on("close", drained.set)
         with path.open("rb") as f:
             left = size
             while left > 0 and replies.empty():
-                if channel.bufferedAmount > high:
-                    drained.clear()
-                    try:
-                        await asyncio.wait_for(drained.wait(), FILE_IDLE_S)
-                    except asyncio.TimeoutError:
-                        raise RtchatError(f"the transfer stalled for {FILE_IDLE_S:g} s") from None
-                    continue
+                if channel.bufferedAmount > high and not await channel_drained(channel, low, FILE_IDLE_S):
+                    if channel.readyState == "open":
+                        raise RtchatError(f"the transfer stalled for {FILE_IDLE_S:g} s")
+                    raise RtchatError("the connection closed during the transfer")
                 chunk = f.read(min(FILE_CHUNK_BYTES, left))
                 if not chunk:
                     raise RtchatError(f"{path} got shorter while it was being sent")
@@ -4010,7 +4485,7 @@ class Room(Emitter):
         """Until count peers are verified; NoPeers after timeout."""
         if not await self._until(lambda: len(self.verified_peers()) >= count, timeout):
             raise NoPeers(f"no peer in #{self.name} within {timeout:g} s "
-                          f"({len(self.verified_peers())} of {count} verified)")
+                          f"({len(self.verified_peers())} of {count} verified){self._seal_hint()}")
         return self.verified_peers()
 
     async def wait_for_peer(self, name: str, timeout: float = 30.0) -> Peer:
@@ -4061,6 +4536,17 @@ class Room(Emitter):
     def unacknowledged(self) -> set[str]:
         """Wire names of rtchat.py peers that have not acknowledged every message we sent them."""
         return set().union(*self._unacked.values())
+
+    def _seal_hint(self) -> str:
+        """Why a sealed room may look empty. Peers with another secret meet on another topic (the topic comes from
+        the secret too), so they cannot be seen without telling the broker which room this is; what can be told is
+        what came on this room's topic and could not be opened with this secret."""
+        if self.seal is None or self.verified_peers():
+            return ""
+        if self.unreadable:
+            return (f"; {self.unreadable} message(s) on this sealed room's topic could not be opened with this "
+                    f"secret: the senders use another one")
+        return "; in a sealed room a wrong --secret looks like an empty room: check that everyone uses the same one"
 
     async def flush(self, timeout: float = 10.0) -> bool:
         """Until every message sent is acknowledged by rtchat.py peers and acked by browsers' SCTP.
@@ -4119,6 +4605,7 @@ class Room(Emitter):
         self.announce()
         for delay in itertools.chain(ANNOUNCE_EVERY_S[:-1], itertools.repeat(ANNOUNCE_EVERY_S[-1])):
             await asyncio.sleep(delay)
+            self._expire_seen()
             if not self.peers or not all(p.is_open for p in self.peers.values()):
                 self.announce()
 
@@ -4146,12 +4633,20 @@ class Room(Emitter):
 
     # -- signaling in -------------------------------------------------------------------------
     def _on_payload(self, topic: str, payload: bytes) -> None:
+        digest = hashlib.blake2b(payload, digest_size=16).digest()
+        if digest in self._recent_payloads:  # the same bytes again: a replay, not decoded a second time
+            self.dropped += 1
+            return
+        self._recent_payloads[digest] = None
+        if len(self._recent_payloads) > RECENT_PAYLOADS:
+            del self._recent_payloads[next(iter(self._recent_payloads))]
         if self.seal:
             payload = self.seal.open(payload)
             if payload is None:
                 self.dropped += 1
+                self.unreadable += 1
                 return
-        envelope = decode_envelope(payload)
+        envelope = decode_envelope(payload, self._lz_budget.take)
         if envelope is None:
             self.dropped += 1
             return
@@ -4248,14 +4743,9 @@ class Room(Emitter):
         return True
 
     def _within_rate(self, sender: str) -> bool:
-        per_second, burst = RATE_PER_SENDER
-        now = time.monotonic()
-        tokens, last = self._rates.get(sender, (burst, now))
-        tokens = min(burst, tokens + (now - last) * per_second)
-        if len(self._rates) > 4096:
+        if len(self._rates) > 4096 and sender not in self._rates:
             self._rates.clear()
-        self._rates[sender] = (tokens - 1, now)
-        return tokens >= 1
+        return self._rates.setdefault(sender, Budget(RATE_PER_SENDER)).take()
 
     def _signer(self, envelope: dict) -> tuple[str | None | bool, str | None]:
         """(the identity key that signed this envelope, None if unsigned or not known yet, False if the signature
@@ -4380,6 +4870,7 @@ class Room(Emitter):
         if peer is None or peer.state == "closed" or peer.key_string != key:
             peer = self._register(Peer(sender, self.ice, key, tag))
         # else a repeat while our offer is on its way: replacing the peer would orphan that offer's answer
+        self._note_seen(sender)
         if self._should_offer(sender):
             self._offer(peer)
         else:
@@ -4421,6 +4912,7 @@ class Room(Emitter):
         if handle:
             handle.cancel()
         peer.state = "connecting"  # counted as a session in set-up from now on
+        self._seen.pop(peer.name, None)
         _spawn(self._send_offer(peer), f"offer-{peer.name}")
 
     async def _send_offer(self, peer: Peer) -> None:
@@ -4561,8 +5053,30 @@ class Room(Emitter):
             await asyncio.sleep(PROBE_TIMEOUT_S)
 
     # -- sessions -----------------------------------------------------------------------------
+    def _note_seen(self, name: str) -> None:
+        """A name announced: until it connects it is kept among the newest MAX_SEEN_PEERS, for SEEN_EXPIRE_S after
+        it was last heard, so a flood of made-up names costs a bounded table and the same work per name."""
+        self._seen.pop(name, None)
+        self._seen[name] = time.monotonic()
+        self._expire_seen()
+
+    def _expire_seen(self) -> None:
+        now = time.monotonic()
+        while self._seen:
+            name, heard = next(iter(self._seen.items()))
+            if len(self._seen) <= MAX_SEEN_PEERS and now - heard < SEEN_EXPIRE_S:
+                return
+            del self._seen[name]
+            peer = self.peers.get(name)
+            if peer is not None and peer.state == "seen":
+                handle = self._fallbacks.pop(name, None)
+                if handle is not None:
+                    handle.cancel()
+                peer.close("not heard from")
+
     def _register(self, peer: Peer) -> Peer:
         old = self.peers.get(peer.name)
+        self._seen.pop(peer.name, None)
         self.peers[peer.name] = peer  # first: closing the old one must not forget what we know of the name
         self._peer_event.set()
         if old is not None and old is not peer:
@@ -4671,11 +5185,17 @@ class Room(Emitter):
     def _verified(self, peer: Peer) -> None:
         peer.state = "verified"
         peer.verified_at = time.monotonic()
+        peer.lookalike = self.lookalike_of(peer.name)
         accepted = False
         with contextlib.suppress(RtchatError, ValueError):
             bare = bare_name(peer.name)
             verdict = self.trust.verdict(bare, peer.key_string)
             accepted = verdict == "changed" and self.trust.is_accepting(bare)
+            if verdict == "new":
+                for msg, _ in self._relays:
+                    if bare_name(msg.sender) == bare:
+                        self._note_claim(msg)
+                self._check_claims(peer)
             if verdict != "changed" or accepted:  # --trust any: never re-pin; after /trust NAME: in place of the old
                 self.trust.pin(bare, peer.key_string, signs=peer.channel_bound, author=peer.author, replace=accepted)
         if accepted:
@@ -4690,6 +5210,13 @@ class Room(Emitter):
         for label, value in self._early.pop(peer.name, []):
             self._on_frame(peer, label, value)
         self._send_outbox(peer)
+        self._judge_relays()
+
+    def _check_claims(self, peer: Peer) -> None:
+        """First contact: did unverified relays say this name signed with another key? Then that was forged."""
+        claimed = self._claims.pop(bare_name(peer.name), set()) - {peer.fingerprint}
+        if claimed:
+            self.emit("history-conflict", peer, sorted(claimed))
 
     def _on_closed(self, peer: Peer, reason: str) -> None:
         if self.peers.get(peer.name) is peer:
@@ -4700,6 +5227,8 @@ class Room(Emitter):
         self._early.pop(peer.name, None)
         if peer.verified_at is not None and reason != "we left":
             self.emit("leave", peer, reason)
+        if self._relays:
+            self._judge_relays()
         if peer.remote_sdp is not None and self.joined and reason not in ("left", "we left") \
                 and not reason.startswith("replaced"):
             self._announce_soon()  # the other side may still be there: let it offer again
@@ -4720,13 +5249,15 @@ class Room(Emitter):
                 early.append((label, value))
             return
         if label == "question":
-            _spawn(self._answer_question(peer, value), f"question-{peer.name}")
+            if peer.allow("question"):
+                _spawn(self._answer_question(peer, value), f"question-{peer.name}")
         else:
             self._on_text(peer, label, value)
 
     def _on_file_channel(self, peer: Peer, channel) -> None:
         if self.files is None or not (peer.is_verified and peer.is_rtchat_py) or \
-                len(self._incoming) >= MAX_INCOMING_FILES:
+                len(self._incoming) >= MAX_INCOMING_FILES or not peer.allow("file") or \
+                sum(f.peer is peer for f in self._incoming) >= MAX_FILES_PER_PEER:
             channel.close()
             return
         self._incoming.add(IncomingFile(self, peer, channel))
@@ -4737,6 +5268,8 @@ class Room(Emitter):
         topic = question.get("topic") if isinstance(question, dict) else None
         if topic not in ("identify", "challenge"):
             return False
+        if not peer.allow("identify"):  # each answer is an RSA signature
+            return True
         content = question.get("content")
         try:
             # Exactly 32 bytes, as browsers send: we never sign anything that could be a signaling message.
@@ -4784,25 +5317,36 @@ class Room(Emitter):
                 handler(self, peer, kind, value)
             return
         text = value if isinstance(value, str) else to_json(value)
-        self._accept(Message(id=new_id(), room=self.name, sender=peer.name, text=clean(text, keep_newlines=True),
-                             ts=now_ms(), kind=kind, fingerprint=peer.fingerprint, trust="legacy",
-                             to=self.me if kind == "dm" else None), peer, label)
+        if not (peer.allow("chat") and is_message_text(text)):
+            return
+        msg = Message(id="", room=self.name, sender=peer.name, text=text, ts=now_ms(), kind=kind,
+                      fingerprint=peer.fingerprint, trust="legacy", to=self.me if kind == "dm" else None,
+                      salt=new_id(), lookalike=peer.lookalike)
+        msg.id = msg.bound_id()  # browsers send plain text: the id is made here
+        self._accept(msg, peer, label)
 
     def _on_signed_text(self, peer: Peer, kind: str, value: dict) -> None:
-        msg_id, text, stamp = value.get("id"), value.get("text"), value.get("ts")
-        if not (isinstance(msg_id, str) and 0 < len(msg_id) <= 64 and isinstance(text, str) and valid_ts(stamp)):
+        """A message from an rtchat.py peer, kept exactly as sent. Its id must be bound to its words; one from
+        rtchat.py 0.2 (no salt: an id of its choosing) is kept under an id made here from it, and acked as sent."""
+        msg_id, text, stamp, salt, sig = (value.get(k) for k in ("id", "text", "ts", "salt", "sig"))
+        if not (peer.allow("chat") and is_message_id(msg_id) and is_message_text(text) and valid_ts(stamp)):
             return
-        text = text[:MAX_TEXT_CHARS]
-        shown = clean(text, keep_newlines=True)
-        # The signature is what lets us pass the message on. It needs the peer's hello (the dm channel may
-        # overtake chat) and fits only the text as sent.
-        relayable = peer.message_key is not None and shown == text
-        sig = value.get("sig")
-        msg = Message(id=msg_id, room=self.name, sender=peer.name, text=shown, ts=stamp, kind=kind,
+        msg = Message(id=msg_id, room=self.name, sender=peer.name, text=text, ts=stamp, kind=kind,
                       fingerprint=peer.fingerprint, trust="channel-bound" if peer.channel_bound else "legacy",
-                      action=bool(value.get("action")), to=self.me if kind == "dm" else None,
-                      sig=sig if relayable and isinstance(sig, str) else None)
-        self._accept(msg, peer, "chat" if kind == "message" else "dm", signature_follows=relayable and sig is None)
+                      action=value.get("action") is True, to=self.me if kind == "dm" else None,
+                      salt=salt if salt is not None else msg_id, lookalike=peer.lookalike)
+        if not (isinstance(msg.salt, str) and SALT_RE.fullmatch(msg.salt)):
+            return
+        follows = False
+        if salt is None:  # 0.2: its signature covers its own id, so it cannot be passed on under ours
+            msg.id = msg.bound_id()
+        elif msg.bound_id() != msg_id:
+            log.debug("%r: a message whose id does not fit its words, dropped", peer)
+            return
+        elif peer.message_key is not None:  # the signature lets us pass it on; it needs the peer's hello
+            msg.sig = sig if isinstance(sig, str) and len(sig) <= 200 else None
+            follows = sig is None and peer.unsigned_bytes + len(text) <= MAX_UNSIGNED_BYTES
+        self._accept(msg, peer, "chat" if kind == "message" else "dm", signature_follows=follows, ack_id=msg_id)
 
     def _on_signatures(self, peer: Peer, kind: str, value: dict) -> None:
         """Signatures of messages the peer sent ahead of them: now they can be checked, written and acked."""
@@ -4810,13 +5354,19 @@ class Room(Emitter):
         if not isinstance(sigs, dict):
             return
         for msg_id, sig in itertools.islice(sigs.items(), 1000):
-            waiting = self._unsigned.pop((peer.name, msg_id), None)
+            waiting = self._take_unsigned((peer.name, msg_id))
             if waiting is None:
                 continue
             entry, sender, label, _ = waiting
-            if isinstance(sig, str):
+            if isinstance(sig, str) and len(sig) <= 200:
                 entry["sig"] = sig
             self._commit_later(entry, sender, label)
+
+    def _take_unsigned(self, key: tuple[str, str]) -> tuple[dict, Peer, str, float] | None:
+        waiting = self._unsigned.pop(key, None)
+        if waiting is not None:
+            waiting[1].unsigned_bytes -= len(waiting[0]["text"])
+        return waiting
 
     def _write_unsigned(self, now: float | None = None) -> None:
         """Messages whose signature did not come by their deadline are written (and acked) without one."""
@@ -4826,7 +5376,7 @@ class Room(Emitter):
         now = time.monotonic() if now is None else now
         for key, (entry, peer, label, deadline) in list(self._unsigned.items()):
             if deadline <= now:
-                del self._unsigned[key]
+                self._take_unsigned(key)
                 self._commit_later(entry, peer, label)
         self._sweep_unsigned_later()
 
@@ -4836,33 +5386,43 @@ class Room(Emitter):
             self._unsigned_sweep = asyncio.get_running_loop().call_later(
                 max(0.0, due - time.monotonic()), self._write_unsigned)
 
-    def _accept(self, msg: Message, peer: Peer | None, ack_label: str, signature_follows: bool = False) -> None:
-        """A message we did not have: shown now, written to disk, and acknowledged once it is on disk.
-        One whose signature follows waits for it (or SIGNATURE_WAIT_S) before it is written."""
+    def _remember(self, msg_id: str) -> None:
+        self._known[msg_id] = None
+        if len(self._known) > MAX_KNOWN_IDS:
+            del self._known[next(iter(self._known))]
+
+    def _accept(self, msg: Message, peer: Peer | None, ack_label: str, signature_follows: bool = False,
+                ack_id: str | None = None) -> None:
+        """A message we did not have: shown now, written to disk, and acknowledged (as ack_id, the id it came
+        with) once it is on disk. One whose signature follows waits for it (or SIGNATURE_WAIT_S) before it is
+        written."""
         if msg.id in self._known:
-            if peer is not None and peer.is_rtchat_py:
-                peer.send(ack_label, {"t": "ack", "ids": [msg.id]})  # a resend: we have it already
+            if peer is not None and peer.is_rtchat_py and msg.id not in self._pending:
+                peer.send(ack_label, {"t": "ack", "ids": [ack_id or msg.id]})  # a resend: we have it already
             return
-        self._known.add(msg.id)
+        self._remember(msg.id)
         entry = msg.record()
         if signature_follows:
+            self._pending.add(msg.id)
             self._unsigned[(peer.name, msg.id)] = (entry, peer, ack_label, time.monotonic() + SIGNATURE_WAIT_S)
+            peer.unsigned_bytes += len(msg.text)
             if len(self._unsigned) > MAX_UNSIGNED:  # a peer that never signs: the oldest is written as it is
-                oldest = next(iter(self._unsigned))
-                self._commit_later(*self._unsigned.pop(oldest)[:3])
+                self._commit_later(*self._take_unsigned(next(iter(self._unsigned)))[:3])
             self._sweep_unsigned_later()
         else:
-            self._commit_later(entry, peer if peer is not None and peer.is_rtchat_py else None, ack_label)
+            self._commit_later(entry, peer if peer is not None and peer.is_rtchat_py else None, ack_label, ack_id)
         self.emit("history" if msg.history else msg.kind, msg)
 
-    def _commit_later(self, entry: dict, ack_to: Peer | None = None, ack_label: str = "chat") -> None:
+    def _commit_later(self, entry: dict, ack_to: Peer | None = None, ack_label: str = "chat",
+                      ack_id: str | None = None) -> None:
         """Group history writes: one fsync (in a thread, off the loop) for what arrived meanwhile, then the acks.
         What a message costs on its way to the screen stays small; the rest is shared (see COMMIT_EVERY_S)."""
-        self._known.add(entry["id"])
+        self._remember(entry["id"])
+        self._pending.add(entry["id"])
         if not self._committing:
             _spawn(self._commit(), f"commit-{self.name}")  # raises outside a running loop: then the flag stays off
             self._committing = True
-        self._to_commit.append((entry, ack_to, ack_label))
+        self._to_commit.append((entry, ack_to, ack_label, ack_id or entry["id"]))
 
     def _sign_now_if_wanted(self, msg: Message, peers: list[Peer]) -> None:
         """An rtchat.py that does not take signatures later (0.1, or one whose hello has not come) gets it inline,
@@ -4879,24 +5439,34 @@ class Room(Emitter):
         self._commit_later(entry)
 
     async def _commit(self) -> None:
+        """Write what came, then acknowledge what is on disk, whole and synced. While the disk refuses (full, say),
+        it is kept (up to MAX_PENDING_WRITES) and tried again every DISK_RETRY_S: one disk-error event, no acks,
+        then disk-ok and the acks once it is written."""
         try:
-            while self._to_commit:
-                await asyncio.sleep(max(COMMIT_GATHER_S, self._last_commit + COMMIT_EVERY_S - time.monotonic()))
+            while self._to_commit and (self.joined or self._disk_error is None):
+                pace = DISK_RETRY_S if self._disk_error else COMMIT_EVERY_S
+                await asyncio.sleep(max(COMMIT_GATHER_S, self._last_commit + pace - time.monotonic()))
                 self._last_commit = time.monotonic()
                 batch, self._to_commit = self._to_commit, []
                 to_sign, self._to_sign = self._to_sign, []
                 await self._sign(to_sign)
+                written: list[dict] = []
                 try:
                     for start in range(0, len(batch), COMMIT_SLICE):  # a long batch in slices, for messages arriving
-                        self.log.write([entry for entry, _, _ in batch[start:start + COMMIT_SLICE]])
+                        written += self.log.write([item[0] for item in batch[start:start + COMMIT_SLICE]])
                         await asyncio.sleep(0)
                     # Only what we acknowledge must be on disk first; what we sent is safe with whoever acked it.
-                    if any(peer for _, peer, _ in batch):
+                    if any(item[1] for item in batch):
                         await asyncio.get_running_loop().run_in_executor(None, self.log.sync)
                 except StateError as exc:
-                    self.emit("status", f"-!- {exc}; messages are not acknowledged")
+                    self._keep_for_retry(batch, str(exc))
                     continue
-                self._send_acks(batch)
+                if self._disk_error is not None:
+                    self._disk_error = None
+                    self.emit("disk-ok", str(self.log.path))
+                self._pending.difference_update(item[0]["id"] for item in batch)
+                done = {id(entry) for entry in written}
+                self._send_acks([item for item in batch if id(item[0]) in done])
                 if self.log.needs_compaction:
                     try:
                         await asyncio.get_running_loop().run_in_executor(None, self.log.compact)
@@ -4905,8 +5475,18 @@ class Room(Emitter):
         finally:
             self._committing = False
 
+    def _keep_for_retry(self, batch: list[tuple[dict, Peer | None, str, str]], reason: str) -> None:
+        self._to_commit[:0] = batch
+        for entry, *_ in self._to_commit[:-MAX_PENDING_WRITES]:  # given up: never acked, so a resend is taken anew
+            self._pending.discard(entry["id"])
+            self._known.pop(entry["id"], None)
+        del self._to_commit[:-MAX_PENDING_WRITES]
+        if self._disk_error is None:
+            self._disk_error = reason
+            self.emit("disk-error", str(self.log.path), reason)
+
     async def _sign(self, to_sign: list[tuple[Message, dict, list[tuple[Peer, str]]]]) -> None:
-        """Sign what we sent ahead of its signature, and send the signatures after it."""
+        """Sign what we sent ahead of its signature, and send the signatures after it (in order with it)."""
         sigs: dict[tuple[Peer, str], dict[str, str]] = {}
         for msg, entry, sent in to_sign:
             if msg.sig is None:
@@ -4918,14 +5498,14 @@ class Room(Emitter):
         for (peer, label), batch in sigs.items():
             ids = list(batch)
             for start in range(0, len(ids), COMMIT_SLICE):
-                peer.send(label, {"t": "sigs", "sigs": {i: batch[i] for i in ids[start:start + COMMIT_SLICE]}})
+                peer.send_paced(label, {"t": "sigs", "sigs": {i: batch[i] for i in ids[start:start + COMMIT_SLICE]}})
                 await asyncio.sleep(0)
 
-    def _send_acks(self, batch: list[tuple[dict, Peer | None, str]]) -> None:
+    def _send_acks(self, batch: list[tuple[dict, Peer | None, str, str]]) -> None:
         acks: dict[tuple[Peer, str], list[str]] = {}
-        for entry, peer, label in batch:
+        for _, peer, label, ack_id in batch:
             if peer is not None:
-                acks.setdefault((peer, label), []).append(entry["id"])
+                acks.setdefault((peer, label), []).append(ack_id)
         for (peer, label), ids in acks.items():
             peer.send(label, {"t": "ack", "ids": ids})
 
@@ -4960,36 +5540,54 @@ class Room(Emitter):
         author = {"key": peer.key_string, "mkey": value["mkey"], "mcert": value["mcert"]}
         if self.store.data["authors"].get(peer.fingerprint) != author:
             self.store.defer(lambda d: d["authors"].__setitem__(peer.fingerprint, author))
+        peer.backfill_left = BACKFILL_MAX  # what we take from it in answer
         peer.send("chat", {"t": "sync", "ids": [e["id"] for e in self.log.entries()[-HISTORY_PER_ROOM:]]})
 
     def _on_sync(self, peer: Peer, kind: str, value: dict) -> None:
-        """Pass on what the peer missed: room messages it does not list, newest BACKFILL_MAX, oldest first."""
+        """Pass on what the peer missed (rtchat.py asks once a session): room messages it does not list, the newest
+        BACKFILL_MAX, oldest first, as fast as its channel takes them."""
         theirs = value.get("ids")
-        if not isinstance(theirs, list):
+        if not isinstance(theirs, list) or not peer.allow("sync"):
             return
         theirs = set(i for i in theirs[:2 * HISTORY_PER_ROOM] if isinstance(i, str))
         missing = [e for e in self.log.entries() if e.get("type") == "message" and e["id"] not in theirs
                    and e.get("from") != peer.name][-BACKFILL_MAX:]
+        if missing:
+            _spawn(self._backfill(peer, missing), f"backfill-{peer.name}")
+
+    async def _backfill(self, peer: Peer, missing: list[dict]) -> None:
         batch, authors, size = [], {}, 0
         for entry in missing:
-            fp = entry.get("fingerprint")
-            credentials = self._author(fp) if entry.get("sig") else None
-            record = {k: entry.get(k) for k in ("id", "from", "text", "ts", "action", "fingerprint", "sig",
-                                                "relayed_by")}
-            # A direct message's signature was not checked when it came (the channel vouched for it): it is now,
-            # before we pass it on as the author's.
-            if credentials and (fp == self.identity.fingerprint or entry.get("trust") == "relayed" or verify_message(
-                    credentials["mkey"], entry["sig"], Message.from_dict(entry).signed_part(self.topic))):
-                authors[fp] = credentials
-            else:
-                record["sig"] = None
+            record, credentials = self._relay_record(entry)
+            if credentials:
+                authors[record["fingerprint"]] = credentials
             batch.append(record)
             size += len(entry.get("text", "")) + 200
-            if size > BACKFILL_FRAME_CHARS:
+            if size > BACKFILL_FRAME_CHARS or entry is missing[-1]:
+                channel = peer.channels.get("chat")
+                if channel is None or not await channel_drained(channel, REPLY_BUFFER_BYTES, FILE_IDLE_S):
+                    return
                 peer.send("chat", {"t": "backfill", "authors": authors, "msgs": batch})
                 batch, authors, size = [], {}, 0
-        if batch:
-            peer.send("chat", {"t": "backfill", "authors": authors, "msgs": batch})
+            await asyncio.sleep(0)
+
+    def _relay_record(self, entry: dict) -> tuple[dict, dict | None]:
+        """A history entry as passed on, and the author's credentials when its signature goes with it. Only a
+        signature we have checked against a key we know goes on; an unverified message goes unsigned."""
+        record = {k: entry.get(k) for k in ("id", "from", "text", "ts", "action", "fingerprint", "sig", "salt",
+                                            "relayed_by")}
+        if entry.get("trust") == "unverified":
+            record.update(fingerprint=entry.get("claimed_fingerprint"), sig=None)
+            return record, None
+        fp = entry.get("fingerprint")
+        credentials = self._author(fp) if entry.get("sig") else None
+        # A direct message's signature was not checked when it came (the channel vouched for it): it is now,
+        # before we pass it on as the author's.
+        if credentials and (fp == self.identity.fingerprint or entry.get("trust") == "relayed" or verify_message(
+                credentials["mkey"], entry["sig"], Message.from_dict(entry).signed_part(self.topic))):
+            return record, credentials
+        record["sig"] = None
+        return record, None
 
     def _author(self, fp: str | None) -> dict | None:
         """What a third party needs to check a message by fp: identity key, message key, certificate."""
@@ -4999,75 +5597,124 @@ class Room(Emitter):
         return self.store.data["authors"].get(fp)
 
     def _on_backfill(self, peer: Peer, kind: str, value: dict) -> None:
-        """Messages we missed, passed on by a peer: the author's signature decides what they are worth. They are
-        history, never news, even from their author (who passes on what it said before we met)."""
+        """Messages we missed, passed on by a peer in answer to our sync (BACKFILL_MAX at most): each must be what
+        its id was made for, and the author's signature decides what it is worth. They are history, never news,
+        even from their author (who passes on what it said before we met)."""
         authors, records = value.get("authors"), value.get("msgs")
         if not isinstance(authors, dict) or not isinstance(records, list):
             return
-        accepted = []
-        for record in records[:BACKFILL_MAX]:
-            msg = self._relayed(peer, authors, record) if isinstance(record, dict) else None
-            if msg is not None and msg.id not in self._known:
-                accepted.append(msg)
-        for msg in sorted(accepted, key=lambda m: m.ts):
-            self._accept(msg, None, "chat")
+        records = records[:peer.backfill_left]
+        peer.backfill_left -= len(records)
+        for record in records:
+            relayed = self._relayed(peer, authors, record) if isinstance(record, dict) else None
+            if relayed is not None and relayed[0].id not in self._known:
+                self._relays.append(relayed)
+        if self._relays and self._relays_timer is None:
+            self._relays_timer = asyncio.get_running_loop().call_later(VERIFY_TIMEOUT_S, self._judge_relays, True)
+        self._judge_relays(len(self._relays) > 4 * BACKFILL_MAX)
 
-    def _relayed(self, peer: Peer, authors: dict, record: dict) -> Message | None:
-        if not valid_ts(record.get("ts")):
+    def _judge_relays(self, now: bool = False) -> None:
+        """Relayed messages are shown in order once no author of theirs is still connecting (at most
+        VERIFY_TIMEOUT_S): a signature counts as checked only by a key we verified for its author ourselves, and
+        an author met at the same moment as the peer passing its words on is usually verified a moment later."""
+        if not now and any(author is not None and self._is_connecting(msg.sender) for msg, author in self._relays):
+            return
+        if self._relays_timer is not None:
+            self._relays_timer.cancel()
+            self._relays_timer = None
+        relays, self._relays = sorted(self._relays, key=lambda relayed: relayed[0].ts), []
+        for msg, author in relays:
+            if msg.id in self._known:
+                continue
+            if author is not None and msg.claimed_fingerprint in self.trust.pins_for(bare_name(msg.sender)):
+                self._checked_relay(msg, author)
+            self._accept(msg, None, "chat")
+            self._note_claim(msg)
+
+    def _is_connecting(self, name: str) -> bool:
+        peer = self.peers.get(name)
+        return peer is not None and peer.state in ("seen", "connecting", "open")
+
+    def _checked_relay(self, msg: Message, author: dict) -> None:
+        """A relayed message whose signature is by the key pinned for its author: its words, checked."""
+        fp = msg.claimed_fingerprint
+        msg.trust, msg.fingerprint, msg.claimed_fingerprint = "relayed", fp, None
+        if fp not in self.store.data["authors"]:
+            self.store.defer(lambda d: d["authors"].__setitem__(fp, author))
+
+    def _relayed(self, peer: Peer, authors: dict, record: dict) -> tuple[Message, dict | None] | None:
+        """A relayed record as a Message, or None if it is malformed, not what its id was made for, or signed by
+        a key other than the one pinned for its author. It counts as checked ('relayed') only if its signature is
+        by a key we have verified for that name ourselves; else it is kept 'unverified', with the key it claims.
+        With it, the author's credentials if the signature is genuine but the author not (yet) verified by us."""
+        fp, sig, salt = record.get("fingerprint"), record.get("sig"), record.get("salt")
+        if not (is_message_id(record.get("id")) and is_wire_name(record.get("from"))
+                and is_message_text(record.get("text")) and valid_ts(record.get("ts"))
+                and isinstance(salt, str) and SALT_RE.fullmatch(salt)
+                and (fp is None or (isinstance(fp, str) and FINGERPRINT_RE.fullmatch(fp)))):
             return None
-        try:
-            msg = Message(id=str(record["id"])[:64], room=self.name, sender=str(record["from"])[:MAX_NAME_CHARS + 16],
-                          text=str(record["text"])[:MAX_TEXT_CHARS], ts=record["ts"], kind="message",
-                          fingerprint=record.get("fingerprint") if isinstance(record.get("fingerprint"), str) else None,
-                          action=bool(record.get("action")), relayed_by=peer.name, history=True,
-                          sig=record.get("sig") if isinstance(record.get("sig"), str) else None)
-        except (KeyError, TypeError, ValueError):
+        msg = Message(id=record["id"], room=self.name, sender=record["from"], text=record["text"], ts=record["ts"],
+                      action=record.get("action") is True, relayed_by=peer.name, history=True, salt=salt,
+                      claimed_fingerprint=fp)
+        if msg.sender == self.me or msg.bound_id() != msg.id:
+            return None  # ours, or other words than its id was made for
+        pins = self.trust.pins_for(bare_name(msg.sender))
+        if pins and fp not in pins:
+            log.info("dropped a relayed message in %s's name from %s: not their key", msg.sender, peer.name)
             return None
-        if msg.sender == self.me:
-            return None
-        author = authors.get(msg.fingerprint) if msg.fingerprint else None
-        if msg.sig and isinstance(author, dict):
+        author = authors.get(fp) if fp else None
+        if isinstance(sig, str) and isinstance(author, dict):
             key = author.get("key")
             try:
-                genuine = (isinstance(key, str) and fingerprint(key) == msg.fingerprint
+                genuine = (isinstance(key, str) and fingerprint(key) == fp
                            and verify_message_key(key, author.get("mkey"), author.get("mcert"))
-                           and verify_message(author["mkey"], msg.sig, msg.signed_part(self.topic)))
+                           and verify_message(author["mkey"], sig, msg.signed_part(self.topic)))
             except ValueError:
                 genuine = False
-            pins = self.trust.pins_for(bare_name(msg.sender))
-            if not genuine or (pins and msg.fingerprint not in pins):
-                log.info("dropped a relayed message in %s's name from %s: not signed by their key",
-                         msg.sender, peer.name)
+            if not genuine:
+                log.info("dropped a relayed message in %s's name from %s: bad signature", msg.sender, peer.name)
                 return None
-            msg.trust = "relayed"
-            if msg.fingerprint not in self.store.data["authors"]:
-                self.store.defer(lambda d: d["authors"].__setitem__(msg.fingerprint, author))
-        else:  # an id of its own: a relay must not claim the id of a genuine message it altered
-            msg.trust, msg.sig, msg.fingerprint = "unverified", None, None
-            msg.id = "unverified-" + hashlib.sha256(f"{peer.name}\n{msg.id}".encode()).hexdigest()[:16]
-        shown = clean(msg.text, keep_newlines=True)
-        if shown != msg.text:  # the signature fits only the text as written: it cannot be passed on as the author's
-            msg.text, msg.sig = shown, None
-        return msg
+            msg.sig = sig
+            if pins:  # an author we have verified ourselves
+                self._checked_relay(msg, author)
+        msg.lookalike = self.lookalike_of(msg.sender)
+        return msg, (author if msg.sig and msg.trust == "unverified" else None)
+
+    def _note_claim(self, msg: Message) -> None:
+        """Remember which key an unverified relay said an author we never met signed with: if the author turns up
+        with another key, that history was forged, and we say so (history-conflict)."""
+        name = bare_name(msg.sender)
+        if msg.trust != "unverified" or not msg.claimed_fingerprint or self.trust.pins_for(name):
+            return
+        if len(self._claims) >= 1024 and name not in self._claims:
+            del self._claims[next(iter(self._claims))]
+        claims = self._claims.setdefault(name, set())
+        if len(claims) < 16:
+            claims.add(msg.claimed_fingerprint)
 
     def _own_message(self, text: str, kind: str, action: bool = False, to: str | None = None) -> Message:
         if not text:
             raise UsageError("nothing to send")
         if len(text) > MAX_TEXT_CHARS:
             raise UsageError(f"a message has at most {MAX_TEXT_CHARS} characters")
-        msg = Message(id=new_id(), room=self.name, sender=self.me, text=text, ts=now_ms(), kind=kind,
-                      fingerprint=self.identity.fingerprint, trust="self", action=action, to=to)
+        if not is_encodable(text):
+            raise UsageError("a message must be valid Unicode text (it has a lone surrogate)")
+        msg = Message(id="", room=self.name, sender=self.me, text=text, ts=now_ms(), kind=kind,
+                      fingerprint=self.identity.fingerprint, trust="self", action=action, to=to, salt=new_id())
+        msg.id = msg.bound_id()
         return msg
 
     def _send_text(self, peer: Peer, label: str, msg: Message) -> bool:
         """True if it went to an rtchat.py peer, which will acknowledge it."""
         if not peer.is_rtchat_py:
-            peer.send(label, f"* {self.me} {msg.text}" if msg.action else msg.text)
+            peer.send_paced(label, f"* {self.me} {msg.text}" if msg.action else msg.text)
             return False
         frame = {"t": "msg", "id": msg.id, "ts": msg.ts, "text": msg.text, "action": msg.action}
+        if msg.salt is not None:  # an outbox entry from before 0.3 has none; then it goes as 0.2 sent it
+            frame["salt"] = msg.salt
         if msg.sig is not None:
             frame["sig"] = msg.sig
-        if not peer.send(label, frame):
+        if not peer.send_paced(label, frame):
             return False
         self._unacked.setdefault(msg.id, set()).add(peer.name)
         if len(self._unacked) > 10000:  # a long-lived room: forget the oldest never acknowledged
@@ -5833,7 +6480,7 @@ def transfer_text(transfer: Transfer, label: str = "") -> str:
 def message_record(msg: Message) -> dict:
     """A message as --json prints it (Message.to_dict, with every string from a peer cleaned)."""
     record = msg.to_dict()
-    for field in ("from", "to", "relayed_by"):
+    for field in ("from", "to", "relayed_by", "lookalike"):
         if isinstance(record.get(field), str):
             record[field] = clean(record[field], MAX_NAME_CHARS + 16)
     record["text"] = clean(record["text"], keep_newlines=True)
@@ -5851,6 +6498,9 @@ def event_record(room: Room, event: str, *args: Any) -> dict:
         if event == "join":
             how = "channel-bound" if args[0].channel_bound else "legacy key check, not channel-bound"
             record.update(text=f"joined (verified, {how})", path=args[0].path)
+            if args[0].lookalike:  # shown apart from the known name it looks like
+                like = clean(args[0].lookalike, MAX_NAME_CHARS)
+                record.update(text=f"joined (verified, {how}; LOOKS LIKE {like})", lookalike=like)
     elif event == "leave":
         peer, reason = args
         record.update(_peer_fields(room, peer), text=f"left ({clean(reason, 200)})", reason=clean(reason, 200))
@@ -5894,6 +6544,17 @@ def event_record(room: Room, event: str, *args: Any) -> dict:
                       text=f"the answer to its question {clean(asked.topic, 64)!r} failed: {error}")
     elif event == "status":
         record["text"] = clean(args[0], 500).removeprefix("-!- ")
+    elif event == "disk-error":
+        path, reason = args
+        record.update(path=path, reason=clean(reason, 300), text=f"cannot write the history ({clean(reason, 300)}): "
+                      f"messages are shown but not acknowledged until it can")
+    elif event == "disk-ok":
+        record.update(path=args[0], text="the history can be written again")
+    elif event == "history-conflict":
+        peer, claimed = args
+        record.update(_peer_fields(room, peer), claimed=claimed,
+                      text=f"has key {show_fingerprint(peer.fingerprint)}, but history passed on in that name was "
+                           f"signed by another key: it was forged")
     return record
 
 
@@ -5934,7 +6595,10 @@ class Printer:
         if self.style == "json":
             self.json_line({**message_record(msg), **({"history": True} if from_history else {})})
             return
+        msg = dataclasses.replace(msg, text=clean(msg.text, keep_newlines=True))  # kept as sent; shown cleaned
         text, sender = msg.text, clean(msg.sender, MAX_NAME_CHARS + 16)
+        if msg.lookalike:  # shown apart from the name it imitates; a wire name cannot hold " ("
+            sender += f" (looks like {clean(msg.lookalike, MAX_NAME_CHARS)})"
         via = ""
         if msg.relayed_by:
             via = f"via {clean(msg.relayed_by, MAX_NAME_CHARS + 16)}" + (
@@ -5987,7 +6651,8 @@ class Printer:
         marker = {"join": "-->", "leave": "<--"}.get(kind, "-!-")
         name += ":" if kind == "no-route" else ""
         place = f"#{clean(room, 200)} " if room else ""
-        self.status(f"{place}{marker} {name} {text}".rstrip(), 32 if kind == "join" else 33 if kind == "leave" else 31)
+        self.status(place + " ".join(part for part in (marker, name, text) if part),
+                    32 if kind == "join" else 33 if kind == "leave" else 31)
 
     def status(self, text: str, code: int | str = 2, limit: int = MAX_SHOWN_ROWS) -> None:
         if self.style == "chat":
@@ -6156,9 +6821,10 @@ class App:
                 unread.for_you += for_you
                 self.changed()
             self.show(msg, mention=for_you)
-        elif event in ("join", "leave", "key-changed", "file", "key-accepted", "key-refused"):
+        elif event in ("join", "leave", "key-changed", "file", "key-accepted", "key-refused", "disk-error", "disk-ok",
+                       "history-conflict"):
             record = event_record(room, event, *args)
-            self.printer.event(event, record["from"], record["text"], room.name if other else None)
+            self.printer.event(event, record["from"] or "", record["text"], room.name if other else None)
             self.changed()
         elif event == "delivered":
             msg_id, peer = args

@@ -15,7 +15,7 @@ def test_public_names():
 def test_event_names():
     assert rtchat.EVENTS == ("message", "dm", "join", "leave", "verified", "key-changed", "delivered", "file",
                              "status", "history", "no-route", "file-progress", "question-failed", "key-accepted",
-                             "key-refused")  # names are only ever added
+                             "key-refused", "disk-error", "disk-ok", "history-conflict")  # names are only ever added
 
 
 def test_signatures():

@@ -44,31 +44,57 @@ def test_late_joiner_gets_what_was_said_in_order_once(broker, tmp_path):
 
 
 def test_relayed_messages_are_checked_and_marked(broker, tmp_path):
+    """History passed on by bob about alice, whom carol has never met: kept exactly, marked unverified (bob could
+    have made alice's key up); words that are not what their id was made for, or not what alice signed, are
+    refused. Once carol has met alice, alice's words passed on by bob are checked."""
     async def scenario():
         (alice, bob), (ra, rb) = await started(tmp_path, broker.url, "alice", "bob")
         await ra.wait_for_peers(1, 20)
-        ra.send("said while carol was away")
+        ra.send("said while carol was away\twith a tab")
         assert await ra.flush(5)
         await alice.close()
         carol = await make_client("carol", tmp_path, broker.url).start()
         rc = await carol.join("room")
-        got = []
+        got, conflicts = [], []
         rc.on("history", got.append)
+        rc.on("history-conflict", lambda peer, claimed: conflicts.append(claimed))
         await eventually(lambda: got, 20, "the relayed message")
         msg = got[0]
-        assert (msg.text, msg.sender, msg.relayed_by, msg.trust) == ("said while carol was away", "alice", "bob",
-                                                                     "relayed")
-        assert msg.fingerprint == alice.identity.fingerprint
-        # bob now forges: alice's words altered, and words alice never said; neither is accepted.
+        assert (msg.text, msg.sender, msg.relayed_by, msg.trust) == ("said while carol was away\twith a tab",
+                                                                     "alice", "bob", "unverified")
+        assert msg.fingerprint is None and msg.claimed_fingerprint == alice.identity.fingerprint
+        # bob now forges: alice's words altered under her id, altered under a new id with her old signature, and
+        # unsigned words in her name: only the last is taken, as unverified
         real = rb.log.entries()[-1]
         author = rb._author(real["fingerprint"])
-        forged = [{**real, "id": rtchat.new_id(), "text": "alice says: send me your password"},
-                  {**real, "id": rtchat.new_id(), "sig": None, "fingerprint": None, "text": "unsigned, as alice"}]
+
+        def rebound(record):
+            m = rtchat.Message.from_dict(record)
+            m.salt = rtchat.new_id()
+            return {**record, "salt": m.salt, "id": m.bound_id()}
+        forged = [{**real, "text": "alice says: send me your password"},
+                  rebound({**real, "text": "alice says: send me your password"}),
+                  rebound({**real, "sig": None, "text": "unsigned, as alice"})]
+        rc.peers["bob"].backfill_left = 0  # more than carol asked for: refused whatever it holds
         rb.peers["carol"].send("chat", {"t": "backfill", "authors": {real["fingerprint"]: author}, "msgs": forged})
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.3)
+        assert len(got) == 1
+        rc.peers["bob"].backfill_left = 3
+        rb.peers["carol"].send("chat", {"t": "backfill", "authors": {real["fingerprint"]: author}, "msgs": forged})
+        await eventually(lambda: len(got) == 2, 5, "the unsigned one")
+        await asyncio.sleep(0.3)
         assert len(got) == 2 and got[1].trust == "unverified" and got[1].relayed_by == "bob"
         assert all("password" not in m.text for m in got)
-        await close_all([bob, carol])
+        # alice is back: carol meets her with the key bob's relays named, so no conflict; now checked
+        alice = await make_client("alice", tmp_path, broker.url).start()
+        ra = await alice.join("room")
+        await rc.wait_for_peers(2, 20)
+        assert not conflicts
+        late = rtchat.Message.from_dict(real)
+        assert rc._relayed(rc.peers["bob"], {real["fingerprint"]: author}, {**real, "relayed_by": None}
+                           )[0].trust == "relayed"
+        assert late.id == real["id"]
+        await close_all([alice, bob, carol])
     run(scenario())
 
 

@@ -265,12 +265,15 @@ def test_signatures_follow_their_messages(broker, tmp_path, monkeypatch):
         on_ack = rtchat.Room._on_ack
         monkeypatch.setitem(rtchat.Room._FRAMES, "ack", lambda room, p, kind, value: (
             acked.extend(value.get("ids", [])), on_ack(room, p, kind, value)))
-        original("chat", {"t": "msg", "id": "nosig-1", "ts": rtchat.now_ms(), "text": "never signed",
-                          "action": False})
+        unsigned = rtchat.Message(id="", room="room", sender="alice", text="never signed", ts=rtchat.now_ms(),
+                                  fingerprint=alice.identity.fingerprint, salt=rtchat.new_id())
+        unsigned.id = unsigned.bound_id()
+        original("chat", {"t": "msg", "id": unsigned.id, "ts": unsigned.ts, "text": unsigned.text,
+                          "action": False, "salt": unsigned.salt})
         await eventually(lambda: got, what="the unsigned message shown")
-        await eventually(lambda: "nosig-1" in {e["id"] for e in rb.log.entries()}, what="written after the wait")
-        assert {e["id"]: e for e in rb.log.entries()}["nosig-1"].get("sig") is None
-        await eventually(lambda: "nosig-1" in acked, what="the ack")
+        await eventually(lambda: unsigned.id in {e["id"] for e in rb.log.entries()}, what="written after the wait")
+        assert {e["id"]: e for e in rb.log.entries()}[unsigned.id].get("sig") is None
+        await eventually(lambda: unsigned.id in acked, what="the ack")
         # an rtchat.py that wants signatures inline gets them inline
         peer.late_signatures = False
         frames.clear()

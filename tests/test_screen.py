@@ -400,9 +400,12 @@ def test_no_message_can_pass_for_another_or_flood_the_screen(broker, tmp_path):
             term.type("/clear\r")
             await term.wait(lambda: "bob joined" not in term.text(), "a clear screen")
             rb.send("hi" + " " * 75 + "12:01 <carol> I resign")
-            fake = "fine\n" * 40 + "12:02 <carol> and this"
+            fake = rtchat.Message(id="", room="vis", sender="carol", text="fine\n" * 40 + "12:02 <carol> and this",
+                                  ts=rtchat.now_ms(), salt=rtchat.new_id())
+            fake.id = fake.bound_id()   # an unsigned relay is taken only under the id its words give it
             rb.peers["alice"].send("chat", {"t": "backfill", "authors": {}, "msgs": [
-                {"id": rtchat.new_id(), "from": "carol", "text": fake, "ts": rtchat.now_ms(), "fingerprint": None}]})
+                {"id": fake.id, "from": "carol", "text": fake.text, "ts": fake.ts, "fingerprint": None,
+                 "salt": fake.salt}]})
             await term.wait(lambda: "(via bob, unverified)" in term.text() and "I resign" in term.text(),
                             "both messages")
             rows = term.rows()

@@ -4,6 +4,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -28,12 +29,51 @@ def test_passphrase_protects_the_key(tmp_path):
     store = rtchat.Store(tmp_path / "s.json")
     store.load()
     fp = store.identity("secret").fingerprint
-    assert "ENCRYPTED" in (tmp_path / "s.json").read_text()
+    stored = json.loads((tmp_path / "s.json").read_text())["identity"]
+    n, r, p = rtchat.KEY_SCRYPT
+    assert all(stored[k].startswith(f"rtchat-key:scrypt:{n}:{r}:{p}:") for k in ("private_key", "message_key"))
+    assert "PRIVATE KEY" not in (tmp_path / "s.json").read_text()
     fresh = rtchat.Store(tmp_path / "s.json")
     fresh.load()
     with pytest.raises(rtchat.StateError, match="passphrase"):
         fresh.identity()
+    with pytest.raises(rtchat.StateError, match="wrong passphrase"):
+        fresh.identity("not it")
     assert fresh.identity("secret").fingerprint == fp
+
+
+def test_older_passphrase_keys_are_sealed_anew_with_scrypt(tmp_path):
+    """Issue 12 item 11: PEM encryption (PBKDF2, 2,048 rounds: a guess costs under a millisecond) is replaced on
+    the first start with the passphrase by rtchat.py's scrypt sealing; the key and its fingerprint stay."""
+    from cryptography.hazmat.primitives import serialization
+
+    identity = rtchat.Identity.generate()
+    pbkdf2 = {k: key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                   serialization.BestAvailableEncryption(b"secret")).decode()
+              for k, key in (("private_key", identity.private_key), ("message_key", identity.message_key))}
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"format": 1, "identity": {**pbkdf2, "public_key": identity.public_key_string,
+                                                          "encrypted": True, "created": 1}}))
+
+    def seconds_per_guess(text: str) -> float:
+        started = time.perf_counter()
+        with pytest.raises(rtchat.StateError):
+            rtchat.Identity.from_pem(text, f"wrong guess {time.perf_counter()}")
+        return time.perf_counter() - started
+    before = min(seconds_per_guess(pbkdf2["private_key"]) for _ in range(3))
+    store = rtchat.Store(path)
+    store.load()
+    assert store.identity("secret").fingerprint == identity.fingerprint
+    sealed = json.loads(path.read_text())["identity"]
+    assert sealed["private_key"].startswith("rtchat-key:scrypt:") and sealed["created"] == 1
+    assert sealed["private_key"].split(":")[2:5] == [str(v) for v in rtchat.KEY_SCRYPT]
+    after = min(seconds_per_guess(sealed["private_key"]) for _ in range(2))
+    print(f"[issue 12] 11 passphrase: {before * 1000:.2f} ms per guess before (PBKDF2), {after * 1000:.0f} ms after "
+          f"(scrypt n={rtchat.KEY_SCRYPT[0]}, r={rtchat.KEY_SCRYPT[1]}: {128 * rtchat.KEY_SCRYPT[0] * 8 >> 20} MiB)")
+    again = rtchat.Store(path)
+    again.load()
+    assert again.identity("secret").fingerprint == identity.fingerprint
+    assert json.loads(path.read_text())["identity"] == sealed   # sealed once, not at every start
 
 
 @pytest.mark.parametrize("content", ['{"format": 1, "name": ', "\x00\x01garbage", "[1, 2]", '{"name": "x"}'])

@@ -1,0 +1,309 @@
+"""Issue 12: nothing a stranger sends may cost unbounded memory, drop stored messages or pass as someone else.
+
+A stranger is anyone on the broker: in an unsealed room a new name is trusted on first contact. Victims are real
+rtchat.py processes where it matters (memory is read from /proc as the peak RSS growth per byte the attacker sent),
+attackers are built on the library and on raw aiortc (tests/test_attacks.py's tools). Every test prints its figure;
+`pytest -s tests/test_hardening.py` lists them all at the end.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import threading
+
+import pytest
+from conftest import cli_env, eventually, make_client, rtchat_cmd, run
+from test_attacks import Mallory, Wire, attach
+
+import rtchat
+
+FIGURES: list[str] = []
+
+
+def figure(item: str, text: str) -> None:
+    FIGURES.append(f"{item}: {text}")
+    print(f"[issue 12] {item}: {text}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _figures():
+    yield
+    for line in FIGURES:
+        print(f"\n[issue 12] {line}", end="")
+    print()
+
+
+@pytest.fixture(autouse=True)
+def _loopback_ice():
+    rtchat.restrict_ice_hosts(["127.0.0.1"])   # the attacker's own aiortc peers too
+
+
+class Victim:
+    """A real `rtchat.py NAME --listen --json` in a room: what it prints, its history, its memory."""
+
+    def __init__(self, broker, tmp_path, name: str, room: str, *extra: str, state=None) -> None:
+        self.room = room
+        self.state = state or tmp_path / f"{name}.json"
+        self.proc = subprocess.Popen(
+            rtchat_cmd(name, "--room", room, "--state", str(self.state), "--listen", "--json", *extra),
+            env=cli_env(broker.url), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+        self.events: list[dict] = []
+        self.stderr: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                self.events.append(json.loads(line))
+            except ValueError:
+                pass
+
+    def saw(self, kind: str, sender: str | None = None) -> list[dict]:
+        return [e for e in self.events if e.get("type") == kind and (sender is None or e.get("from") == sender)]
+
+    def status_kb(self, field: str) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+    def cpu_s(self) -> float:
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def history(self) -> list[dict]:
+        store = rtchat.Store(self.state)
+        return rtchat.HistoryLog(store.history_path(self.room)).entries()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            return self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+async def joined(victim: Victim, name: str, timeout: float = 20) -> None:
+    await eventually(lambda: victim.saw("join", name), timeout, f"{name} verified by the victim")
+
+
+async def honest_alice(tmp_path, broker, room: str, peers: int = 1):
+    alice = await make_client("alice", tmp_path, broker.url).start()
+    ra = await alice.join(room)
+    await ra.wait_for_peers(peers, 30)
+    return alice, ra
+
+
+def acknowledged(room: rtchat.Room, ids: list[str], by: str) -> list[str]:
+    return [i for i in ids if by not in room._unacked.get(i, set())]
+
+
+# =============================================================================================================
+# Item 1: every string from the network is valid for what is done with it; one bad record never takes a batch
+# =============================================================================================================
+
+def test_lone_surrogates_never_stop_history_writes(broker, tmp_path):
+    """Ten frames a second with a lone surrogate (a JSON \\ud800 escape: valid UTF-8 on the wire) in the id or the
+    text, while alice says 60 things; and a stranger whose JWK has such a member. bob must store and acknowledge
+    all 60, and its state file must take every write (no temporary files left behind)."""
+    async def scenario():
+        room, topic = "h1", "mrtchat/h1"
+        bob = Victim(broker, tmp_path, "bob", room)
+        try:
+            alice, ra = await honest_alice(tmp_path, broker, room)
+            wire = Wire(broker, asyncio.get_running_loop())
+            own = rtchat.Identity.generate()
+            mallory = Mallory(own)
+            assert await attach(wire, topic, "bob", "mallory", mallory, sign_with=own, tag=rtchat.CLIENT_TAG)
+            await joined(bob, "mallory")
+            sent = []
+            for i in range(60):
+                sent.append(ra.send(f"honest {i}").id)
+                if i % 10 == 0:
+                    stamp = rtchat.now_ms()
+                    for frame in (f'{{"t":"msg","id":"\\ud800{i}","ts":{stamp},"text":"x","action":false}}',
+                                  f'{{"t":"msg","id":"{rtchat.new_id()}","ts":{stamp},"text":"\\udc00"}}',
+                                  '"browser style \\ud800"'):
+                        mallory.send("chat", frame)
+                await asyncio.sleep(0.01)
+            await ra.flush(10)
+            acked = acknowledged(ra, sent, "bob")
+            # a stranger whose identity key (JWK text) carries a member with a lone surrogate
+            other = rtchat.Identity.generate()
+            twisted = Mallory(other)
+            key = other.public_key_string[:-1] + ',"x":"\ud800"}'
+            await attach(wire, topic, "bob", "twisted", twisted, key=key, sign_with=other, tag=rtchat.CLIENT_TAG,
+                         timeout=5)
+            ra.send("after the twisted key")
+            await ra.flush(10)
+            await twisted.close()
+            await mallory.close()
+            wire.close()
+            await alice.close()
+        finally:
+            bob.stop()
+        stored = {e["id"] for e in bob.history()}
+        leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp"))
+        figure("1 lone surrogates", f"{len(set(sent) & stored)}/60 honest messages stored, {len(acked)}/60 "
+                                    f"acknowledged; temporary state files left: {len(leftovers)}")
+        assert set(sent) <= stored and len(acked) == 60
+        assert not leftovers
+        rtchat.Store(bob.state).load()   # still a valid state file
+    run(scenario(), 90)
+
+
+# =============================================================================================================
+# Issue 10 item 4, issue 12 items 7 and 9: message identity covers the exact words of its author
+# =============================================================================================================
+
+def test_a_line_with_a_tab_or_an_escape_is_one_message_across_the_room(broker, tmp_path):
+    """`printf 'a\\tb\\n…' | rtchat.py` to alice, bob and carol, then dave joins and all three pass history on:
+    everyone has each line once, under one id, exactly as typed (cleaning is for the screen only)."""
+    async def scenario():
+        room = "h10"
+        clients = [await make_client(n, tmp_path, broker.url).start() for n in ("alice", "bob", "carol")]
+        rooms = [await c.join(room) for c in clients]
+        lines = ["a\tb", "x\x1b[31my", "plain"]
+        pipe = subprocess.Popen(rtchat_cmd("ci", "--room", room, "--state", str(tmp_path / "ci.json"),
+                                           "--wait-peers", "3"), env=cli_env(broker.url), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        stdin = "".join(f"{line}\n" for line in lines).encode()
+        _, err = await asyncio.get_running_loop().run_in_executor(None, pipe.communicate, stdin)
+        assert pipe.returncode == 0, err
+        dave = await make_client("dave", tmp_path, broker.url).start()
+        rd = await dave.join(room)
+        got = []
+        rd.on("history", got.append)
+        await rd.wait_for_peers(3, 30)
+        await eventually(lambda: len(got) >= 3, 20, "dave's backfill")
+        await asyncio.sleep(1.5)   # every relay has had its turn
+        copies = {line: [m for m in got if m.text == line] for line in lines}
+        others = [m for m in got if m.text not in lines]
+        kept = {r.me: [e["text"] for e in r.log.entries()] for r in (*rooms, rd)}
+        figure("10.4 tab/escape lines", f"dave got {[len(c) for c in copies.values()]} copies of {len(lines)} lines "
+                                        f"(+{len(others)} altered); histories hold "
+                                        f"{ {me: len(texts) for me, texts in kept.items()} } entries")
+        assert all(len(c) == 1 for c in copies.values()) and not others
+        assert all(sorted(texts) == sorted(lines) for texts in kept.values())
+        for c in copies.values():
+            assert c[0].sig and c[0].claimed_fingerprint and c[0].trust == "unverified"  # ci was never met by dave
+        for client in (*clients, dave):
+            await client.close()
+    run(scenario(), 120)
+
+
+async def rtchat_py_attacker(wire, topic: str, victim: str, name: str, identity=None) -> Mallory:
+    """A stranger's own rtchat.py-speaking peer, connected and verified (first contact), its hello sent."""
+    identity = identity or rtchat.Identity.generate()
+    mallory = Mallory(identity)
+    assert await attach(wire, topic, victim, name, mallory, sign_with=identity, tag=rtchat.CLIENT_TAG)
+    await eventually(lambda: any(label == "chat" and '"hello"' in text for label, text in mallory.inbox), 10,
+                     f"{victim}'s hello to {name}")
+    mallory.send("chat", json.dumps({"t": "hello", "mkey": identity.message_public, "mcert": identity.message_cert,
+                                     "late_sigs": True}))
+    await eventually(lambda: any(label == "chat" and '"sync"' in text for label, text in mallory.inbox), 10,
+                     f"{victim}'s sync to {name}")
+    return mallory
+
+
+def signed_record(identity: rtchat.Identity, topic: str, sender: str, text: str, msg_id: str | None = None) -> dict:
+    """A history record in sender's name, signed by identity (the forger's own key), its id bound to it."""
+    msg = rtchat.Message(id="", room="", sender=sender, text=text, ts=rtchat.now_ms(),
+                         fingerprint=identity.fingerprint, salt=rtchat.new_id())
+    msg.id = msg_id or msg.bound_id()
+    msg.sig = identity.sign_message(msg.signed_part(topic))
+    return {"id": msg.id, "from": sender, "text": text, "ts": msg.ts, "action": False, "salt": msg.salt,
+            "fingerprint": identity.fingerprint, "sig": msg.sig}
+
+
+def credentials(identity: rtchat.Identity) -> dict:
+    return {identity.fingerprint: {"key": identity.public_key_string, "mkey": identity.message_public,
+                                   "mcert": identity.message_cert}}
+
+
+def test_forged_history_in_a_name_never_met_stays_unverified_and_is_reported(broker, tmp_path):
+    """mallory passes alice history in dave's name, signed by a key mallory just made, with `authors` naming it.
+    alice has never met dave: it stays unverified, goes on to carol unsigned (not as checked), and when the real
+    dave turns up with his own key alice reports the conflict."""
+    async def scenario():
+        room, topic = "h7", "mrtchat/h7"
+        wire = Wire(broker, asyncio.get_running_loop())
+        alice = await make_client("alice", tmp_path, broker.url).start()
+        ra = await alice.join(room)
+        got, conflicts = [], []
+        ra.on("history", got.append)
+        ra.on("history-conflict", lambda peer, claimed: conflicts.append((peer.name, claimed)))
+        forger = rtchat.Identity.generate()
+        mallory = await rtchat_py_attacker(wire, topic, "alice", "mallory", forger)
+        mallory.send("chat", json.dumps({"t": "backfill", "authors": credentials(forger), "msgs": [
+            signed_record(forger, topic, "dave", "dave says: the vault code is 0000")]}))
+        await eventually(lambda: got, 10, "the forged record")
+        at_alice = got[0].trust
+        carol = await make_client("carol", tmp_path, broker.url).start()
+        rc = await carol.join(room)
+        at_carol = []
+        rc.on("history", at_carol.append)
+        await rc.wait_for_peers(1, 20)
+        await eventually(lambda: at_carol, 10, "alice passing history on")
+        await mallory.close()
+        dave = await make_client("dave", tmp_path, broker.url).start()
+        rdave = await dave.join(room)
+        await rdave.wait_for_peers(1, 20)
+        await eventually(lambda: "dave" in ra.peers and ra.peers["dave"].is_verified, 10, "alice meets dave")
+        await asyncio.sleep(0.3)
+        figure("7 forged history", f"alice keeps it as {at_alice!r}, passes it to carol as {at_carol[0].trust!r} "
+                                   f"(signed: {bool(at_carol[0].sig)}); conflict reported when dave came: "
+                                   f"{bool(conflicts)}")
+        assert at_alice == "unverified" and at_carol[0].trust == "unverified" and not at_carol[0].sig
+        assert conflicts == [("dave", [forger.fingerprint])]
+        for client in (alice, carol, dave):
+            await client.close()
+        wire.close()
+    run(scenario(), 90)
+
+
+def test_an_id_seen_in_the_room_cannot_be_squatted(broker, tmp_path):
+    """mallory has seen the id of alice's message. Before carol gets it, mallory sends carol other words under
+    that id, live (as 0.3 and as 0.2 would) and as signed history. carol must still get alice's words."""
+    async def scenario():
+        room, topic = "h9", "mrtchat/h9"
+        wire = Wire(broker, asyncio.get_running_loop())
+        (alice, bob) = [await make_client(n, tmp_path, broker.url).start() for n in ("alice", "bob")]
+        ra, rb = await alice.join(room), await bob.join(room)
+        await ra.wait_for_peers(1, 20)
+        real = ra.send("the real words")
+        assert await ra.flush(5)
+        await alice.close()
+        await bob.leave(rb)
+        carol = await make_client("carol", tmp_path, broker.url).start()
+        rc = await carol.join(room)
+        got = []
+        rc.on("message", got.append)   # what mallory says live
+        rc.on("history", got.append)   # and what is passed on
+        own = rtchat.Identity.generate()
+        mallory = await rtchat_py_attacker(wire, topic, "carol", "mallory", own)
+        stamp = rtchat.now_ms()
+        mallory.send("chat", json.dumps({"t": "msg", "id": real.id, "ts": stamp, "text": "squatted, live",
+                                         "action": False, "salt": rtchat.new_id()}))
+        mallory.send("chat", json.dumps({"t": "msg", "id": real.id, "ts": stamp, "text": "squatted, as 0.2",
+                                         "action": False}))
+        mallory.send("chat", json.dumps({"t": "backfill", "authors": credentials(own), "msgs": [
+            signed_record(own, topic, "alice", "squatted, relayed", real.id)]}))
+        await asyncio.sleep(1.0)
+        squatted = [m.text for m in got]
+        rb = await bob.join(room)                 # bob, who has alice's words, comes back
+        await eventually(lambda: any(m.id == real.id and m.text == real.text for m in got), 20,
+                         "alice's words from bob")
+        figure("9 id squatting", f"carol took {len(squatted)} squatting frame(s) {squatted} and then alice's "
+                                 f"words under their id")
+        assert not any(m.id == real.id and m.text != real.text for m in got)
+        await mallory.close()
+        for client in (bob, carol):
+            await client.close()
+        wire.close()
+    run(scenario(), 90)
