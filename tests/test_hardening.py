@@ -158,6 +158,91 @@ def test_lone_surrogates_never_stop_history_writes(broker, tmp_path):
 
 
 # =============================================================================================================
+# Item 2: a full disk loses nothing that was acknowledged
+# =============================================================================================================
+
+async def within(predicate, timeout: float) -> bool:
+    try:
+        await eventually(predicate, timeout)
+        return True
+    except AssertionError:
+        return False
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 128 KiB tmpfs of the test's own (root only), unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k,mode=0700", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(disk) -> None:
+    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def test_a_full_disk_loses_no_acknowledged_message(broker, tmp_path, small_disk):
+    """bob's history is on a small tmpfs that fills up while alice talks: bob acknowledges only what is on disk
+    whole, says once that it cannot write, and when space returns writes the rest, with no cut or glued line."""
+    async def scenario():
+        room = "h2"
+        bob = Victim(broker, tmp_path, "bob", room, state=small_disk / "bob.json")
+        try:
+            alice, ra = await honest_alice(tmp_path, broker, room)
+            sent = [ra.send(f"before {i}").id for i in range(3)]
+            assert await ra.flush(10)
+            fill(small_disk)
+            sent += [ra.send(f"during {i} " + "x" * 400).id for i in range(20)]
+            said_so = await within(lambda: bob.saw("disk-error"), 10)
+            await ra.flush(2)
+            acked_full = acknowledged(ra, sent, "bob")
+            on_disk_full = {e["id"] for e in bob.history()}
+            (small_disk / "filler").unlink()
+            recovered = await within(lambda: bob.saw("disk-ok"), 10)
+            sent += [ra.send(f"after {i}").id for i in range(5)]
+            flushed = await ra.flush(15)
+            acked = acknowledged(ra, sent, "bob")
+            await alice.close()
+        finally:
+            bob.stop()
+        lines = [line for line in (small_disk / "bob.json.history").glob("*.jsonl").__next__().read_bytes()
+                 .split(b"\n") if line.strip()]
+        broken = []
+        for line in lines:
+            try:
+                json.loads(line)
+            except ValueError:
+                broken.append(line[:60])
+        on_disk = {e["id"] for e in bob.history()}
+        lost = [i for i in acked if i not in on_disk]
+        figure("2 full disk", f"while full: {len(acked_full)} of {len(sent) - 5} acknowledged, "
+                              f"{len(set(acked_full) - on_disk_full)} of them not on disk; said so: {said_so}, "
+                              f"{len(bob.saw('disk-error'))} disk-error event(s); after space returned: recovered="
+                              f"{recovered}, {len(acked)}/{len(sent)} acknowledged, {len(on_disk & set(sent))} on disk, "
+                              f"{len(lost)} acknowledged but lost, {len(broken)} cut or glued line(s)")
+        assert not set(acked_full) - on_disk_full and not lost and not broken
+        assert said_so and recovered and len(bob.saw("disk-error")) == 1
+        assert flushed and set(sent) <= on_disk
+    run(scenario(), 90)
+
+
+# =============================================================================================================
 # Issue 10 item 4, issue 12 items 7 and 9: message identity covers the exact words of its author
 # =============================================================================================================
 
