@@ -12,10 +12,11 @@ import json
 import os
 import subprocess
 import threading
+import time
 
 import pytest
 from conftest import cli_env, eventually, make_client, rtchat_cmd, run
-from test_attacks import Mallory, Wire, attach
+from test_attacks import Mallory, Wire, attach, envelope
 
 import rtchat
 
@@ -240,6 +241,84 @@ def test_a_full_disk_loses_no_acknowledged_message(broker, tmp_path, small_disk)
         assert said_so and recovered and len(bob.saw("disk-error")) == 1
         assert flushed and set(sent) <= on_disk
     run(scenario(), 90)
+
+
+# =============================================================================================================
+# Item 3: announcements from made-up names cost a bounded table and the same work per name
+# =============================================================================================================
+
+def flood_of_names(count: int, start: int = 0) -> list[bytes]:
+    """connect announcements from made-up rtchat.py peers, half sorting before 'alice' and half after."""
+    return [envelope(f"{'aa' if i % 2 else 'zz'}flood{i}", "connect",
+                     {"client": "rtchat-py/0.2.0", "inbox": f"{i:016x}"}, nonce=f"n{i:x}", raw=True)
+            for i in range(start, start + count)]
+
+
+def test_join_announcement_flood_is_bounded(broker, tmp_path):
+    """50 000 announcements straight into a room: the table of seen peers (and their timers) stays capped, and
+    the work per announcement does not grow with it."""
+    async def scenario():
+        alice = await make_client("alice", tmp_path, broker.url).start()
+        ra = await alice.join("h3")
+        chunk, total = 2500, 50000
+        payloads = flood_of_names(total)
+        timings, fed = [], 0
+        for start in range(0, total, chunk):
+            started = time.perf_counter()
+            for payload in payloads[start:start + chunk]:
+                ra._on_payload(ra.topic, payload)
+            timings.append(time.perf_counter() - started)
+            fed += chunk
+            await asyncio.sleep(0)
+            if timings[-1] > 4 * chunk / 1000:   # over 4 ms an announcement: stop rather than run for minutes
+                break
+        peers, timers = len(ra.peers), len(ra._fallbacks)
+        per_ms = [round(t / chunk * 1000, 3) for t in timings]
+        figure("3 announcement flood (in-process)", f"{fed} announcements: {peers} peers kept, {timers} fallback "
+                                                    f"timers; ms per announcement by {chunk}: first {per_ms[0]}, "
+                                                    f"last {per_ms[-1]}")
+        await alice.close()
+        assert fed == total
+        assert peers <= rtchat.MAX_SEEN_PEERS + rtchat.MAX_PENDING_SESSIONS and timers <= rtchat.MAX_SEEN_PEERS
+    run(scenario(), 120)
+
+
+def test_join_announcement_flood_on_a_real_listener(broker, tmp_path):
+    """20 000 announcements over the broker to a real listener that is chatting with alice: its memory grows by a
+    bounded amount, alice stays connected and her words keep arriving."""
+    async def scenario():
+        room, topic = "h3b", "mrtchat/h3b"
+        bob = Victim(broker, tmp_path, "bob", room)
+        try:
+            alice, ra = await honest_alice(tmp_path, broker, room)
+            wire = Wire(broker, asyncio.get_running_loop())
+            ra.send("before the flood")
+            await eventually(lambda: bob.saw("message", "alice"), 10, "alice's first line")
+            before = bob.status_kb("VmHWM")
+            payloads = flood_of_names(20000)
+            for start in range(0, len(payloads), 500):
+                for payload in payloads[start:start + 500]:
+                    wire.publish(payload, topic)
+                await asyncio.sleep(0.02)
+            sent = time.monotonic()
+            ra.send("after the flood")
+            arrived = await within(lambda: len(bob.saw("message", "alice")) == 2, 60)
+            delay = time.monotonic() - sent
+            growth = bob.status_kb("VmHWM") - before
+            kept = "bob" in ra.peers and ra.peers["bob"].is_verified
+            attacker_bytes = sum(map(len, payloads))
+            figure("3 announcement flood (real listener)", f"{len(payloads)} announcements ({attacker_bytes >> 10} "
+                                                           f"KiB): peak RSS +{growth >> 10} MiB "
+                                                           f"({growth * 1024 / attacker_bytes:.2f} bytes per byte), "
+                                                           f"alice still connected: {kept}, her next line after "
+                                                           f"{delay:.1f} s")
+            wire.close()
+            await alice.close()
+        finally:
+            bob.stop()
+        assert arrived and kept
+        assert growth < 24 * 1024   # the seen table and the sessions being set up are capped: a few MiB
+    run(scenario(), 180)
 
 
 # =============================================================================================================
