@@ -89,6 +89,13 @@ class Victim:
             return self.proc.wait()
 
 
+async def on_broker(wire: Wire, victim: Victim) -> Victim:
+    """Once the victim has announced itself (its subscription is in place)."""
+    name = victim.proc.args[victim.proc.args.index("--room") - 1]
+    await asyncio.wait_for(wire.expect(lambda t, e: e["sender"] == name and e["subtopic"] == "connect"), 20)
+    return victim
+
+
 async def joined(victim: Victim, name: str, timeout: float = 20) -> None:
     await eventually(lambda: victim.saw("join", name), timeout, f"{name} verified by the victim")
 
@@ -318,6 +325,67 @@ def test_join_announcement_flood_on_a_real_listener(broker, tmp_path):
             bob.stop()
         assert arrived and kept
         assert growth < 24 * 1024   # the seen table and the sessions being set up are capped: a few MiB
+    run(scenario(), 180)
+
+
+# =============================================================================================================
+# Item 4: SCTP messages whose last fragment never comes
+# =============================================================================================================
+
+def send_unfinished(mallory: Mallory, size: int, stream_id: int) -> int:
+    """Queue the fragments of a message of `size` bytes on a stream, all but the last: a hostile sender that also
+    ignores the victim's a=max-message-size (aiortc itself would never send this)."""
+    from aiortc import rtcsctptransport as sctp_module
+    sctp = mallory.pc.sctp
+    seq = sctp._outbound_stream_seq.get(stream_id, 0)
+    for pos in range(0, size, sctp_module.USERDATA_MAX_LENGTH):
+        chunk = sctp_module.DataChunk()
+        chunk.flags = sctp_module.SCTP_DATA_FIRST_FRAG if pos == 0 else 0
+        chunk.tsn, chunk.stream_id, chunk.stream_seq, chunk.protocol = sctp._local_tsn, stream_id, seq, 51
+        chunk.user_data = b"x" * min(sctp_module.USERDATA_MAX_LENGTH, size - pos)
+        chunk._abandoned = chunk._acked = chunk._in_flight = chunk._retransmit = False
+        chunk._expiry = chunk._max_retransmits = chunk._sent_time = None
+        chunk._misses = chunk._sent_count = 0
+        chunk._book_size = len(chunk.user_data)
+        sctp._local_tsn = sctp_module.tsn_plus_one(sctp._local_tsn)
+        sctp._outbound_queue.append(chunk)
+    sctp._outbound_stream_seq[stream_id] = sctp_module.uint16_add(seq, 1)
+    asyncio.ensure_future(sctp._transmit())
+    return size
+
+
+@pytest.mark.parametrize("shape", ["long messages", "many streams"])
+def test_unfinished_sctp_messages_are_bounded(broker, tmp_path, shape):
+    """A connected stranger sends messages whose last fragment never comes: 1 MiB ones (over the 256 KiB a message
+    may have), or 200 KiB ones on 60 streams. The listener drops it early; its memory stays put."""
+    async def scenario():
+        room, topic = "h4", "mrtchat/h4"
+        wire = Wire(broker, asyncio.get_running_loop())
+        bob = await on_broker(wire, Victim(broker, tmp_path, "bob", room))
+        try:
+            mallory = Mallory(rtchat.Identity.generate())
+            assert await attach(wire, topic, "bob", "mallory", mallory, sign_with=mallory.identity,
+                                tag=rtchat.CLIENT_TAG)
+            await joined(bob, "mallory")
+            before = bob.status_kb("VmHWM")
+            sctp, sent, size = mallory.pc.sctp, 0, (1024 ** 2 if shape == "long messages" else 200 * 1024)
+            for i in range(24 if shape == "long messages" else 60):
+                if bob.saw("leave", "mallory") or sctp.state != "connected":
+                    break
+                sent += send_unfinished(mallory, size, 100 + i)
+                await within(lambda: len(sctp._outbound_queue) < 64 or sctp.state != "connected", 60)
+            await within(lambda: not sctp._outbound_queue or sctp.state != "connected", 60)
+            dropped = await within(lambda: bob.saw("leave", "mallory"), 10)
+            growth = bob.status_kb("VmHWM") - before
+            figure(f"4 unfinished SCTP messages ({shape})", f"{sent >> 10} KiB sent before the listener "
+                   f"{'dropped the peer' if dropped else 'still held on (not dropped)'}: peak RSS +{growth >> 10} "
+                   f"MiB ({growth * 1024 / sent:.2f} bytes kept per byte sent)")
+            await mallory.close()
+            wire.close()
+        finally:
+            bob.stop()
+        assert dropped and sent <= rtchat.SCTP_MAX_HELD_BYTES + 2 * size
+        assert growth < 16 * 1024
     run(scenario(), 180)
 
 
