@@ -390,6 +390,144 @@ def test_unfinished_sctp_messages_are_bounded(broker, tmp_path, shape):
 
 
 # =============================================================================================================
+# Item 5: per-peer budgets for what a peer can make us do; what we send respects the channel's buffer
+# =============================================================================================================
+
+def count(mallory: Mallory, label: str, needle: str = "") -> int:
+    return sum(1 for lab, text in mallory.inbox if lab == label and needle in text)
+
+
+def own_msg(identity: rtchat.Identity, sender: str, text: str) -> dict:
+    """A t=msg frame as rtchat.py sends it (no signature: it would follow), its id bound to it."""
+    msg = rtchat.Message(id="", room="", sender=sender, text=text, ts=rtchat.now_ms(),
+                         fingerprint=identity.fingerprint, salt=rtchat.new_id())
+    msg.id = msg.bound_id()
+    return {"t": "msg", "id": msg.id, "ts": msg.ts, "text": text, "action": False, "salt": msg.salt}
+
+
+def test_history_sync_requests_are_budgeted(broker, tmp_path):
+    """A stranger sends 100 sync requests (3 KB in all): each would queue 200 messages of 4 KiB for it."""
+    async def scenario():
+        room, topic = "h5s", "mrtchat/h5s"
+        wire = Wire(broker, asyncio.get_running_loop())
+        bob = await on_broker(wire, Victim(broker, tmp_path, "bob", room))
+        try:
+            alice, ra = await honest_alice(tmp_path, broker, room)
+            for i in range(200):
+                ra.send(f"{i} " + "h" * 4096)
+            assert await ra.flush(30)
+            mallory = await rtchat_py_attacker(wire, topic, "bob", "mallory")
+            before = bob.status_kb("VmHWM")
+            frame = json.dumps({"t": "sync", "ids": []})
+            for _ in range(100):
+                mallory.send("chat", frame)
+            await asyncio.sleep(3)
+            answered = count(mallory, "chat", '"backfill"')
+            growth = bob.status_kb("VmHWM") - before
+            figure("5 sync requests", f"100 requests ({100 * len(frame)} bytes): {answered} backfill frames sent "
+                                      f"back, peak RSS +{growth >> 10} MiB "
+                                      f"({growth * 1024 / (100 * len(frame)):.0f} bytes per byte sent)")
+            await mallory.close()
+            await alice.close()
+            wire.close()
+        finally:
+            bob.stop()
+        per_sync = -(-200 * 4200 // rtchat.BACKFILL_FRAME_CHARS)    # frames one full answer takes
+        assert answered <= rtchat.SYNC_BUDGET[1] * per_sync and growth < 24 * 1024
+    run(scenario(), 120)
+
+
+def test_identify_and_chat_floods_are_budgeted(broker, tmp_path):
+    """From one connected stranger: 2 000 identify questions (each an RSA signature), 20 000 chat frames, and 3 000
+    messages of 16 KiB whose signatures never follow."""
+    async def scenario():
+        room, topic = "h5c", "mrtchat/h5c"
+        wire = Wire(broker, asyncio.get_running_loop())
+        bob = await on_broker(wire, Victim(broker, tmp_path, "bob", room))
+        try:
+            mallory = await rtchat_py_attacker(wire, topic, "bob", "mallory")
+            started = time.monotonic()
+            for n in range(2000):
+                mallory.send("question", json.dumps({"n": n, "question": {"topic": "identify", "content": "c" * 32}}))
+            await asyncio.sleep(2)
+            signed = count(mallory, "answer", "signature")
+            identify_s = time.monotonic() - started
+            started = time.monotonic()
+            for i in range(20000):
+                mallory.send("chat", json.dumps(f"spam {i}"))
+            await asyncio.sleep(5)
+            taken = len(bob.saw("message", "mallory"))
+            chat_s = time.monotonic() - started
+            await asyncio.sleep(2)
+            before = bob.status_kb("VmHWM")
+            body = "u" * (16 * 1024 - 100)
+            for _ in range(3000):
+                mallory.send("chat", json.dumps(own_msg(mallory.identity, "mallory", body)))
+            await asyncio.sleep(4)
+            growth = bob.status_kb("VmHWM") - before
+            figure("5 identify/chat floods", f"{signed} of 2000 identify questions answered in {identify_s:.0f} s; "
+                                             f"{taken} of 20000 chat frames taken in {chat_s:.0f} s; 3000 unsigned "
+                                             f"16 KiB messages ({3000 * len(body) >> 20} MiB): peak RSS "
+                                             f"+{growth >> 10} MiB ({growth * 1024 / (3000 * len(body)):.2f} bytes "
+                                             f"per byte sent)")
+            await mallory.close()
+            wire.close()
+        finally:
+            bob.stop()
+        assert signed <= rtchat.IDENTIFY_BUDGET[1] + rtchat.IDENTIFY_BUDGET[0] * identify_s + 1
+        assert taken <= rtchat.CHAT_BUDGET[1] + rtchat.CHAT_BUDGET[0] * chat_s
+        # bounded whatever is sent: the history kept in memory (at most 1000 entries of up to 16 KiB, as text and
+        # as the line written) and MAX_UNSIGNED_BYTES of text waiting for signatures
+        assert growth < 48 * 1024
+    run(scenario(), 120)
+
+
+def test_file_offers_are_budgeted_and_trickles_given_up(broker, tmp_path, monkeypatch):
+    """A stranger opens four transfers that trickle a byte a second (they held every slot for ever), then offers
+    200 empty files."""
+    monkeypatch.setattr(rtchat, "FILE_IDLE_S", 1.5)
+
+    async def scenario():
+        room, topic = "h5f", "mrtchat/h5f"
+        wire = Wire(broker, asyncio.get_running_loop())
+        bob = await make_client("bob", tmp_path, broker.url, files=tmp_path / "inbox").start()
+        rb = await bob.join(room)
+        await asyncio.wait_for(wire.expect(lambda t, e: e["sender"] == "bob" and e["subtopic"] == "connect"), 10)
+        mallory = await rtchat_py_attacker(wire, topic, "bob", "mallory")
+        trickles = [mallory.pc.createDataChannel(f"file/t{i}") for i in range(4)]
+        await eventually(lambda: all(c.readyState != "connecting" for c in trickles), 10, "trickle channels")
+        await asyncio.sleep(0.2)   # a refused one is closed just after it opened
+        for channel in trickles:
+            if channel.readyState == "open":
+                channel.send(json.dumps({"name": "slow.bin", "size": 1000}))
+        held = []
+        for _ in range(5):   # a byte a second for five seconds: over three progress windows
+            await asyncio.sleep(1)
+            for channel in trickles:
+                if channel.readyState == "open":
+                    channel.send(b"x")
+            held.append(len(rb._incoming))
+        started = time.monotonic()
+        empties = [mallory.pc.createDataChannel(f"file/e{i}") for i in range(200)]
+        await eventually(lambda: all(c.readyState != "connecting" for c in empties), 20, "empty-file channels")
+        digest = rtchat.hashlib.sha256(b"").hexdigest()
+        for i, channel in enumerate(empties):
+            if channel.readyState == "open":
+                channel.send(json.dumps({"name": f"empty{i}", "size": 0, "sha256": digest}))
+        await asyncio.sleep(2)
+        saved = len(list((tmp_path / "inbox").glob("empty*")))
+        elapsed = time.monotonic() - started
+        figure("5 file offers", f"trickling transfers holding slots, second by second: {held}; {saved} of 200 "
+                                f"empty files saved in {elapsed:.0f} s")
+        await mallory.close()
+        await bob.close()
+        wire.close()
+        assert held[-1] == 0 and max(held) <= rtchat.MAX_FILES_PER_PEER
+        assert saved <= rtchat.FILE_OFFER_BUDGET[1] + rtchat.FILE_OFFER_BUDGET[0] * elapsed
+    run(scenario(), 90)
+
+
+# =============================================================================================================
 # Issue 10 item 4, issue 12 items 7 and 9: message identity covers the exact words of its author
 # =============================================================================================================
 
