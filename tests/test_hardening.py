@@ -8,6 +8,7 @@ attackers are built on the library and on raw aiortc (tests/test_attacks.py's to
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import random
@@ -243,7 +244,8 @@ def test_a_full_disk_loses_no_acknowledged_message(broker, tmp_path, small_disk)
         figure("2 full disk", f"while full: {len(acked_full)} of {len(sent) - 5} acknowledged, "
                               f"{len(set(acked_full) - on_disk_full)} of them not on disk; said so: {said_so}, "
                               f"{len(bob.saw('disk-error'))} disk-error event(s); after space returned: recovered="
-                              f"{recovered}, {len(acked)}/{len(sent)} acknowledged, {len(on_disk & set(sent))} on disk, "
+                              f"{recovered}, {len(acked)}/{len(sent)} acknowledged, "
+                              f"{len(on_disk & set(sent))} on disk, "
                               f"{len(lost)} acknowledged but lost, {len(broken)} cut or glued line(s)")
         assert not set(acked_full) - on_disk_full and not lost and not broken
         assert said_so and recovered and len(bob.saw("disk-error")) == 1
@@ -582,6 +584,57 @@ def test_a_replayed_costly_payload_is_decoded_once(broker, tmp_path, monkeypatch
         await alice.close()
         assert len(decoded) == 1
     run(scenario(), 60)
+
+
+# =============================================================================================================
+# Item 8: look-alike names
+# =============================================================================================================
+
+LOOKALIKES = {"zero-width joiner": "al\u200dice", "Cyrillic a": "\u0430lice", "grapheme joiner": "al\u034fice",
+              "Hangul filler": "alice\u3164", "blank braille": "\u2800alice",
+              "fullwidth": "\uff41\uff4c\uff49\uff43\uff45",
+              "Cyrillic a, i, e": "\u0430l\u0456c\u0435", "zero-width non-joiner": "ali\u200cce"}
+INVISIBLE = {"zero-width joiner", "grapheme joiner", "Hangul filler", "blank braille", "zero-width non-joiner"}
+
+
+def test_lookalike_names_are_refused_or_shown_apart(broker, tmp_path):
+    """alice is pinned at bob. Strangers connect as 'alice' spelled with invisible characters (refused outright)
+    or with letters of other scripts (shown apart: marked on the join line and on every line they say)."""
+    async def scenario():
+        room, topic = "h8", "mrtchat/h8"
+        wire = Wire(broker, asyncio.get_running_loop())
+        bob = await make_client("bob", tmp_path, broker.url).start()
+        printer = rtchat.Printer("chat", False, out=io.StringIO(), err=io.StringIO())
+        app = rtchat.App(bob, rtchat.Registry(), printer)
+        await app.switch_room(room)
+        rb = app.room
+        alice, ra = await honest_alice(tmp_path, broker, room)
+        ra.send("the real alice")
+        await eventually(lambda: "the real alice" in printer.out.getvalue(), 10, "alice's line")
+        connected = {}
+        for kind, name in LOOKALIKES.items():
+            mallory = Mallory(rtchat.Identity.generate())
+            connected[kind] = await attach(wire, topic, "bob", name, mallory, sign_with=mallory.identity,
+                                           tag=rtchat.CLIENT_TAG, timeout=3)
+            if connected[kind]:
+                await eventually(lambda n=name: n in rb.peers and rb.peers[n].is_verified, 10, f"{kind} verified")
+                mallory.send("chat", json.dumps(f"hi, it is me ({kind})"))
+                await eventually(lambda k=kind: f"({k})" in printer.out.getvalue(), 10, f"{kind} line")
+            await mallory.close()
+        shown = printer.out.getvalue().splitlines()
+        plain = [kind for kind in LOOKALIKES if connected[kind] and not any(
+            f"({kind})" in line and "looks like alice" in line for line in shown)]
+        joined_unmarked = [line for line in shown if line.startswith("-->") and " alice " not in line
+                           and "LOOKS LIKE alice" not in line]
+        figure("8 look-alike names", f"{sum(connected.values())} of {len(LOOKALIKES)} variants of 'alice' connected, "
+                                     f"{len(plain)} of them shown like the real one "
+                                     f"({', '.join(plain) or 'none'})")
+        await alice.close()
+        await bob.close()
+        wire.close()
+        assert not any(connected[kind] for kind in INVISIBLE)
+        assert not plain and not joined_unmarked
+    run(scenario(), 120)
 
 
 # =============================================================================================================
