@@ -638,6 +638,88 @@ def test_lookalike_names_are_refused_or_shown_apart(broker, tmp_path):
 
 
 # =============================================================================================================
+# Items 12 and 13: the state file, files we write, a wrong --secret
+# =============================================================================================================
+
+@pytest.mark.parametrize("damage", [{"name": 5}, {"rooms": {"r": 5}}, {"instances": {"alice": 5}}, {"pins": 5},
+                                    {"pins": {"ab": {"key": 5, "names": ["x"]}}}, {"outbox": [3]},
+                                    {"input_history": "text"}, {"authors": {"fp": []}}])
+def test_a_state_file_with_wrong_types_is_refused_and_kept(tmp_path, damage):
+    state = tmp_path / "s.json"
+    state.write_text(json.dumps({"format": 1, **damage}))
+    content = state.read_bytes()
+    result = subprocess.run(rtchat_cmd("alice", "--state", str(state), "--timeout", "1"), input="hi\n",
+                            env=cli_env("mqtt://127.0.0.1:9"), capture_output=True, text=True, timeout=60)
+    field = next(iter(damage))
+    figure(f"12 state file {json.dumps(damage)}", f"exit {result.returncode}, "
+                                                  f"{'traceback' if 'Traceback' in result.stderr else 'no traceback'}, "
+                                                  f"file {'kept' if state.read_bytes() == content else 'CHANGED'}")
+    assert result.returncode == rtchat.EX_CONFIG and "Traceback" not in result.stderr
+    assert f'"{field}"' in result.stderr and str(state) in result.stderr
+    assert state.read_bytes() == content and not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_history_file_that_is_a_symlink_is_not_written_through(broker, tmp_path):
+    """Someone links bob's history file to a file of bob's: bob refuses to start rather than append to it."""
+    async def scenario():
+        room = "h12"
+        target = tmp_path / "precious.txt"
+        target.write_text("do not touch\n")
+        history = rtchat.Store(tmp_path / "bob.json").history_path(room)
+        history.parent.mkdir(mode=0o700)
+        history.symlink_to(target)
+        bob = Victim(broker, tmp_path, "bob", room)
+        alice = await make_client("alice", tmp_path, broker.url).start()
+        ra = await alice.join(room)
+        if await within(lambda: ra.verified_peers() or bob.proc.poll() is not None, 30) and ra.verified_peers():
+            ra.send("through the link?")
+            await ra.flush(5)
+        code = bob.stop()
+        await alice.close()
+        untouched = target.read_text() == "do not touch\n"
+        figure("12 history symlink", f"bob exited {code}; target {'untouched' if untouched else 'APPENDED TO'}; "
+                                     f"{''.join(bob.stderr)[-120:].strip()!r}")
+        assert code == rtchat.EX_CONFIG and "symbolic link" in "".join(bob.stderr)
+        assert untouched
+    run(scenario(), 90)
+
+
+def test_a_wrong_secret_says_so(broker, tmp_path):
+    """alice and bob are in a sealed room; carol pipes a line in with another secret. She is told that a sealed
+    room looks empty with a wrong secret (peers with another secret meet on another topic); and what comes on a
+    sealed room's topic that its secret cannot open is counted and told."""
+    async def scenario():
+        room = "h13"
+        clients = [await make_client(n, tmp_path, broker.url).start() for n in ("alice", "bob")]
+        rooms = [await c.join(room, secret="right") for c in clients]
+        await rooms[0].wait_for_peers(1, 20)
+        carol = subprocess.Popen(rtchat_cmd("carol", "--room", room, "--state", str(tmp_path / "carol.json"),
+                                            "--secret", "wrong", "--timeout", "4"),
+                                 env=cli_env(broker.url), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        _, err = await asyncio.get_running_loop().run_in_executor(None, carol.communicate, "hello?\n")
+        wire = Wire(broker, asyncio.get_running_loop())
+        dave = await make_client("dave", tmp_path, broker.url).start()
+        rdave = await dave.join(room, secret="wrong")
+        other = rtchat.Seal(room, "right")
+        for _ in range(3):   # sealed with another key, on dave's topic
+            wire.publish(other.seal(envelope("eve", "connect", {"client": rtchat.CLIENT_TAG})), rdave.topic)
+        await eventually(lambda: rdave.unreadable >= 3, 10, "unreadable payloads counted")
+        try:
+            await rdave.wait_for_peers(1, 0.5)
+            told = ""
+        except rtchat.NoPeers as exc:
+            told = str(exc)
+        figure("13 wrong secret", f"carol exited {carol.returncode}: {err.strip().splitlines()[-1]!r}")
+        for client in (*clients, dave):
+            await client.close()
+        wire.close()
+        assert carol.returncode == rtchat.EX_TEMPFAIL and "wrong --secret" in err
+        assert "3 message(s) on this sealed room's topic could not be opened with this secret" in told
+    run(scenario(), 90)
+
+
+# =============================================================================================================
 # Issue 10 item 4, issue 12 items 7 and 9: message identity covers the exact words of its author
 # =============================================================================================================
 
