@@ -149,7 +149,7 @@ CHAT_BUDGET = (600.0, 3000)            # chat and dm frames (16 KiB messages at 
 SEND_PACE = (500.0, 2000)              # what we send one peer, kept under its CHAT_BUDGET (then queued, in order)
 SYNC_BUDGET = (1 / 60, 2)              # history sync requests: one per session is what rtchat.py sends
 IDENTIFY_BUDGET = (0.1, 4)             # identify/challenge: each costs an RSA signature (1.3 ms)
-QUESTION_BUDGET = (5.0, 20)            # other questions, each runs a handler
+MAX_QUESTIONS_AT_ONCE = 8              # other questions being answered for one peer (each runs a handler)
 FILE_OFFER_BUDGET = (0.5, 8)           # file offers
 MAX_FILES_PER_PEER = 2                 # transfers at once from one peer (of MAX_INCOMING_FILES per room)
 FILE_MIN_PROGRESS = 64 * 1024          # bytes a transfer must bring every FILE_IDLE_S, or it is given up
@@ -1905,7 +1905,8 @@ class Peer(Emitter):
         self.backfill_left = 0                  # relayed messages we still take from it (in answer to our sync)
         self.budgets = {kind: Budget(budget) for kind, budget in (
             ("frame", FRAME_BUDGET), ("chat", CHAT_BUDGET), ("sync", SYNC_BUDGET), ("identify", IDENTIFY_BUDGET),
-            ("question", QUESTION_BUDGET), ("file", FILE_OFFER_BUDGET))}
+            ("file", FILE_OFFER_BUDGET))}
+        self.questions_open = 0                 # its questions being answered now
         self.over_budget: dict[str, int] = {}   # requests dropped, by kind
         self.unsigned_bytes = 0                 # its messages' text waiting for their signatures (Room keeps count)
         self._pace = Budget(SEND_PACE)
@@ -5249,8 +5250,10 @@ class Room(Emitter):
                 early.append((label, value))
             return
         if label == "question":
-            if peer.allow("question"):
+            if peer.questions_open < MAX_QUESTIONS_AT_ONCE:  # an asker waits for answers; a flood does not
                 _spawn(self._answer_question(peer, value), f"question-{peer.name}")
+            else:
+                peer.over_budget["question"] = peer.over_budget.get("question", 0) + 1
         else:
             self._on_text(peer, label, value)
 
@@ -5284,6 +5287,13 @@ class Room(Emitter):
         return True
 
     async def _answer_question(self, peer: Peer, value: Any) -> None:
+        peer.questions_open += 1
+        try:
+            await self._run_question(peer, value)
+        finally:
+            peer.questions_open -= 1
+
+    async def _run_question(self, peer: Peer, value: Any) -> None:
         question = value.get("question") if isinstance(value, dict) else None
         if not isinstance(question, dict) or not isinstance(question.get("topic"), str):
             return
@@ -5507,7 +5517,8 @@ class Room(Emitter):
             if peer is not None:
                 acks.setdefault((peer, label), []).append(ack_id)
         for (peer, label), ids in acks.items():
-            peer.send(label, {"t": "ack", "ids": ids})
+            for start in range(0, len(ids), 1000):  # a receiver reads 1000 ids a frame
+                peer.send(label, {"t": "ack", "ids": ids[start:start + 1000]})
 
     def _on_ack(self, peer: Peer, kind: str, value: dict) -> None:
         ids = value.get("ids")

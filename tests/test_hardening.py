@@ -492,6 +492,30 @@ def test_identify_and_chat_floods_are_budgeted(broker, tmp_path):
     run(scenario(), 120)
 
 
+def test_what_we_send_stays_within_the_receivers_budget(broker, tmp_path):
+    """5 000 lines at once (a pipe from a chatty build): the sender paces itself under the receiver's chat budget,
+    so every line arrives, in order, and none is refused."""
+    async def scenario():
+        clients = [await make_client(n, tmp_path, broker.url).start() for n in ("alice", "bob")]
+        ra, rb = [await c.join("h5p") for c in clients]
+        await ra.wait_for_peers(1, 20)
+        await eventually(lambda: ra.peers["bob"].late_signatures, 10, "bob's hello")
+        got = []
+        rb.on("message", got.append)
+        started = time.monotonic()
+        sent = [ra.send(f"line {i}").text for i in range(5000)]
+        queued = len(ra.peers["bob"]._backlog)
+        assert await ra.flush(60)
+        took = time.monotonic() - started
+        refused = rb.peers["alice"].over_budget
+        figure("5 paced sending", f"5000 lines sent at once: {queued} waited in alice's queue, all arrived in "
+                                  f"{took:.1f} s; bob refused {refused or 'none'}")
+        assert [m.text for m in got] == sent and not refused
+        for client in clients:
+            await client.close()
+    run(scenario(), 90)
+
+
 def test_file_offers_are_budgeted_and_trickles_given_up(broker, tmp_path, monkeypatch):
     """A stranger opens four transfers that trickle a byte a second (they held every slot for ever), then offers
     200 empty files."""
