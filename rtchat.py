@@ -569,6 +569,11 @@ def is_message_id(value: Any) -> bool:
     return isinstance(value, str) and ID_RE.fullmatch(value) is not None
 
 
+def is_signature_text(value: Any) -> bool:
+    """A signature as rtchat.py sends it, kept to pass on: short base64 (checked when it is passed on)."""
+    return isinstance(value, str) and len(value) <= 200 and value.isascii()
+
+
 def is_message_text(value: Any) -> bool:
     """A message's text we can keep as sent: not too long, and valid Unicode (no lone surrogates)."""
     return isinstance(value, str) and len(value) <= MAX_TEXT_CHARS and is_encodable(value)
@@ -3735,7 +3740,7 @@ FINGERPRINT_RE = re.compile(r"[0-9a-f]{64}")
 
 def message_id(sender: str, fp: str | None, stamp: int, text: str, action: bool, salt: str) -> str:
     """A message's id, bound to its author (wire name, key fingerprint) and its exact words: nobody can put other
-    words under an id seen in the room (rtchat.py 0.3). The author's random salt keeps repeated lines apart."""
+    words under an id seen in the room. The author's random salt keeps repeated lines apart."""
     digest = hashlib.sha256(MESSAGE_ID_CONTEXT + canonical_json([sender, fp or "", stamp, text, action, salt]))
     return digest.hexdigest()[:32]
 
@@ -5354,7 +5359,7 @@ class Room(Emitter):
             log.debug("%r: a message whose id does not fit its words, dropped", peer)
             return
         elif peer.message_key is not None:  # the signature lets us pass it on; it needs the peer's hello
-            msg.sig = sig if isinstance(sig, str) and len(sig) <= 200 else None
+            msg.sig = sig if is_signature_text(sig) else None
             follows = sig is None and peer.unsigned_bytes + len(text) <= MAX_UNSIGNED_BYTES
         self._accept(msg, peer, "chat" if kind == "message" else "dm", signature_follows=follows, ack_id=msg_id)
 
@@ -5368,7 +5373,7 @@ class Room(Emitter):
             if waiting is None:
                 continue
             entry, sender, label, _ = waiting
-            if isinstance(sig, str) and len(sig) <= 200:
+            if is_signature_text(sig):
                 entry["sig"] = sig
             self._commit_later(entry, sender, label)
 
@@ -5721,7 +5726,7 @@ class Room(Emitter):
             peer.send_paced(label, f"* {self.me} {msg.text}" if msg.action else msg.text)
             return False
         frame = {"t": "msg", "id": msg.id, "ts": msg.ts, "text": msg.text, "action": msg.action}
-        if msg.salt is not None:  # an outbox entry from before 0.3 has none; then it goes as 0.2 sent it
+        if msg.salt is not None:  # an outbox entry written by rtchat.py 0.2 has none: it goes as 0.2 sent it
             frame["salt"] = msg.salt
         if msg.sig is not None:
             frame["sig"] = msg.sig
