@@ -53,7 +53,7 @@ def test_fingerprint_and_safety_number(identity):
 
 def test_private_key_encrypted_at_rest(identity):
     pem = identity.to_pem("correct horse")
-    assert "ENCRYPTED" in pem
+    assert pem.startswith(rtchat.SEALED_KEY_PREFIX) and "PRIVATE KEY" not in pem
     assert rtchat.Identity.from_pem(pem, "correct horse").fingerprint == identity.fingerprint
     with pytest.raises(rtchat.StateError, match="passphrase"):
         rtchat.Identity.from_pem(pem, None)
