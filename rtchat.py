@@ -4229,14 +4229,14 @@ class Room(Emitter):
         self._early: dict[str, list[tuple[str, Any]]] = {}
         self._seen_nonces: dict[Any, float] = {}
         self._nonce_limit = 20000
-        self._rates: dict[str, Budget] = {}
+        self._rates = RateLimit(*RATE_PER_SENDER)
         self._warned: set[tuple] = set()
         self._hinted: dict[str, float] = {}     # bare name -> when we last told it we refuse its key
         self._refused_by: set[str] = set()      # wire names that told us they refuse our key (one retry each)
         self.refused: dict[str, str] = {}       # bare name -> the last key refused for it
         self._unacked: dict[str, set[str]] = {}
         self._dm_ids: dict[str, str] = {}       # our DMs awaiting an ack: id -> recipient
-        self._to_commit: list[tuple[dict, Peer | None, str]] = []
+        self._to_commit: list[tuple[dict, Peer | None, str, str]] = []  # entry, ack to, on, as
         self._to_sign: list[tuple[Message, dict, list[tuple[Peer, str]]]] = []  # ours, sent ahead of their signature
         self._unsigned: dict[tuple[str, str], tuple[dict, Peer, str, float]] = {}  # theirs, likewise; by deadline
         self._unsigned_sweep: asyncio.TimerHandle | None = None
@@ -4659,7 +4659,7 @@ class Room(Emitter):
         sender = envelope["sender"]
         if sender == self.me or not self._for_us(envelope):
             return
-        if not self._within_rate(sender):
+        if not self._rates.allow(sender):
             self.dropped += 1
             return
         signer, mkey = self._signer(envelope)
@@ -4747,11 +4747,6 @@ class Room(Emitter):
             self._nonce_limit = max(20000, 2 * len(fresh))
         self._seen_nonces[key] = now
         return True
-
-    def _within_rate(self, sender: str) -> bool:
-        if len(self._rates) > 4096 and sender not in self._rates:
-            self._rates.clear()
-        return self._rates.setdefault(sender, Budget(RATE_PER_SENDER)).take()
 
     def _signer(self, envelope: dict) -> tuple[str | None | bool, str | None]:
         """(the identity key that signed this envelope, None if unsigned or not known yet, False if the signature

@@ -8,6 +8,7 @@ attackers are built on the library and on raw aiortc (tests/test_attacks.py's to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -18,7 +19,7 @@ import time
 
 import pytest
 from conftest import cli_env, eventually, make_client, rtchat_cmd, run
-from test_attacks import Mallory, Wire, attach, envelope
+from test_attacks import Mallory, Wire, attach, envelope, feed
 
 import rtchat
 
@@ -122,15 +123,8 @@ def test_lone_surrogates_never_stop_history_writes(broker, tmp_path):
     text, while alice says 60 things; and a stranger whose JWK has such a member. bob must store and acknowledge
     all 60, and its state file must take every write (no temporary files left behind)."""
     async def scenario():
-        room, topic = "h1", "mrtchat/h1"
-        bob = Victim(broker, tmp_path, "bob", room)
-        try:
-            alice, ra = await honest_alice(tmp_path, broker, room)
-            wire = Wire(broker, asyncio.get_running_loop())
-            own = rtchat.Identity.generate()
-            mallory = Mallory(own)
-            assert await attach(wire, topic, "bob", "mallory", mallory, sign_with=own, tag=rtchat.CLIENT_TAG)
-            await joined(bob, "mallory")
+        async with stranger_at_listener(broker, tmp_path, "h1") as (bob, mallory, wire):
+            alice, ra = await honest_alice(tmp_path, broker, "h1")
             sent = []
             for i in range(60):
                 sent.append(ra.send(f"honest {i}").id)
@@ -147,16 +141,12 @@ def test_lone_surrogates_never_stop_history_writes(broker, tmp_path):
             other = rtchat.Identity.generate()
             twisted = Mallory(other)
             key = other.public_key_string[:-1] + ',"x":"\ud800"}'
-            await attach(wire, topic, "bob", "twisted", twisted, key=key, sign_with=other, tag=rtchat.CLIENT_TAG,
-                         timeout=5)
+            await attach(wire, "mrtchat/h1", "bob", "twisted", twisted, key=key, sign_with=other,
+                         tag=rtchat.CLIENT_TAG, timeout=5)
             ra.send("after the twisted key")
             await ra.flush(10)
             await twisted.close()
-            await mallory.close()
-            wire.close()
             await alice.close()
-        finally:
-            bob.stop()
         stored = {e["id"] for e in bob.history()}
         leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp"))
         figure("1 lone surrogates", f"{len(set(sent) & stored)}/60 honest messages stored, {len(acked)}/60 "
@@ -271,17 +261,7 @@ def test_join_announcement_flood_is_bounded(broker, tmp_path):
         alice = await make_client("alice", tmp_path, broker.url).start()
         ra = await alice.join("h3")
         chunk, total = 2500, 50000
-        payloads = flood_of_names(total)
-        timings, fed = [], 0
-        for start in range(0, total, chunk):
-            started = time.perf_counter()
-            for payload in payloads[start:start + chunk]:
-                ra._on_payload(ra.topic, payload)
-            timings.append(time.perf_counter() - started)
-            fed += chunk
-            await asyncio.sleep(0)
-            if timings[-1] > 4 * chunk / 1000:   # over 4 ms an announcement: stop rather than run for minutes
-                break
+        fed, timings = await feed(ra, flood_of_names(total), chunk, 4 * chunk / 1000)  # 4 ms an announcement
         peers, timers = len(ra.peers), len(ra._fallbacks)
         per_ms = [round(t / chunk * 1000, 3) for t in timings]
         figure("3 announcement flood (in-process)", f"{fed} announcements: {peers} peers kept, {timers} fallback "
@@ -408,18 +388,31 @@ def own_msg(identity: rtchat.Identity, sender: str, text: str) -> dict:
     return {"t": "msg", "id": msg.id, "ts": msg.ts, "text": text, "action": False, "salt": msg.salt}
 
 
+@contextlib.asynccontextmanager
+async def stranger_at_listener(broker, tmp_path, room: str):
+    """A real listener bob in room and a stranger's rtchat.py peer connected to it, its hello said: (bob, mallory,
+    the attacker's view of the broker)."""
+    wire = Wire(broker, asyncio.get_running_loop())
+    bob = await on_broker(wire, Victim(broker, tmp_path, "bob", room))
+    try:
+        mallory = await rtchat_py_attacker(wire, f"mrtchat/{room}", "bob", "mallory")
+        try:
+            yield bob, mallory, wire
+        finally:
+            await mallory.close()
+    finally:
+        wire.close()
+        bob.stop()
+
+
 def test_history_sync_requests_are_budgeted(broker, tmp_path):
     """A stranger sends 100 sync requests (3 KB in all): each would queue 200 messages of 4 KiB for it."""
     async def scenario():
-        room, topic = "h5s", "mrtchat/h5s"
-        wire = Wire(broker, asyncio.get_running_loop())
-        bob = await on_broker(wire, Victim(broker, tmp_path, "bob", room))
-        try:
-            alice, ra = await honest_alice(tmp_path, broker, room)
+        async with stranger_at_listener(broker, tmp_path, "h5s") as (bob, mallory, _):
+            alice, ra = await honest_alice(tmp_path, broker, "h5s")
             for i in range(200):
                 ra.send(f"{i} " + "h" * 4096)
             assert await ra.flush(30)
-            mallory = await rtchat_py_attacker(wire, topic, "bob", "mallory")
             before = bob.status_kb("VmHWM")
             frame = json.dumps({"t": "sync", "ids": []})
             for _ in range(100):
@@ -430,11 +423,7 @@ def test_history_sync_requests_are_budgeted(broker, tmp_path):
             figure("5 sync requests", f"100 requests ({100 * len(frame)} bytes): {answered} backfill frames sent "
                                       f"back, peak RSS +{growth >> 10} MiB "
                                       f"({growth * 1024 / (100 * len(frame)):.0f} bytes per byte sent)")
-            await mallory.close()
             await alice.close()
-            wire.close()
-        finally:
-            bob.stop()
         per_sync = -(-200 * 4200 // rtchat.BACKFILL_FRAME_CHARS)    # frames one full answer takes
         assert answered <= rtchat.SYNC_BUDGET[1] * per_sync and growth < 24 * 1024
     run(scenario(), 120)
@@ -443,11 +432,7 @@ def test_history_sync_requests_are_budgeted(broker, tmp_path):
 def test_identify_and_chat_floods_are_budgeted(broker, tmp_path):
     """From one connected stranger: 2 000 identify questions (each an RSA signature), then 20 000 chat frames."""
     async def scenario():
-        room, topic = "h5c", "mrtchat/h5c"
-        wire = Wire(broker, asyncio.get_running_loop())
-        bob = await on_broker(wire, Victim(broker, tmp_path, "bob", room))
-        try:
-            mallory = await rtchat_py_attacker(wire, topic, "bob", "mallory")
+        async with stranger_at_listener(broker, tmp_path, "h5c") as (bob, mallory, _):
             started = time.monotonic()
             for n in range(2000):
                 mallory.send("question", json.dumps({"n": n, "question": {"topic": "identify", "content": "c" * 32}}))
@@ -462,10 +447,6 @@ def test_identify_and_chat_floods_are_budgeted(broker, tmp_path):
             chat_s = time.monotonic() - started
             figure("5 identify/chat floods", f"{signed} of 2000 identify questions answered in {identify_s:.0f} s; "
                                              f"{taken} of 20000 chat frames taken in {chat_s:.0f} s")
-            await mallory.close()
-            wire.close()
-        finally:
-            bob.stop()
         assert signed <= rtchat.IDENTIFY_BUDGET[1] + rtchat.IDENTIFY_BUDGET[0] * identify_s + 1
         assert taken <= rtchat.CHAT_BUDGET[1] + rtchat.CHAT_BUDGET[0] * chat_s
     run(scenario(), 120)
@@ -474,11 +455,7 @@ def test_identify_and_chat_floods_are_budgeted(broker, tmp_path):
 def test_messages_whose_signature_never_follows_are_bounded(broker, tmp_path):
     """4 000 messages of 16 KiB from a connected stranger, each saying its signature follows, which never comes."""
     async def scenario():
-        room, topic = "h5u", "mrtchat/h5u"
-        wire = Wire(broker, asyncio.get_running_loop())
-        bob = await on_broker(wire, Victim(broker, tmp_path, "bob", room))
-        try:
-            mallory = await rtchat_py_attacker(wire, topic, "bob", "mallory")
+        async with stranger_at_listener(broker, tmp_path, "h5u") as (bob, mallory, _):
             before = bob.status_kb("VmHWM")
             body, count_ = "u" * (16 * 1024 - 100), 4000
             for i in range(count_):
@@ -492,10 +469,6 @@ def test_messages_whose_signature_never_follows_are_bounded(broker, tmp_path):
             sent = count_ * len(body)
             figure("5 unsigned messages", f"{count_} of 16 KiB ({sent >> 20} MiB): peak RSS +{growth >> 10} MiB "
                                           f"({growth * 1024 / sent:.2f} bytes kept per byte sent)")
-            await mallory.close()
-            wire.close()
-        finally:
-            bob.stop()
         # bounded whatever is sent: the history kept in memory (at most 1000 entries of up to 16 KiB, as text and
         # as the line written) and MAX_UNSIGNED_BYTES of text waiting for signatures
         assert growth < 48 * 1024
