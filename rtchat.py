@@ -241,6 +241,45 @@ def _log_task_failure(task: asyncio.Task) -> None:
         log.error("task %s failed", task.get_name(), exc_info=task.exception())
 
 
+class Tasks:
+    """Background work with an owner: tasks and timers are kept until they end (a failure is logged), and close()
+    cancels and awaits what is left, so nothing outlives the object that started it."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task] = set()
+        self._timers: set[asyncio.TimerHandle] = set()
+
+    def spawn(self, coro, name: str | None = None) -> asyncio.Task:
+        task = _spawn(coro, name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def later(self, delay: float, callback: Callable, *args: Any) -> asyncio.TimerHandle:
+        """callback(*args) after delay seconds, unless cancelled (the handle's cancel(), or close())."""
+        def fire() -> None:
+            self._timers.discard(handle)
+            callback(*args)
+        handle = asyncio.get_running_loop().call_later(delay, fire)
+        self._timers.add(handle)
+        return handle
+
+    def cancel(self) -> None:
+        """Cancel everything now, for a caller that cannot wait (close() also waits for the tasks to end)."""
+        for handle in self._timers:
+            handle.cancel()
+        self._timers.clear()
+        for task in self._tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
+
+    async def close(self) -> None:
+        self.cancel()
+        running = [t for t in self._tasks if t is not asyncio.current_task()]
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
+
+
 class Emitter:
     """Minimal event emitter: a listener's exception is logged and never reaches the emitter."""
 
@@ -473,6 +512,20 @@ def to_json(value: Any) -> str:
 def canonical_json(value: Any) -> bytes:
     """The bytes a signature covers: sorted keys, compact, ASCII."""
     return _CANONICAL_ENCODER.encode(value).encode()
+
+
+SIGNED_CONTEXTS = {  # a context per purpose: what is signed for one purpose never passes for another
+    "signaling": b"rtchat-signaling-v1\n",     # an offer, answer, announcement or hint, by its sender
+    "channel-id": b"rtchat-channel-id-v1\n",   # an identity claiming a data channel, inside that channel
+    "message-id": b"rtchat-message-id-v1\n",   # what a message id is the hash of (bound, not signed)
+    "message": b"",                            # a chat message: the message key prefixes all it signs itself
+}
+
+
+def signed_bytes(purpose: str, *fields: Any) -> bytes:
+    """What a signature (or a bound message id) covers: the purpose's context, then the fields as canonical JSON.
+    PROTOCOL.md lists the fields of each purpose; tests build their forgeries with this too."""
+    return SIGNED_CONTEXTS[purpose] + canonical_json(list(fields))
 
 
 def parse_json(text: str | bytes) -> Any:
@@ -3722,8 +3775,6 @@ class NetCheck:
 # Emits the EVENTS; a bot or a test uses it with no UI. Client builds Rooms.
 # =============================================================================
 
-SIGNING_CONTEXT = b"rtchat-signaling-v1\n"   # keeps signaling signatures apart from identify/challenge ones
-ID_CONTEXT = b"rtchat-channel-id-v1\n"      # what an identity signs to claim a channel, in the channel
 LEGACY_MEMORY_S = 600.0   # after seeing a browser or an rtchat.py 0.1 in a room, announce with our key this long
 
 
@@ -3733,7 +3784,6 @@ def speaks_compact(tag: str | None) -> bool:
     return bool(match) and (int(match[1]), int(match[2])) >= (0, 2)
 
 
-MESSAGE_ID_CONTEXT = b"rtchat-message-id-v1\n"
 SALT_RE = re.compile(r"[0-9a-f]{16}")
 FINGERPRINT_RE = re.compile(r"[0-9a-f]{64}")
 
@@ -3741,7 +3791,7 @@ FINGERPRINT_RE = re.compile(r"[0-9a-f]{64}")
 def message_id(sender: str, fp: str | None, stamp: int, text: str, action: bool, salt: str) -> str:
     """A message's id, bound to its author (wire name, key fingerprint) and its exact words: nobody can put other
     words under an id seen in the room. The author's random salt keeps repeated lines apart."""
-    digest = hashlib.sha256(MESSAGE_ID_CONTEXT + canonical_json([sender, fp or "", stamp, text, action, salt]))
+    digest = hashlib.sha256(signed_bytes("message-id", sender, fp or "", stamp, text, action, salt))
     return digest.hexdigest()[:32]
 
 
@@ -3802,7 +3852,7 @@ class Message:
                           self.salt or "")
 
     def signed_part(self, topic: str) -> bytes:
-        return canonical_json([topic, self.sender, self.id, self.ts, self.text, self.action])
+        return signed_bytes("message", topic, self.sender, self.id, self.ts, self.text, self.action)
 
     @classmethod
     def from_dict(cls, data: dict) -> Message:
@@ -4582,8 +4632,8 @@ class Room(Emitter):
         topic = topic or self._inboxes.get(to, (self.topic, False))[0]
         envelope = {"sender": self.me, "timestamp": now_ms(), "subtopic": subtopic, "data": data,
                     "nonce": new_id()}
-        signed = SIGNING_CONTEXT + canonical_json([self.topic, self.me, subtopic, envelope["timestamp"],
-                                                   envelope["nonce"], data])
+        signed = signed_bytes("signaling", self.topic, self.me, subtopic, envelope["timestamp"], envelope["nonce"],
+                              data)
         if compact:
             envelope.update(mk=self.identity.message_public, sig=self.identity.sign_message(signed))
         else:
@@ -4755,8 +4805,8 @@ class Room(Emitter):
         if sig is None:
             return None, None
         data, subtopic = envelope["data"], envelope["subtopic"]
-        signed = SIGNING_CONTEXT + canonical_json([self.topic, envelope["sender"], subtopic,
-                                                   envelope["timestamp"], nonce, data])
+        signed = signed_bytes("signaling", self.topic, envelope["sender"], subtopic, envelope["timestamp"], nonce,
+                              data)
         if mkey is not None:
             if not (isinstance(mkey, str) and isinstance(nonce, str) and verify_message(mkey, sig, signed)):
                 return False, None
@@ -5116,7 +5166,7 @@ class Room(Emitter):
         local = sdp_fingerprint(peer.pc.localDescription.sdp)
         remote = negotiated_fingerprint(peer.pc) or sdp_fingerprint(peer.remote_sdp or "")  # the certificate used
         ours, theirs = (local, remote) if outgoing else (remote, local)
-        return ID_CONTEXT + canonical_json([self.topic, sender, receiver, ours, theirs])
+        return signed_bytes("channel-id", self.topic, sender, receiver, ours, theirs)
 
     def _send_identity(self, peer: Peer) -> None:
         signature = self.identity.sign(self._channel_binding(peer, self.me, peer.name, outgoing=True))

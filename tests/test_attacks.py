@@ -68,7 +68,7 @@ def envelope(sender, subtopic, data, *, identity=None, topic=None, stamp=None, n
     env = {"sender": sender, "timestamp": stamp, "subtopic": subtopic, "data": data}
     if identity is not None:
         nonce = nonce or rtchat.new_id()
-        signed = rtchat.SIGNING_CONTEXT + rtchat.canonical_json([topic, sender, subtopic, stamp, nonce, data])
+        signed = rtchat.signed_bytes("signaling", topic, sender, subtopic, stamp, nonce, data)
         if compact:
             env.update(nonce=nonce, mk=identity.message_public, sig=identity.sign_message(signed))
         else:
@@ -782,7 +782,7 @@ def test_identity_frame_is_bound_to_the_channel(broker, tmp_path):
             alice_fp = rtchat.sdp_fingerprint(peer.pc.localDescription.sdp)
             mallory_fp = rtchat.sdp_fingerprint(answer)
             ours, theirs = (other_fp, other_fp) if case == "relayed" else (mallory_fp, alice_fp)
-            binding = rtchat.ID_CONTEXT + rtchat.canonical_json([ra.topic, name, "alice", ours, theirs])
+            binding = rtchat.signed_bytes("channel-id", ra.topic, name, "alice", ours, theirs)
             frame = {"t": "id", "key": bob.identity.public_key_string, "mkey": bob.identity.message_public,
                      "mcert": bob.identity.message_cert,
                      "sig": base64.b64encode(bob.identity.sign(binding)).decode()}

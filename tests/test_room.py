@@ -166,8 +166,8 @@ def test_forged_unload_and_offer_in_a_peers_name_fail(broker, tmp_path):
         data = {"userInfo": {"publicKeyString": mallory.identity.public_key_string, "client": rtchat.CLIENT_TAG},
                 "offer": {"localDescription": {"type": "offer", "sdp": sdp}, "target": "alice"}}
         stamp, nonce = rtchat.now_ms(), rtchat.new_id()
-        sig = base64.b64encode(mallory.identity.sign(rtchat.SIGNING_CONTEXT + rtchat.canonical_json(
-            ["mrtchat/test", "bob", "RTCOffer", stamp, nonce, data]))).decode()
+        sig = base64.b64encode(mallory.identity.sign(rtchat.signed_bytes(
+            "signaling", "mrtchat/test", "bob", "RTCOffer", stamp, nonce, data))).decode()
         envelope = {"sender": "bob", "timestamp": stamp, "subtopic": "RTCOffer", "data": data,
                     "nonce": nonce, "sig": sig}
         evil.publish("mrtchat/test", rtchat.encode_envelope(envelope))

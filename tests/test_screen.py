@@ -336,9 +336,9 @@ def test_whois_says_when_a_peer_is_not_verified(broker, tmp_path):
             await signaling.connect()
             envelope = {"sender": "mallory", "timestamp": rtchat.now_ms(), "subtopic": "connect",
                         "data": {"publicKeyString": mallory.public_key_string}, "nonce": rtchat.new_id()}
-            signed = rtchat.SIGNING_CONTEXT + rtchat.canonical_json(
-                [rtchat.topic_for("vis"), "mallory", "connect", envelope["timestamp"], envelope["nonce"],
-                 envelope["data"]])
+            signed = rtchat.signed_bytes(
+                "signaling", rtchat.topic_for("vis"), "mallory", "connect", envelope["timestamp"], envelope["nonce"],
+                envelope["data"])
             envelope["sig"] = __import__("base64").b64encode(mallory.sign(signed)).decode()
             signaling.publish(rtchat.topic_for("vis"), rtchat.encode_envelope(envelope))
             await term.wait(lambda: "1 seen" in term.toolbar(), "mallory seen")
