@@ -5995,52 +5995,55 @@ class Registry:
 
 
 class Context:
-    """What a command, question handler or hook can do. ctx.room is the room the user is in."""
+    """What a command, question handler or hook can do. ctx.room is the room the user is in (for a hook, the room
+    its event came from); ctx.session is the front end it runs in."""
 
-    def __init__(self, app: App, origin: str) -> None:
-        self._app = app
+    def __init__(self, session: Session, origin: str, room: Room | None = None) -> None:
+        self.session = session
         self.origin = origin
         self.log = logging.getLogger(f"rtchat.plugin.{origin}")
-        self.state: dict = app.client.store.data["plugins"].setdefault(origin, {})
+        self.state: dict = session.client.store.data["plugins"].setdefault(origin, {})
+        self._room = room
 
     @property
     def client(self) -> Client:
-        return self._app.client
+        return self.session.client
 
     @property
     def room(self) -> Room:
-        if self._app.room is None:
+        room = self._room if self._room is not None else self.session.room
+        if room is None:
             raise UsageError("you are in no room: /join ROOM")
-        return self._app.room
+        return room
 
     @property
     def me(self) -> str:
-        return self._app.client.me
+        return self.session.client.me
 
     async def say(self, text: str, action: bool = False) -> Message:
         self._check_may_send()
         msg = self.room.send(text, action=action)
-        self._app.show(msg)
+        self.session.show(msg)
         return msg
 
     async def dm(self, name: str, text: str) -> Message:
         self._check_may_send()
         msg = self.room.dm(name, text)
-        self._app.show(msg)
+        self.session.show(msg)
         return msg
 
     def _check_may_send(self) -> None:
-        if not self._app.plugins_send:
+        if not self.session.may_send:
             raise UsageError("nothing is sent in this mode (a listener sends nothing, a pipe only its lines)")
 
     def echo(self, text: str) -> None:
         """Show a line to the local user only; nothing is sent."""
-        self._app.echo(text)
+        self.session.echo(text)
 
     def save(self) -> None:
         """Write ctx.state to the state file (also done after every call)."""
         state = dict(self.state)
-        self._app.client.store.defer(lambda d: d["plugins"].__setitem__(self.origin, state))
+        self.session.client.store.defer(lambda d: d["plugins"].__setitem__(self.origin, state))
 
 
 async def call_hook(func: Callable, *args: Any) -> Any:
@@ -6048,19 +6051,156 @@ async def call_hook(func: Callable, *args: Any) -> Any:
     return await result if asyncio.iscoroutine(result) else result
 
 
-async def handle_line(app: App, line: str) -> None:
+class Session:
+    """What commands and plugins may do beyond a room: which rooms are joined and which is current, join, part and
+    switch, show a message, echo a line, clear, quit. Each front end implements it (the chat, and the pipe,
+    listener and sender modes); as it is, it is a bot's, with no screen: echo() logs, show() does nothing.
+
+    It also puts the registry to work, the same way in every mode: @question handlers answer the client's peers,
+    and @on hooks hear the rooms attached (switch_room attaches the rooms it joins), each with its plugin's
+    Context. close() (or leaving `async with`) stops the hooks: those running get ANSWER_TIMEOUT_S to finish."""
+
+    may_send = True  # ctx.say() and ctx.dm() send for plugins (the script modes send only what they are given)
+
+    def __init__(self, client: Client, registry: Registry | None = None) -> None:
+        self.client = client
+        self.registry = registry if registry is not None else Registry()
+        self.room: Room | None = None        # the current room: where typed lines and ctx.say() go
+        self.no_route: set[str] = set()      # peers found to have no network path, until they join (/peers)
+        self.done = asyncio.Event()          # quit() sets it
+        self._hooked: dict[str, tuple[Room, list[tuple[str, Callable]]]] = {}
+        self._hooks_running: set[asyncio.Task] = set()
+        self._contexts: dict[tuple[str, Room | None], Context] = {}
+        self.answer_questions()
+
+    @property
+    def rooms(self) -> list[Room]:
+        """The rooms joined, in the order they were joined (Alt-1 is the first)."""
+        return list(self.client.rooms.values())
+
+    def unread_count(self, room: Room) -> int:
+        """Lines that came in that room while another one was current."""
+        return 0
+
+    async def switch_room(self, name: str) -> Room:
+        """Make ROOM the current room, joining it first if need be; the other rooms stay joined. A bad name is a
+        UsageError before anything changes."""
+        name = check_room_name(name)
+        if name not in self._hooked:
+            self.attach(await self.client.join(name))
+        return self.select_room(name)
+
+    def select_room(self, name: str) -> Room:
+        """Make a joined room the current one."""
+        room = self.client.rooms.get(name.lstrip("#"))
+        if room is None:
+            raise UsageError(f"you are not in #{clean(name.lstrip('#'), 200)} (/join it first)")
+        self.room = room
+        return room
+
+    async def part_room(self, name: str | None = None) -> Room | None:
+        """Leave a room (the current one by default); returns the room you are in after it, if any."""
+        room = self.room if name is None else self.client.rooms.get(name.lstrip("#"))
+        if room is None:
+            raise UsageError("you are in no room" if name is None else f"you are not in #{clean(name, 200)}")
+        self.detach(room)
+        await self.client.leave(room)
+        if self.room is room:
+            self.room = None
+            if self.rooms:
+                self.select_room(self.rooms[-1].name)
+        return self.room
+
+    def show(self, msg: Message, from_history: bool = False) -> None:
+        """Show a message to the local user (one just sent, or from the history)."""
+
+    def echo(self, text: str) -> None:
+        """Show a line to the local user only."""
+        log.info("%s", text)
+
+    def clear(self) -> None:
+        """Clear the screen."""
+
+    def quit(self) -> None:
+        self.done.set()
+
+    def failed(self, what: str, exc: BaseException) -> None:
+        """A command or handler broke: one line; the traceback only at debug level."""
+        log.debug("%s failed", what, exc_info=exc)
+        log.warning("%s failed: %s: %s", what, type(exc).__name__, clean(exc, 300))
+
+    # -- plugins at work ----------------------------------------------------------------------
+    def context(self, origin: str, room: Room | None = None) -> Context:
+        """The Context of a plugin (origin), bound to a room (a hook's) or following the current one."""
+        if (origin, room) not in self._contexts:
+            self._contexts[origin, room] = Context(self, origin, room)
+        return self._contexts[origin, room]
+
+    def answer_questions(self) -> None:
+        """Let the registry's @question handlers answer the client's peers, as handler(ctx, q)."""
+        for topic, (func, origin) in self.registry.questions.items():
+            self.client.questions[topic] = functools.partial(self._answer, func, origin)
+
+    def _answer(self, func: Callable, origin: str, asked: Question) -> Any:
+        return func(self.context(origin), asked)
+
+    def attach(self, room: Room) -> Room:
+        """Let the registry's @on hooks hear this room's events (each event looks the hooks up when it comes)."""
+        if room.name not in self._hooked:
+            self._hooked[room.name] = (room, [(event, room.on(event, functools.partial(self._hear, room, event)))
+                                              for event in EVENTS])
+        return room
+
+    def detach(self, room: Room) -> None:
+        _, listeners = self._hooked.pop(room.name, (room, ()))
+        for event, listener in listeners:
+            room.off(event, listener)
+        for key in [key for key in self._contexts if key[1] is room]:
+            del self._contexts[key]
+
+    def _hear(self, room: Room, event: str, *args: Any) -> None:
+        for func, origin in self.registry.hooks.get(event, ()):
+            task = _spawn(self._run_hook(func, origin, room, event, args), f"hook-{origin}-{event}")
+            self._hooks_running.add(task)
+            task.add_done_callback(self._hooks_running.discard)
+
+    async def _run_hook(self, func: Callable, origin: str, room: Room, event: str, args: tuple) -> None:
+        try:
+            await call_hook(func, self.context(origin, room), *args)
+        except Exception as exc:
+            self.failed(f"@on({event!r}) in {origin}", exc)
+
+    async def close(self, timeout: float = ANSWER_TIMEOUT_S) -> None:
+        """Hear no more events; the hooks still running get timeout seconds to finish, then they are cancelled."""
+        for room, _ in list(self._hooked.values()):
+            self.detach(room)
+        running = set(self._hooks_running)
+        if running:
+            _, late = await asyncio.wait(running, timeout=timeout) if timeout > 0 else (set(), running)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+
+    async def __aenter__(self) -> Session:
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.close()
+
+
+async def handle_line(session: Session, line: str) -> None:
     """One line typed by the user: a /command, //text (a literal slash), or a message."""
     line = line.rstrip("\r\n")
     if not line.strip():
         return
     if line.startswith("//") or not line.startswith("/"):
-        await app.context("core").say(line[1:] if line.startswith("//") else line)
+        await session.context("core").say(line[1:] if line.startswith("//") else line)
         return
     name, _, args = line[1:].partition(" ")
-    spec = app.registry.commands.get(name.lower())
+    spec = session.registry.commands.get(name.lower())
     if spec is None:
         raise UsageError(f"unknown command /{name} (see /help); nothing was sent")
-    ctx = app.context(spec.origin)
+    ctx = session.context(spec.origin)
     try:
         await call_hook(spec.func, ctx, args.strip())
     finally:
@@ -6078,7 +6218,7 @@ def _split_first(args: str, usage: str) -> tuple[str, str]:
 @command("help", "h", help="list commands, or explain one", usage="/help [command]")
 async def _help(ctx: Context, args: str) -> None:
     """Without an argument, one line per command; with one, its usage, aliases and details."""
-    registry = ctx._app.registry
+    registry = ctx.session.registry
     if args:
         spec = registry.commands.get(args.lstrip("/").lower())
         if spec is None:
@@ -6103,13 +6243,13 @@ async def _join(ctx: Context, args: str) -> None:
     words = args.split()
     if len(words) != 1:
         raise UsageError("usage: /join ROOM (one word, e.g. /join ops); you stay where you are")
-    await ctx._app.switch_room(words[0])
+    await ctx.session.switch_room(words[0])
 
 
 @command("part", "leave", help="leave a room (this one by default)", usage="/part [ROOM]")
 async def _part(ctx: Context, args: str) -> None:
-    left = args.strip().lstrip("#") or (ctx.room.name if ctx._app.room else None)
-    now = await ctx._app.part_room(args.strip() or None)
+    left = args.strip().lstrip("#") or (ctx.session.room.name if ctx.session.room else None)
+    now = await ctx.session.part_room(args.strip() or None)
     ctx.echo(f"-!- left #{clean(left, 200)}; " + (f"now in #{now.name}" if now else "you are in no room: /join ROOM"))
 
 
@@ -6117,7 +6257,7 @@ async def _part(ctx: Context, args: str) -> None:
          usage="/switch ROOM")
 async def _switch(ctx: Context, args: str) -> None:
     room, _ = _split_first(args, "/switch ROOM")
-    ctx._app.select_room(room)
+    ctx.session.select_room(room)
 
 
 @command("peers", "who", "names", help="who is seen, connected, verified, with round trip", usage="/peers")
@@ -6130,7 +6270,7 @@ async def _peers(ctx: Context, args: str) -> None:
         kind = "rtchat.py" if peer.is_rtchat_py else "browser"
         trust = ("verified, channel-bound" if peer.channel_bound else "verified (legacy, not channel-bound)") \
             if peer.is_verified else peer.state
-        if peer.name in ctx._app.no_route and not peer.is_open:  # a room tries again now and then
+        if peer.name in ctx.session.no_route and not peer.is_open:  # a room tries again now and then
             trust = "no network path (trying again; see /netcheck)"
         rtt = f", {peer.rtt_ms:.1f} ms" if peer.rtt_ms is not None else ""
         path = {"relay": ", through a TURN relay", "direct": ", direct"}.get(peer.path if peer.is_open else None, "")
@@ -6289,7 +6429,8 @@ async def _untrust(ctx: Context, args: str) -> None:
 @command("whoami", help="your name and key fingerprint", usage="/whoami")
 async def _whoami(ctx: Context, args: str) -> None:
     client = ctx.client
-    ctx.echo(f"{client.me} in #{ctx._app.room.name if ctx._app.room else '-'} on {client.signaling.broker}")
+    here = ctx.session.room
+    ctx.echo(f"{client.me} in #{here.name if here else '-'} on {client.signaling.broker}")
     ctx.echo(f"  key fingerprint {show_fingerprint(client.identity.fingerprint)}")
     ctx.echo(f"  state file      {client.store.path}")
 
@@ -6298,7 +6439,7 @@ async def _whoami(ctx: Context, args: str) -> None:
 async def _history(ctx: Context, args: str) -> None:
     count = int(args) if args.strip().isdigit() else 20
     for msg in ctx.room.history(count):
-        ctx._app.show(msg, from_history=True)
+        ctx.session.show(msg, from_history=True)
 
 
 @command("lastlog", help="search this room's history", usage="/lastlog TEXT", example="/lastlog deploy")
@@ -6309,7 +6450,7 @@ async def _lastlog(ctx: Context, args: str) -> None:
     wanted = args.strip().casefold()
     found = [msg for msg in ctx.room.history(HISTORY_PER_ROOM) if wanted in msg.text.casefold()]
     for msg in found[-50:]:
-        ctx._app.show(msg, from_history=True)
+        ctx.session.show(msg, from_history=True)
     ctx.echo(f"-!- {len(found)} message(s) with {args.strip()!r} in #{ctx.room.name}" +
              (" (the last 50 shown)" if len(found) > 50 else ""))
 
@@ -6337,10 +6478,10 @@ async def _unignore(ctx: Context, args: str) -> None:
 
 @command("rooms", "list", help="the rooms you are in, and those you have been in", usage="/rooms")
 async def _rooms(ctx: Context, args: str) -> None:
-    app = ctx._app
-    for number, room in enumerate(app.rooms, 1):
-        unread = app.unread.get(room.name)
-        state = "here" if room is app.room else f"{unread.count} unread" if unread else "joined"
+    session = ctx.session
+    for number, room in enumerate(session.rooms, 1):
+        unread = session.unread_count(room)
+        state = "here" if room is session.room else f"{unread} unread" if unread else "joined"
         ctx.echo(f"{number}: #{clean(room.name, 200)} ({state}, {len(room.verified_peers())} verified)")
     rooms = ctx.client.store.data["rooms"]
     earlier = [name for name in sorted(rooms, key=lambda r: -rooms[r].get("last_joined", 0))
@@ -6351,12 +6492,12 @@ async def _rooms(ctx: Context, args: str) -> None:
 
 @command("clear", help="clear the screen", usage="/clear")
 async def _clear(ctx: Context, args: str) -> None:
-    ctx._app.printer.clear()
+    ctx.session.clear()
 
 
 @command("quit", "exit", "q", help="leave and exit (also Ctrl-D)", usage="/quit")
 async def _quit(ctx: Context, args: str) -> None:
-    ctx._app.done.set()
+    ctx.session.quit()
 
 
 # =============================================================================
@@ -6389,6 +6530,28 @@ def load_plugins(registry: Registry, folders: list[Path]) -> tuple[list[str], li
                 log.debug("plugin %s failed", path, exc_info=True)
                 skipped.append(f"plugin {path} skipped: {type(exc).__name__}: {exc}")
     return loaded, skipped
+
+
+class Plugins(Session):
+    """Plugins for a bot built on the library, as the chat has them: the files of the folders (by default
+    plugin_folders()) and the bot's own tagged functions (add). Their @question handlers answer at once, their @on
+    hooks hear the rooms given to attach(). This is the bot's Session: ctx.say() sends (unless may_send is False),
+    ctx.echo() logs; a plugin that fails to load is logged (see .skipped) and left out."""
+
+    def __init__(self, client: Client, folders: list[str | os.PathLike] | None = None, *,
+                 may_send: bool = True) -> None:
+        super().__init__(client)
+        self.may_send = may_send
+        found = plugin_folders() if folders is None else [Path(folder).expanduser() for folder in folders]
+        self.loaded, self.skipped = load_plugins(self.registry, found)
+        for line in self.skipped:
+            log.warning("%s", line)
+        self.answer_questions()
+
+    def add(self, *functions: Callable, origin: str = "bot") -> None:
+        """Put the bot's own @command, @question and @on functions to work, as the plugin called origin."""
+        self.registry.collect({f"f{number}": func for number, func in enumerate(functions)}, origin)
+        self.answer_questions()
 
 
 # =============================================================================
@@ -6733,36 +6896,24 @@ class Unread:
     for_you: int = 0
 
 
-class App:
-    """What every front end shares: the client, the rooms you are in (one of them current), commands, plugins
+class App(Session):
+    """The Session of every front end: the client, the rooms you are in (one of them current), commands, plugins
     and output. Room events become lines here: the library reports facts, this words them."""
 
     def __init__(self, client: Client, registry: Registry, printer: Printer, secret: str | None = None,
-                 history_lines: int = 10, plugins_send: bool = True, remember_rooms: bool = False) -> None:
-        self.client = client
-        self.registry = registry
+                 history_lines: int = 10, may_send: bool = True, remember_rooms: bool = False) -> None:
+        super().__init__(client, registry)
         self.printer = printer
         self.secret = secret
         self.history_lines = history_lines
-        self.plugins_send = plugins_send    # off in the script modes: they send only what they are given
+        self.may_send = may_send            # off in the script modes: they send only what they are given
         self.history_left = math.inf        # history events still to show (--listen --history N shows N in all)
         self._passed_on: list[Message] = []  # history events of this turn of the loop: one peer's batch
         self.remember_rooms = remember_rooms  # the interactive chat rejoins the rooms you were in on its next start
-        self.room: Room | None = None
         self.unread: dict[str, Unread] = {}
         self.transfers: dict[str, Transfer] = {}  # files on their way, in or out
         self.changed: Callable[[], None] = lambda: None  # the screen redraws what shows state (toolbar, progress)
-        self.done = asyncio.Event()
-        self._contexts: dict[str, Context] = {}
         self._listeners: dict[str, list[tuple[str, Callable]]] = {}
-        self.no_route: set[str] = set()   # peers with no network path: told once, until they join
-        for topic, (func, origin) in registry.questions.items():
-            client.questions[topic] = lambda q, func=func, origin=origin: func(self.context(origin), q)
-
-    def context(self, origin: str) -> Context:
-        if origin not in self._contexts:
-            self._contexts[origin] = Context(self, origin)
-        return self._contexts[origin]
 
     def echo(self, text: str) -> None:
         self.printer.status(clean(text, 4000, keep_newlines=True), 0)
@@ -6771,18 +6922,20 @@ class App:
         other = self.room is None or msg.room != self.room.name
         self.printer.message(msg, self.client.me, from_history, other_room=other, mention=mention)
 
-    @property
-    def rooms(self) -> list[Room]:
-        """The rooms joined, in the order they were joined (Alt-1 is the first)."""
-        return list(self.client.rooms.values())
+    def clear(self) -> None:
+        self.printer.clear()
+
+    def unread_count(self, room: Room) -> int:
+        unread = self.unread.get(room.name)
+        return unread.count if unread else 0
 
     async def switch_room(self, name: str) -> Room:
-        """Make ROOM the current room, joining it first if need be; the other rooms stay joined. A bad name is a
-        UsageError before anything changes."""
         name = check_room_name(name)
         if name not in self._listeners:
             room = await self.client.join(name, self.secret)  # the room itself, if the client is in it already
-            self._listeners[name] = [(event, room.on(event, self._relay(room, event))) for event in EVENTS]
+            self._listeners[name] = [(event, room.on(event, functools.partial(self._display, room, event)))
+                                     for event in EVENTS]
+            self.attach(room)
             self.room = room
             for msg in room.history(self.history_lines):
                 self.show(msg, from_history=True)
@@ -6794,11 +6947,7 @@ class App:
         return self.select_room(name)
 
     def select_room(self, name: str) -> Room:
-        """Make a joined room the current one (/switch, Alt-1..9, Ctrl-N/Ctrl-P)."""
-        room = self.client.rooms.get(name.lstrip("#"))
-        if room is None:
-            raise UsageError(f"you are not in #{clean(name.lstrip('#'), 200)} (/join it first)")
-        self.room = room
+        room = super().select_room(name)
         self.unread.pop(room.name, None)
         if self.remember_rooms:
             self.client.store.defer(lambda d: d.update(last_room=room.name))
@@ -6806,22 +6955,16 @@ class App:
         return room
 
     async def part_room(self, name: str | None = None) -> Room | None:
-        """Leave a room (the current one by default); returns the room you are in after it, if any."""
         room = self.room if name is None else self.client.rooms.get(name.lstrip("#"))
-        if room is None:
-            raise UsageError("you are in no room" if name is None else f"you are not in #{clean(name, 200)}")
-        for event, listener in self._listeners.pop(room.name, ()):
-            room.off(event, listener)
-        self.unread.pop(room.name, None)
-        await self.client.leave(room)
+        if room is not None:
+            for event, listener in self._listeners.pop(room.name, ()):
+                room.off(event, listener)
+            self.unread.pop(room.name, None)
+        now = await super().part_room(name)
         if self.remember_rooms:
             self.client.store.defer(lambda d: d["rooms"].setdefault(room.name, {}).update(open=False))
-        if self.room is room:
-            self.room = None
-            if self.rooms:
-                self.select_room(self.rooms[-1].name)
         self.changed()
-        return self.room
+        return now
 
     async def rejoin(self, current: str) -> None:
         """Join the rooms that were open when the interactive chat last ran (current last, so it is current)."""
@@ -6838,21 +6981,7 @@ class App:
     def is_ignored(self, name: str) -> bool:
         return bare_name(name).casefold() in self.client.store.data["ignored"]
 
-    def _relay(self, room: Room, event: str) -> Callable:
-        def relay(*args: Any) -> None:
-            self._display(room, event, *args)
-            for func, origin in self.registry.hooks.get(event, ()):
-                _spawn(self._run_hook(func, origin, event, args), f"hook-{origin}-{event}")
-        return relay
-
-    async def _run_hook(self, func: Callable, origin: str, event: str, args: tuple) -> None:
-        try:
-            await call_hook(func, self.context(origin), *args)
-        except Exception as exc:
-            self.failed(f"@on({event!r}) in {origin}", exc)
-
     def failed(self, what: str, exc: BaseException) -> None:
-        """A command or handler broke: one line for the user; the traceback only with --debug."""
         log.debug("%s failed", what, exc_info=exc)
         self.printer.status(f"-!- {what} failed: {type(exc).__name__}: {clean(exc, 300)} (see --debug)", 31)
 
@@ -7259,7 +7388,7 @@ async def run_listen(app: App, count: int | None, history: int) -> int:
         nonlocal received
         received += 1
         if count is not None and received >= count:
-            app.done.set()
+            app.quit()
     room.on("message", counted)
     room.on("dm", counted)
     app.printer.status(f"listening in #{room.name}" + (f" for {count} message(s)" if count else ""))
@@ -7440,14 +7569,14 @@ async def run(args: argparse.Namespace) -> int:
         printer.status(f"{len(loaded)} plugin(s) loaded" + (f", {len(skipped)} skipped" if skipped else ""))
     await client.start()
     app = App(client, registry, printer, secret=args.secret, history_lines=10 if interactive else 0,
-              plugins_send=interactive, remember_rooms=interactive)
+              may_send=interactive, remember_rooms=interactive)
     loop = asyncio.get_running_loop()
     import signal
     interrupted = []
 
     def interrupt() -> None:
         interrupted.append(True)
-        app.done.set()
+        app.quit()
     for signum in (signal.SIGTERM, signal.SIGHUP) + (() if interactive else (signal.SIGINT,)):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signum, interrupt)
@@ -7472,6 +7601,7 @@ async def run(args: argparse.Namespace) -> int:
             code = 130 if interrupted else task.result()
         return 130 if interrupted else code
     finally:
+        await app.close(timeout=0)  # the hooks still running are cancelled: the client is closing
         await client.close()
 
 
