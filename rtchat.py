@@ -68,8 +68,8 @@ except ImportError:
 
 __version__ = "0.2.0"
 __all__ = [
-    "Client", "Room", "Peer", "Message", "Question", "ReceivedFile", "Context", "Store", "Identity",
-    "command", "question", "on", "RtchatError", "UsageError", "EVENTS", "__version__",
+    "Client", "Room", "Peer", "Message", "Question", "ReceivedFile", "Context", "Session", "Plugins", "Store",
+    "Identity", "command", "question", "on", "RtchatError", "UsageError", "EVENTS", "__version__",
 ]
 
 log = logging.getLogger("rtchat")
@@ -6145,7 +6145,9 @@ class Session:
         return func(self.context(origin), asked)
 
     def attach(self, room: Room) -> Room:
-        """Let the registry's @on hooks hear this room's events (each event looks the hooks up when it comes)."""
+        """Let the registry's @on hooks hear this room's events (each event looks the hooks up when it comes).
+        The first room attached is the current one until another is selected."""
+        self.room = self.room if self.room is not None else room
         if room.name not in self._hooked:
             self._hooked[room.name] = (room, [(event, room.on(event, functools.partial(self._hear, room, event)))
                                               for event in EVENTS])

@@ -6,7 +6,8 @@ import rtchat
 
 def test_public_names():
     assert set(rtchat.__all__) == {
-        "Client", "Room", "Peer", "Message", "Question", "ReceivedFile", "Context", "Store", "Identity",
+        "Client", "Room", "Peer", "Message", "Question", "ReceivedFile", "Context", "Session", "Plugins", "Store",
+        "Identity",
         "command", "question", "on", "RtchatError", "UsageError", "EVENTS", "__version__"}
     for name in rtchat.__all__:
         assert hasattr(rtchat, name)
@@ -29,7 +30,17 @@ def test_signatures():
     assert list(inspect.signature(rtchat.Room.dm).parameters) == ["self", "name", "text"]
     assert list(inspect.signature(rtchat.Room.ask).parameters) == ["self", "name", "topic", "content", "timeout"]
     assert list(inspect.signature(rtchat.command).parameters) == ["name", "aliases", "help", "usage", "example"]
+    assert list(inspect.signature(rtchat.Plugins).parameters) == ["client", "folders", "may_send"]
+    assert list(inspect.signature(rtchat.Context).parameters) == ["session", "origin", "room"]
     assert set(rtchat.Message.__dataclass_fields__) >= {"id", "room", "sender", "text", "ts", "kind"}
+
+
+def test_the_session_commands_and_plugins_see():
+    """What a built-in command or a plugin may ask of the front end it runs in (ctx.session), and nothing more."""
+    public = {name for name in vars(rtchat.Session) if not name.startswith("_")}
+    assert public == {"may_send", "rooms", "unread_count", "switch_room", "select_room", "part_room", "show", "echo",
+                      "clear", "quit", "failed", "context", "answer_questions", "attach", "detach", "close"}
+    assert issubclass(rtchat.Plugins, rtchat.Session) and issubclass(rtchat.App, rtchat.Session)
 
 
 def test_decorators_only_tag():

@@ -184,3 +184,87 @@ def test_ignore_lastlog_and_dates(broker, tmp_path):
             s.app.show(old, from_history=True)
             assert time.strftime("%Y-%m-%d %H:%M <bob> last year", time.localtime(1_700_000_000)) in s.out.getvalue()
     run(scenario())
+
+
+def test_a_hook_acts_in_the_room_its_event_came_from(broker, tmp_path):
+    """contrib/dice.py asked in #cmds while alice looks at #ops: the roll goes to #cmds, where it was asked."""
+    async def scenario():
+        async with Scene(tmp_path, broker) as s:
+            await s.line("/join ops")
+            assert s.app.room.name == "ops"
+            s.bob_app.room.send("alice: roll 1d6")
+            await eventually(lambda: any(m.sender == "alice" and m.action for m in s.received), 10, "alice's roll")
+            roll = next(m for m in s.received if m.sender == "alice")
+            assert roll.room == "cmds" and roll.text.startswith("rolled 1d6")
+            assert f"#cmds {time.strftime('%H:%M')} * alice rolled 1d6" in s.out.getvalue()
+    run(scenario())
+
+
+SHOUTER = '''
+from rtchat import on, question
+
+@on("message")
+async def shout(ctx, msg):
+    if msg.text == "shout":
+        await ctx.say(f"SHOUT in #{ctx.room.name}")
+
+@question("where")
+def where(ctx, q):
+    return f"{ctx.me} in #{ctx.room.name}, asked by {q.sender.name}"
+'''
+
+
+def test_a_bot_puts_plugins_to_work_without_a_front_end(broker, tmp_path):
+    """rtchat.Plugins: plugin files and the bot's own handlers, (ctx, q) questions, hooks of attached rooms; leaving
+    `async with` lets a running hook finish, close(timeout=0) cancels it."""
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "shouter.py").write_text(SHOUTER)
+    (tmp_path / "plugins" / "broken.py").write_text("import rtchat\nundefined_name\n")
+    release, started, finished, cancelled = asyncio.Event(), [], [], []
+
+    @rtchat.question("status")
+    def status(ctx, q):
+        ctx.state["asked"] = ctx.state.get("asked", 0) + 1
+        return f"all green, {q.sender.name} (asked {ctx.state['asked']} times)"
+
+    @rtchat.on("message")
+    async def slow(ctx, msg):
+        if msg.text == "slow":
+            started.append(msg.text)
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                cancelled.append(msg.text)
+                raise
+            finished.append(msg.text)
+
+    async def scenario():
+        bot = await make_client("bot", tmp_path, broker.url).start()
+        alice = await make_client("alice", tmp_path, broker.url).start()
+        async with rtchat.Plugins(bot, [tmp_path / "plugins"]) as plugins:
+            assert plugins.loaded == ["shouter"] and "broken.py skipped: NameError" in plugins.skipped[0]
+            plugins.add(status, slow)
+            plugins.attach(await bot.join("bots"))
+            ra = await alice.join("bots")
+            await ra.wait_for_peer("bot", 20)
+            heard = []
+            ra.on("message", heard.append)
+            ra.send("shout")
+            await eventually(lambda: heard, 10, "the shout")
+            assert (heard[0].sender, heard[0].text) == ("bot", "SHOUT in #bots")
+            assert await ra.ask("bot", "where") == "bot in #bots, asked by alice"
+            assert await ra.ask("bot", "status") == "all green, alice (asked 1 times)"
+            assert await ra.ask("bot", "status") == "all green, alice (asked 2 times)"
+            ra.send("slow")
+            await eventually(lambda: started, 10, "the slow hook")
+            asyncio.get_running_loop().call_soon(release.set)  # once leaving `async with` waits for it
+        assert finished == ["slow"] and not cancelled
+        release.clear()
+        plugins.attach(bot.rooms["bots"])
+        ra.send("slow")
+        await eventually(lambda: len(started) == 2, 10, "the slow hook again")
+        await plugins.close(timeout=0)
+        assert cancelled == ["slow"] and finished == ["slow"]
+        await alice.close()
+        await bot.close()
+    run(scenario())

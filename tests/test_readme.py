@@ -50,6 +50,8 @@ def test_library_examples_run_as_written(broker, tmp_path):
             p.terminate()
     outs = [p.communicate(timeout=30)[0] for p in peers]
     assert all("deploy-bot: deploy finished" in out for out in outs), outs
+    welcomed = [f"greeter: welcome, {name}" in out for name, out in zip(("alice", "bob"), outs, strict=True)]
+    assert all(welcomed), outs  # the greeter's hook, run by rtchat.Plugins
 
 
 def test_pip_install_gives_an_importable_module(tmp_path):
