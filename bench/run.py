@@ -26,13 +26,11 @@ import platform
 import random
 import re
 import shutil
-import socket
 import statistics
 import string
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -41,7 +39,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RTCHAT = Path(os.environ.get("RTCHAT_BENCH_SRC") or ROOT / "rtchat.py")  # a snapshot, set in orchestrate()
 mono = time.monotonic
-
+sys.path.insert(0, str(ROOT / "tests"))
+import support  # noqa: E402  (the tests' broker, network namespace, loopback ICE and sniffer)
 
 # =============================================================================
 # Small helpers
@@ -86,12 +85,6 @@ def cpu_s(pid: int) -> float | None:
         return None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def out(obj: dict) -> None:
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
@@ -112,12 +105,6 @@ async def paced(channel, count: int, send, low: int, high: int) -> dict:
     return {"t0": t0, "t_sent": mono(), "count": count}
 
 
-def patch_loopback_ice() -> None:
-    """aioice never offers 127.0.0.1 by itself: offer exactly that (what rtchat's --ice-host does)."""
-    import aioice.ice
-    aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: ["127.0.0.1"] if use_ipv4 else []
-
-
 # =============================================================================
 # Workers: one peer per process, driven over stdin/stdout JSON lines.
 # Request {"id", "cmd", ...} -> reply {"id", "ok", ...}; unsolicited {"event", ...}.
@@ -136,8 +123,7 @@ class RtWorker:
 
     async def do_start(self, name: str, broker: str, state: str) -> dict:
         t = mono()
-        self.client = self.rt.Client(name, broker=broker, state=state, ice=[], ice_hosts=["127.0.0.1"],
-                                     files=state + ".files")
+        self.client = self.rt.Client(name, broker=broker, state=state, files=state + ".files", **support.LOOPBACK_ICE)
         self.client.questions["echo"] = lambda q: q.content
         await self.client.start()
         return {"t_start": t, "t_started": mono(), "me": self.client.me, "pid": os.getpid()}
@@ -260,7 +246,7 @@ class RawWorker:
     """The floor: plain aiortc + paho (loop_start thread), one data channel, JSON offer/answer over mosquitto."""
 
     def __init__(self) -> None:
-        patch_loopback_ice()
+        support.offer_only_loopback()
         import paho.mqtt.client as mqtt
         from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
         self.mqtt, self.RTCPeerConnection, self.RTCSessionDescription = mqtt, RTCPeerConnection, RTCSessionDescription
@@ -451,7 +437,7 @@ async def worker_main(kind: str) -> None:
 
 
 # =============================================================================
-# Orchestrator side: worker processes, the broker, a sniffer on the broker.
+# Orchestrator side: worker processes (the broker and the sniffer are the tests' own, tests/support.py).
 # =============================================================================
 
 class Worker:
@@ -548,92 +534,13 @@ async def stop_all(workers: list[Worker]) -> None:
             Worker.all.remove(w)
 
 
-class Broker:
-    """Our own mosquitto on a free 127.0.0.1 port."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.conf = workdir / "mosquitto.conf"
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                             f"log_dest stdout\nlog_type error\nlog_type warning\n")
-        self.url = f"mqtt://127.0.0.1:{self.port}"
-        self.log = open(workdir / "mosquitto.log", "wb")
-
-    def start(self) -> None:
-        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        self.proc = subprocess.Popen([exe, "-c", str(self.conf)], stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = mono() + 10
-        while mono() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise RuntimeError("mosquitto did not start; see mosquitto.log")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-
-class Sniffer:
-    """A separate paho client that records every payload published on mrtchat/# and rawbench/#."""
-
-    def __init__(self, port: int) -> None:
-        import paho.mqtt.client as mqtt
-        self.records: list[tuple[float, str, bytes]] = []
-        self.lock = threading.Lock()
-        ready = threading.Event()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"sniffer-{rand_tag()}")
-        self.client.on_connect = lambda c, *a: c.subscribe([("mrtchat/#", 0), ("rawbench/#", 0)])
-        self.client.on_subscribe = lambda *a: ready.set()
-        self.client.on_message = lambda c, u, m: self._add(m.topic, m.payload)
-        self.client.connect("127.0.0.1", port, 30)
-        self.client.loop_start()
-        if not ready.wait(10):
-            raise RuntimeError("sniffer could not subscribe")
-
-    def _add(self, topic: str, payload: bytes) -> None:
-        with self.lock:
-            self.records.append((mono(), topic, payload))
-
-    def window(self, topic_prefix: str, t0: float, t1: float) -> list[tuple[float, str, bytes]]:
-        with self.lock:
-            return [r for r in self.records if r[1].startswith(topic_prefix) and t0 <= r[0] <= t1]
-
-    def stop(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-def enter_private_netns() -> str:
-    """Move this process (and so every child) into a new network namespace with only lo up."""
-    if os.environ.get("RTCHAT_BENCH_NETNS") == "1":
-        return "private netns (inherited)"
-    if sys.platform != "linux" or os.geteuid() != 0:
-        return "host network, loopback addresses only (not root: no private netns)"
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(0x40000000) != 0:  # CLONE_NEWNET
-        return f"host network, loopback only (unshare failed: errno {ctypes.get_errno()})"
-    if subprocess.run(["ip", "link", "set", "lo", "up"], capture_output=True).returncode != 0:
-        raise SystemExit("bench: in a new network namespace but cannot bring lo up (is `ip` installed?)")
-    os.environ["RTCHAT_BENCH_NETNS"] = "1"
-    return "private netns, lo only"
-
-
 # =============================================================================
 # The figures
 # =============================================================================
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, workdir: Path, broker: Broker, sniffer: Sniffer) -> None:
+    def __init__(self, args: argparse.Namespace, workdir: Path, broker: support.Broker,
+                 sniffer: support.Sniffer) -> None:
         self.args, self.workdir, self.broker, self.sniffer = args, workdir, broker, sniffer
         self.quick = args.quick
         self.results: dict = {}
@@ -650,7 +557,7 @@ class Bench:
 
     async def raw(self, name: str) -> Worker:
         w = await Worker("raw", name, self.workdir).spawn()
-        await w.call("start", name=name, host="127.0.0.1", port=self.broker.port)
+        await w.call("start", name=name, host="127.0.0.1", port=self.broker.tcp_port)
         return w
 
     def row(self, fig: str, metric: str, ours: dict | float | None, base: dict | float | None, unit: str,
@@ -868,7 +775,7 @@ class Bench:
     # -- figure 5: pipe mode and startup -------------------------------------------------------
     def cli(self, name: str, room: str, *extra: str) -> list[str]:
         return [str(RTCHAT), name, "--room", room, "--broker", self.broker.url, "--state", self.state(name),
-                "--ice", "none", "--ice-host", "127.0.0.1", *extra]
+                *support.LOOPBACK_ICE_ARGS, *extra]
 
     async def fig_pipe(self) -> None:
         reps = 2 if self.quick else 8
@@ -1079,8 +986,7 @@ class Bench:
     )
 
     async def fig_networks(self) -> None:
-        sys.path.insert(0, str(ROOT / "tests"))
-        import netlab
+        import netlab  # beside support.py, in tests/
         reason = netlab.unavailable()
         if reason:
             self.notes.append(f"figure 8 skipped: {reason}")
@@ -1366,9 +1272,8 @@ async def orchestrate(args: argparse.Namespace, network: str) -> int:
     RTCHAT = workdir / "src" / "rtchat.py"
     shutil.copy2(source, RTCHAT)
     os.environ["RTCHAT_BENCH_SRC"] = str(RTCHAT)
-    broker = Broker(workdir)
-    broker.start()
-    sniffer = Sniffer(broker.port)
+    broker = support.Broker(workdir).start()
+    sniffer = support.Sniffer(broker.tcp_port, ("mrtchat/#", "rawbench/#"))
     bench = Bench(args, workdir, broker, sniffer)
     started = time.time()
     failures = []
@@ -1443,7 +1348,7 @@ def main() -> int:
         asyncio.run(worker_main(args.worker))
         return 0
     random.seed(args.seed)
-    network = enter_private_netns()
+    network = support.enter_private_network()
     print(f"bench: network: {network}", file=sys.stderr)
     return asyncio.run(orchestrate(args, network))
 

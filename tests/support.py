@@ -1,0 +1,242 @@
+"""What the tests and the benchmark share: a private network namespace, a real mosquitto, loopback-only ICE, an MQTT
+sniffer, and rtchat.py subprocesses whose output can be waited on.
+
+Nothing here imports rtchat or pytest at import time: bench/run.py measures a snapshot of rtchat.py of its own, and
+its worker processes import this module too.
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CLONE_NEWNET = 0x40000000
+
+
+def enter_private_network() -> str:
+    """Move this process (and so every child) into a fresh network namespace with only lo up; say where it is.
+
+    As root on Linux only; RTCHAT_TEST_NETNS=0 keeps the shared namespace. Children inherit the namespace and
+    RTCHAT_IN_PRIVATE_NETNS=1, so a test or bench run inside one does not unshare again."""
+    if os.environ.get("RTCHAT_TEST_NETNS") == "0":
+        return "shared network namespace (RTCHAT_TEST_NETNS=0); all traffic still aimed at 127.0.0.1"
+    if os.environ.get("RTCHAT_IN_PRIVATE_NETNS") == "1":
+        return "private network namespace (inherited), lo only"
+    if not sys.platform.startswith("linux") or os.geteuid() != 0 or not shutil.which("ip"):
+        return "shared network namespace (needs root on Linux); all traffic still aimed at 127.0.0.1"
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNET) != 0:
+        return f"shared network namespace (unshare failed: {os.strerror(ctypes.get_errno())})"
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    os.environ["RTCHAT_IN_PRIVATE_NETNS"] = "1"
+    return "private network namespace, lo only"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mosquitto_binary() -> str | None:
+    found = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    return found if Path(found).exists() else None
+
+
+class Broker:
+    """A real mosquitto on free loopback ports: MQTT over TCP and over websockets. stop()/start() for fault tests."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.tcp_port, self.ws_port = free_port(), free_port()
+        self.conf = workdir / "mosquitto.conf"
+        ws_extra = "" if os.environ.get("RTCHAT_IN_PRIVATE_NETNS") == "1" else "socket_domain ipv4\n"
+        self.conf.write_text(
+            f"listener {self.tcp_port} 127.0.0.1\n"
+            f"listener {self.ws_port} 127.0.0.1\nprotocol websockets\n{ws_extra}"
+            "allow_anonymous true\npersistence false\nlog_dest stdout\n")
+        self.log = workdir / "mosquitto.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.tcp_port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.ws_port}/mqtt"
+
+    def start(self) -> Broker:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen([mosquitto_binary() or "mosquitto", "-c", str(self.conf)], stdout=log,
+                                         stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.tcp_port), timeout=0.2):
+                    return self
+            except OSError:
+                if self.proc.poll() is not None:
+                    break
+                time.sleep(0.05)
+        raise RuntimeError(f"mosquitto did not start: {self.log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# Loopback-only ICE: no STUN/TURN server, and 127.0.0.1 as the only host address (aioice never offers it alone).
+LOOPBACK_ICE = {"ice": [], "ice_hosts": ["127.0.0.1"]}             # rtchat.Client(..., **LOOPBACK_ICE)
+LOOPBACK_ICE_ARGS = ("--ice", "none", "--ice-host", "127.0.0.1")    # the same on rtchat.py's command line
+LOOPBACK_ICE_ENV = {"RTCHAT_ICE": "none", "RTCHAT_ICE_HOST": "127.0.0.1"}  # and in its environment
+
+
+def offer_only_loopback() -> None:
+    """For plain aiortc peers (not rtchat's, which have ice_hosts): offer exactly 127.0.0.1."""
+    import aioice.ice
+    aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: ["127.0.0.1"] if use_ipv4 else []
+
+
+def make_client(name: str, tmp_path: Path, broker_url: str, **options):
+    """A real rtchat Client on loopback with its own state file."""
+    import rtchat
+    return rtchat.Client(name, broker=broker_url, state=tmp_path / f"{name}.json", **{**LOOPBACK_ICE, **options})
+
+
+class Sniffer:
+    """A paho client of its own on the broker that records every payload published on the topics, with the
+    time.monotonic() it arrived (comparable across processes on Linux)."""
+
+    def __init__(self, port: int, topics: tuple[str, ...] = ("mrtchat/#",)) -> None:
+        import paho.mqtt.client as mqtt
+        self.records: list[tuple[float, str, bytes]] = []
+        self.lock = threading.Lock()
+        subscribed = threading.Event()
+        tag = "".join(random.choices(string.ascii_lowercase + string.digits, k=6))
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"sniffer-{tag}")
+        self.client.on_connect = lambda c, *a: c.subscribe([(topic, 0) for topic in topics])
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.on_message = lambda c, u, m: self._add(m.topic, m.payload)
+        self.client.connect("127.0.0.1", port, 30)
+        self.client.loop_start()
+        if not subscribed.wait(10):
+            raise RuntimeError("the sniffer could not subscribe")
+
+    def _add(self, topic: str, payload: bytes) -> None:
+        with self.lock:
+            self.records.append((time.monotonic(), topic, payload))
+
+    def window(self, topic_prefix: str, t0: float, t1: float) -> list[tuple[float, str, bytes]]:
+        """What came on topics starting with topic_prefix between t0 and t1."""
+        with self.lock:
+            return [r for r in self.records if r[1].startswith(topic_prefix) and t0 <= r[0] <= t1]
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+# -- rtchat.py subprocesses -----------------------------------------------------------------------------------
+
+def cli_env(broker_url: str, **extra: str) -> dict:
+    """The environment of an rtchat.py subprocess: this broker, loopback ICE, no colour, none of the caller's
+    RTCHAT_ settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RTCHAT_") or k == "RTCHAT_IN_PRIVATE_NETNS"}
+    env.update(RTCHAT_BROKER=broker_url, NO_COLOR="1", PYTHONUNBUFFERED="1", **LOOPBACK_ICE_ENV, **extra)
+    return env
+
+
+def rtchat_cmd(*args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "rtchat.py"), *args]
+
+
+class Proc:
+    """An rtchat.py subprocess whose stdout and stderr lines are collected as they come, to be waited on."""
+
+    def __init__(self, args, env, stdin=subprocess.DEVNULL):
+        self.args = args
+        self.proc = subprocess.Popen(rtchat_cmd(*args), env=env, stdin=stdin, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self._changed = threading.Condition()
+        self._readers = [threading.Thread(target=self._collect, args=(stream, lines), daemon=True)
+                         for stream, lines in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
+        for reader in self._readers:
+            reader.start()
+
+    def _collect(self, stream, lines):
+        for line in stream:
+            with self._changed:
+                lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+
+    def events(self) -> list[dict]:
+        """stdout as --json objects."""
+        return [json.loads(line) for line in list(self.out)]
+
+    def messages(self, **match) -> list[dict]:
+        return [e for e in self.events() if e["type"] in ("message", "dm")
+                and all(e.get(k) == v for k, v in match.items())]
+
+    def wait_for(self, predicate, timeout=30.0, what="output"):
+        """Until predicate(self) holds, checked whenever a line comes; AssertionError with the output after
+        timeout seconds."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not predicate(self):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"{self.args[0]}: timed out waiting for {what}; stdout {self.out[-20:]}, "
+                                         f"stderr {self.err[-20:]}")
+                self._changed.wait(remaining)
+
+    def said(self, text: str, timeout=30.0) -> None:
+        """Until a line of stderr contains text (e.g. "listening" once a listener is in its room)."""
+        self.wait_for(lambda p: any(text in line for line in p.err), timeout, repr(text))
+
+    def stop(self, sig=signal.SIGTERM, timeout=30) -> int:
+        """Send sig (unless it has exited), wait for the exit code; kill it if it does not exit in time."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.proc.kill()
+
+    def finish(self, timeout=30) -> int:
+        """Wait for it to exit by itself and for all its output; its exit code."""
+        code = self.proc.wait(timeout)
+        for reader in self._readers:
+            reader.join(timeout)
+        return code
+
+
+# -- waiting ---------------------------------------------------------------------------------------------------
+
+def run(coro, timeout: float = 60):
+    """Run a coroutine to completion on a fresh event loop, bounded in time."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def eventually(predicate, timeout: float = 10.0, what: str = "condition"):
+    """Until predicate() holds, checked every 20 ms, at most timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
