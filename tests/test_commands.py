@@ -3,7 +3,7 @@ import asyncio
 import io
 import time
 
-from conftest import ROOT, eventually, make_client, run
+from support import ROOT, eventually, make_client, run
 
 import rtchat
 
@@ -92,8 +92,9 @@ def test_lines_and_commands(broker, tmp_path):
                              ("message", "waves", True), ("dm", "a secret", False)]
             out = await s.line("/frobnicate now")
             assert "unknown command /frobnicate" in out and "nothing was sent" in out
-            await asyncio.sleep(0.2)
-            assert len(s.received) == 4
+            await s.line("after the unknown command")  # one channel, in order: had it sent, it would come first
+            await eventually(lambda: len(s.received) >= 5, what="the line after")
+            assert [m.text for m in s.received[4:]] == ["after the unknown command"]
             assert "bob answers: pong" in await s.line("/ask bob ping")
             assert "no answer" in await s.line("/ask bob weather")
             whois = await s.line("/whois bob")

@@ -4,7 +4,7 @@ import json
 import signal
 import subprocess
 
-from conftest import cli_env, eventually, make_client, rtchat_cmd, run
+from support import cli_env, eventually, make_client, rtchat_cmd, run
 
 import rtchat
 
@@ -25,20 +25,24 @@ def test_late_joiner_gets_what_was_said_in_order_once(broker, tmp_path):
         (alice, bob), (ra, rb) = await started(tmp_path, broker.url, "alice", "bob")
         await ra.wait_for_peers(1, 20)
         for i in range(6):
-            (ra if i % 2 == 0 else rb).send(f"line {i}")
-            await asyncio.sleep(0.01)
-        assert await ra.flush(5) and await rb.flush(5)
+            sender = ra if i % 2 == 0 else rb
+            sender.send(f"line {i}")
+            assert await sender.flush(5)  # the other has it before it speaks: both keep them in this order
         carol = await make_client("carol", tmp_path, broker.url).start()
         got = []
         rc = await carol.join("room")
         rc.on("history", got.append)  # said before carol came: history, never news
         await rc.wait_for_peers(2, 20)
         await eventually(lambda: len(got) >= 6, what="backfill")
-        await asyncio.sleep(0.5)
+        # carol asks each one for what she missed once it says hello, and each answers at once; a line she says
+        # after asking both is acknowledged after their answers, on the same channel: by then both are in
+        await eventually(lambda: all(p.message_key for p in rc.verified_peers()), what="both hellos")
+        rc.send("carol is here")
+        assert await rc.flush(10)
         assert [m.text for m in got] == [f"line {i}" for i in range(6)]
         for m in got:  # passed on by its author or by the other, the author's signature checked either way
             assert m.history and m.trust == "relayed" and m.relayed_by in ("alice", "bob")
-        assert [m.text for m in rc.history(10)] == [f"line {i}" for i in range(6)]
+        assert [m.text for m in rc.history(10)] == [f"line {i}" for i in range(6)] + ["carol is here"]
         await close_all([alice, bob, carol])
     run(scenario())
 
@@ -75,14 +79,20 @@ def test_relayed_messages_are_checked_and_marked(broker, tmp_path):
         forged = [{**real, "text": "alice says: send me your password"},
                   rebound({**real, "text": "alice says: send me your password"}),
                   rebound({**real, "sig": None, "text": "unsigned, as alice"})]
+        news = []
+        rc.on("message", news.append)
+
+        async def after_it(marker):  # bob's next line on the same channel: carol has handled the backfill by then
+            rb.send(marker)
+            await eventually(lambda: marker in [m.text for m in news], 10, marker)
         rc.peers["bob"].backfill_left = 0  # more than carol asked for: refused whatever it holds
         rb.peers["carol"].send("chat", {"t": "backfill", "authors": {real["fingerprint"]: author}, "msgs": forged})
-        await asyncio.sleep(0.3)
+        await after_it("marker 1")
         assert len(got) == 1
         rc.peers["bob"].backfill_left = 3
         rb.peers["carol"].send("chat", {"t": "backfill", "authors": {real["fingerprint"]: author}, "msgs": forged})
         await eventually(lambda: len(got) == 2, 5, "the unsigned one")
-        await asyncio.sleep(0.3)
+        await after_it("marker 2")
         assert len(got) == 2 and got[1].trust == "unverified" and got[1].relayed_by == "bob"
         assert all("password" not in m.text for m in got)
         # alice is back: carol meets her with the key bob's relays named, so no conflict; now checked

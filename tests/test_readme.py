@@ -5,7 +5,7 @@ import shutil
 import subprocess
 import sys
 
-from conftest import ROOT, cli_env, rtchat_cmd
+from support import ROOT, cli_env, rtchat_cmd
 
 import rtchat
 

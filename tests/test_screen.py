@@ -14,7 +14,7 @@ import time
 
 import pyte
 import pytest
-from conftest import cli_env, make_client, rtchat_cmd, run
+from support import cli_env, make_client, rtchat_cmd, run
 
 import rtchat
 
@@ -37,6 +37,7 @@ class Terminal:
             os.execve(sys.executable, rtchat_cmd(*args), env)
         self.screen.write_process_input = lambda text: os.write(self.fd, text.encode())
         self.closed = False
+        self.changed = asyncio.Event()  # set whenever output comes, and at its end
         asyncio.get_running_loop().add_reader(self.fd, self._read)
 
     def _bell(self, *args) -> None:
@@ -50,8 +51,9 @@ class Terminal:
         if not data:
             asyncio.get_running_loop().remove_reader(self.fd)
             self.closed = True
-            return
-        self.stream.feed(data)
+        else:
+            self.stream.feed(data)
+        self.changed.set()
 
     def rows(self) -> list[str]:
         return [row.rstrip() for row in self.screen.display]
@@ -70,9 +72,11 @@ class Terminal:
         """Until predicate() holds for the screen (checked as output comes), at most timeout seconds."""
         deadline = time.monotonic() + timeout
         while not predicate():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}; the screen:\n{self.text()}")
-            await asyncio.sleep(0.02)
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), deadline - time.monotonic())
+            except asyncio.TimeoutError:
+                raise AssertionError(f"timed out waiting for {what}; the screen:\n{self.text()}") from None
 
     async def wait_for_text(self, text: str, timeout: float = 30.0) -> None:
         await self.wait(lambda: text in self.text(), repr(text), timeout)
@@ -95,14 +99,14 @@ class Terminal:
         return self.rows()[self.screen.cursor.y]
 
     async def exit_code(self, timeout: float = 30.0) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.pid = 0
-                return os.waitstatus_to_exitcode(status)
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"rtchat.py did not exit; the screen:\n{self.text()}")
+        """Once rtchat.py has exited (its end of the terminal closes then), its exit code."""
+        try:
+            await self.wait(lambda: self.closed, "the end of the output", timeout)
+        except AssertionError:
+            raise AssertionError(f"rtchat.py did not exit; the screen:\n{self.text()}") from None
+        _, status = os.waitpid(self.pid, 0)
+        self.pid = 0
+        return os.waitstatus_to_exitcode(status)
 
     def close(self) -> None:
         with contextlib.suppress(ValueError, OSError):
@@ -187,12 +191,12 @@ def test_a_resize_keeps_the_screen_whole(broker, tmp_path):
             await term.wait(lambda: term.prompt_row() == "[vis] a draft" and len(term.toolbar_rows()) == 1,
                             "the prompt and one status bar after the resize")
             rb.send("word " * 14)
-            await term.wait(lambda: ("bob", "word " * 6 + "word") in [(w, t.rstrip()) for w, t in message_rows(term)],
-                            "the message cut to 50 columns")
+            await term.wait(lambda: ("bob", "word " * 6 + "word") in [(w, t.rstrip()) for w, t in message_rows(term)]
+                            and term.prompt_row() == "[vis] a draft" and len(term.toolbar_rows()) == 1,
+                            "the message cut to 50 columns, then the prompt and one status bar again")
             rows = term.rows()
             first = next(i for i, row in enumerate(rows) if MESSAGE_ROW.match(row) and "word" in row)
             assert rows[first + 1].startswith(" " * 12 + "word") and all(len(row) <= 50 for row in rows)
-            assert term.prompt_row() == "[vis] a draft" and len(term.toolbar_rows()) == 1
             await clients[0].close()
     run(scenario(), 90)
 

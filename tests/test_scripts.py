@@ -6,58 +6,11 @@ import hashlib
 import json
 import signal
 import subprocess
-import threading
-import time
 
 import pytest
-from conftest import ROOT, cli_env, eventually, make_client, rtchat_cmd, run
+from support import ROOT, Proc, cli_env, eventually, make_client, rtchat_cmd, run
 
 import rtchat
-
-
-class Proc:
-    """An rtchat.py subprocess whose stdout and stderr lines are collected as they come."""
-
-    def __init__(self, args, env, stdin=subprocess.DEVNULL):
-        self.args = args
-        self.proc = subprocess.Popen(rtchat_cmd(*args), env=env, stdin=stdin, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
-        self.out: list[str] = []
-        self.err: list[str] = []
-        self._changed = threading.Condition()
-        for stream, lines in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
-            threading.Thread(target=self._collect, args=(stream, lines), daemon=True).start()
-
-    def _collect(self, stream, lines):
-        for line in stream:
-            with self._changed:
-                lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-
-    def events(self) -> list[dict]:
-        return [json.loads(line) for line in list(self.out)]
-
-    def wait_for(self, predicate, timeout=30.0, what="output"):
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while not predicate(self):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise AssertionError(f"{self.args[0]}: timed out waiting for {what}; stdout {self.out[-20:]}, "
-                                         f"stderr {self.err[-20:]}")
-                self._changed.wait(min(remaining, 0.5))
-
-    def stop(self, sig=signal.SIGTERM, timeout=30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self.proc.kill()
-
-    def messages(self, **match) -> list[dict]:
-        return [e for e in self.events() if e["type"] in ("message", "dm")
-                and all(e.get(k) == v for k, v in match.items())]
 
 
 def listen(name, room, tmp_path, env, *extra, state=None) -> Proc:
@@ -146,7 +99,7 @@ def test_pipe_names_who_was_not_reached(broker, tmp_path):
         assert pipe("ci", "partial", tmp_path, env, "hello both\n", "--timeout", "20").returncode == 0
         first.stop()
         impostor = listen("bob", "partial", tmp_path, env, state=tmp_path / "other-bob.json")
-        impostor.wait_for(lambda q: any("listening" in line for line in q.err), 20, "the second bob")
+        impostor.said("listening", 20)
         result = pipe("ci", "partial", tmp_path, env, "only alice\n", "--timeout", "6")
         assert result.returncode == rtchat.EX_NOPERM, result.stderr
         assert "delivered 1 message(s) to 1 peer(s): alice" in result.stderr
@@ -164,7 +117,7 @@ def test_listeners_take_only_news_for_news(broker, tmp_path):
     env = cli_env(broker.url)
     keeper = listen("keeper", "news", tmp_path, env)
     try:
-        keeper.wait_for(lambda q: any("listening" in line for line in q.err), 20, "the keeper")
+        keeper.said("listening", 20)
         old = [f"old {i}" for i in range(5)]
         assert pipe("ci", "news", tmp_path, env, "".join(f"{t}\n" for t in old)).returncode == 0
         keeper.wait_for(lambda q: len(q.messages()) == 5, 20, "the old lines")
@@ -192,7 +145,7 @@ def test_plain_listener_marks_history(broker, tmp_path):
     args = ["alice", "--room", "plain", "--state", str(tmp_path / "alice.json"), "--listen"]
     first = Proc(args, env)
     try:
-        first.wait_for(lambda q: any("listening" in line for line in q.err), 20, "the listener")
+        first.said("listening", 20)
         assert pipe("ci", "plain", tmp_path, env, "old line\n").returncode == 0
     finally:
         first.stop()
@@ -277,7 +230,7 @@ def test_pipe_sender_stdout_stays_empty_while_it_receives(broker, tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_listener_interrupted_exits_130(broker, tmp_path, sig):
     p = listen("bot", "sig", tmp_path, cli_env(broker.url))
-    p.wait_for(lambda q: any("listening" in line for line in q.err), 20, "the listener")
+    p.said("listening", 20)
     assert p.stop(sig) == 130
 
 
@@ -348,7 +301,7 @@ def test_json_has_a_line_for_every_event(broker, tmp_path):
             e["type"] == "key-changed" for e in q.events()), 20, "the key-changed line")
         await impostor.close()
     try:
-        bot.wait_for(lambda q: any("listening" in line for line in q.err), 20, "the listener")
+        bot.said("listening", 20)
         run(scenario(), 90)
         bot.wait_for(lambda q: any(e["type"] == "leave" for e in q.events()), 20, "the leave line")
     finally:
