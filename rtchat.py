@@ -5921,8 +5921,9 @@ class Client(Emitter):
 
 
 # =============================================================================
-# Commands: one registry for slash commands, question handlers and event hooks.
-# Built-ins use the same decorators as plugins. handle_line() serves every UI.
+# Commands: one registry for slash commands, question handlers and event hooks,
+# and the Session they act in (each front end implements it). Built-ins are
+# plugins too: ctx and ctx.session only. handle_line() serves every UI.
 # =============================================================================
 
 def _tag(kind: str, name: str, **options: Any) -> Callable:
@@ -6177,11 +6178,11 @@ class Session:
         for room, _ in list(self._hooked.values()):
             self.detach(room)
         running = set(self._hooks_running)
-        if running:
-            _, late = await asyncio.wait(running, timeout=timeout) if timeout > 0 else (set(), running)
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*running, return_exceptions=True)
+        if running and timeout > 0:
+            _, running = await asyncio.wait(running, timeout=timeout)
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
 
     async def __aenter__(self) -> Session:
         return self
@@ -6504,7 +6505,8 @@ async def _quit(ctx: Context, args: str) -> None:
 
 # =============================================================================
 # Plugins: contrib/*.py beside this file, plus folders in RTCHAT_PLUGINS.
-# A plugin that fails to load is reported in one line and skipped.
+# A plugin that fails to load is reported in one line and skipped. Plugins is
+# a bot's Session: plugins at work without a front end.
 # =============================================================================
 
 def plugin_folders() -> list[Path]:
@@ -6558,7 +6560,7 @@ class Plugins(Session):
 
 # =============================================================================
 # Front ends: the interactive prompt (prompt_toolkit), the pipe sender and the
-# listener. They share App (client, room, commands, output) and handle_line().
+# listener. App is their Session (client, rooms, commands, plugins, output).
 # =============================================================================
 
 _COLORS = (31, 32, 33, 34, 35, 36, 91, 92, 93, 94, 95, 96)
