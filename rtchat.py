@@ -6067,7 +6067,7 @@ class Session:
         self.client = client
         self.registry = registry if registry is not None else Registry()
         self.room: Room | None = None        # the current room: where typed lines and ctx.say() go
-        self.no_route: set[str] = set()      # peers found to have no network path, until they join (/peers)
+        self.no_route: dict[tuple[str, str], float] = {}  # (room, peer) -> when a try last found no network path
         self.done = asyncio.Event()          # quit() sets it
         self._hooked: dict[str, tuple[Room, list[tuple[str, Callable]]]] = {}
         self._hooks_running: set[asyncio.Task] = set()
@@ -6267,17 +6267,25 @@ async def _switch(ctx: Context, args: str) -> None:
 async def _peers(ctx: Context, args: str) -> None:
     room = ctx.room
     peers = sorted(room.peers.values(), key=lambda p: collation_key(p.name))
-    if not peers:
+    no_route = {name: when for (where, name), when in ctx.session.no_route.items()
+                if where == room.name and time.monotonic() - when < SEEN_EXPIRE_S}
+    if not peers and not no_route:
         ctx.echo(f"nobody else in #{room.name} yet")
     for peer in peers:
         kind = "rtchat.py" if peer.is_rtchat_py else "browser"
         trust = ("verified, channel-bound" if peer.channel_bound else "verified (legacy, not channel-bound)") \
             if peer.is_verified else peer.state
-        if peer.name in ctx.session.no_route and not peer.is_open:  # a room tries again now and then
-            trust = "no network path (trying again; see /netcheck)"
+        if peer.name in no_route and not peer.is_open:  # a room tries again now and then
+            trust = _no_route_words(no_route[peer.name])
         rtt = f", {peer.rtt_ms:.1f} ms" if peer.rtt_ms is not None else ""
         path = {"relay": ", through a TURN relay", "direct": ", direct"}.get(peer.path if peer.is_open else None, "")
         ctx.echo(f"{room.label(peer):<24} {trust}{rtt}{path}  [{kind}]")
+    for name in sorted(set(no_route) - set(room.peers), key=collation_key):  # between two tries
+        ctx.echo(f"{room.label(name):<24} {_no_route_words(no_route[name])}")
+
+
+def _no_route_words(when: float) -> str:
+    return f"no network path (last try {time.monotonic() - when:.0f} s ago; trying again; see /netcheck)"
 
 
 MAPPING_WORDS = {
@@ -6992,15 +7000,16 @@ class App(Session):
     def _display(self, room: Room, event: str, *args: Any) -> None:
         other = room is not self.room
         if event == "join":
-            self.no_route.discard(args[0].name)
+            self.no_route.pop((room.name, args[0].name), None)
         if event == "history":  # a message said before we came, passed on by a peer: shown as history, if wanted
             if not self._passed_on:
                 asyncio.get_running_loop().call_soon(self._show_passed_on)
             self._passed_on.append(args[0])
         elif event == "no-route":
             peer, facts = args
-            if peer.name not in self.no_route:  # a room tries again now and then: one line is enough
-                self.no_route.add(peer.name)
+            told = (room.name, peer.name) in self.no_route
+            self.no_route[room.name, peer.name] = time.monotonic()
+            if not told:  # a room tries again now and then: one line is enough
                 _spawn(self._tell_no_route(room, peer, facts), f"no-route-{peer.name}")
         elif self.printer.style == "json":
             self.printer.json_line(event_record(room, event, *args))
@@ -7287,7 +7296,9 @@ async def run_interactive(app: App, screen: ScreenOutput) -> int:
     lines: set[asyncio.Task] = set()
     app.echo("Type to chat; /help lists commands; Ctrl-D or /quit leaves.")
     try:
-        with patch_stdout(raw=True):  # anything else printed goes above the prompt too
+        # Raw mode from the first prompt to the last: between two prompts the terminal would be in cooked mode,
+        # where a Ctrl-D typed right after Enter is taken by the terminal as end-of-file and never reaches us.
+        with patch_stdout(raw=True), session.input.raw_mode():  # anything else printed goes above the prompt too
             while not app.done.is_set():
                 prompt = asyncio.ensure_future(session.prompt_async())
                 done = asyncio.ensure_future(app.done.wait())
