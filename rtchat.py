@@ -69,7 +69,9 @@ except ImportError:
 __version__ = "0.2.0"
 __all__ = [
     "Client", "Room", "Peer", "Message", "Question", "ReceivedFile", "Context", "Session", "Plugins", "Store",
-    "Identity", "command", "question", "on", "RtchatError", "UsageError", "EVENTS", "__version__",
+    "Identity", "command", "question", "on", "EVENTS", "__version__",
+    "RtchatError", "UsageError", "BrokerUnreachable", "NoPeers", "StateError", "KeyMismatch", "AskError",
+    "PeerServerUnreachable", "NameTaken", "PeerServerRefused", "PeerUnavailable",
 ]
 
 log = logging.getLogger("rtchat")

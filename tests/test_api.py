@@ -8,9 +8,19 @@ def test_public_names():
     assert set(rtchat.__all__) == {
         "Client", "Room", "Peer", "Message", "Question", "ReceivedFile", "Context", "Session", "Plugins", "Store",
         "Identity",
-        "command", "question", "on", "RtchatError", "UsageError", "EVENTS", "__version__"}
+        "command", "question", "on", "EVENTS", "__version__", *ERRORS}
     for name in rtchat.__all__:
         assert hasattr(rtchat, name)
+
+
+ERRORS = ("RtchatError", "UsageError", "BrokerUnreachable", "NoPeers", "StateError", "KeyMismatch", "AskError",
+          "PeerServerUnreachable", "NameTaken", "PeerServerRefused", "PeerUnavailable")
+
+
+def test_every_error_a_public_method_raises_is_exported_and_an_rtchat_error():
+    raised = {name for name, value in vars(rtchat).items()
+              if isinstance(value, type) and issubclass(value, rtchat.RtchatError)}
+    assert raised == set(ERRORS)
 
 
 def test_event_names():
