@@ -44,7 +44,7 @@ import threading
 import time
 import unicodedata
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
@@ -1805,6 +1805,15 @@ def ice_configuration(servers: list[IceServer]) -> RTCConfiguration:
                                         for s in servers])
 
 
+def sctp_idle(pc, channels) -> bool:
+    """What was sent on these channels has left our buffers and the remote SCTP stack acknowledged it (closing a
+    connection aborts it: what is still queued is lost). aiortc raises no event for that: callers poll."""
+    if any(c.bufferedAmount for c in channels if c.readyState == "open"):
+        return False
+    sctp = getattr(pc, "sctp", None)
+    return not any(getattr(sctp, attr, None) for attr in ("_data_channel_queue", "_outbound_queue", "_sent_queue"))
+
+
 def restrict_ice_hosts(addresses: list[str]) -> None:
     """Offer only these host addresses in ICE (process-wide: aioice has no per-connection setting).
 
@@ -2321,11 +2330,7 @@ class Peer(Emitter):
         """Everything sent has left our buffers and been acknowledged by the remote SCTP stack."""
         if not self.is_open or self.pc is None:
             return True
-        if self._backlog or any(c.bufferedAmount for c in self.channels.values() if c.readyState == "open"):
-            return False
-        sctp = getattr(self.pc, "sctp", None)
-        return not any(getattr(sctp, attr, None) for attr in
-                       ("_data_channel_queue", "_outbound_queue", "_sent_queue"))
+        return not self._backlog and sctp_idle(self.pc, self.channels.values())
 
     def close(self, reason: str = "closed") -> None:
         if self.state == "closed":
@@ -3173,6 +3178,9 @@ class PeerJSConnection(Emitter):
         else:
             self.dropped += 1
 
+    def is_idle(self) -> bool:
+        return self.state != "open" or sctp_idle(self.pc, [self.channel])
+
     def send(self, value: dict) -> bool:
         """One JSON text frame; False if the connection is not open or the frame is over what the peer takes."""
         text = to_json(value)  # ASCII: as many bytes as characters
@@ -3441,6 +3449,16 @@ class PeerJSMesh(Emitter):
         chat = PeerJSChat(self.name, text, now_ms())
         sent = [peerjs_name(p) for p in self.plan.peers() if self._send(p, chat.frame())]
         return chat, sent
+
+    async def flush(self, timeout: float) -> bool:
+        """Until what was sent has arrived: every open connection's SCTP acknowledged it (the page sends no
+        acknowledgements of its own); False after timeout."""
+        deadline = time.monotonic() + timeout
+        while not all(c.is_idle() for c in self.connections.values()):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
 
     async def close(self) -> None:
         """Leave: peers are told (LEAVE through the server, and each connection closes), the server let go."""
@@ -7460,16 +7478,120 @@ modes:
     (every event); --history N prints up to N earlier ones first, marked.
   With --send PATH --to NAME: sends one file and exits 0 once NAME has it on disk, SHA-256 checked.
   With --netcheck: asks the --ice servers what the network lets through, prints it (an object with --json), exits.
+  With --peerjs [URL]: pipes and --listen on a peerjs-multichat mesh instead of an RTChat room; --connect NAME
+    dials a user and the meshes merge; a pipe sends once the mesh is merged (or --wait-peers users dialled you).
   Options of another mode are a usage error.
 
 environment: RTCHAT_BROKER, RTCHAT_ROOM, RTCHAT_STATE, RTCHAT_ICE, RTCHAT_ICE_HOST, RTCHAT_SECRET,
-  RTCHAT_PASSPHRASE, RTCHAT_FILES, RTCHAT_PLUGINS (extra plugin folders), RTCHAT_DEBUG=1, NO_COLOR.
+  RTCHAT_PASSPHRASE, RTCHAT_FILES, RTCHAT_PEERJS (a PeerServer URL, as --peerjs URL), RTCHAT_PLUGINS (extra
+  plugin folders), RTCHAT_DEBUG=1, NO_COLOR.
 
 exit codes:
-  0 success; 1 other error; {EX_USAGE} bad usage; {EX_UNAVAILABLE} broker (--netcheck: every server) unreachable;
-  {EX_TEMPFAIL} no peer in time, or delivery not confirmed; {EX_NOPERM} key refused;
-  {EX_CONFIG} state file problem; 130 interrupted.
+  0 success; 1 other error; {EX_USAGE} bad usage; {EX_UNAVAILABLE} broker or PeerServer (--netcheck: every server)
+  unreachable; {EX_TEMPFAIL} no peer in time, or delivery not confirmed; {EX_NOPERM} key refused;
+  {EX_CONFIG} state file problem; {EX_NOUSER} PeerJS user not online; {EX_CANTCREAT} PeerJS name taken;
+  {EX_PROTOCOL} refused by the PeerServer; 130 interrupted.
 """
+
+
+PEERJS_ROOM = "peerjs"  # the "room" of what --json prints from the PeerJS network (a mesh has no name)
+
+
+def peerjs_message(chat: PeerJSChat) -> Message:
+    """A page's chat line as a Message: unverified (the page has no identities); at our clock if its own is junk."""
+    ts = chat.timestamp if chat.timestamp is not None else now_ms()
+    return Message(id=message_id(chat.sender, None, ts, chat.text, False, ""), room=PEERJS_ROOM,
+                   sender=chat.sender, text=chat.text, ts=ts)
+
+
+def peerjs_event(kind: str, name: str, reason: str = "") -> dict:
+    """A member joining or leaving the mesh, as --json prints it (event_record's fields)."""
+    text = "joined (unverified: peerjs-multichat has no identities)" if kind == "join" else f"left ({reason})"
+    record = {"type": kind, "room": PEERJS_ROOM, "from": clean(name, MAX_NAME_CHARS), "text": clean(text, 200),
+              "fingerprint": None, "ts": now_ms(), "network": "peerjs"}
+    return record | ({"reason": clean(reason, 200)} if kind == "leave" else {})
+
+
+async def run_peerjs(args: argparse.Namespace, name: str) -> int:
+    """Pipes and listeners on a peerjs-multichat mesh: dial each --connect user (the mesh merges through them) or
+    wait to be dialled, then send stdin's lines to everyone (pipe mode) or print what is said (--listen)."""
+    if args.mode == "interactive":
+        raise UsageError("--peerjs: the interactive chat is not on this network yet; pipe lines in, or --listen")
+    printer = Printer("json" if args.json else "plain" if args.listen else "quiet", use_color(sys.stdout, args.color))
+    if args.ice_host:
+        restrict_ice_hosts(args.ice_host)
+    ice = ice_configuration([IceServer.parse(url) for url in (DEFAULT_ICE if args.ice is None else args.ice)])
+    mesh = PeerJSMesh(name, server=args.peerjs or None, ice=ice)
+    stop = asyncio.Event()  # a listener's --count reached, or its stdout closed
+    received = 0
+
+    def on_chat(chat: PeerJSChat) -> None:
+        nonlocal received
+        if args.mode == "listen":
+            printer.message(peerjs_message(chat), name)
+            received += 1
+            if args.count is not None and received >= args.count or printer.broken:
+                stop.set()
+
+    def on_member(kind: str, who: str, reason: str = "") -> None:
+        if args.mode != "listen":
+            return
+        if printer.style == "json":
+            printer.json_line(peerjs_event(kind, who, reason))
+        else:
+            printer.event(kind, clean(who, MAX_NAME_CHARS), f"({clean(reason, 200)})" if reason else "")
+    mesh.on("chat", on_chat)
+    mesh.on("join", lambda who: on_member("join", who))
+    mesh.on("leave", lambda who, reason: on_member("leave", who, reason))
+    queue: asyncio.Queue = asyncio.Queue()
+    if args.mode == "pipe":
+        _stdin_lines(queue)
+    await mesh.start()
+    try:
+        for friend in args.connect:
+            await mesh.connect(friend, args.timeout)
+        if args.mode == "listen":
+            printer.status(f"listening on PeerJS as {name}" + (f" for {args.count} message(s)" if args.count else ""))
+            await stop.wait()
+            return 0
+        return await _peerjs_pipe(mesh, args, printer, queue)
+    finally:
+        await mesh.close()
+
+
+async def _peerjs_pipe(mesh: PeerJSMesh, args: argparse.Namespace, printer: Printer, queue: asyncio.Queue) -> int:
+    """Once the mesh reached is merged (or --wait-peers users dialled us), every stdin line to everyone in it; 0
+    once each connection's SCTP acknowledged them all. The page sends no acknowledgements of its own."""
+    deadline = time.monotonic() + args.timeout
+    unreachable: set[str] = set()
+    mesh.on("unreachable", unreachable.add)
+    if not args.connect:
+        printer.status(f"waiting for {args.wait_peers} user(s) to connect to {mesh.name} (up to {args.timeout:g} s)")
+        joined = asyncio.Event()
+        mesh.on("join", lambda who: joined.set() if len(mesh.peers()) >= args.wait_peers else None)
+        if len(mesh.peers()) < args.wait_peers:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(joined.wait(), args.timeout)
+        if len(mesh.peers()) < args.wait_peers:
+            raise NoPeers(f"nobody connected to {mesh.name} on PeerJS within {args.timeout:g} s")
+    settled = await mesh.wait_settled(max(0.0, deadline - time.monotonic()))
+    printer.status(f"sending to {', '.join(mesh.peers()) or 'nobody'}")
+    sent, recipients = 0, set()
+    while (line := await queue.get()) is not None:
+        if line.strip():
+            recipients.update(mesh.send_chat(line[:MAX_TEXT_CHARS])[1])
+            sent += 1
+    confirmed = await mesh.flush(max(1.0, deadline - time.monotonic()))
+    printer.status(f"delivered {sent} message(s) to {len(recipients)} peer(s)"
+                   + (f": {', '.join(sorted(recipients))}" if recipients and confirmed else ""))
+    if not confirmed:
+        raise NoPeers(f"{sent} message(s) sent, but not confirmed delivered within {args.timeout:g} s")
+    left_out = sorted(unreachable - recipients)
+    if left_out and sent:
+        raise NoPeers(f"not delivered to {', '.join(left_out)}: in the mesh, but not reachable")
+    if not settled and sent:
+        raise NoPeers(f"the mesh had not finished merging within {args.timeout:g} s: some of it may not have it")
+    return 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -7497,6 +7619,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(default); known = only pinned keys; any = everything")
     parser.add_argument("--files", default=env("RTCHAT_FILES", "off"), metavar="DIR|off",
                         help="take files rtchat.py peers send you, into DIR (default off: refused)")
+    parser.add_argument("--peerjs", nargs="?", const="", default=env("RTCHAT_PEERJS"), metavar="URL",
+                        help="chat on the peerjs-multichat network instead of in an RTChat room: log in on this "
+                             "PeerServer (ws[s]://HOST:PORT/PATH?key=KEY; without URL the page's own, "
+                             f"{PEERJS_CLOUD}); pipes and --listen so far")
+    parser.add_argument("--connect", action="append", default=[], metavar="NAME",
+                        help="with --peerjs: connect to this user (repeatable); the meshes merge as the page does")
     parser.add_argument("--netcheck", action="store_true",
                         help="show what the network lets through (public address, NAT mapping, UDP, which --ice "
                              "servers answer) and exit")
@@ -7532,6 +7660,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if value is not None and value is not False and option not in allowed:  # 0 is given too
             parser.error(f"--{option.replace('_', '-')} does not apply to {args.mode} mode "
                          f"(see the modes below --help's options)")
+    if args.connect and args.peerjs is None:
+        parser.error("--connect NAME is for the PeerJS network: add --peerjs [URL]")
+    if args.peerjs is not None:
+        for option, why in (("send", "peerjs-multichat has no file transfer"), ("history", "no history is passed on "
+                            "there"), ("secret", "peerjs-multichat has no sealed rooms"), ("netcheck", "run it alone")):
+            if getattr(args, option):
+                parser.error(f"--{option} does not apply to --peerjs: {why}")
+        if args.room and args.room != env("RTCHAT_ROOM"):
+            parser.error("--room does not apply to --peerjs: a mesh is whom you --connect to")
     if args.mode == "send" and not (args.send and args.to):
         parser.error("--send PATH and --to NAME go together")
     if args.send and not os.path.isfile(args.send):
@@ -7554,6 +7691,34 @@ async def run_netcheck(args: argparse.Namespace) -> int:
     return EX_UNAVAILABLE if report.answers and not any(a.answered for a in report.answers) else 0
 
 
+def _on_signals(callback: Callable[[], None], sigint: bool) -> list[bool]:
+    """SIGTERM and SIGHUP (and SIGINT, but not at the chat's prompt, where Ctrl-C is a key) call back; the list
+    returned gets True once one came (the exit code is then 130)."""
+    import signal
+    came: list[bool] = []
+
+    def interrupt() -> None:
+        came.append(True)
+        callback()
+    for signum in (signal.SIGTERM, signal.SIGHUP) + ((signal.SIGINT,) if sigint else ()):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            asyncio.get_running_loop().add_signal_handler(signum, interrupt)
+    return came
+
+
+async def _unless(work: Awaitable[Any], stop: asyncio.Event) -> Any:
+    """What work returns, or None if stop is set first (work is then cancelled)."""
+    task = asyncio.ensure_future(work)
+    waiter = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        if not task.done():
+            task.cancel()
+    return task.result() if task.done() and not task.cancelled() else None
+
+
 async def run(args: argparse.Namespace) -> int:
     if args.mode == "netcheck":
         return await run_netcheck(args)
@@ -7571,6 +7736,11 @@ async def run(args: argparse.Namespace) -> int:
         stored = Store(state_path).load().get("identity")
         if isinstance(stored, dict) and stored.get("encrypted"):
             passphrase = getpass.getpass("passphrase for your rtchat key: ")
+    if args.peerjs is not None:
+        interrupt = asyncio.Event()
+        interrupted = _on_signals(interrupt.set, sigint=True)
+        code = await _unless(run_peerjs(args, name), interrupt)
+        return 130 if interrupted or code is None else code
     client = Client(name, broker=args.broker, state=state_path, ice=args.ice, ice_hosts=args.ice_host,
                     trust=args.trust, passphrase=passphrase, files=None if args.files == "off" else args.files)
     style = "chat" if interactive else "json" if args.json else "plain" if args.listen else "quiet"
@@ -7587,16 +7757,7 @@ async def run(args: argparse.Namespace) -> int:
     await client.start()
     app = App(client, registry, printer, secret=args.secret, history_lines=10 if interactive else 0,
               may_send=interactive, remember_rooms=interactive)
-    loop = asyncio.get_running_loop()
-    import signal
-    interrupted = []
-
-    def interrupt() -> None:
-        interrupted.append(True)
-        app.quit()
-    for signum in (signal.SIGTERM, signal.SIGHUP) + (() if interactive else (signal.SIGINT,)):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signum, interrupt)
+    interrupted = _on_signals(app.quit, sigint=not interactive)
     try:
         room = args.room or client.store.data.get("last_room") or DEFAULT_ROOM
         if interactive:
@@ -7609,14 +7770,8 @@ async def run(args: argparse.Namespace) -> int:
         else:
             sender = run_pipe(app, args.wait_peers, args.timeout) if args.mode == "pipe" else \
                 run_send(app, args.to, args.send, args.timeout)
-            task = asyncio.ensure_future(sender)
-            stop = asyncio.ensure_future(app.done.wait())
-            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
-            if not task.done():
-                task.cancel()
-            stop.cancel()
-            code = 130 if interrupted else task.result()
-        return 130 if interrupted else code
+            code = await _unless(sender, app.done)
+        return 130 if interrupted or code is None else code
     finally:
         await app.close(timeout=0)  # the hooks still running are cancelled: the client is closing
         await client.close()

@@ -1,0 +1,136 @@
+"""Pipes and listeners on the PeerJS network (issue 14): `rtchat.py NAME --peerjs URL [--connect NAME]`, run as
+subprocesses against a real PeerServer (the `peerserver` fixture), several at once. The broker they are given is
+one nobody listens on: with --peerjs alone no MQTT connection is attempted.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pty
+import signal
+import subprocess
+import sys
+
+import pytest
+from support import Proc, cli_env, rtchat_cmd
+from test_cli import _read_until
+
+import rtchat
+
+NO_BROKER = "mqtt://127.0.0.1:9"   # nothing listens there: any attempt to use it would fail the run
+
+
+@pytest.fixture(autouse=True)
+def _loopback_ice():
+    rtchat.restrict_ice_hosts(["127.0.0.1"])
+
+
+def peerjs(server, name: str, *args: str, stdin=subprocess.DEVNULL) -> Proc:
+    return Proc([name, "--peerjs", server.url(), *args], cli_env(NO_BROKER), stdin=stdin)
+
+
+def pipe(server, name: str, text: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(rtchat_cmd(name, "--peerjs", server.url(), *args), input=text, env=cli_env(NO_BROKER),
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_pipe_reaches_the_whole_mesh_through_one_user(peerserver):
+    """ci dials bob only; carol is in bob's mesh: both get the line, ci exits 0 with nothing on stdout."""
+    bob = peerjs(peerserver, "bob", "--listen", "--count", "1")
+    bob.said("listening on PeerJS as bob")
+    carol = peerjs(peerserver, "carol", "--connect", "bob", "--listen", "--json", "--count", "1")
+    carol.said("listening on PeerJS as carol")
+    sent = pipe(peerserver, "ci", "deployed\n\n", "--connect", "bob")
+    assert sent.returncode == 0, sent.stderr
+    assert sent.stdout == ""
+    assert "delivered 1 message(s) to 2 peer(s): bob, carol" in sent.stderr
+    assert bob.finish() == 0 and carol.finish() == 0
+    assert bob.out == ["ci: deployed"]
+    assert any(line.startswith("--> carol") for line in bob.err)  # a plain listener's joins go to stderr
+    events = carol.events()
+    assert [(e["type"], e["from"]) for e in events if e["type"] == "join"][:1] == [("join", "bob")]
+    joined = next(e for e in events if e["type"] == "join")
+    assert joined["room"] == "peerjs" and joined["network"] == "peerjs" and "unverified" in joined["text"]
+    message = next(e for e in events if e["type"] == "message")
+    assert (message["from"], message["text"], message["trust"], message["room"]) == \
+        ("ci", "deployed", "unverified", "peerjs")
+
+
+def test_a_pipe_without_connect_waits_to_be_dialled(peerserver):
+    sender = peerjs(peerserver, "ci2", "--wait-peers", "1", "--timeout", "30", stdin=subprocess.PIPE)
+    sender.proc.stdin.write("ready\n")
+    sender.proc.stdin.close()
+    sender.said("waiting for 1 user(s) to connect to ci2")
+    listener = peerjs(peerserver, "dave", "--connect", "ci2", "--listen", "--count", "1")
+    assert listener.finish() == 0 and listener.out == ["ci2: ready"]
+    assert sender.finish() == 0, sender.err
+    assert any("delivered 1 message(s) to 1 peer(s): dave" in line for line in sender.err)
+
+
+def test_unknown_user_and_taken_name_are_one_line_each_with_their_codes(peerserver):
+    nobody = pipe(peerserver, "ci3", "x\n", "--connect", "nobody")
+    assert nobody.returncode == rtchat.EX_NOUSER
+    assert nobody.stderr.strip().splitlines() == ["rtchat: nobody is not online"]
+    erin = peerjs(peerserver, "erin", "--listen")
+    erin.said("listening on PeerJS as erin")
+    again = pipe(peerserver, "erin", "x\n", "--connect", "nobody")
+    assert again.returncode == rtchat.EX_CANTCREAT, again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1 and "erin" in again.stderr
+    assert erin.stop(signal.SIGINT) == 130
+
+
+def test_a_hostile_line_is_shown_cleaned_and_kept_exact_in_json(peerserver):
+    """A mesh member sends terminal controls: the plain listener shows them cleaned; --json carries the text
+    cleaned too (every string from a peer), and nothing reaches the terminal raw."""
+    plain = peerjs(peerserver, "frank", "--listen", "--count", "1")
+    plain.said("listening on PeerJS as frank")
+
+    async def speak() -> None:
+        mallory = rtchat.PeerJSMesh("mallory", server=peerserver.url(), ice=rtchat.ice_configuration([]))
+        await mallory.start()
+        try:
+            await mallory.connect("frank")
+            mallory.send_chat("\x1b]0;owned\x07\x1b[2Jhello\x1b[31m")
+            assert await mallory.flush(10)
+        finally:
+            await mallory.close()
+    asyncio.run(asyncio.wait_for(speak(), 60))
+    assert plain.finish() == 0
+    assert plain.out == ["mallory: hello"]
+    assert not any("\x1b" in line for line in plain.out + plain.err)
+
+
+def test_usage_errors_and_the_chat_not_yet_on_this_network(peerserver, tmp_path):
+    env = cli_env(NO_BROKER)
+    for args, words in ((["x", "--connect", "bob"], "add --peerjs"),
+                        (["x", "--peerjs", peerserver.url(), "--send", __file__, "--to", "bob"], "no file transfer"),
+                        (["x", "--peerjs", peerserver.url(), "--listen", "--history", "3"], "no history"),
+                        (["x", "--peerjs", peerserver.url(), "--room", "ops"], "--room does not apply"),
+                        (["bad/name", "--peerjs", peerserver.url(), "--listen"], "cannot be used on PeerJS")):
+        done = subprocess.run(rtchat_cmd(*args), env=env, capture_output=True, text=True, timeout=30,
+                              stdin=subprocess.DEVNULL)
+        assert done.returncode == 2 and words in done.stderr, (args, done.stderr)
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execve(sys.executable, rtchat_cmd("x", "--peerjs", peerserver.url(), "--state", str(tmp_path / "x.json")),
+                  env)
+    try:
+        _read_until(fd, b"not on this network yet")
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 2
+    finally:
+        os.close(fd)
+
+
+def test_listener_json_lines_are_objects_and_leaves_are_seen(peerserver):
+    gina = peerjs(peerserver, "gina", "--listen", "--json")
+    gina.said("listening on PeerJS as gina")
+    hank = peerjs(peerserver, "hank", "--connect", "gina", "--listen")
+    hank.said("listening on PeerJS as hank")
+    gina.wait_for(lambda p: any(json.loads(line)["type"] == "join" for line in p.out), what="hank joining")
+    assert hank.stop(signal.SIGTERM) == 130
+    gina.wait_for(lambda p: any(json.loads(line)["type"] == "leave" for line in p.out), what="hank leaving")
+    leave = next(e for e in gina.events() if e["type"] == "leave")
+    assert leave["from"] == "hank" and leave["reason"]
+    assert gina.stop(signal.SIGINT) == 130
