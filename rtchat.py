@@ -69,7 +69,7 @@ except ImportError:
 __version__ = "0.2.0"
 __all__ = [
     "Client", "Room", "Peer", "Message", "Question", "ReceivedFile", "Context", "Session", "Plugins", "Store",
-    "Identity", "command", "question", "on", "EVENTS", "__version__",
+    "Identity", "PeerJSMesh", "command", "question", "on", "EVENTS", "__version__",
     "RtchatError", "UsageError", "BrokerUnreachable", "NoPeers", "StateError", "KeyMismatch", "AskError",
     "PeerServerUnreachable", "NameTaken", "PeerServerRefused", "PeerUnavailable",
 ]

@@ -7,7 +7,7 @@ import rtchat
 def test_public_names():
     assert set(rtchat.__all__) == {
         "Client", "Room", "Peer", "Message", "Question", "ReceivedFile", "Context", "Session", "Plugins", "Store",
-        "Identity",
+        "Identity", "PeerJSMesh",
         "command", "question", "on", "EVENTS", "__version__", *ERRORS}
     for name in rtchat.__all__:
         assert hasattr(rtchat, name)

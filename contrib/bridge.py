@@ -1,0 +1,98 @@
+"""A bridge between an RTChat room and a peerjs-multichat mesh: what is said in one is said in the other, marked
+with where it came from ("[via #ops] bob: hi" in the mesh, "[via peerjs] alice: hi" in the room). A bot on the
+library, run beside the chat (loaded as a plugin it adds nothing):
+
+    python contrib/bridge.py NAME --room ops --peerjs ws://127.0.0.1:9000/ --connect alice
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+
+try:
+    import rtchat
+except ModuleNotFoundError:  # run as a script from a checkout: rtchat.py is one folder up
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import rtchat
+
+MARK = "[via "  # a line that starts so was carried by a bridge already: carrying it again could loop
+
+
+class Bridge:
+    """One room and one mesh. A marked line is not carried again, so two bridges between the same places make no
+    loop; what we say ourselves raises no event on either side, so nothing comes back to its author."""
+
+    def __init__(self, room: rtchat.Room, mesh: rtchat.PeerJSMesh) -> None:
+        self.room, self.mesh = room, mesh
+        room.on("message", self.from_room)
+        mesh.on("chat", self.from_mesh)
+
+    def from_room(self, msg: rtchat.Message) -> None:
+        if msg.kind == "message" and not msg.history and not msg.text.startswith(MARK):
+            text = f"* {msg.text}" if msg.action else msg.text
+            self.mesh.send_chat(fit(f"[via #{self.room.name}] {msg.sender}: {text}"))
+
+    def from_mesh(self, chat) -> None:
+        if not chat.text.startswith(MARK):
+            self.room.send(fit(f"[via peerjs] {chat.sender}: {chat.text}"))
+
+    async def close(self) -> None:
+        self.room.off("message", self.from_room)
+        await self.mesh.close()
+
+
+def fit(text: str) -> str:
+    return text if len(text) <= rtchat.MAX_TEXT_CHARS else text[:rtchat.MAX_TEXT_CHARS - 1] + "…"
+
+
+async def open_mesh(name: str, server: str | None, ice, friends: list[str]) -> rtchat.PeerJSMesh:
+    """Logged in on the PeerServer and connected to each friend (the meshes merge through them)."""
+    mesh = await rtchat.PeerJSMesh(name, server=server, ice=ice).start()
+    try:
+        for friend in friends:
+            await mesh.connect(friend)
+    except BaseException:
+        await mesh.close()
+        raise
+    return mesh
+
+
+# -- as a daemon -----------------------------------------------------------------------------------------------
+
+async def run(args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+    async with rtchat.Client(args.name, broker=args.broker) as client:
+        room = await client.join(args.room)
+        carrying = Bridge(room, await open_mesh(args.name, args.peerjs, client.ice, args.connect))
+        print(f"bridging #{room.name} and the PeerJS mesh as {args.name}", file=sys.stderr, flush=True)
+        await stop.wait()
+        await carrying.close()
+        await room.flush(5)
+    return 130  # as rtchat.py: stopped by a signal
+
+
+def main(argv: list[str] | None = None) -> int:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(prog="bridge.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("name", help="the bridge's name, in the room and in the mesh")
+    parser.add_argument("--room", default=env("RTCHAT_ROOM", "chat"), help="the RTChat room (default: chat)")
+    parser.add_argument("--broker", default=env("RTCHAT_BROKER"), help="MQTT broker URL (as rtchat.py)")
+    parser.add_argument("--peerjs", default=env("RTCHAT_PEERJS"), metavar="URL",
+                        help="the PeerServer (default: the page's own)")
+    parser.add_argument("--connect", action="append", default=[], metavar="NAME",
+                        help="a user of the mesh to connect to (repeatable)")
+    args = parser.parse_args(argv)
+    try:
+        return asyncio.run(run(args))
+    except rtchat.RtchatError as exc:
+        print(f"bridge: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
