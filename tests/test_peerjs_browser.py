@@ -19,11 +19,13 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 from conftest import run
+from support import ROOT, cli_env, rtchat_cmd
 
 import rtchat
 
@@ -334,3 +336,84 @@ def test_a_closed_tab_is_seen_leaving(prerequisites, tmp_path):
             pages.assert_no_errors()
             result("closed_tab", seen_leaving_ms=term.left["amy"] - closed)
     run(scenario(), 120)
+
+
+def test_command_line_pipe_and_listener_with_two_pages(prerequisites, tmp_path):
+    """`echo … | rtchat.py ci --peerjs URL --connect amy` reaches amy and bob (bob is in amy's mesh) and exits 0;
+    `rtchat.py bot --peerjs URL --connect bob --listen --count 1` prints what amy's page says."""
+    async def scenario():
+        async with Pages(tmp_path) as pages:
+            env = cli_env("mqtt://127.0.0.1:9")  # no broker: --peerjs alone uses none
+            await pages.call("open", user="amy")
+            await pages.call("open", user="bob")
+            await pages.call("connect", user="bob", target="amy")
+            await pages.lists("amy", "bob")
+            started = now_ms()
+            sent = await asyncio.create_subprocess_exec(
+                *rtchat_cmd("ci", "--peerjs", pages.server, "--connect", "amy"), env=env,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await sent.communicate("deployed \u00e9\n".encode())
+            assert sent.returncode == 0, err.decode()
+            assert out == b"" and "to 2 peer(s): amy, bob" in err.decode()
+            for page in ("amy", "bob"):
+                shown = await pages.shows(page, "ci", "deployed \u00e9")
+            listener = await asyncio.create_subprocess_exec(
+                *rtchat_cmd("bot", "--peerjs", pages.server, "--connect", "bob", "--listen", "--count", "1"),
+                env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            while b"listening on PeerJS" not in await asyncio.wait_for(listener.stderr.readline(), 60):
+                pass
+            await pages.call("say", user="amy", text="from amy's page")
+            out, _ = await asyncio.wait_for(listener.communicate(), 30)
+            assert listener.returncode == 0 and out.decode() == "amy: from amy's page\n"
+            pages.assert_no_errors()
+            result("command_line_with_pages", pipe_start_to_shown_ms=shown["t"] - started)
+    run(scenario(), 150)
+
+
+def test_the_bridge_carries_a_page_and_a_room(prerequisites, broker, tmp_path):
+    """contrib/bridge.py between #ops (rtchat.py on mosquitto) and amy's page: a room line appears on the page,
+    marked; the page's line appears in the room, marked; neither comes back."""
+    async def scenario():
+        async with Pages(tmp_path) as pages:
+            def env(name: str) -> dict:
+                return cli_env(broker.url, RTCHAT_STATE=str(tmp_path / f"{name}.json"))
+            await pages.call("open", user="amy")
+            bridge = await asyncio.create_subprocess_exec(
+                sys.executable, str(ROOT / "contrib" / "bridge.py"), "relay", "--room", "ops", "--peerjs",
+                pages.server, "--connect", "amy", env=env("relay"), stderr=asyncio.subprocess.PIPE)
+            try:
+                assert b"bridging #ops" in await asyncio.wait_for(bridge.stderr.readline(), 60)
+                await pages.lists("amy", "relay")
+                listener = await asyncio.create_subprocess_exec(
+                    *rtchat_cmd("carol", "--room", "ops", "--listen", "--count", "1"), env=env("carol"),
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+                while b"listening in #ops" not in await asyncio.wait_for(listener.stderr.readline(), 60):
+                    pass
+                said = await asyncio.create_subprocess_exec(
+                    *rtchat_cmd("dave", "--room", "ops", "--wait-peers", "2"), env=env("dave"),
+                    stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+                _, err = await said.communicate(b"from the room\n")
+                assert said.returncode == 0, err.decode()
+                await pages.shows("amy", "relay", "[via #ops] dave: from the room")
+                await pages.call("say", user="amy", text="from the page")
+                out, _ = await asyncio.wait_for(listener.communicate(), 30)
+                assert out.decode() == "dave: from the room\n"  # carol's --count 1: dave's own line first
+                late = await asyncio.create_subprocess_exec(
+                    *rtchat_cmd("erin", "--room", "ops", "--listen", "--json", "--count", "1"), env=env("erin"),
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+                while True:  # once the relay is verified, what it says reaches erin as news
+                    event = json.loads(await asyncio.wait_for(late.stdout.readline(), 60))
+                    if (event["type"], event["from"]) == ("join", "relay"):
+                        break
+                await pages.call("say", user="amy", text="again from the page")
+                out, _ = await asyncio.wait_for(late.communicate(), 30)
+                messages = [json.loads(line) for line in out.decode().splitlines()]
+                assert [(m["from"], m["text"]) for m in messages if m["type"] == "message"] == \
+                    [("relay", "[via peerjs] amy: again from the page")]
+                state = await pages.call("state", user="amy")
+                assert not any("[via peerjs]" in line for line in state["lines"])  # nothing came back
+                pages.assert_no_errors()
+            finally:
+                bridge.terminate()
+                assert await bridge.wait() == 130
+    run(scenario(), 180)
