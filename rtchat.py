@@ -282,6 +282,18 @@ class Tasks:
             await asyncio.gather(*running, return_exceptions=True)
 
 
+async def off_loop(func: Callable, *args: Any) -> Any:
+    """func(*args) in a worker thread: blocking file I/O stays off the event loop. If the awaiting task is cancelled
+    meanwhile, the call is still waited for before the cancellation goes on: a write must not lose its file."""
+    future = asyncio.get_running_loop().run_in_executor(None, func, *args)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await future
+        raise
+
+
 class Emitter:
     """Minimal event emitter: a listener's exception is logged and never reaches the emitter."""
 
@@ -4024,6 +4036,16 @@ class Trust:
         return self.store.update(drop)
 
 
+# =============================================================================
+# Files: file transfer between rtchat.py peers in one room, both directions, on
+# channels of their own. Uses Peer; disk work runs in worker threads. Emits
+# "file" and "file-progress"; knows no Room (Room hands it channels and peers).
+# =============================================================================
+
+FILE_READ_BYTES = 256 * 1024            # a file being sent is read (and hashed) in a worker thread this much at once
+FILE_BACKLOG_BYTES = 64 * 1024 ** 2     # received bytes waiting for the disk; beyond, the disk is too slow: given up
+
+
 def human_size(size: float) -> str:
     for unit in ("bytes", "KB", "MB"):
         if size < 1000:
@@ -4044,6 +4066,53 @@ def unused_path(folder: Path, name: str) -> Path:
     stem, dot, ext = name.rpartition(".") if "." in name else (name, "", "")
     candidates = (folder / (name if n == 0 else f"{stem} ({n}){dot}{ext}") for n in itertools.count())
     return next(p for p in candidates if not os.path.lexists(p))
+
+
+def _read_hashed(f, size: int, digest) -> bytes:
+    """Up to size bytes of f, added to digest (in a worker thread: hashlib lets go of the GIL for big blocks)."""
+    block = f.read(size)
+    digest.update(block)
+    return block
+
+
+def _write_hashed(fd: int, data: bytes, digest, sync: bool) -> None:
+    write_all(fd, data)
+    digest.update(data)
+    if sync:  # to disk as it comes: the fsync at the end has little left to do
+        getattr(os, "fdatasync", os.fsync)(fd)
+
+
+def _open_part(folder: Path, name: str, size: int, reserved: int) -> tuple[Path, int] | None:
+    """A new .part file (0600) for a file of size bytes; None if the disk has no room for it besides the other files
+    on their way (reserved) and FILE_DISK_RESERVE."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if shutil.disk_usage(folder).free < size + reserved + FILE_DISK_RESERVE:
+        return None
+    part = unused_path(folder, name + f".{new_id()}.part")
+    return part, open_own(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+
+
+def _keep_part(fd: int, part: Path, folder: Path, name: str) -> Path:
+    """Sync the .part file, then give it a free name: taken first (O_EXCL), then the file put there, so nothing is
+    ever replaced."""
+    sync_and_close(fd)
+    for _ in range(100):
+        path = unused_path(folder, name)
+        try:
+            os.close(open_own(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            continue
+        os.replace(part, path)
+        return path
+    raise OSError(errno.EEXIST, "no free name")
+
+
+def _drop_part(fd: int, part: Path | None) -> None:
+    if fd >= 0:
+        os.close(fd)
+    if part is not None:
+        with contextlib.suppress(OSError):
+            part.unlink()
 
 
 @dataclasses.dataclass
@@ -4085,27 +4154,32 @@ class IncomingFile:
     """One file arriving on its own channel: a JSON header (name, size), then raw chunks, then its SHA-256
     (or the SHA-256 in the header); we answer go-ahead, then done.
 
-    It is written to a .part file (0600), flushed to disk as it comes, and given its name (never over an existing
-    file) once its SHA-256 matches."""
+    Its bytes go to a .part file (0600) from a task of its own, in a worker thread (hashed there too, and synced to
+    disk as they come); once its SHA-256 matches it is given its name, never over an existing file. It tells its
+    Files when it ends; Files alone keeps the table of files under way."""
 
-    def __init__(self, room: Room, peer: Peer, channel) -> None:
-        self.room, self.peer, self.channel = room, peer, channel
+    def __init__(self, files: Files, peer: Peer, channel, tasks: Tasks) -> None:
+        self.files, self.peer, self.channel = files, peer, channel
         self.header: dict | None = None
-        self.part: Path | None = None
-        self.fd = -1
-        self.got = 0
-        self.digest = hashlib.sha256()
-        self.finished = False
-        self.mark = 0                                # bytes it had at the last progress check
-        self.synced = 0                              # bytes handed to a background fdatasync so far
-        self.syncing: asyncio.Future | None = None   # that fdatasync
-        self.transfer: Transfer | None = None         # what the room reports, once the header is accepted
+        self.transfer: Transfer | None = None    # what the room reports, once the header is accepted
+        self.got = 0                             # bytes received
+        self.mark = 0                            # bytes it had at the last progress check
+        self.over = False                        # saved or failed: nothing more is taken
+        self._blocks: list[bytes] = []           # received, not yet handed to the disk
+        self._queued = 0
+        self._wake = asyncio.Event()
+        self._tasks = tasks
         channel.on("message", self._on_data)
         channel.on("close", lambda: self.fail("the sender went away", tell=False))
-        asyncio.get_running_loop().call_later(FILE_IDLE_S, self._check_progress)
+        tasks.later(FILE_IDLE_S, self._check_progress)
+
+    @property
+    def waiting_bytes(self) -> int:
+        """What the disk still has to take for this file (counted against free space for the next one)."""
+        return self.header["size"] - self.got + self._queued if self.header else 0
 
     def _on_data(self, data: Any) -> None:
-        if self.finished:
+        if self.over:
             return
         if self.header is None:
             self._start(data)
@@ -4116,28 +4190,20 @@ class IncomingFile:
                 self.fail("a malformed file trailer")
             else:
                 self.header["sha256"] = digest
-                _spawn(self._finish(), f"file-{self.peer.name}")
+                self._wake.set()
         elif not isinstance(data, bytes):
             self.fail("its SHA-256 came before the whole file")
         elif self.got + len(data) > self.header["size"]:
             self.fail("more data than announced")
+        elif self._queued + len(data) > FILE_BACKLOG_BYTES:
+            self.fail("the disk does not keep up")
         else:
-            try:
-                write_all(self.fd, data)
-            except OSError as exc:
-                self.fail(f"cannot write: {exc.strerror}")
-                return
-            self.digest.update(data)
+            self._blocks.append(data)
+            self._queued += len(data)
             self.got += len(data)
             self.transfer.done = self.got
-            self.room._report(self.transfer, "moving")
-            if self.got - self.synced >= FILE_SYNC_BYTES and (self.syncing is None or self.syncing.done()):
-                self.synced = self.got  # to disk as it comes, in a thread: the fsync at the end has little left
-                self.syncing = asyncio.get_running_loop().run_in_executor(
-                    None, getattr(os, "fdatasync", os.fsync), self.fd)
-                self.syncing.add_done_callback(lambda f: f.exception())
-            if self.got == self.header["size"] and self.header["sha256"]:
-                _spawn(self._finish(), f"file-{self.peer.name}")
+            self.files.report(self.transfer, "moving")
+            self._wake.set()
 
     def _start(self, data: Any) -> None:
         header = small_json(data)
@@ -4146,74 +4212,76 @@ class IncomingFile:
                 header["size"], bool) and (digest is None or (isinstance(digest, str) and len(digest) == 64))):
             self.fail("a malformed file header")
             return
-        size, folder = header["size"], self.room.files
-        if not 0 <= size <= MAX_FILE_BYTES:
+        if not 0 <= header["size"] <= MAX_FILE_BYTES:
             self.fail(f"too large (at most {MAX_FILE_BYTES >> 20} MiB)")
             return
+        self.header = {"name": safe_file_name(header.get("name")), "size": header["size"], "sha256": digest}
+        self.transfer = Transfer(new_id(), self.files.room, self.peer.name, self.header["name"], header["size"], True)
+        self._tasks.spawn(self._receive(), f"file-{self.peer.name}")
+
+    async def _receive(self) -> None:
+        """The only code that touches the .part file: open it, write what comes, then check and keep it."""
+        name, size = self.header["name"], self.header["size"]
         try:
-            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-            pending = sum(f.header["size"] - f.got for f in self.room._incoming if f.header and f is not self)
-            if shutil.disk_usage(folder).free < size + pending + FILE_DISK_RESERVE:
-                self.fail("not enough free space")
-                return
-            self.header = {"name": safe_file_name(header.get("name")), "size": size, "sha256": digest}
-            self.transfer = Transfer(new_id(), self.room.name, self.peer.name, self.header["name"], size, True)
-            self.part = unused_path(folder, self.header["name"] + f".{new_id()}.part")
-            self.fd = open_own(self.part, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            opened = await off_loop(_open_part, self.files.folder, name, size, self.files.reserved(self))
         except OSError as exc:
             self.fail(f"cannot write: {exc.strerror}")
             return
-        self.room._report(self.transfer)  # the receiver hears of a file when it starts, not when it is complete
-        self._reply({"ok": True})
-        if size == 0 and digest:
-            _spawn(self._finish(), f"file-{self.peer.name}")
-
-    async def _finish(self) -> None:
-        self.finished = True
-        if self.digest.hexdigest() != self.header["sha256"].lower():
-            self.finished = False
-            self.fail("the SHA-256 does not match")
+        if opened is None:
+            self.fail("not enough free space")
             return
+        (part, fd), digest, synced = opened, hashlib.sha256(), 0
         try:
-            if self.syncing is not None:
-                await self.syncing  # an error writing back is an error saving the file
-            fd, self.fd = self.fd, -1
-            await asyncio.get_running_loop().run_in_executor(None, sync_and_close, fd)
-            for _ in range(100):  # take a free name first (O_EXCL), then put the file there: nothing is replaced
-                path = unused_path(self.room.files, self.header["name"])
-                try:
-                    os.close(open_own(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
-                    break
-                except FileExistsError:
+            if self.over:
+                return
+            self.files.report(self.transfer)  # the receiver hears of a file when it starts, not when it is complete
+            self._reply({"ok": True})
+            while not self.over and (self._blocks or self.got < size or not self.header["sha256"]):
+                if not self._blocks:
+                    self._wake.clear()
+                    await self._wake.wait()
                     continue
-            else:
-                raise OSError("no free name")
-            os.replace(self.part, path)
-        except (OSError, StateError) as exc:
-            self.finished = False
-            self.fail(f"cannot save: {exc}")
-            return
-        self._reply({"ok": True, "saved": path.name})
-        self.room._incoming.discard(self)
-        self.room._report(self.transfer, "done")
-        self.room.emit("file", ReceivedFile(self.room.name, self.peer.name, self.header["name"], path,
-                                            self.header["size"], self.header["sha256"], self.peer.fingerprint))
+                data, self._blocks = b"".join(self._blocks), []
+                sync = self.got - synced >= FILE_SYNC_BYTES
+                try:
+                    await off_loop(_write_hashed, fd, data, digest, sync)
+                except OSError as exc:
+                    self.fail(f"cannot write: {exc.strerror}")
+                    return
+                self._queued -= len(data)
+                synced = self.got if sync else synced
+            if self.over:
+                return
+            self.over = True  # all of it is here: what happens now (the sender leaving, say) changes nothing
+            if digest.hexdigest() != self.header["sha256"].lower():
+                self._end("the SHA-256 does not match")
+                return
+            kept, fd = fd, -1  # _keep_part closes it, whatever happens
+            try:
+                path = await off_loop(_keep_part, kept, part, self.files.folder, name)
+            except (OSError, StateError) as exc:
+                self._end(f"cannot save: {exc}")
+                return
+            part = None
+            self._reply({"ok": True, "saved": path.name})
+            self.files.received(self, ReceivedFile(self.files.room, self.peer.name, name, path, size,
+                                                   self.header["sha256"], self.peer.fingerprint))
+        finally:
+            if fd >= 0 or part is not None:
+                await off_loop(_drop_part, fd, part)
 
     def fail(self, reason: str, tell: bool = True) -> None:
-        if self.finished or self not in self.room._incoming:
-            return
-        self.room._incoming.discard(self)
+        if not self.over:
+            self.over = True
+            self._end(reason, tell)
+
+    def _end(self, reason: str, tell: bool = True) -> None:
+        self._wake.set()  # the writing task sees it and removes the .part file
         if tell:
             self._reply({"ok": False, "error": reason})
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        if self.part is not None:
-            with contextlib.suppress(OSError):
-                self.part.unlink()
         if self.transfer is not None:
             self.transfer.error = reason
-            self.room._report(self.transfer, "failed")
+        self.files.ended(self)
         self.channel.close()
 
     def _reply(self, value: dict) -> None:
@@ -4223,15 +4291,163 @@ class IncomingFile:
     def _check_progress(self) -> None:
         """Every FILE_IDLE_S a transfer must bring FILE_MIN_PROGRESS bytes (or the rest, then its end): a trickle
         must not hold one of the few slots for ever."""
-        if self not in self.room._incoming or self.finished:
+        if self.over:
             return
         wanted = min(FILE_MIN_PROGRESS, self.header["size"] - self.mark) if self.header else 1
         moved, self.mark = self.got - self.mark, self.got
         if self.header is None or moved < wanted or wanted == 0:
             self.fail(f"less than {FILE_MIN_PROGRESS >> 10} KiB came in {FILE_IDLE_S:g} s")
         else:
-            asyncio.get_running_loop().call_later(FILE_IDLE_S, self._check_progress)
+            self._tasks.later(FILE_IDLE_S, self._check_progress)
 
+
+class Files:
+    """File transfer in one room: files rtchat.py peers offer us (each an IncomingFile, into folder) and files we
+    send (send()). The table of files under way is kept here and changed only here."""
+
+    def __init__(self, room: str, folder: Path | None, emit: Callable[..., None]) -> None:
+        self.room = room
+        self.folder = folder                  # where received files go; None: they are refused
+        self._emit = emit
+        self._incoming: set[IncomingFile] = set()
+        self._tasks = Tasks()
+
+    @property
+    def takes_files(self) -> bool:
+        return self.folder is not None
+
+    def receiving(self) -> int:
+        """Files being received now, each holding one of MAX_INCOMING_FILES slots."""
+        return len(self._incoming)
+
+    def offered(self, peer: Peer, channel) -> None:
+        """A verified peer opened a channel for a file: taken if there is a slot for it (and for its sender)."""
+        if self.folder is None or not (peer.is_verified and peer.is_rtchat_py) or \
+                len(self._incoming) >= MAX_INCOMING_FILES or not peer.allow("file") or \
+                sum(f.peer is peer for f in self._incoming) >= MAX_FILES_PER_PEER:
+            channel.close()
+            return
+        self._incoming.add(IncomingFile(self, peer, channel, self._tasks))
+
+    def reserved(self, but: IncomingFile) -> int:
+        """Bytes the other files under way still need on disk."""
+        return sum(f.waiting_bytes for f in self._incoming if f is not but)
+
+    def ended(self, incoming: IncomingFile) -> None:
+        self._incoming.discard(incoming)
+        if incoming.transfer is not None:
+            self.report(incoming.transfer, "failed")
+
+    def received(self, incoming: IncomingFile, got: ReceivedFile) -> None:
+        self._incoming.discard(incoming)
+        self.report(incoming.transfer, "done")
+        self._emit("file", got)
+
+    def report(self, transfer: Transfer, state: str | None = None) -> None:
+        """A 'file-progress' event: at once for a change of state, at most every FILE_PROGRESS_EVERY_S for bytes."""
+        now = time.monotonic()
+        if state is None or state == transfer.state:
+            if now - transfer.reported < FILE_PROGRESS_EVERY_S:
+                return
+        transfer.state = state or transfer.state
+        transfer.reported = now
+        self._emit("file-progress", transfer)
+
+    async def send(self, peer: Peer, path: Path, label: str,
+                   progress: Callable[[int, int], Any] | None = None) -> str:
+        """Send a file to a verified rtchat.py peer that takes files (label: its name as shown); the name it was
+        saved under, once the peer has all of it on disk with the right SHA-256. RtchatError if it refuses or
+        fails."""
+        try:
+            size = (await off_loop(path.stat)).st_size
+        except OSError as exc:
+            raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+        transfer = Transfer(new_id(), self.room, peer.name, path.name, size, incoming=False)
+        self.report(transfer)
+        channel = None
+        try:
+            channel = await peer.open_channel(f"file/{transfer.id}")
+            replies: asyncio.Queue = asyncio.Queue()
+            channel.on("message", replies.put_nowait)
+            channel.on("close", lambda: replies.put_nowait(None))
+            channel.send(to_json({"name": path.name, "size": size}))
+            await self._reply(label, replies)  # the go-ahead
+            digest = await self._stream(channel, path, size, replies, transfer, progress)
+            if channel.readyState == "open" and replies.empty():
+                channel.send(to_json({"sha256": digest}))  # hashed on the way: the file is read once
+            self.report(transfer, "checking")
+            saved = clean((await self._reply(label, replies)).get("saved"), 255)
+            self.report(transfer, "done")
+            return saved
+        except OSError as exc:
+            transfer.error = f"cannot read {path}: {exc.strerror}"
+            raise RtchatError(transfer.error) from None
+        except BaseException as exc:
+            transfer.error = str(exc) if isinstance(exc, RtchatError) else type(exc).__name__
+            raise
+        finally:
+            if transfer.error is not None:
+                self.report(transfer, "failed")
+            if channel is not None:
+                channel.close()
+
+    @staticmethod
+    async def _reply(label: str, replies: asyncio.Queue) -> dict:
+        try:
+            data = await asyncio.wait_for(replies.get(), FILE_IDLE_S)
+        except asyncio.TimeoutError:
+            raise RtchatError(f"{label} did not answer about the file within {FILE_IDLE_S:g} s") from None
+        reply = small_json(data)
+        if not isinstance(reply, dict):
+            raise RtchatError(f"{label} closed the transfer")
+        if reply.get("ok") is not True:
+            raise RtchatError(f"{label} refused the file: {clean(reply.get('error'), 200)}")
+        return reply
+
+    async def _stream(self, channel, path: Path, size: int, replies: asyncio.Queue, transfer: Transfer,
+                      progress: Callable[[int, int], Any] | None) -> str:
+        """Chunks as fast as the channel drains them, read and hashed in a worker thread a block at a time (the
+        SHA-256 is returned); stops early if the receiver speaks up (it gave up)."""
+        digest = hashlib.sha256()
+        low, high = FILE_BUFFER_BYTES
+        f = await off_loop(path.open, "rb")
+        try:
+            left = size
+            while left > 0 and replies.empty():
+                block = await off_loop(_read_hashed, f, min(FILE_READ_BYTES, left), digest)
+                if not block:
+                    raise RtchatError(f"{path} got shorter while it was being sent")
+                for start in range(0, len(block), FILE_CHUNK_BYTES):
+                    if not replies.empty():
+                        break  # the receiver gave up: its reason follows
+                    if channel.bufferedAmount > high and not await channel_drained(channel, low, FILE_IDLE_S):
+                        if channel.readyState == "open":
+                            raise RtchatError(f"the transfer stalled for {FILE_IDLE_S:g} s")
+                        raise RtchatError("the connection closed during the transfer")
+                    if channel.readyState != "open":
+                        raise RtchatError("the connection closed during the transfer")
+                    chunk = block[start:start + FILE_CHUNK_BYTES]
+                    channel.send(chunk)
+                    left -= len(chunk)
+                    transfer.done = size - left
+                    self.report(transfer, "moving")
+                    if progress is not None:
+                        progress(size - left, size)
+        finally:
+            await off_loop(f.close)
+        return digest.hexdigest()
+
+    async def close(self) -> None:
+        """Files on their way in are given up (their .part files removed); then every task has ended."""
+        for incoming in list(self._incoming):
+            incoming.fail("we left", tell=False)
+        await self._tasks.close()
+
+
+# =============================================================================
+# Room itself: the coordinator. Sets up sessions and wires the parts above:
+# verified peers and their chat frames go to the Ledger, file channels to Files.
+# =============================================================================
 
 class Seal:
     """A sealed room: topic and AEAD key from room + secret through scrypt, so the broker sees only ciphertext."""
@@ -4261,7 +4477,7 @@ class Room(Emitter):
                  seal: Seal | None = None, history: HistoryLog | None = None, files: Path | None = None) -> None:
         super().__init__()
         self.name = name
-        self.files = files                     # where received files go; None: refuse them
+        self.files = Files(name, files, self.emit)  # file transfer, both ways (files: where received ones go)
         self.me = me
         self.identity = identity
         self.signaling = signaling
@@ -4310,7 +4526,6 @@ class Room(Emitter):
         self._to_sign: list[tuple[Message, dict, list[tuple[Peer, str]]]] = []  # ours, sent ahead of their signature
         self._unsigned: dict[tuple[str, str], tuple[dict, Peer, str, float]] = {}  # theirs, likewise; by deadline
         self._unsigned_sweep: asyncio.TimerHandle | None = None
-        self._incoming: set[IncomingFile] = set()
         self._last_announce = 0.0
         self._announce_timer: asyncio.TimerHandle | None = None
         self._committing = False
@@ -4358,6 +4573,7 @@ class Room(Emitter):
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.gather(*(pc.close() for pc in pcs), return_exceptions=True), 2)
         await self._write_all()  # and what came while we were leaving
+        await self.files.close()
 
     async def _drain(self, timeout: float) -> None:
         """Until every open session has delivered what we sent on it (the remote SCTP acknowledged it): closing
@@ -4458,92 +4674,12 @@ class Room(Emitter):
         A peer still being verified is waited for (up to VERIFY_TIMEOUT_S). progress(sent, size) is called as
         chunks go out."""
         path = Path(path).expanduser()
-        if not path.is_file():
+        if not await off_loop(path.is_file):
             raise UsageError(f"{path} is not a file")
         peer = await self._verified_peer(name)
         if not peer.takes_files:
             raise UsageError(f"{self.label(peer)} does not take files (a browser, or started without --files DIR)")
-        try:
-            size = path.stat().st_size
-        except OSError as exc:
-            raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-        transfer = Transfer(new_id(), self.name, peer.name, path.name, size, incoming=False)
-        self._report(transfer)
-        channel = None
-        try:
-            channel = await peer.open_channel(f"file/{transfer.id}")
-            replies: asyncio.Queue = asyncio.Queue()
-            channel.on("message", replies.put_nowait)
-            channel.on("close", lambda: replies.put_nowait(None))
-            channel.send(to_json({"name": path.name, "size": size}))
-            await self._file_reply(peer, replies)  # the go-ahead
-            digest = await self._stream_file(channel, path, size, replies, transfer, progress)
-            if channel.readyState == "open" and replies.empty():
-                channel.send(to_json({"sha256": digest}))  # hashed on the way: the file is read once
-            self._report(transfer, "checking")
-            saved = clean((await self._file_reply(peer, replies)).get("saved"), 255)
-            self._report(transfer, "done")
-            return saved
-        except OSError as exc:
-            transfer.error = f"cannot read {path}: {exc.strerror}"
-            raise RtchatError(transfer.error) from None
-        except BaseException as exc:
-            transfer.error = str(exc) if isinstance(exc, RtchatError) else type(exc).__name__
-            raise
-        finally:
-            if transfer.error is not None:
-                self._report(transfer, "failed")
-            if channel is not None:
-                channel.close()
-
-    def _report(self, transfer: Transfer, state: str | None = None) -> None:
-        """A 'file-progress' event: at once for a change of state, at most every FILE_PROGRESS_EVERY_S for bytes."""
-        now = time.monotonic()
-        if state is None or state == transfer.state:
-            if now - transfer.reported < FILE_PROGRESS_EVERY_S:
-                return
-        transfer.state = state or transfer.state
-        transfer.reported = now
-        self.emit("file-progress", transfer)
-
-    async def _file_reply(self, peer: Peer, replies: asyncio.Queue) -> dict:
-        try:
-            data = await asyncio.wait_for(replies.get(), FILE_IDLE_S)
-        except asyncio.TimeoutError:
-            raise RtchatError(f"{self.label(peer)} did not answer about the file within {FILE_IDLE_S:g} s") from None
-        reply = small_json(data)
-        if not isinstance(reply, dict):
-            raise RtchatError(f"{self.label(peer)} closed the transfer")
-        if reply.get("ok") is not True:
-            raise RtchatError(f"{self.label(peer)} refused the file: {clean(reply.get('error'), 200)}")
-        return reply
-
-    async def _stream_file(self, channel, path: Path, size: int, replies: asyncio.Queue, transfer: Transfer,
-                           progress: Callable[[int, int], Any] | None) -> str:
-        """Chunks as fast as the channel drains them, hashed on the way (the SHA-256 is returned); stops early if
-        the receiver speaks up (it gave up)."""
-        digest = hashlib.sha256()
-        low, high = FILE_BUFFER_BYTES
-        with path.open("rb") as f:
-            left = size
-            while left > 0 and replies.empty():
-                if channel.bufferedAmount > high and not await channel_drained(channel, low, FILE_IDLE_S):
-                    if channel.readyState == "open":
-                        raise RtchatError(f"the transfer stalled for {FILE_IDLE_S:g} s")
-                    raise RtchatError("the connection closed during the transfer")
-                chunk = f.read(min(FILE_CHUNK_BYTES, left))
-                if not chunk:
-                    raise RtchatError(f"{path} got shorter while it was being sent")
-                if channel.readyState != "open":
-                    raise RtchatError("the connection closed during the transfer")
-                channel.send(chunk)
-                digest.update(chunk)
-                left -= len(chunk)
-                transfer.done = size - left
-                self._report(transfer, "moving")
-                if progress is not None:
-                    progress(size - left, size)
-        return digest.hexdigest()
+        return await self.files.send(peer, path, self.label(peer), progress)
 
     async def _until(self, done: Callable[[], bool], timeout: float) -> bool:
         """Wait until done(), checked whenever a peer is verified or says hello; False at timeout."""
@@ -5155,7 +5291,7 @@ class Room(Emitter):
         peer._candidates = self._candidates.pop(peer.name, [])
         peer.on("open", self._on_open)
         peer.on("frame", self._on_frame)
-        peer.on("file-channel", self._on_file_channel)
+        peer.on("file-channel", self.files.offered)
         peer.on("no-route", lambda peer, facts: self.emit("no-route", peer, facts))
         peer.on("closed", self._on_closed)
         return peer
@@ -5277,7 +5413,7 @@ class Room(Emitter):
         if peer.is_rtchat_py and peer.channel_bound:
             peer.send("chat", {"t": "hello", "mkey": self.identity.message_public,
                                "mcert": self.identity.message_cert, "late_sigs": True,
-                               "files": self.files is not None})
+                               "files": self.files.takes_files})
         for label, value in self._early.pop(peer.name, []):
             self._on_frame(peer, label, value)
         self._send_outbox(peer)
@@ -5326,14 +5462,6 @@ class Room(Emitter):
                 peer.over_budget["question"] = peer.over_budget.get("question", 0) + 1
         else:
             self._on_text(peer, label, value)
-
-    def _on_file_channel(self, peer: Peer, channel) -> None:
-        if self.files is None or not (peer.is_verified and peer.is_rtchat_py) or \
-                len(self._incoming) >= MAX_INCOMING_FILES or not peer.allow("file") or \
-                sum(f.peer is peer for f in self._incoming) >= MAX_FILES_PER_PEER:
-            channel.close()
-            return
-        self._incoming.add(IncomingFile(self, peer, channel))
 
     def _answer_identity(self, peer: Peer, value: Any) -> bool:
         """Answer identify/challenge at once, from anyone: browsers ask before they talk to us (§6.4)."""

@@ -102,7 +102,7 @@ def test_a_corrupted_file_is_not_saved(broker, tmp_path):
             verdict = rtchat.parse_json(await asyncio.wait_for(replies.get(), 5))
             assert verdict["ok"] is False, verdict
         # bob refuses and cleans up in one step, before his verdict leaves: nothing is left, every offer failed
-        assert list((tmp_path / "inbox").iterdir()) == []
+        assert list((tmp_path / "inbox").iterdir()) == [] and not rb.files.receiving()
         states = [state for state, _ in reports]
         assert states.count("offered") == states.count("failed") == 4  # x.bin, y, z, z: "nonsense" is no offer
         await alice.close()

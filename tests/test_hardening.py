@@ -523,7 +523,7 @@ def test_file_offers_are_budgeted_and_trickles_given_up(broker, tmp_path, monkey
             for channel in trickles:
                 if channel.readyState == "open":
                     channel.send(b"x")
-            held.append(len(rb._incoming))
+            held.append(rb.files.receiving())
         started = time.monotonic()
         empties = [mallory.pc.createDataChannel(f"file/e{i}") for i in range(200)]
         await eventually(lambda: all(c.readyState != "connecting" for c in empties), 20, "empty-file channels")
