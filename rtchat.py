@@ -160,7 +160,7 @@ KEY_SCRYPT = (2 ** 16, 8, 1)           # n, r, p for --passphrase: 64 MiB and ~0
 
 EVENTS = ("message", "dm", "join", "leave", "verified", "key-changed", "delivered", "file", "status", "history",
           "no-route", "file-progress", "question-failed", "key-accepted", "key-refused", "disk-error", "disk-ok",
-          "history-conflict")
+          "compaction-failed", "history-conflict")
 """Event names: what Room emits and plugins subscribe to with @on. "message" and "dm" are news only: a message
 said before we joined, passed on by a peer, is a "history" event (msg.history is True). They are also the --json
 `type` values, except that a history message keeps its own type ("message") and is marked "history": true."""
@@ -263,6 +263,8 @@ class Tasks:
             self._timers.discard(handle)
             callback(*args)
         handle = asyncio.get_running_loop().call_later(delay, fire)
+        if len(self._timers) >= 64:  # timers cancelled by their handle never fire: forget them now and then
+            self._timers = {timer for timer in self._timers if not timer.cancelled()}
         self._timers.add(handle)
         return handle
 
@@ -292,6 +294,35 @@ async def off_loop(func: Callable, *args: Any) -> Any:
         with contextlib.suppress(Exception):
             await future
         raise
+
+
+class Pulse:
+    """Wakes everyone waiting each time it fires: something they wait for may have come about."""
+
+    def __init__(self) -> None:
+        self._future: asyncio.Future | None = None
+
+    def fire(self) -> None:
+        if self._future is not None and not self._future.done():
+            self._future.set_result(None)
+        self._future = None
+
+    async def next(self, timeout: float) -> None:
+        """Until it fires next, or timeout."""
+        if self._future is None:
+            self._future = asyncio.get_running_loop().create_future()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._future), timeout)
+
+    async def until(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Until done(), looked at each time this fires; False at timeout."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            await self.next(left)
+        return True
 
 
 class Emitter:
@@ -533,6 +564,7 @@ SIGNED_CONTEXTS = {  # a context per purpose: what is signed for one purpose nev
     "channel-id": b"rtchat-channel-id-v1\n",   # an identity claiming a data channel, inside that channel
     "message-id": b"rtchat-message-id-v1\n",   # what a message id is the hash of (bound, not signed)
     "message": b"",                            # a chat message: the message key prefixes all it signs itself
+    "message-batch": b"rtchat-message-batch-v1\n",  # the root of a batch of chat messages, by their author
 }
 
 
@@ -540,6 +572,88 @@ def signed_bytes(purpose: str, *fields: Any) -> bytes:
     """What a signature (or a bound message id) covers: the purpose's context, then the fields as canonical JSON.
     PROTOCOL.md lists the fields of each purpose; tests build their forgeries with this too."""
     return SIGNED_CONTEXTS[purpose] + canonical_json(list(fields))
+
+
+MAX_BATCH = 128                        # messages under one batch signature: a proof is then at most 7 hashes
+
+
+def batch_leaf(signed: bytes) -> bytes:
+    """A message's leaf in its author's batch: SHA-256 of 0x00 and the bytes its own signature would cover."""
+    return hashlib.sha256(b"\x00" + signed).digest()
+
+
+def _batch_node(left: bytes, right: bytes) -> bytes:
+    return hashlib.sha256(b"\x01" + left + right).digest()
+
+
+def batch_tree(leaves: list[bytes]) -> list[list[bytes]]:
+    """The Merkle tree over leaves, level by level from the leaves to the root (tree[-1][0]): RFC 9162 §2.1.1's
+    tree, in which a node without a partner moves up a level as it is."""
+    tree = [leaves]
+    while len(level := tree[-1]) > 1:
+        pairs = [_batch_node(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+        tree.append(pairs + level[len(level) & ~1:])
+    return tree
+
+
+def batch_path(tree: list[list[bytes]], at: int) -> list[bytes]:
+    """The audit path of leaf number at: the partners on its way to the root, from the leaf up."""
+    path = []
+    for level in tree[:-1]:
+        if at ^ 1 < len(level):
+            path.append(level[at ^ 1])
+        at >>= 1
+    return path
+
+
+def batch_root(leaf: bytes, at: int, count: int, path: list[bytes]) -> bytes | None:
+    """The root the audit path of leaf number at (of count) leads to (RFC 9162 §2.1.3.2); None if it does not fit."""
+    if not 0 <= at < count:
+        return None
+    fn, sn, node = at, count - 1, leaf
+    for sibling in path:
+        if sn == 0:
+            return None
+        if fn & 1 or fn == sn:
+            node = _batch_node(sibling, node)
+            while not fn & 1 and fn:
+                fn, sn = fn >> 1, sn >> 1
+        else:
+            node = _batch_node(node, sibling)
+        fn, sn = fn >> 1, sn >> 1
+    return node if sn == 0 else None
+
+
+def encode_hashes(hashes: list[bytes]) -> str:
+    """SHA-256 hashes as one base64 text, as the batch frame and proofs carry them."""
+    return base64.b64encode(b"".join(hashes)).decode()
+
+
+def decode_hashes(value: Any, most: int) -> list[bytes] | None:
+    """The SHA-256 hashes in such a text from a peer (at most `most` of them), or None."""
+    if not isinstance(value, str) or len(value) > 4 * -(-32 * most // 3):
+        return None
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except ValueError:
+        return None
+    return [raw[i:i + 32] for i in range(0, len(raw), 32)] if len(raw) % 32 == 0 else None
+
+
+def batch_proof(at: int, count: int, path: list[bytes]) -> dict:
+    """What a message keeps (and is passed on with) to be checked alone against its batch's signature."""
+    return {"at": at, "of": count, "path": encode_hashes(path)}
+
+
+def batch_proof_fields(value: Any) -> tuple[int, int, list[bytes]] | None:
+    """(at, of, path) of a proof from a peer, or None if it is not one."""
+    if not isinstance(value, dict):
+        return None
+    at, count = value.get("at"), value.get("of")
+    if not (type(at) is int and type(count) is int and 0 <= at < count <= MAX_BATCH):
+        return None
+    path = decode_hashes(value.get("path"), MAX_BATCH.bit_length())
+    return None if path is None else (at, count, path)
 
 
 def parse_json(text: str | bytes) -> Any:
@@ -882,6 +996,10 @@ class Identity:
     def sign_message(self, data: bytes) -> str:
         return base64.b64encode(self.message_key.sign(MESSAGE_CONTEXT + data)).decode()
 
+    def sign_batch(self, root: bytes, count: int) -> str:
+        """One signature over a batch of our messages: the root of their tree (batch_tree) and how many they are."""
+        return self.sign_message(signed_bytes("message-batch", base64.b64encode(root).decode(), count))
+
 
 SEALED_KEY_PREFIX = "rtchat-key:scrypt:"
 
@@ -955,6 +1073,11 @@ def verify_message(message_public: str, signature: Any, data: bytes) -> bool:
         return True
     except (InvalidSignature, ValueError, TypeError):
         return False
+
+
+def verify_batch(message_public: str, signature: Any, root: bytes, count: int) -> bool:
+    return verify_message(message_public, signature, signed_bytes("message-batch", base64.b64encode(root).decode(),
+                                                                  count))
 
 
 # =============================================================================
@@ -1193,6 +1316,9 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+_HISTORY_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # made once: see to_json
+
+
 class HistoryLog:
     """A room's messages, one JSON object per line: an append costs the same however long the history is.
 
@@ -1264,27 +1390,35 @@ class HistoryLog:
             raise StateError(f"cannot write history file {self.path}: {exc.strerror}") from None
         sync_and_close(fd)
 
-    def write(self, new: list[dict]) -> list[dict]:
-        """Add entries to the file, not yet surely on disk (see sync): this, the Python part, stays on the loop.
-        Returns the entries that are in the file now, whole (one that cannot be encoded is left out). StateError
-        if the write fails: then nothing of this call is in the file."""
+    @staticmethod
+    def encode(entry: dict) -> bytes | None:
+        """An entry's line; None for one that cannot be written as UTF-8 JSON."""
+        try:
+            return (_HISTORY_ENCODER.encode(entry) + "\n").encode()
+        except (ValueError, TypeError) as exc:
+            log.warning("history entry %r left out: %s", entry.get("id"), exc)
+            return None
+
+    def write(self, new: list[dict], lines: list[bytes | None] | None = None) -> list[dict]:
+        """Add entries to the file, not yet surely on disk (see sync); lines: their encode(), if done already (on
+        the event loop, in slices, while this runs in a worker thread). Returns the entries that are in the file
+        now, whole (one that cannot be encoded is left out). StateError if the write fails: then nothing of this
+        call is in the file."""
+        lines = lines if lines is not None else [self.encode(entry) for entry in new]
         with self._lock, locked_beside(self.path):
             fd = -1
             try:
                 fd = open_own(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
                 self._read()
-                there, added, lines, ids = [], [], [], set(self._ids)
-                for entry in new:
-                    if entry["id"] in ids:
+                there, added, kept, ids = [], [], [], set()
+                for entry, line in zip(new, lines, strict=True):
+                    if entry["id"] in self._ids or entry["id"] in ids:
                         there.append(entry)
-                        continue
-                    try:
-                        lines.append((json.dumps(entry, ensure_ascii=False, separators=(",", ":")) + "\n").encode())
-                    except (ValueError, TypeError) as exc:
-                        log.warning("history entry %r left out: %s", entry.get("id"), exc)
-                        continue
-                    added.append(entry)
-                    ids.add(entry["id"])
+                    elif line is not None:
+                        added.append(entry)
+                        kept.append(line)
+                        ids.add(entry["id"])
+                lines = kept
                 if lines:
                     start = os.fstat(fd).st_size
                     try:
@@ -1979,17 +2113,15 @@ class Peer(Emitter):
         self.last_pong: float | None = None
         self.verified_at: float | None = None
         self.message_key: str | None = None     # an rtchat.py peer's certified Ed25519 key (its hello)
-        self.late_signatures = False            # it takes a message's signature in a frame of its own, later
+        self.late_signatures = False            # it takes a batch signature for messages sent ahead of it (hello)
         self.author: dict | None = None         # its key, message key and certificate, once proven in the channel
         self.takes_files = False                # it said so in its hello
         self.lookalike: str | None = None       # a known name its name looks like (Room decides, when verified)
-        self.backfill_left = 0                  # relayed messages we still take from it (in answer to our sync)
         self.budgets = {kind: Budget(budget) for kind, budget in (
             ("frame", FRAME_BUDGET), ("chat", CHAT_BUDGET), ("sync", SYNC_BUDGET), ("identify", IDENTIFY_BUDGET),
             ("file", FILE_OFFER_BUDGET))}
         self.questions_open = 0                 # its questions being answered now
         self.over_budget: dict[str, int] = {}   # requests dropped, by kind
-        self.unsigned_bytes = 0                 # its messages' text waiting for their signatures (Room keeps count)
         self._pace = Budget(SEND_PACE)
         self._backlog: collections.deque[tuple[str, Any]] = collections.deque()  # our messages waiting for the pace
         self._pump: asyncio.Task | None = None
@@ -2241,6 +2373,21 @@ class Peer(Emitter):
         finally:
             self._tasks.remove(self._pump)
             self._pump = None
+
+    async def writable(self, label: str, below: int, timeout: float) -> bool:
+        """Until the channel named label holds at most below bytes; False if it is not open, or at timeout."""
+        channel = self.channels.get(label)
+        return channel is not None and await channel_drained(channel, below, timeout)
+
+    async def delivered(self, timeout: float) -> bool:
+        """Until everything sent has been acknowledged by the remote SCTP stack (see is_idle); False at timeout.
+        aiortc raises no event for SCTP acknowledgements, so this looks every 10 ms."""
+        deadline = time.monotonic() + timeout
+        while not self.is_idle():
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
 
     def allow(self, kind: str) -> bool:
         """Within the peer's budget for this kind of request (and it is spent)? Else it is counted and dropped."""
@@ -3833,7 +3980,8 @@ class Message:
 
     sender is the author's wire name; relayed_by names the peer that passed it on (backfill). text is exactly what
     the author sent (clean() it before showing it). id is message_id() of the rest, with salt; sig is the author's
-    signature, kept so the message can be passed on unaltered. fingerprint is the author's key as checked by us;
+    signature, of the message or (with proof) of the batch it was signed in, kept so the message can be passed on
+    unaltered and checked alone. fingerprint is the author's key as checked by us;
     claimed_fingerprint the one an unverified relay named. lookalike: a known name the sender's looks like.
     history: said before we came (kept on disk, or passed on by a peer when we met), not news.
     """
@@ -3853,6 +4001,7 @@ class Message:
     salt: str | None = None
     claimed_fingerprint: str | None = None
     lookalike: str | None = None
+    proof: dict | None = None
 
     def to_dict(self) -> dict:
         """The --json form."""
@@ -3873,7 +4022,7 @@ class Message:
         entry there is history."""
         record = self.to_dict()
         record.pop("history", None)
-        for field in ("sig", "salt", "claimed_fingerprint"):
+        for field in ("sig", "salt", "claimed_fingerprint", "proof"):
             if getattr(self, field):
                 record[field] = getattr(self, field)
         return record
@@ -3886,6 +4035,26 @@ class Message:
     def signed_part(self, topic: str) -> bytes:
         return signed_bytes("message", topic, self.sender, self.id, self.ts, self.text, self.action)
 
+    def is_signed_by(self, message_public: str, topic: str, checked: dict | None = None) -> bool:
+        """Is sig (with proof: a batch signature) by this message key, over this message as it is? checked: the
+        batch signatures checked so far, so that a batch passed on whole is checked once."""
+        if not self.sig:
+            return False
+        signed = self.signed_part(topic)
+        if self.proof is None:
+            return verify_message(message_public, self.sig, signed)
+        fields = batch_proof_fields(self.proof)
+        root = batch_root(batch_leaf(signed), *fields) if fields else None
+        if root is None:
+            return False
+        key = (message_public, self.sig, root, fields[1])
+        if checked is None or key not in checked:
+            genuine = verify_batch(message_public, self.sig, root, fields[1])
+            if checked is None:
+                return genuine
+            checked[key] = genuine
+        return checked[key]
+
     @classmethod
     def from_dict(cls, data: dict) -> Message:
         def text_or_none(key: str) -> str | None:
@@ -3896,7 +4065,8 @@ class Message:
                    fingerprint=data.get("fingerprint"), trust=str(data.get("trust", "unverified")),
                    action=bool(data.get("action")), to=data.get("to"), relayed_by=data.get("relayed_by"),
                    sig=text_or_none("sig"), salt=text_or_none("salt"),
-                   claimed_fingerprint=text_or_none("claimed_fingerprint"), lookalike=text_or_none("lookalike"))
+                   claimed_fingerprint=text_or_none("claimed_fingerprint"), lookalike=text_or_none("lookalike"),
+                   proof=data["proof"] if isinstance(data.get("proof"), dict) else None)
 
 
 @dataclasses.dataclass
@@ -4445,6 +4615,699 @@ class Files:
 
 
 # =============================================================================
+# Ledger: chat and direct messages once a session is verified. What is taken
+# (live, or passed on as history), written to disk and acknowledged; signatures
+# (one per batch of our messages); hello, sync and backfill; the outbox. Owns the
+# history log. Uses Peer's send and Trust; emits typed events; knows no Room.
+# =============================================================================
+
+@dataclasses.dataclass(frozen=True)
+class Scope:
+    """What the ledger's parts know of the room they serve: its name and topic, who we are, whom we trust."""
+    room: str
+    topic: str
+    me: str
+    identity: Identity
+    store: Store
+    trust: Trust
+
+    def author(self, fp: str | None) -> dict | None:
+        """What a third party needs to check a message by fp: identity key, message key, certificate."""
+        if fp == self.identity.fingerprint:
+            return {"key": self.identity.public_key_string, "mkey": self.identity.message_public,
+                    "mcert": self.identity.message_cert}
+        return self.store.data["authors"].get(fp)
+
+
+class Journal:
+    """The room's history as written: the log, the ids in it or on their way there, and the writes. What comes
+    within COMMIT_GATHER_S (no more often than every COMMIT_EVERY_S while messages keep coming) is written at once,
+    fsynced in a worker thread, and only then acknowledged. Our messages sent ahead of their signature are signed
+    here, one signature per batch. While the disk refuses (full, say) what came is kept (up to MAX_PENDING_WRITES)
+    and tried again every DISK_RETRY_S: one disk-error event, no acks, then disk-ok and the acks once written."""
+
+    def __init__(self, scope: Scope, log: HistoryLog, emit: Callable[..., None], tasks: Tasks, done: Pulse) -> None:
+        self.scope, self.log, self._emit, self._tasks = scope, log, emit, tasks
+        self.pending: set[str] = set()           # ids on their way to disk: not acknowledged yet
+        self.done = done                         # fired after each write, and when writing stops
+        self.stopped = False                     # the room is left: a refusing disk is not tried again
+        self._known: dict[str, None] = {}        # ids in the log or on their way there (the newest MAX_KNOWN_IDS)
+        self._queue: list[tuple[dict, Peer | None, str, str]] = []  # entry, ack to, on label, as id
+        self._own: list[tuple[Message, dict, list[tuple[Peer, str]]]] = []  # ours, sent ahead of their signature
+        self._disk_error: str | None = None
+        self._writing: asyncio.Task | None = None
+        self._last = 0.0
+
+    async def open(self) -> list[dict]:
+        """Read the log (in a worker thread): its entries, whose ids are known from now on."""
+        entries = await off_loop(self.log.entries)
+        self._known = dict.fromkeys(e["id"] for e in entries)
+        return entries
+
+    @property
+    def idle(self) -> bool:
+        return self._writing is None
+
+    def knows(self, msg_id: str) -> bool:
+        return msg_id in self._known
+
+    @property
+    def known_count(self) -> int:
+        """How many ids are remembered (at most MAX_KNOWN_IDS)."""
+        return len(self._known)
+
+    def remember(self, msg_id: str) -> None:
+        self._known[msg_id] = None
+        if len(self._known) > MAX_KNOWN_IDS:
+            del self._known[next(iter(self._known))]
+
+    def add(self, entry: dict, ack_to: Peer | None = None, ack_label: str = "chat", ack_id: str | None = None) -> None:
+        """An entry to write; with ack_to, that rtchat.py peer is told (as ack_id) once it is on disk."""
+        self.remember(entry["id"])
+        self.pending.add(entry["id"])
+        self._queue.append((entry, ack_to, ack_label, ack_id or entry["id"]))
+        if self._writing is None:
+            self._writing = self._tasks.spawn(self._write(), f"commit-{self.scope.room}")
+
+    def add_own(self, msg: Message, sent: list[tuple[Peer, str]]) -> None:
+        """Our message, sent (to these peers, on these channels): unless it went out signed, it is signed with the
+        next write, and those peers are sent what checks it."""
+        entry = msg.record()
+        if msg.sig is None:
+            self._own.append((msg, entry, sent))
+        self.add(entry)
+
+    async def _write(self) -> None:
+        try:
+            while self._queue and not (self.stopped and self._disk_error):
+                pace = DISK_RETRY_S if self._disk_error else COMMIT_EVERY_S
+                await asyncio.sleep(max(COMMIT_GATHER_S, self._last + pace - time.monotonic()))
+                self._last = time.monotonic()
+                batch, self._queue = self._queue, []
+                own, self._own = self._own, []
+                await self._sign(own)
+                entries, lines = [item[0] for item in batch], []
+                for start in range(0, len(batch), COMMIT_SLICE):  # a long batch in slices, for messages arriving
+                    lines += map(HistoryLog.encode, entries[start:start + COMMIT_SLICE])
+                    await asyncio.sleep(0)
+                try:
+                    # Only what we acknowledge must be on disk first; what we sent is safe with whoever acked it.
+                    written = await off_loop(self._store, entries, lines, any(item[1] for item in batch))
+                except StateError as exc:
+                    self._keep_for_retry(batch, str(exc))
+                    continue
+                if self._disk_error is not None:
+                    self._disk_error = None
+                    self._emit("disk-ok", str(self.log.path))
+                self.pending.difference_update(item[0]["id"] for item in batch)
+                done = {id(entry) for entry in written}
+                self._send_acks([item for item in batch if id(item[0]) in done])
+                self.done.fire()
+                if self.log.needs_compaction:
+                    try:
+                        await off_loop(self.log.compact)
+                    except StateError as exc:
+                        self._emit("compaction-failed", str(self.log.path), str(exc))
+        finally:
+            self._writing = None
+            self.done.fire()
+
+    def _store(self, entries: list[dict], lines: list[bytes | None], sync: bool) -> list[dict]:
+        """In a worker thread: the entries (as encoded) into the log, and with sync onto the disk."""
+        written = self.log.write(entries, lines)
+        if sync:
+            self.log.sync()
+        return written
+
+    def _keep_for_retry(self, batch: list[tuple[dict, Peer | None, str, str]], reason: str) -> None:
+        self._queue[:0] = batch
+        for entry, *_ in self._queue[:-MAX_PENDING_WRITES]:  # given up: never acked, so a resend is taken anew
+            self.pending.discard(entry["id"])
+            self._known.pop(entry["id"], None)
+        del self._queue[:-MAX_PENDING_WRITES]
+        if self._disk_error is None:
+            self._disk_error = reason
+            self._emit("disk-error", str(self.log.path), reason)
+
+    async def _sign(self, own: list[tuple[Message, dict, list[tuple[Peer, str]]]]) -> None:
+        """One signature per batch of our messages (MAX_BATCH at most) instead of one each: every message keeps it
+        with its proof, and every peer that got messages of the batch gets one frame, after them, that checks
+        them (PROTOCOL.md, Signatures)."""
+        for start in range(0, len(own), MAX_BATCH):
+            part = own[start:start + MAX_BATCH]
+            leaves = [batch_leaf(msg.signed_part(self.scope.topic)) for msg, _, _ in part]
+            tree = batch_tree(leaves)
+            sig = self.scope.identity.sign_batch(tree[-1][0], len(leaves))
+            frames: dict[tuple[Peer, str], list[str | None]] = {}
+            for at, (msg, entry, sent) in enumerate(part):
+                msg.sig, msg.proof = sig, batch_proof(at, len(leaves), batch_path(tree, at))
+                entry.update(sig=msg.sig, proof=msg.proof)
+                for peer, label in sent:
+                    frames.setdefault((peer, label), [None] * len(leaves))[at] = msg.id
+            hashes = encode_hashes(leaves)
+            for (peer, label), ids in frames.items():
+                peer.send_paced(label, {"t": "batch", "sig": sig, "leaves": hashes, "ids": ids})
+            await asyncio.sleep(0)
+
+    @staticmethod
+    def _send_acks(batch: list[tuple[dict, Peer | None, str, str]]) -> None:
+        acks: dict[tuple[Peer, str], list[str]] = {}
+        for _, peer, label, ack_id in batch:
+            if peer is not None:
+                acks.setdefault((peer, label), []).append(ack_id)
+        for (peer, label), ids in acks.items():
+            for start in range(0, len(ids), 1000):  # a receiver reads 1000 ids a frame
+                peer.send(label, {"t": "ack", "ids": ids[start:start + 1000]})
+
+
+class Relays:
+    """History passed on between rtchat.py peers (PROTOCOL.md, History passed on). Out: the answer to a peer's sync,
+    what it lacks, once what we took before it asked is written (so signed, and with what checks it). In: what a
+    peer passes us in answer to ours, each record checked against its id and its author's signature; it counts as
+    checked only by a key we verified for that author ourselves (an author being connected at that moment is
+    waited for, briefly). Keys unverified history named for a name are remembered: an author who turns up with
+    another has been forged (history-conflict)."""
+
+    def __init__(self, scope: Scope, journal: Journal, accept: Callable[[Message], None],
+                 is_connecting: Callable[[str], bool], lookalike_of: Callable[[str], str | None],
+                 emit: Callable[..., None], tasks: Tasks) -> None:
+        self.scope, self.journal, self._accept, self._emit, self._tasks = scope, journal, accept, emit, tasks
+        self._is_connecting, self._lookalike_of = is_connecting, lookalike_of
+        self._waiting: list[tuple[Message, dict | None]] = []  # relayed messages waiting for their authors
+        self._judge_timer: asyncio.TimerHandle | None = None
+        self._claims: dict[str, set[str]] = {}  # name never verified -> keys unverified relays said it signed with
+        self._allowance: dict[Peer, int] = {}   # relayed messages we still take from a peer (in answer to our sync)
+
+    def asked(self, peer: Peer) -> None:
+        """We sent peer our sync: it may pass us BACKFILL_MAX records in answer."""
+        self._allowance[peer] = BACKFILL_MAX
+
+    def peer_gone(self, peer: Peer) -> None:
+        self._allowance.pop(peer, None)
+        if self._waiting:
+            self.judge()
+
+    # -- out: what a peer missed ----------------------------------------------------------------
+    def on_sync(self, peer: Peer, value: dict, batches: bool) -> None:
+        """Pass on what the peer missed (rtchat.py asks once a session): room messages it does not list, the newest
+        BACKFILL_MAX, oldest first, as fast as its channel takes them. batches: it can check batch signatures."""
+        theirs = value.get("ids")
+        if isinstance(theirs, list) and peer.allow("sync"):
+            theirs = set(i for i in theirs[:2 * HISTORY_PER_ROOM] if isinstance(i, str))
+            self._tasks.spawn(self._backfill(peer, theirs, batches), f"backfill-{peer.name}")
+
+    async def _backfill(self, peer: Peer, theirs: set[str], batches: bool) -> None:
+        # What we took before it asked may be on its way to disk (not sent to it live: it was not verified yet).
+        held = set(self.journal.pending)
+        await self.journal.done.until(lambda: not held & self.journal.pending, SIGNATURE_WAIT_S + 1)
+        entries = await off_loop(self.journal.log.entries)
+        missing = [e for e in entries if e.get("type") == "message" and e["id"] not in theirs
+                   and e.get("from") != peer.name][-BACKFILL_MAX:]
+        batch, authors, size, checked = [], {}, 0, {}
+        for entry in missing:
+            record, credentials = self._relay_record(entry, batches, checked)
+            if credentials:
+                authors[record["fingerprint"]] = credentials
+            batch.append(record)
+            size += len(entry.get("text", "")) + 200 + len(to_json(record.get("proof")))
+            if size > BACKFILL_FRAME_CHARS or entry is missing[-1]:
+                if not await peer.writable("chat", REPLY_BUFFER_BYTES, FILE_IDLE_S):
+                    return
+                peer.send("chat", {"t": "backfill", "authors": authors, "msgs": batch})
+                batch, authors, size = [], {}, 0
+            await asyncio.sleep(0)
+
+    def _relay_record(self, entry: dict, batches: bool, checked: dict) -> tuple[dict, dict | None]:
+        """A history entry as passed on, and the author's credentials when its signature goes with it. Only a
+        signature we have checked against a key we know goes on (a batch signature only to a peer that can check
+        one); an unverified message goes unsigned. checked: signatures checked so far, shared by a batch."""
+        record = {k: entry.get(k) for k in ("id", "from", "text", "ts", "action", "fingerprint", "sig", "salt",
+                                            "relayed_by")}
+        fp, proof = entry.get("fingerprint"), entry.get("proof")
+        if proof is not None and batches:
+            record["proof"] = proof
+        if entry.get("trust") == "unverified":
+            record.update(fingerprint=entry.get("claimed_fingerprint"), sig=None)
+            record.pop("proof", None)
+            return record, None
+        credentials = self.scope.author(fp) if entry.get("sig") and (batches or proof is None) else None
+        # A message that came live was not checked when it came (the channel vouched for it): it is now, before we
+        # pass it on as the author's.
+        if credentials and (fp == self.scope.identity.fingerprint or entry.get("trust") == "relayed" or
+                            Message.from_dict(entry).is_signed_by(credentials["mkey"], self.scope.topic, checked)):
+            return record, credentials
+        record["sig"] = None
+        record.pop("proof", None)
+        return record, None
+
+    # -- in: what we missed ---------------------------------------------------------------------
+    def on_backfill(self, peer: Peer, value: dict) -> None:
+        """Messages we missed, passed on by a peer in answer to our sync (BACKFILL_MAX at most): each must be what
+        its id was made for, and the author's signature decides what it is worth. They are history, never news,
+        even from their author (who passes on what it said before we met)."""
+        authors, records = value.get("authors"), value.get("msgs")
+        if not isinstance(authors, dict) or not isinstance(records, list):
+            return
+        left = self._allowance.get(peer, 0)
+        records = records[:left]
+        self._allowance[peer] = left - len(records)
+        checked: dict = {}
+        for record in records:
+            relayed = self._relayed(peer, authors, record, checked) if isinstance(record, dict) else None
+            if relayed is not None and not self.journal.knows(relayed[0].id):
+                self._waiting.append(relayed)
+        if self._waiting and self._judge_timer is None:
+            self._judge_timer = self._tasks.later(VERIFY_TIMEOUT_S, self.judge, True)
+        self.judge(len(self._waiting) > 4 * BACKFILL_MAX)
+
+    def judge(self, now: bool = False) -> None:
+        """Relayed messages are shown in order once no author of theirs is still connecting (at most
+        VERIFY_TIMEOUT_S): a signature counts as checked only by a key we verified for its author ourselves, and
+        an author met at the same moment as the peer passing its words on is usually verified a moment later."""
+        if not now and any(author is not None and self._is_connecting(msg.sender) for msg, author in self._waiting):
+            return
+        if self._judge_timer is not None:
+            self._judge_timer.cancel()
+            self._judge_timer = None
+        waiting, self._waiting = sorted(self._waiting, key=lambda relayed: relayed[0].ts), []
+        for msg, author in waiting:
+            if self.journal.knows(msg.id):
+                continue
+            if author is not None and msg.claimed_fingerprint in self.scope.trust.pins_for(bare_name(msg.sender)):
+                self._checked(msg, author)
+            self._accept(msg)
+            self.note_claim(msg)
+
+    def _checked(self, msg: Message, author: dict) -> None:
+        """A relayed message whose signature is by the key pinned for its author: its words, checked."""
+        fp = msg.claimed_fingerprint
+        msg.trust, msg.fingerprint, msg.claimed_fingerprint = "relayed", fp, None
+        if fp not in self.scope.store.data["authors"]:
+            self.scope.store.defer(lambda d: d["authors"].__setitem__(fp, author))
+
+    def _relayed(self, peer: Peer, authors: dict, record: dict, checked: dict) -> tuple[Message, dict | None] | None:
+        """A relayed record as a Message, or None if it is malformed, not what its id was made for, or signed by
+        a key other than the one pinned for its author. It counts as checked ('relayed') only if its signature is
+        by a key we have verified for that name ourselves; else it is kept 'unverified', with the key it claims.
+        With it, the author's credentials if the signature is genuine but the author not (yet) verified by us."""
+        fp, sig, salt, proof = record.get("fingerprint"), record.get("sig"), record.get("salt"), record.get("proof")
+        if not (is_message_id(record.get("id")) and is_wire_name(record.get("from"))
+                and is_message_text(record.get("text")) and valid_ts(record.get("ts"))
+                and isinstance(salt, str) and SALT_RE.fullmatch(salt)
+                and (fp is None or (isinstance(fp, str) and FINGERPRINT_RE.fullmatch(fp)))
+                and (proof is None or batch_proof_fields(proof) is not None)):
+            return None
+        msg = Message(id=record["id"], room=self.scope.room, sender=record["from"], text=record["text"],
+                      ts=record["ts"], action=record.get("action") is True, relayed_by=peer.name, history=True,
+                      salt=salt, claimed_fingerprint=fp)
+        if msg.sender == self.scope.me or msg.bound_id() != msg.id:
+            return None  # ours, or other words than its id was made for
+        pins = self.scope.trust.pins_for(bare_name(msg.sender))
+        if pins and fp not in pins:
+            log.info("dropped a relayed message in %s's name from %s: not their key", msg.sender, peer.name)
+            return None
+        author = authors.get(fp) if fp else None
+        if isinstance(sig, str) and isinstance(author, dict):
+            msg.sig, msg.proof = sig, proof
+            key = author.get("key")
+            try:
+                genuine = (isinstance(key, str) and fingerprint(key) == fp
+                           and verify_message_key(key, author.get("mkey"), author.get("mcert"))
+                           and msg.is_signed_by(author["mkey"], self.scope.topic, checked))
+            except ValueError:
+                genuine = False
+            if not genuine:
+                log.info("dropped a relayed message in %s's name from %s: bad signature", msg.sender, peer.name)
+                return None
+            if pins:  # an author we have verified ourselves
+                self._checked(msg, author)
+        msg.lookalike = self._lookalike_of(msg.sender)
+        return msg, (author if msg.sig and msg.trust == "unverified" else None)
+
+    # -- keys history named -----------------------------------------------------------------------
+    def note_claim(self, msg: Message) -> None:
+        """Remember which key an unverified relay said an author we never met signed with: if the author turns up
+        with another key, that history was forged, and we say so (history-conflict)."""
+        name = bare_name(msg.sender)
+        if msg.trust != "unverified" or not msg.claimed_fingerprint or self.scope.trust.pins_for(name):
+            return
+        if len(self._claims) >= 1024 and name not in self._claims:
+            del self._claims[next(iter(self._claims))]
+        claims = self._claims.setdefault(name, set())
+        if len(claims) < 16:
+            claims.add(msg.claimed_fingerprint)
+
+    def first_contact(self, peer: Peer) -> None:
+        """A name verified for the first time (before its key is pinned): did unverified relays say it signed with
+        another key? Then that history was forged."""
+        bare = bare_name(peer.name)
+        for msg, _ in self._waiting:
+            if bare_name(msg.sender) == bare:
+                self.note_claim(msg)
+        claimed = self._claims.pop(bare, set()) - {peer.fingerprint}
+        if claimed:
+            self._emit("history-conflict", peer, sorted(claimed))
+
+
+class Ledger:
+    """Messages in and out of one room once a session is verified. Inputs are calls from the room: a verified peer
+    came or went, a chat or dm frame came from one, the user said something. Outputs are frames handed to peers'
+    send and events: message, dm and history (what was taken), delivered and queued (our direct messages),
+    disk-error, disk-ok and compaction-failed (the history file), history-conflict (history forged)."""
+
+    def __init__(self, scope: Scope, log: HistoryLog, emit: Callable[..., None], *, takes_files: bool = False,
+                 is_connecting: Callable[[str], bool] = lambda name: False,
+                 lookalike_of: Callable[[str], str | None] = lambda name: None,
+                 on_hello: Callable[[Peer], None] = lambda peer: None) -> None:
+        self.scope, self.log, self._emit, self.takes_files, self._on_hello_heard = scope, log, emit, takes_files, \
+            on_hello
+        self._tasks = Tasks()
+        self.changed = Pulse()                  # fires when something is written, an ack comes or a peer goes
+        self.journal = Journal(scope, log, emit, self._tasks, self.changed)
+        self.relays = Relays(scope, self.journal, self._accept_relayed, is_connecting, lookalike_of, emit,
+                             self._tasks)
+        self._present: dict[str, Peer] = {}     # verified peers, by name
+        self._unacked: dict[str, set[str]] = {}  # our messages -> rtchat.py peers that have not acked them yet
+        self._dm_ids: dict[str, str] = {}       # our DMs awaiting an ack: id -> recipient
+        self._unsigned: dict[tuple[str, str], tuple[dict, Peer, str, float]] = {}  # theirs, waiting for signatures
+        self._unsigned_bytes: dict[Peer, int] = {}  # per peer: text waiting for its signatures
+        self._sweep: asyncio.TimerHandle | None = None
+
+    async def open(self) -> None:
+        for entry in await self.journal.open():
+            self.relays.note_claim(Message.from_dict(entry))
+
+    async def written(self, timeout: float = math.inf) -> bool:
+        """Until everything taken is written (messages still waiting for their signatures are written without
+        them now); False at timeout."""
+        self._write_unsigned(math.inf)
+        return await self.journal.done.until(lambda: self.journal.idle, timeout)
+
+    def stop(self) -> None:
+        """The room is being left: a disk that refuses writes is not tried again."""
+        self.journal.stopped = True
+
+    async def close(self) -> None:
+        """Everything taken is written, then every task of the ledger has ended."""
+        self.stop()
+        await self.written()
+        await self._tasks.close()
+
+    # -- from the user --------------------------------------------------------------------------
+    def send(self, text: str, action: bool, peers: list[Peer]) -> Message:
+        """Say something to these (verified) peers, and, through backfill, to who comes later."""
+        msg = self._own_message(text, "message", action)
+        self._sign_now_if_wanted(msg, peers)
+        self.journal.add_own(msg, [(peer, "chat") for peer in peers if self._send_text(peer, "chat", msg)])
+        return msg
+
+    def dm(self, peer: Peer | None, target: str, text: str) -> Message:
+        """A direct message to a verified peer; to a known name with none (target, a bare name) it waits in the
+        outbox, kept across restarts, and a 'queued' event says so."""
+        if peer is not None:
+            msg = self._own_message(text, "dm", to=peer.name)
+            self._sign_now_if_wanted(msg, [peer])
+            if self._send_text(peer, "dm", msg):  # browsers do not acknowledge
+                self._dm_ids[msg.id] = peer.name
+            self.journal.add_own(msg, [(peer, "dm")])
+            return msg
+        msg = self._own_message(text, "dm", to=target)
+        msg.sig = self.scope.identity.sign_message(msg.signed_part(self.scope.topic))
+        self.scope.store.update(lambda d: d["outbox"].append(msg.record()))
+        self._emit("queued", msg)
+        self.journal.add(msg.record())
+        return msg
+
+    def outbox(self) -> list[Message]:
+        """Our direct messages in this room still waiting for their recipients."""
+        return [Message.from_dict(e) for e in self.scope.store.data["outbox"] if e.get("room") == self.scope.room]
+
+    def history(self, count: int = 20) -> list[Message]:
+        """The last count messages of this room, oldest first (kept on disk, also across restarts)."""
+        entries = self.log.entries()[-count:] if count > 0 else []
+        return [dataclasses.replace(Message.from_dict(e), history=True) for e in entries]
+
+    def unacknowledged(self) -> set[str]:
+        """Wire names of rtchat.py peers that have not acknowledged every message we sent them."""
+        return set().union(*self._unacked.values())
+
+    def awaiting(self, msg_id: str) -> set[str]:
+        """Wire names of rtchat.py peers that have not acknowledged this message of ours yet."""
+        return set(self._unacked.get(msg_id, ()))
+
+    async def flush(self, timeout: float) -> bool:
+        """Until every message taken is written and every rtchat.py recipient acknowledged what we sent it. False
+        at timeout, or as soon as only recipients that left are missing (see unacknowledged)."""
+        def settled() -> bool:
+            missing = self.unacknowledged()
+            return not missing & set(self._present) if missing else self.journal.idle
+        return await self.changed.until(settled, timeout) and not self.unacknowledged()
+
+    def _own_message(self, text: str, kind: str, action: bool = False, to: str | None = None) -> Message:
+        if not text:
+            raise UsageError("nothing to send")
+        if len(text) > MAX_TEXT_CHARS:
+            raise UsageError(f"a message has at most {MAX_TEXT_CHARS} characters")
+        if not is_encodable(text):
+            raise UsageError("a message must be valid Unicode text (it has a lone surrogate)")
+        msg = Message(id="", room=self.scope.room, sender=self.scope.me, text=text, ts=now_ms(), kind=kind,
+                      fingerprint=self.scope.identity.fingerprint, trust="self", action=action, to=to,
+                      salt=new_id())
+        msg.id = msg.bound_id()
+        return msg
+
+    def _sign_now_if_wanted(self, msg: Message, peers: list[Peer]) -> None:
+        """An rtchat.py peer that does not take batch signatures later (0.2, or one whose hello has not come) gets
+        the message's own signature inline, and then so does everyone."""
+        if any(p.is_rtchat_py and not p.late_signatures for p in peers):
+            msg.sig = self.scope.identity.sign_message(msg.signed_part(self.scope.topic))
+
+    # -- peers ----------------------------------------------------------------------------------
+    def first_contact(self, peer: Peer) -> None:
+        """A name verified for the first time, before its key is pinned (see Relays.first_contact)."""
+        self.relays.first_contact(peer)
+
+    def peer_verified(self, peer: Peer) -> None:
+        """A verified session: an rtchat.py peer bound to its key hears our message key (and then we compare notes);
+        direct messages waiting for it go out; history waiting for its author is judged."""
+        self._present[peer.name] = peer
+        if peer.is_rtchat_py and peer.channel_bound:
+            peer.send("chat", {"t": "hello", "mkey": self.scope.identity.message_public,
+                               "mcert": self.scope.identity.message_cert, "late_sigs": True, "batches": True,
+                               "files": self.takes_files})
+        self._send_outbox(peer)
+        self.relays.judge()
+
+    def peer_gone(self, peer: Peer) -> None:
+        if self._present.get(peer.name) is peer:
+            del self._present[peer.name]
+        self._unsigned_bytes.pop(peer, None)
+        self.relays.peer_gone(peer)
+        self.changed.fire()
+
+    # -- frames from verified peers -------------------------------------------------------------
+    def on_frame(self, peer: Peer, label: str, value: Any) -> None:
+        """A frame on the chat or dm channel of a verified peer."""
+        kind = "message" if label == "chat" else "dm"
+        if isinstance(value, dict) and peer.is_rtchat_py:
+            handler = self._FRAMES.get(value.get("t"))
+            if handler is not None:
+                handler(self, peer, kind, value)
+            return
+        text = value if isinstance(value, str) else to_json(value)
+        if not (peer.allow("chat") and is_message_text(text)):
+            return
+        msg = Message(id="", room=self.scope.room, sender=peer.name, text=text, ts=now_ms(), kind=kind,
+                      fingerprint=peer.fingerprint, trust="legacy", to=self.scope.me if kind == "dm" else None,
+                      salt=new_id(), lookalike=peer.lookalike)
+        msg.id = msg.bound_id()  # browsers send plain text: the id is made here
+        self._accept(msg, peer, label)
+
+    def _send_text(self, peer: Peer, label: str, msg: Message) -> bool:
+        """Our message to one peer: plain text to a browser, a frame to an rtchat.py peer. True if it went to an
+        rtchat.py peer, which will acknowledge it. (With on_frame, all the ledger knows of the two dialects.)"""
+        if not peer.is_rtchat_py:
+            peer.send_paced(label, f"* {self.scope.me} {msg.text}" if msg.action else msg.text)
+            return False
+        frame = {"t": "msg", "id": msg.id, "ts": msg.ts, "text": msg.text, "action": msg.action}
+        if msg.salt is not None:  # an outbox entry written by rtchat.py 0.2 has none: it goes as 0.2 sent it
+            frame["salt"] = msg.salt
+        if msg.sig is not None:
+            frame["sig"] = msg.sig
+        if not peer.send_paced(label, frame):
+            return False
+        self._unacked.setdefault(msg.id, set()).add(peer.name)
+        if len(self._unacked) > 10000:  # a long-lived room: forget the oldest never acknowledged
+            del self._unacked[next(iter(self._unacked))]
+        return True
+
+    def _on_signed_text(self, peer: Peer, kind: str, value: dict) -> None:
+        """A message from an rtchat.py peer, kept exactly as sent. Its id must be bound to its words; one from
+        rtchat.py 0.2 (no salt: an id of its choosing) is kept under an id made here from it, and acked as sent."""
+        msg_id, text, stamp, salt, sig = (value.get(k) for k in ("id", "text", "ts", "salt", "sig"))
+        if not (peer.allow("chat") and is_message_id(msg_id) and is_message_text(text) and valid_ts(stamp)):
+            return
+        msg = Message(id=msg_id, room=self.scope.room, sender=peer.name, text=text, ts=stamp, kind=kind,
+                      fingerprint=peer.fingerprint, trust="channel-bound" if peer.channel_bound else "legacy",
+                      action=value.get("action") is True, to=self.scope.me if kind == "dm" else None,
+                      salt=salt if salt is not None else msg_id, lookalike=peer.lookalike)
+        if not (isinstance(msg.salt, str) and SALT_RE.fullmatch(msg.salt)):
+            return
+        follows = False
+        if salt is None:  # 0.2: its signature covers its own id, so it cannot be passed on under ours
+            msg.id = msg.bound_id()
+        elif msg.bound_id() != msg_id:
+            log.debug("%r: a message whose id does not fit its words, dropped", peer)
+            return
+        elif peer.message_key is not None:  # the signature lets us pass it on; it needs the peer's hello
+            msg.sig = sig if is_signature_text(sig) else None
+            follows = sig is None and self._unsigned_bytes.get(peer, 0) + len(text) <= MAX_UNSIGNED_BYTES
+        self._accept(msg, peer, "chat" if kind == "message" else "dm", signature_follows=follows, ack_id=msg_id)
+
+    def _on_signatures(self, peer: Peer, kind: str, value: dict) -> None:
+        """Signatures of messages an rtchat.py 0.2 peer sent ahead of them, one each: now they are written."""
+        sigs = value.get("sigs")
+        if not isinstance(sigs, dict):
+            return
+        for msg_id, sig in itertools.islice(sigs.items(), 1000):
+            waiting = self._take_unsigned((peer.name, msg_id))
+            if waiting is not None:
+                entry, sender, label, _ = waiting
+                if is_signature_text(sig):
+                    entry["sig"] = sig
+                self.journal.add(entry, sender, label)
+
+    def _on_batch(self, peer: Peer, kind: str, value: dict) -> None:
+        """One signature over a batch of the peer's messages sent ahead of it: each message it names here keeps
+        the signature and its proof (built from the batch's leaves), so that it can be passed on and checked
+        alone; one whose leaf is not the one named is written without. Then they are written and acked."""
+        sig, ids = value.get("sig"), value.get("ids")
+        hashes = decode_hashes(value.get("leaves"), MAX_BATCH)
+        if not (is_signature_text(sig) and isinstance(ids, list) and hashes and len(hashes) == len(ids)):
+            return
+        tree = None
+        for at, msg_id in enumerate(ids):
+            waiting = self._take_unsigned((peer.name, msg_id)) if isinstance(msg_id, str) else None
+            if waiting is None:
+                continue
+            entry, sender, label, _ = waiting
+            signed = signed_bytes("message", self.scope.topic, entry["from"], entry["id"], entry["ts"], entry["text"],
+                                  entry["action"])
+            if batch_leaf(signed) == hashes[at]:
+                tree = tree or batch_tree(hashes)
+                entry.update(sig=sig, proof=batch_proof(at, len(hashes), batch_path(tree, at)))
+            self.journal.add(entry, sender, label)
+
+    def _take_unsigned(self, key: tuple[str, str]) -> tuple[dict, Peer, str, float] | None:
+        waiting = self._unsigned.pop(key, None)
+        if waiting is not None and waiting[1] in self._unsigned_bytes:
+            self._unsigned_bytes[waiting[1]] -= len(waiting[0]["text"])
+        return waiting
+
+    def _write_unsigned(self, now: float | None = None) -> None:
+        """Messages whose signature did not come by their deadline are written (and acked) without one."""
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        now = time.monotonic() if now is None else now
+        for key, (entry, peer, label, deadline) in list(self._unsigned.items()):
+            if deadline <= now:
+                self._take_unsigned(key)
+                self.journal.add(entry, peer, label)
+        if self._unsigned:
+            due = min(deadline for _, _, _, deadline in self._unsigned.values())
+            self._sweep = self._tasks.later(max(0.0, due - time.monotonic()), self._write_unsigned)
+
+    def _accept(self, msg: Message, peer: Peer | None, ack_label: str, signature_follows: bool = False,
+                ack_id: str | None = None) -> None:
+        """A message we did not have: shown now, written to disk, and acknowledged (as ack_id, the id it came
+        with) once it is on disk. One whose signature follows waits for it (or SIGNATURE_WAIT_S) before it is
+        written."""
+        if self.journal.knows(msg.id):
+            if peer is not None and peer.is_rtchat_py and msg.id not in self.journal.pending:
+                peer.send(ack_label, {"t": "ack", "ids": [ack_id or msg.id]})  # a resend: we have it already
+            return
+        entry = msg.record()
+        if signature_follows:
+            self.journal.remember(msg.id)
+            self.journal.pending.add(msg.id)
+            self._unsigned[(peer.name, msg.id)] = (entry, peer, ack_label, time.monotonic() + SIGNATURE_WAIT_S)
+            self._unsigned_bytes[peer] = self._unsigned_bytes.get(peer, 0) + len(msg.text)
+            if len(self._unsigned) > MAX_UNSIGNED:  # a peer that never signs: the oldest is written as it is
+                self.journal.add(*self._take_unsigned(next(iter(self._unsigned)))[:3])
+            if self._sweep is None:
+                self._write_unsigned()
+        else:
+            self.journal.add(entry, peer if peer is not None and peer.is_rtchat_py else None, ack_label, ack_id)
+        self._emit("history" if msg.history else msg.kind, msg)
+
+    def _accept_relayed(self, msg: Message) -> None:
+        self._accept(msg, None, "chat")
+
+    def _on_ack(self, peer: Peer, kind: str, value: dict) -> None:
+        ids = value.get("ids")
+        if not isinstance(ids, list):
+            return
+        delivered = []
+        for msg_id in (i for i in ids[:1000] if isinstance(i, str)):
+            if msg_id in self._unacked:
+                self._unacked[msg_id].discard(peer.name)
+                if not self._unacked[msg_id]:
+                    del self._unacked[msg_id]
+            if self._dm_ids.get(msg_id) == peer.name:
+                del self._dm_ids[msg_id]
+                delivered.append(msg_id)
+                self._emit("delivered", msg_id, peer)
+        self.changed.fire()
+        if delivered:
+            done = set(delivered) & {e.get("id") for e in self.scope.store.data["outbox"]}
+            if done:
+                self.scope.store.update(lambda d: d.update(outbox=[e for e in d["outbox"] if e.get("id") not in done]))
+
+    def _on_hello(self, peer: Peer, kind: str, value: dict) -> None:
+        """An rtchat.py peer's message key, certified by the identity key we verified: then we compare notes."""
+        if not verify_message_key(peer.key_string, value.get("mkey"), value.get("mcert")):
+            log.info("%s sent a message key its identity did not certify", peer.name)
+            return
+        peer.message_key = value["mkey"]
+        peer.late_signatures = value.get("late_sigs") is True and value.get("batches") is True
+        peer.takes_files = value.get("files") is True
+        author = {"key": peer.key_string, "mkey": value["mkey"], "mcert": value["mcert"]}
+        if self.scope.store.data["authors"].get(peer.fingerprint) != author:
+            self.scope.store.defer(lambda d: d["authors"].__setitem__(peer.fingerprint, author))
+        self._on_hello_heard(peer)
+        self._tasks.spawn(self._sync(peer), f"sync-{peer.name}")
+
+    async def _sync(self, peer: Peer) -> None:
+        """Tell a peer which messages we have: it answers with what we lack."""
+        entries = await off_loop(self.log.entries)
+        self.relays.asked(peer)  # what we take from it in answer
+        peer.send("chat", {"t": "sync", "ids": [e["id"] for e in entries[-HISTORY_PER_ROOM:]]})
+
+    def _on_sync(self, peer: Peer, kind: str, value: dict) -> None:
+        self.relays.on_sync(peer, value, batches=peer.late_signatures)
+
+    def _on_backfill(self, peer: Peer, kind: str, value: dict) -> None:
+        self.relays.on_backfill(peer, value)
+
+    def _send_outbox(self, peer: Peer) -> None:
+        """Direct messages that waited for this peer go out now; an ack takes them out of the outbox."""
+        waiting = [e for e in self.scope.store.data["outbox"]
+                   if e.get("room") == self.scope.room and e.get("to") == bare_name(peer.name)]
+        for entry in waiting:
+            msg = Message.from_dict(entry)
+            if self._send_text(peer, "dm", msg):
+                self._dm_ids[msg.id] = peer.name
+        if waiting and not peer.is_rtchat_py:  # browsers do not acknowledge: sent is all we can know
+            ids = {e["id"] for e in waiting}
+            self.scope.store.update(lambda d: d.update(outbox=[e for e in d["outbox"] if e.get("id") not in ids]))
+
+    # what rtchat.py peers send each other on chat and dm, besides plain text (browsers' frames)
+    _FRAMES = {"msg": _on_signed_text, "sigs": _on_signatures, "batch": _on_batch, "ack": _on_ack,
+               "hello": _on_hello, "sync": _on_sync, "backfill": _on_backfill}
+
+
+# =============================================================================
 # Room itself: the coordinator. Sets up sessions and wires the parts above:
 # verified peers and their chat frames go to the Ledger, file channels to Files.
 # =============================================================================
@@ -4487,19 +5350,16 @@ class Room(Emitter):
         self.questions = questions
         self.seal = seal
         self.topic = seal.topic if seal else topic_for(name)
-        self.log = history or HistoryLog(store.history_path(name))
-        self._known: dict[str, None] = {}       # ids in the history, or on their way there (newest MAX_KNOWN_IDS)
+        self.ledger = Ledger(Scope(name, self.topic, me, identity, store, trust),
+                             history or HistoryLog(store.history_path(name)), self.emit,
+                             takes_files=self.files.takes_files, is_connecting=self._is_connecting,
+                             lookalike_of=self.lookalike_of, on_hello=lambda peer: self._peer_event.fire())
         self.peers: dict[str, Peer] = {}
         self._seen: dict[str, float] = {}       # names announced but never connected: when last heard, oldest first
         self.dropped = 0                      # signaling messages refused (malformed, forged, replayed, limited)
         self.unreadable = 0                   # of those, sealed payloads this room's secret could not open
         self._recent_payloads: dict[bytes, None] = {}  # digests of the last RECENT_PAYLOADS payloads
         self._lz_budget = Budget(LZ_BUDGET)
-        self._claims: dict[str, set[str]] = {}  # name never verified -> keys unverified relays said it signed with
-        self._disk_error: str | None = None     # why the history cannot be written, while it cannot
-        self._pending: set[str] = set()         # ids on their way to the history: not acknowledged yet
-        self._relays: list[tuple[Message, dict | None]] = []  # relayed messages waiting for their authors
-        self._relays_timer: asyncio.TimerHandle | None = None
         # Offers and answers between rtchat.py peers go to the recipient's own subtopic: on the room topic every
         # process in a room of N would decompress all N² of them (browsers ignore the extra userInfo field).
         inbox_tag = secrets.token_hex(8)
@@ -4520,18 +5380,10 @@ class Room(Emitter):
         self._hinted: dict[str, float] = {}     # bare name -> when we last told it we refuse its key
         self._refused_by: set[str] = set()      # wire names that told us they refuse our key (one retry each)
         self.refused: dict[str, str] = {}       # bare name -> the last key refused for it
-        self._unacked: dict[str, set[str]] = {}
-        self._dm_ids: dict[str, str] = {}       # our DMs awaiting an ack: id -> recipient
-        self._to_commit: list[tuple[dict, Peer | None, str, str]] = []  # entry, ack to, on, as
-        self._to_sign: list[tuple[Message, dict, list[tuple[Peer, str]]]] = []  # ours, sent ahead of their signature
-        self._unsigned: dict[tuple[str, str], tuple[dict, Peer, str, float]] = {}  # theirs, likewise; by deadline
-        self._unsigned_sweep: asyncio.TimerHandle | None = None
         self._last_announce = 0.0
         self._announce_timer: asyncio.TimerHandle | None = None
-        self._committing = False
-        self._last_commit = 0.0
         self._tasks: list[asyncio.Task] = []
-        self._peer_event = asyncio.Event()  # a peer heard of, verified, saying hello, or gone
+        self._peer_event = Pulse()  # fires when a peer is heard of, verified, saying hello, or gone
         self.joined = False
         self._joined_at = 0.0
 
@@ -4540,10 +5392,7 @@ class Room(Emitter):
 
     # -- public API ---------------------------------------------------------------------------
     async def join(self) -> None:
-        entries = await asyncio.get_running_loop().run_in_executor(None, self.log.entries)
-        self._known = dict.fromkeys(e["id"] for e in entries)
-        for entry in entries:
-            self._note_claim(Message.from_dict(entry))
+        await self.ledger.open()
         self.signaling.subscribe(self.topic, self._on_payload)
         self.signaling.subscribe(self.inbox, self._on_payload)
         self.signaling.on("connected", self._on_broker_back)
@@ -4556,12 +5405,13 @@ class Room(Emitter):
         if not self.joined:
             return
         self.joined = False
-        await self._write_all(COMMIT_EVERY_S * 20)  # what came is written and acknowledged (while peers talk on)
+        self.ledger.stop()
+        await self.ledger.written(COMMIT_EVERY_S * 20)  # what came is written and acknowledged (while peers talk on)
         await self._drain(LEAVE_DRAIN_S)  # and the acks have arrived: our unload must not overtake them
         self._publish("unload", "disconnecting", compact=not self._legacy_near)
         for task in self._tasks:
             task.cancel()
-        for handle in [*self._fallbacks.values(), self._announce_timer, self._relays_timer]:
+        for handle in [*self._fallbacks.values(), self._announce_timer]:
             if handle is not None:
                 handle.cancel()
         self.signaling.off("connected", self._on_broker_back)
@@ -4572,21 +5422,13 @@ class Room(Emitter):
             peer.close("we left")
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.gather(*(pc.close() for pc in pcs), return_exceptions=True), 2)
-        await self._write_all()  # and what came while we were leaving
+        await self.ledger.close()  # and what came while we were leaving
         await self.files.close()
 
     async def _drain(self, timeout: float) -> None:
         """Until every open session has delivered what we sent on it (the remote SCTP acknowledged it): closing
         a connection aborts it, and what is still queued is lost."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not all(p.is_idle() for p in self.peers.values()):
-            await asyncio.sleep(0.01)  # SCTP acknowledgements raise no event: poll
-
-    async def _write_all(self, timeout: float = math.inf) -> None:
-        self._write_unsigned(math.inf)
-        deadline = time.monotonic() + timeout
-        while self._committing and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
+        await asyncio.gather(*(peer.delivered(timeout) for peer in list(self.peers.values())))
 
     def verified_peers(self) -> list[Peer]:
         return [p for p in self.peers.values() if p.is_verified]
@@ -4628,38 +5470,22 @@ class Room(Emitter):
 
     def send(self, text: str, action: bool = False) -> Message:
         """Say something to everyone verified in the room (and, through backfill, to who comes later)."""
-        msg = self._own_message(text, "message", action)
-        peers = self.verified_peers()
-        self._sign_now_if_wanted(msg, peers)
-        self._commit_own(msg, [(peer, "chat") for peer in peers if self._send_text(peer, "chat", msg)])
-        return msg
+        return self.ledger.send(text, action, self.verified_peers())
 
     def dm(self, name: str, text: str) -> Message:
         """A direct message. To a known peer who is away it waits in the outbox (kept across restarts)."""
         try:
             peer = self.find(name)
+            target = bare_name(peer.name)
         except UsageError:
             peer, target = None, bare_name(name.lstrip("@"))
             if not self.trust.pins_for(target):
                 raise
-        if peer is not None and peer.is_verified:
-            msg = self._own_message(text, "dm", to=peer.name)
-            self._sign_now_if_wanted(msg, [peer])
-            if self._send_text(peer, "dm", msg):  # browsers do not acknowledge
-                self._dm_ids[msg.id] = peer.name
-            self._commit_own(msg, [(peer, "dm")])
-        else:
-            target = bare_name(peer.name) if peer else target
-            msg = self._own_message(text, "dm", to=target)
-            msg.sig = self.identity.sign_message(msg.signed_part(self.topic))
-            self.store.update(lambda d: d["outbox"].append(msg.record()))
-            self.emit("status", f"-!- {target} is away; the message waits and goes out when they are back")
-            self._commit_later(msg.record())
-        return msg
+        return self.ledger.dm(peer if peer is not None and peer.is_verified else None, target, text)
 
     def outbox(self) -> list[Message]:
         """Our direct messages in this room still waiting for their recipients."""
-        return [Message.from_dict(e) for e in self.store.data["outbox"] if e.get("room") == self.name]
+        return self.ledger.outbox()
 
     async def ask(self, name: str, topic: str, content: Any = None, timeout: float = ASK_TIMEOUT_S) -> Any:
         """Ask one peer a question (RTChat's question/answer RPC). Raises AskError with no answer.
@@ -4681,21 +5507,9 @@ class Room(Emitter):
             raise UsageError(f"{self.label(peer)} does not take files (a browser, or started without --files DIR)")
         return await self.files.send(peer, path, self.label(peer), progress)
 
-    async def _until(self, done: Callable[[], bool], timeout: float) -> bool:
-        """Wait until done(), checked whenever a peer is verified or says hello; False at timeout."""
-        deadline = time.monotonic() + timeout
-        while not done():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            self._peer_event.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._peer_event.wait(), remaining)
-        return True
-
     async def wait_for_peers(self, count: int = 1, timeout: float = 30.0) -> list[Peer]:
         """Until count peers are verified; NoPeers after timeout."""
-        if not await self._until(lambda: len(self.verified_peers()) >= count, timeout):
+        if not await self._peer_event.until(lambda: len(self.verified_peers()) >= count, timeout):
             raise NoPeers(f"no peer in #{self.name} within {timeout:g} s "
                           f"({len(self.verified_peers())} of {count} verified){self._seal_hint()}")
         return self.verified_peers()
@@ -4709,7 +5523,7 @@ class Room(Emitter):
         def matches() -> list[Peer]:
             return [p for p in self.verified_peers() if wanted in (p.name, bare_name(p.name), self.label(p))
                     and not (p.is_rtchat_py and p.channel_bound and p.message_key is None)]  # its hello follows
-        if not await self._until(lambda: bool(matches()), timeout):
+        if not await self._peer_event.until(lambda: bool(matches()), timeout):
             raise NoPeers(f"{clean(wanted, MAX_NAME_CHARS)} was not verified in #{self.name} within {timeout:g} s")
         if len(matches()) > 1:
             raise UsageError(f"{wanted!r} could be {', '.join(self.label(p) for p in matches())}; say which")
@@ -4736,9 +5550,7 @@ class Room(Emitter):
                 if quiet_for >= settle:
                     break
                 left = min(left, settle - quiet_for)  # unless someone new is heard of meanwhile
-            self._peer_event.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._peer_event.wait(), left)
+            await self._peer_event.next(left)
         return self.verified_peers()
 
     def unverified_peers(self) -> list[Peer]:
@@ -4747,7 +5559,7 @@ class Room(Emitter):
 
     def unacknowledged(self) -> set[str]:
         """Wire names of rtchat.py peers that have not acknowledged every message we sent them."""
-        return set().union(*self._unacked.values())
+        return self.ledger.unacknowledged()
 
     def _seal_hint(self) -> str:
         """Why a sealed room may look empty. Peers with another secret meet on another topic (the topic comes from
@@ -4764,20 +5576,14 @@ class Room(Emitter):
         """Until every message sent is acknowledged by rtchat.py peers and acked by browsers' SCTP.
         False after timeout, or as soon as only recipients that left are missing (see unacknowledged)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            missing = self.unacknowledged()
-            if missing and not missing & {p.name for p in self.peers.values() if p.is_open}:
-                return False
-            if not missing and not self._to_commit and not self._committing and \
-                    all(p.is_idle() for p in self.peers.values() if not p.is_rtchat_py):
-                return True
-            await asyncio.sleep(0.01)  # browsers' SCTP acks raise no event: poll
-        return False
+        if not await self.ledger.flush(timeout):
+            return False
+        browsers = [p for p in self.peers.values() if not p.is_rtchat_py]
+        return all(await asyncio.gather(*(p.delivered(deadline - time.monotonic()) for p in browsers)))
 
     def history(self, count: int = 20) -> list[Message]:
         """The last count messages of this room, oldest first (kept on disk, also across restarts)."""
-        entries = self.log.entries()[-count:] if count > 0 else []
-        return [dataclasses.replace(Message.from_dict(e), history=True) for e in entries]
+        return self.ledger.history(count)
 
     # -- signaling out ------------------------------------------------------------------------
     def _publish(self, subtopic: str, data: Any, to: str | None = None, compact: bool = False,
@@ -5285,7 +6091,7 @@ class Room(Emitter):
         old = self.peers.get(peer.name)
         self._seen.pop(peer.name, None)
         self.peers[peer.name] = peer  # first: closing the old one must not forget what we know of the name
-        self._peer_event.set()
+        self._peer_event.fire()
         if old is not None and old is not peer:
             old.close("replaced")
         peer._candidates = self._candidates.pop(peer.name, [])
@@ -5399,43 +6205,29 @@ class Room(Emitter):
             verdict = self.trust.verdict(bare, peer.key_string)
             accepted = verdict == "changed" and self.trust.is_accepting(bare)
             if verdict == "new":
-                for msg, _ in self._relays:
-                    if bare_name(msg.sender) == bare:
-                        self._note_claim(msg)
-                self._check_claims(peer)
+                self.ledger.first_contact(peer)  # before the pin: the keys history passed on named for it
             if verdict != "changed" or accepted:  # --trust any: never re-pin; after /trust NAME: in place of the old
                 self.trust.pin(bare, peer.key_string, signs=peer.channel_bound, author=peer.author, replace=accepted)
         if accepted:
             self.emit("key-accepted", peer)
-        self._peer_event.set()
+        self._peer_event.fire()
         self.emit("verified", peer)
         self.emit("join", peer)
-        if peer.is_rtchat_py and peer.channel_bound:
-            peer.send("chat", {"t": "hello", "mkey": self.identity.message_public,
-                               "mcert": self.identity.message_cert, "late_sigs": True,
-                               "files": self.files.takes_files})
+        self.ledger.peer_verified(peer)
         for label, value in self._early.pop(peer.name, []):
             self._on_frame(peer, label, value)
-        self._send_outbox(peer)
-        self._judge_relays()
-
-    def _check_claims(self, peer: Peer) -> None:
-        """First contact: did unverified relays say this name signed with another key? Then that was forged."""
-        claimed = self._claims.pop(bare_name(peer.name), set()) - {peer.fingerprint}
-        if claimed:
-            self.emit("history-conflict", peer, sorted(claimed))
 
     def _on_closed(self, peer: Peer, reason: str) -> None:
         if self.peers.get(peer.name) is peer:
             del self.peers[peer.name]
-            self._peer_event.set()
+            self._peer_event.fire()
             self._inboxes.pop(peer.name, None)
             self._offered_at.pop(peer.name, None)
         self._early.pop(peer.name, None)
         if peer.verified_at is not None and reason != "we left":
             self.emit("leave", peer, reason)
-        if self._relays:
-            self._judge_relays()
+        if peer.verified_at is not None:
+            self.ledger.peer_gone(peer)
         if peer.remote_sdp is not None and self.joined and reason not in ("left", "we left") \
                 and not reason.startswith("replaced"):
             self._announce_soon()  # the other side may still be there: let it offer again
@@ -5461,7 +6253,7 @@ class Room(Emitter):
             else:
                 peer.over_budget["question"] = peer.over_budget.get("question", 0) + 1
         else:
-            self._on_text(peer, label, value)
+            self.ledger.on_frame(peer, label, value)
 
     def _answer_identity(self, peer: Peer, value: Any) -> bool:
         """Answer identify/challenge at once, from anyone: browsers ask before they talk to us (§6.4)."""
@@ -5517,434 +6309,9 @@ class Room(Emitter):
             answer = str(answer)
         peer.reply(value.get("n"), question, answer)
 
-    def _on_text(self, peer: Peer, label: str, value: Any) -> None:
-        kind = "message" if label == "chat" else "dm"
-        if isinstance(value, dict) and peer.is_rtchat_py:
-            handler = self._FRAMES.get(value.get("t"))
-            if handler is not None:
-                handler(self, peer, kind, value)
-            return
-        text = value if isinstance(value, str) else to_json(value)
-        if not (peer.allow("chat") and is_message_text(text)):
-            return
-        msg = Message(id="", room=self.name, sender=peer.name, text=text, ts=now_ms(), kind=kind,
-                      fingerprint=peer.fingerprint, trust="legacy", to=self.me if kind == "dm" else None,
-                      salt=new_id(), lookalike=peer.lookalike)
-        msg.id = msg.bound_id()  # browsers send plain text: the id is made here
-        self._accept(msg, peer, label)
-
-    def _on_signed_text(self, peer: Peer, kind: str, value: dict) -> None:
-        """A message from an rtchat.py peer, kept exactly as sent. Its id must be bound to its words; one from
-        rtchat.py 0.2 (no salt: an id of its choosing) is kept under an id made here from it, and acked as sent."""
-        msg_id, text, stamp, salt, sig = (value.get(k) for k in ("id", "text", "ts", "salt", "sig"))
-        if not (peer.allow("chat") and is_message_id(msg_id) and is_message_text(text) and valid_ts(stamp)):
-            return
-        msg = Message(id=msg_id, room=self.name, sender=peer.name, text=text, ts=stamp, kind=kind,
-                      fingerprint=peer.fingerprint, trust="channel-bound" if peer.channel_bound else "legacy",
-                      action=value.get("action") is True, to=self.me if kind == "dm" else None,
-                      salt=salt if salt is not None else msg_id, lookalike=peer.lookalike)
-        if not (isinstance(msg.salt, str) and SALT_RE.fullmatch(msg.salt)):
-            return
-        follows = False
-        if salt is None:  # 0.2: its signature covers its own id, so it cannot be passed on under ours
-            msg.id = msg.bound_id()
-        elif msg.bound_id() != msg_id:
-            log.debug("%r: a message whose id does not fit its words, dropped", peer)
-            return
-        elif peer.message_key is not None:  # the signature lets us pass it on; it needs the peer's hello
-            msg.sig = sig if is_signature_text(sig) else None
-            follows = sig is None and peer.unsigned_bytes + len(text) <= MAX_UNSIGNED_BYTES
-        self._accept(msg, peer, "chat" if kind == "message" else "dm", signature_follows=follows, ack_id=msg_id)
-
-    def _on_signatures(self, peer: Peer, kind: str, value: dict) -> None:
-        """Signatures of messages the peer sent ahead of them: now they can be checked, written and acked."""
-        sigs = value.get("sigs")
-        if not isinstance(sigs, dict):
-            return
-        for msg_id, sig in itertools.islice(sigs.items(), 1000):
-            waiting = self._take_unsigned((peer.name, msg_id))
-            if waiting is None:
-                continue
-            entry, sender, label, _ = waiting
-            if is_signature_text(sig):
-                entry["sig"] = sig
-            self._commit_later(entry, sender, label)
-
-    def _take_unsigned(self, key: tuple[str, str]) -> tuple[dict, Peer, str, float] | None:
-        waiting = self._unsigned.pop(key, None)
-        if waiting is not None:
-            waiting[1].unsigned_bytes -= len(waiting[0]["text"])
-        return waiting
-
-    def _write_unsigned(self, now: float | None = None) -> None:
-        """Messages whose signature did not come by their deadline are written (and acked) without one."""
-        if self._unsigned_sweep is not None:
-            self._unsigned_sweep.cancel()
-            self._unsigned_sweep = None
-        now = time.monotonic() if now is None else now
-        for key, (entry, peer, label, deadline) in list(self._unsigned.items()):
-            if deadline <= now:
-                self._take_unsigned(key)
-                self._commit_later(entry, peer, label)
-        self._sweep_unsigned_later()
-
-    def _sweep_unsigned_later(self) -> None:
-        if self._unsigned and self._unsigned_sweep is None:
-            due = min(deadline for _, _, _, deadline in self._unsigned.values())
-            self._unsigned_sweep = asyncio.get_running_loop().call_later(
-                max(0.0, due - time.monotonic()), self._write_unsigned)
-
-    def _remember(self, msg_id: str) -> None:
-        self._known[msg_id] = None
-        if len(self._known) > MAX_KNOWN_IDS:
-            del self._known[next(iter(self._known))]
-
-    def _accept(self, msg: Message, peer: Peer | None, ack_label: str, signature_follows: bool = False,
-                ack_id: str | None = None) -> None:
-        """A message we did not have: shown now, written to disk, and acknowledged (as ack_id, the id it came
-        with) once it is on disk. One whose signature follows waits for it (or SIGNATURE_WAIT_S) before it is
-        written."""
-        if msg.id in self._known:
-            if peer is not None and peer.is_rtchat_py and msg.id not in self._pending:
-                peer.send(ack_label, {"t": "ack", "ids": [ack_id or msg.id]})  # a resend: we have it already
-            return
-        self._remember(msg.id)
-        entry = msg.record()
-        if signature_follows:
-            self._pending.add(msg.id)
-            self._unsigned[(peer.name, msg.id)] = (entry, peer, ack_label, time.monotonic() + SIGNATURE_WAIT_S)
-            peer.unsigned_bytes += len(msg.text)
-            if len(self._unsigned) > MAX_UNSIGNED:  # a peer that never signs: the oldest is written as it is
-                self._commit_later(*self._take_unsigned(next(iter(self._unsigned)))[:3])
-            self._sweep_unsigned_later()
-        else:
-            self._commit_later(entry, peer if peer is not None and peer.is_rtchat_py else None, ack_label, ack_id)
-        self.emit("history" if msg.history else msg.kind, msg)
-
-    def _commit_later(self, entry: dict, ack_to: Peer | None = None, ack_label: str = "chat",
-                      ack_id: str | None = None) -> None:
-        """Group history writes: one fsync (in a thread, off the loop) for what arrived meanwhile, then the acks.
-        What a message costs on its way to the screen stays small; the rest is shared (see COMMIT_EVERY_S)."""
-        self._remember(entry["id"])
-        self._pending.add(entry["id"])
-        if not self._committing:
-            _spawn(self._commit(), f"commit-{self.name}")  # raises outside a running loop: then the flag stays off
-            self._committing = True
-        self._to_commit.append((entry, ack_to, ack_label, ack_id or entry["id"]))
-
-    def _sign_now_if_wanted(self, msg: Message, peers: list[Peer]) -> None:
-        """An rtchat.py that does not take signatures later (0.1, or one whose hello has not come) gets it inline,
-        and then so does everyone."""
-        if any(p.is_rtchat_py and not p.late_signatures for p in peers):
-            msg.sig = self.identity.sign_message(msg.signed_part(self.topic))
-
-    def _commit_own(self, msg: Message, sent: list[tuple[Peer, str]]) -> None:
-        """Our message, sent: unless it went out signed, it is signed (and the signature sent after it to the
-        peers that got it) with the next write, not on its way out."""
-        entry = msg.record()
-        if msg.sig is None:
-            self._to_sign.append((msg, entry, sent))
-        self._commit_later(entry)
-
-    async def _commit(self) -> None:
-        """Write what came, then acknowledge what is on disk, whole and synced. While the disk refuses (full, say),
-        it is kept (up to MAX_PENDING_WRITES) and tried again every DISK_RETRY_S: one disk-error event, no acks,
-        then disk-ok and the acks once it is written."""
-        try:
-            while self._to_commit and (self.joined or self._disk_error is None):
-                pace = DISK_RETRY_S if self._disk_error else COMMIT_EVERY_S
-                await asyncio.sleep(max(COMMIT_GATHER_S, self._last_commit + pace - time.monotonic()))
-                self._last_commit = time.monotonic()
-                batch, self._to_commit = self._to_commit, []
-                to_sign, self._to_sign = self._to_sign, []
-                await self._sign(to_sign)
-                written: list[dict] = []
-                try:
-                    for start in range(0, len(batch), COMMIT_SLICE):  # a long batch in slices, for messages arriving
-                        written += self.log.write([item[0] for item in batch[start:start + COMMIT_SLICE]])
-                        await asyncio.sleep(0)
-                    # Only what we acknowledge must be on disk first; what we sent is safe with whoever acked it.
-                    if any(item[1] for item in batch):
-                        await asyncio.get_running_loop().run_in_executor(None, self.log.sync)
-                except StateError as exc:
-                    self._keep_for_retry(batch, str(exc))
-                    continue
-                if self._disk_error is not None:
-                    self._disk_error = None
-                    self.emit("disk-ok", str(self.log.path))
-                self._pending.difference_update(item[0]["id"] for item in batch)
-                done = {id(entry) for entry in written}
-                self._send_acks([item for item in batch if id(item[0]) in done])
-                if self.log.needs_compaction:
-                    try:
-                        await asyncio.get_running_loop().run_in_executor(None, self.log.compact)
-                    except StateError as exc:
-                        self.emit("status", f"-!- {exc}")
-        finally:
-            self._committing = False
-
-    def _keep_for_retry(self, batch: list[tuple[dict, Peer | None, str, str]], reason: str) -> None:
-        self._to_commit[:0] = batch
-        for entry, *_ in self._to_commit[:-MAX_PENDING_WRITES]:  # given up: never acked, so a resend is taken anew
-            self._pending.discard(entry["id"])
-            self._known.pop(entry["id"], None)
-        del self._to_commit[:-MAX_PENDING_WRITES]
-        if self._disk_error is None:
-            self._disk_error = reason
-            self.emit("disk-error", str(self.log.path), reason)
-
-    async def _sign(self, to_sign: list[tuple[Message, dict, list[tuple[Peer, str]]]]) -> None:
-        """Sign what we sent ahead of its signature, and send the signatures after it (in order with it)."""
-        sigs: dict[tuple[Peer, str], dict[str, str]] = {}
-        for msg, entry, sent in to_sign:
-            if msg.sig is None:
-                msg.sig = self.identity.sign_message(msg.signed_part(self.topic))
-                await asyncio.sleep(0)
-            entry["sig"] = msg.sig
-            for peer, label in sent:
-                sigs.setdefault((peer, label), {})[msg.id] = msg.sig
-        for (peer, label), batch in sigs.items():
-            ids = list(batch)
-            for start in range(0, len(ids), COMMIT_SLICE):
-                peer.send_paced(label, {"t": "sigs", "sigs": {i: batch[i] for i in ids[start:start + COMMIT_SLICE]}})
-                await asyncio.sleep(0)
-
-    def _send_acks(self, batch: list[tuple[dict, Peer | None, str, str]]) -> None:
-        acks: dict[tuple[Peer, str], list[str]] = {}
-        for _, peer, label, ack_id in batch:
-            if peer is not None:
-                acks.setdefault((peer, label), []).append(ack_id)
-        for (peer, label), ids in acks.items():
-            for start in range(0, len(ids), 1000):  # a receiver reads 1000 ids a frame
-                peer.send(label, {"t": "ack", "ids": ids[start:start + 1000]})
-
-    def _on_ack(self, peer: Peer, kind: str, value: dict) -> None:
-        ids = value.get("ids")
-        if not isinstance(ids, list):
-            return
-        delivered = []
-        for msg_id in (i for i in ids[:1000] if isinstance(i, str)):
-            if msg_id in self._unacked:
-                self._unacked[msg_id].discard(peer.name)
-                if not self._unacked[msg_id]:
-                    del self._unacked[msg_id]
-            if self._dm_ids.get(msg_id) == peer.name:
-                del self._dm_ids[msg_id]
-                delivered.append(msg_id)
-                self.emit("delivered", msg_id, peer)
-        if delivered:
-            done = set(delivered) & {e.get("id") for e in self.store.data["outbox"]}
-            if done:
-                self.store.update(lambda d: d.update(outbox=[e for e in d["outbox"] if e.get("id") not in done]))
-
-    def _on_hello(self, peer: Peer, kind: str, value: dict) -> None:
-        """An rtchat.py peer's message key, certified by the identity key we verified: then we compare notes."""
-        if not verify_message_key(peer.key_string, value.get("mkey"), value.get("mcert")):
-            log.info("%s sent a message key its identity did not certify", peer.name)
-            return
-        peer.message_key = value["mkey"]
-        peer.late_signatures = value.get("late_sigs") is True
-        peer.takes_files = value.get("files") is True
-        self._peer_event.set()
-        author = {"key": peer.key_string, "mkey": value["mkey"], "mcert": value["mcert"]}
-        if self.store.data["authors"].get(peer.fingerprint) != author:
-            self.store.defer(lambda d: d["authors"].__setitem__(peer.fingerprint, author))
-        peer.backfill_left = BACKFILL_MAX  # what we take from it in answer
-        peer.send("chat", {"t": "sync", "ids": [e["id"] for e in self.log.entries()[-HISTORY_PER_ROOM:]]})
-
-    def _on_sync(self, peer: Peer, kind: str, value: dict) -> None:
-        """Pass on what the peer missed (rtchat.py asks once a session): room messages it does not list, the newest
-        BACKFILL_MAX, oldest first, as fast as its channel takes them."""
-        theirs = value.get("ids")
-        if not isinstance(theirs, list) or not peer.allow("sync"):
-            return
-        theirs = set(i for i in theirs[:2 * HISTORY_PER_ROOM] if isinstance(i, str))
-        missing = [e for e in self.log.entries() if e.get("type") == "message" and e["id"] not in theirs
-                   and e.get("from") != peer.name][-BACKFILL_MAX:]
-        if missing:
-            _spawn(self._backfill(peer, missing), f"backfill-{peer.name}")
-
-    async def _backfill(self, peer: Peer, missing: list[dict]) -> None:
-        batch, authors, size = [], {}, 0
-        for entry in missing:
-            record, credentials = self._relay_record(entry)
-            if credentials:
-                authors[record["fingerprint"]] = credentials
-            batch.append(record)
-            size += len(entry.get("text", "")) + 200
-            if size > BACKFILL_FRAME_CHARS or entry is missing[-1]:
-                channel = peer.channels.get("chat")
-                if channel is None or not await channel_drained(channel, REPLY_BUFFER_BYTES, FILE_IDLE_S):
-                    return
-                peer.send("chat", {"t": "backfill", "authors": authors, "msgs": batch})
-                batch, authors, size = [], {}, 0
-            await asyncio.sleep(0)
-
-    def _relay_record(self, entry: dict) -> tuple[dict, dict | None]:
-        """A history entry as passed on, and the author's credentials when its signature goes with it. Only a
-        signature we have checked against a key we know goes on; an unverified message goes unsigned."""
-        record = {k: entry.get(k) for k in ("id", "from", "text", "ts", "action", "fingerprint", "sig", "salt",
-                                            "relayed_by")}
-        if entry.get("trust") == "unverified":
-            record.update(fingerprint=entry.get("claimed_fingerprint"), sig=None)
-            return record, None
-        fp = entry.get("fingerprint")
-        credentials = self._author(fp) if entry.get("sig") else None
-        # A direct message's signature was not checked when it came (the channel vouched for it): it is now,
-        # before we pass it on as the author's.
-        if credentials and (fp == self.identity.fingerprint or entry.get("trust") == "relayed" or verify_message(
-                credentials["mkey"], entry["sig"], Message.from_dict(entry).signed_part(self.topic))):
-            return record, credentials
-        record["sig"] = None
-        return record, None
-
-    def _author(self, fp: str | None) -> dict | None:
-        """What a third party needs to check a message by fp: identity key, message key, certificate."""
-        if fp == self.identity.fingerprint:
-            return {"key": self.identity.public_key_string, "mkey": self.identity.message_public,
-                    "mcert": self.identity.message_cert}
-        return self.store.data["authors"].get(fp)
-
-    def _on_backfill(self, peer: Peer, kind: str, value: dict) -> None:
-        """Messages we missed, passed on by a peer in answer to our sync (BACKFILL_MAX at most): each must be what
-        its id was made for, and the author's signature decides what it is worth. They are history, never news,
-        even from their author (who passes on what it said before we met)."""
-        authors, records = value.get("authors"), value.get("msgs")
-        if not isinstance(authors, dict) or not isinstance(records, list):
-            return
-        records = records[:peer.backfill_left]
-        peer.backfill_left -= len(records)
-        for record in records:
-            relayed = self._relayed(peer, authors, record) if isinstance(record, dict) else None
-            if relayed is not None and relayed[0].id not in self._known:
-                self._relays.append(relayed)
-        if self._relays and self._relays_timer is None:
-            self._relays_timer = asyncio.get_running_loop().call_later(VERIFY_TIMEOUT_S, self._judge_relays, True)
-        self._judge_relays(len(self._relays) > 4 * BACKFILL_MAX)
-
-    def _judge_relays(self, now: bool = False) -> None:
-        """Relayed messages are shown in order once no author of theirs is still connecting (at most
-        VERIFY_TIMEOUT_S): a signature counts as checked only by a key we verified for its author ourselves, and
-        an author met at the same moment as the peer passing its words on is usually verified a moment later."""
-        if not now and any(author is not None and self._is_connecting(msg.sender) for msg, author in self._relays):
-            return
-        if self._relays_timer is not None:
-            self._relays_timer.cancel()
-            self._relays_timer = None
-        relays, self._relays = sorted(self._relays, key=lambda relayed: relayed[0].ts), []
-        for msg, author in relays:
-            if msg.id in self._known:
-                continue
-            if author is not None and msg.claimed_fingerprint in self.trust.pins_for(bare_name(msg.sender)):
-                self._checked_relay(msg, author)
-            self._accept(msg, None, "chat")
-            self._note_claim(msg)
-
     def _is_connecting(self, name: str) -> bool:
         peer = self.peers.get(name)
         return peer is not None and peer.state in ("seen", "connecting", "open")
-
-    def _checked_relay(self, msg: Message, author: dict) -> None:
-        """A relayed message whose signature is by the key pinned for its author: its words, checked."""
-        fp = msg.claimed_fingerprint
-        msg.trust, msg.fingerprint, msg.claimed_fingerprint = "relayed", fp, None
-        if fp not in self.store.data["authors"]:
-            self.store.defer(lambda d: d["authors"].__setitem__(fp, author))
-
-    def _relayed(self, peer: Peer, authors: dict, record: dict) -> tuple[Message, dict | None] | None:
-        """A relayed record as a Message, or None if it is malformed, not what its id was made for, or signed by
-        a key other than the one pinned for its author. It counts as checked ('relayed') only if its signature is
-        by a key we have verified for that name ourselves; else it is kept 'unverified', with the key it claims.
-        With it, the author's credentials if the signature is genuine but the author not (yet) verified by us."""
-        fp, sig, salt = record.get("fingerprint"), record.get("sig"), record.get("salt")
-        if not (is_message_id(record.get("id")) and is_wire_name(record.get("from"))
-                and is_message_text(record.get("text")) and valid_ts(record.get("ts"))
-                and isinstance(salt, str) and SALT_RE.fullmatch(salt)
-                and (fp is None or (isinstance(fp, str) and FINGERPRINT_RE.fullmatch(fp)))):
-            return None
-        msg = Message(id=record["id"], room=self.name, sender=record["from"], text=record["text"], ts=record["ts"],
-                      action=record.get("action") is True, relayed_by=peer.name, history=True, salt=salt,
-                      claimed_fingerprint=fp)
-        if msg.sender == self.me or msg.bound_id() != msg.id:
-            return None  # ours, or other words than its id was made for
-        pins = self.trust.pins_for(bare_name(msg.sender))
-        if pins and fp not in pins:
-            log.info("dropped a relayed message in %s's name from %s: not their key", msg.sender, peer.name)
-            return None
-        author = authors.get(fp) if fp else None
-        if isinstance(sig, str) and isinstance(author, dict):
-            key = author.get("key")
-            try:
-                genuine = (isinstance(key, str) and fingerprint(key) == fp
-                           and verify_message_key(key, author.get("mkey"), author.get("mcert"))
-                           and verify_message(author["mkey"], sig, msg.signed_part(self.topic)))
-            except ValueError:
-                genuine = False
-            if not genuine:
-                log.info("dropped a relayed message in %s's name from %s: bad signature", msg.sender, peer.name)
-                return None
-            msg.sig = sig
-            if pins:  # an author we have verified ourselves
-                self._checked_relay(msg, author)
-        msg.lookalike = self.lookalike_of(msg.sender)
-        return msg, (author if msg.sig and msg.trust == "unverified" else None)
-
-    def _note_claim(self, msg: Message) -> None:
-        """Remember which key an unverified relay said an author we never met signed with: if the author turns up
-        with another key, that history was forged, and we say so (history-conflict)."""
-        name = bare_name(msg.sender)
-        if msg.trust != "unverified" or not msg.claimed_fingerprint or self.trust.pins_for(name):
-            return
-        if len(self._claims) >= 1024 and name not in self._claims:
-            del self._claims[next(iter(self._claims))]
-        claims = self._claims.setdefault(name, set())
-        if len(claims) < 16:
-            claims.add(msg.claimed_fingerprint)
-
-    def _own_message(self, text: str, kind: str, action: bool = False, to: str | None = None) -> Message:
-        if not text:
-            raise UsageError("nothing to send")
-        if len(text) > MAX_TEXT_CHARS:
-            raise UsageError(f"a message has at most {MAX_TEXT_CHARS} characters")
-        if not is_encodable(text):
-            raise UsageError("a message must be valid Unicode text (it has a lone surrogate)")
-        msg = Message(id="", room=self.name, sender=self.me, text=text, ts=now_ms(), kind=kind,
-                      fingerprint=self.identity.fingerprint, trust="self", action=action, to=to, salt=new_id())
-        msg.id = msg.bound_id()
-        return msg
-
-    def _send_text(self, peer: Peer, label: str, msg: Message) -> bool:
-        """True if it went to an rtchat.py peer, which will acknowledge it."""
-        if not peer.is_rtchat_py:
-            peer.send_paced(label, f"* {self.me} {msg.text}" if msg.action else msg.text)
-            return False
-        frame = {"t": "msg", "id": msg.id, "ts": msg.ts, "text": msg.text, "action": msg.action}
-        if msg.salt is not None:  # an outbox entry written by rtchat.py 0.2 has none: it goes as 0.2 sent it
-            frame["salt"] = msg.salt
-        if msg.sig is not None:
-            frame["sig"] = msg.sig
-        if not peer.send_paced(label, frame):
-            return False
-        self._unacked.setdefault(msg.id, set()).add(peer.name)
-        if len(self._unacked) > 10000:  # a long-lived room: forget the oldest never acknowledged
-            del self._unacked[next(iter(self._unacked))]
-        return True
-
-    def _send_outbox(self, peer: Peer) -> None:
-        """Direct messages that waited for this peer go out now; an ack takes them out of the outbox."""
-        waiting = [e for e in self.store.data["outbox"]
-                   if e.get("room") == self.name and e.get("to") == bare_name(peer.name)]
-        for entry in waiting:
-            msg = Message.from_dict(entry)
-            if self._send_text(peer, "dm", msg):
-                self._dm_ids[msg.id] = peer.name
-        if waiting and not peer.is_rtchat_py:  # browsers do not acknowledge: sent is all we can know
-            ids = {e["id"] for e in waiting}
-            self.store.update(lambda d: d.update(outbox=[e for e in d["outbox"] if e.get("id") not in ids]))
-
-    # what rtchat.py peers send each other on chat and dm, besides plain text (browsers' frames)
-    _FRAMES = {"msg": _on_signed_text, "sigs": _on_signatures, "ack": _on_ack, "hello": _on_hello, "sync": _on_sync,
-               "backfill": _on_backfill}
 
 
 def default_state_path() -> Path:
@@ -6934,6 +7301,10 @@ def event_record(room: Room, event: str, *args: Any) -> dict:
                       f"messages are shown but not acknowledged until it can")
     elif event == "disk-ok":
         record.update(path=args[0], text="the history can be written again")
+    elif event == "compaction-failed":
+        path, reason = args
+        record.update(path=path, reason=clean(reason, 300), text=f"cannot compact the history ({clean(reason, 300)}): "
+                      f"it is kept as it is, and grows")
     elif event == "history-conflict":
         peer, claimed = args
         record.update(_peer_fields(room, peer), claimed=claimed,
@@ -7173,7 +7544,7 @@ class App(Session):
                 self.changed()
             self.show(msg, mention=for_you)
         elif event in ("join", "leave", "key-changed", "file", "key-accepted", "key-refused", "disk-error", "disk-ok",
-                       "history-conflict"):
+                       "compaction-failed", "history-conflict"):
             record = event_record(room, event, *args)
             self.printer.event(event, record["from"] or "", record["text"], room.name if other else None)
             self.changed()

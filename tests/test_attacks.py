@@ -1265,7 +1265,7 @@ def test_fuzz_while_chatting(broker, tmp_path, caplog):
                         "_candidates": len(r._candidates),
                         "candidates_max": max((len(v) for v in r._candidates.values()), default=0),
                         "_early": sum(len(v) for v in r._early.values()), "peers": len(r.peers),
-                        "_known": len(r._known), "_warned": len(r._warned)} for r in (ra, rb)}
+                        "known": r.ledger.journal.known_count, "_warned": len(r._warned)} for r in (ra, rb)}
         rss_growth = _rss_kb() - rss_before
         fds = len(os.listdir("/proc/self/fd")) - fds_before
         errors = [f"{r.getMessage()}: {r.exc_info[1]!r}" if r.exc_info else r.getMessage()

@@ -111,7 +111,7 @@ async def honest_alice(tmp_path, broker, room: str, peers: int = 1):
 
 
 def acknowledged(room: rtchat.Room, ids: list[str], by: str) -> list[str]:
-    return [i for i in ids if by not in room._unacked.get(i, set())]
+    return [i for i in ids if by not in room.ledger.awaiting(i)]
 
 
 # =============================================================================================================
@@ -753,7 +753,7 @@ def test_a_line_with_a_tab_or_an_escape_is_one_message_across_the_room(broker, t
         await asyncio.sleep(1.5)   # every relay has had its turn
         copies = {line: [m for m in got if m.text == line] for line in lines}
         others = [m for m in got if m.text not in lines]
-        kept = {r.me: [e["text"] for e in r.log.entries()] for r in (*rooms, rd)}
+        kept = {r.me: [e["text"] for e in r.ledger.log.entries()] for r in (*rooms, rd)}
         figure("10.4 tab/escape lines", f"dave got {[len(c) for c in copies.values()]} copies of {len(lines)} lines "
                                         f"(+{len(others)} altered); histories hold "
                                         f"{ {me: len(texts) for me, texts in kept.items()} } entries")

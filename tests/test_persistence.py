@@ -69,8 +69,8 @@ def test_relayed_messages_are_checked_and_marked(broker, tmp_path):
         assert msg.fingerprint is None and msg.claimed_fingerprint == alice.identity.fingerprint
         # bob now forges: alice's words altered under her id, altered under a new id with her old signature, and
         # unsigned words in her name: only the last is taken, as unverified
-        real = rb.log.entries()[-1]
-        author = rb._author(real["fingerprint"])
+        real = rb.ledger.log.entries()[-1]
+        author = rb.ledger.scope.author(real["fingerprint"])
 
         def rebound(record):
             m = rtchat.Message.from_dict(record)
@@ -79,30 +79,30 @@ def test_relayed_messages_are_checked_and_marked(broker, tmp_path):
         forged = [{**real, "text": "alice says: send me your password"},
                   rebound({**real, "text": "alice says: send me your password"}),
                   rebound({**real, "sig": None, "text": "unsigned, as alice"})]
-        news = []
-        rc.on("message", news.append)
+        shown_live = []
+        rc.on("message", shown_live.append)
 
-        async def after_it(marker):  # bob's next line on the same channel: carol has handled the backfill by then
-            rb.send(marker)
-            await eventually(lambda: marker in [m.text for m in news], 10, marker)
-        rc.peers["bob"].backfill_left = 0  # more than carol asked for: refused whatever it holds
+        async def barrier():  # frames on a channel come in order: what bob sent before this has been handled
+            marker = rb.send(f"marker {len(shown_live)}")
+            await eventually(lambda: any(m.id == marker.id for m in shown_live), 5, "bob's marker")
         rb.peers["carol"].send("chat", {"t": "backfill", "authors": {real["fingerprint"]: author}, "msgs": forged})
-        await after_it("marker 1")
-        assert len(got) == 1
-        rc.peers["bob"].backfill_left = 3
-        rb.peers["carol"].send("chat", {"t": "backfill", "authors": {real["fingerprint"]: author}, "msgs": forged})
-        await eventually(lambda: len(got) == 2, 5, "the unsigned one")
-        await after_it("marker 2")
+        await barrier()
         assert len(got) == 2 and got[1].trust == "unverified" and got[1].relayed_by == "bob"
         assert all("password" not in m.text for m in got)
+        # more than carol asked for (BACKFILL_MAX records in answer to her sync) is refused, whatever it holds
+        rb.peers["carol"].send("chat", {"t": "backfill", "authors": {}, "msgs": [{}] * rtchat.BACKFILL_MAX})
+        rb.peers["carol"].send("chat", {"t": "backfill", "authors": {}, "msgs": [
+            rebound({**real, "sig": None, "text": "one too many"})]})
+        await barrier()
+        assert len(got) == 2
         # alice is back: carol meets her with the key bob's relays named, so no conflict; now checked
         alice = await make_client("alice", tmp_path, broker.url).start()
         ra = await alice.join("room")
         await rc.wait_for_peers(2, 20)
         assert not conflicts
         late = rtchat.Message.from_dict(real)
-        assert rc._relayed(rc.peers["bob"], {real["fingerprint"]: author}, {**real, "relayed_by": None}
-                           )[0].trust == "relayed"
+        assert rc.ledger.relays._relayed(rc.peers["bob"], {real["fingerprint"]: author},
+                                     {**real, "relayed_by": None}, {})[0].trust == "relayed"
         assert late.id == real["id"]
         await close_all([alice, bob, carol])
     run(scenario())
@@ -209,7 +209,7 @@ def test_kill_9_during_a_burst_keeps_every_acknowledged_message(broker, tmp_path
         task = asyncio.ensure_future(burst())
 
         def acknowledged():
-            return [i for i in sent if "bob" not in ra._unacked.get(i, set())]
+            return [i for i in sent if "bob" not in ra.ledger.awaiting(i)]
         await eventually(lambda: len(acknowledged()) >= 100, 30, "100 acknowledged")
         bob.send_signal(signal.SIGKILL)
         bob.wait()
@@ -251,3 +251,4 @@ def test_two_instances_of_one_user_share_the_state_file(broker, tmp_path):
         assert not data["instances"].get("bob")
         await alice.close()
     run(scenario(), 90)
+

@@ -240,8 +240,9 @@ def test_sealed_room_hides_everything_from_the_broker(broker, tmp_path):
 
 
 def test_signatures_follow_their_messages(broker, tmp_path, monkeypatch):
-    """A message goes out before its signature; the receiver writes it (and acks) once the signature is
-    there, or after SIGNATURE_WAIT_S without one (then it is kept, but never passed on as signed)."""
+    """A message goes out before its signature; one signature per batch of messages follows them (with what
+    checks each alone), and the receiver writes them (and acks) once it is there, or after SIGNATURE_WAIT_S
+    without one (then it is kept, but never passed on as signed)."""
     monkeypatch.setattr(rtchat, "SIGNATURE_WAIT_S", 0.5)
 
     async def scenario():
@@ -252,33 +253,41 @@ def test_signatures_follow_their_messages(broker, tmp_path, monkeypatch):
         peer = ra.peers["bob"]
         original = peer.send
         peer.send = lambda label, value: (frames.append(value), original(label, value))[1]
-        sent = ra.send("signed later")
-        assert "sig" not in frames[0] and frames[0]["text"] == "signed later"
+        sent = [ra.send(f"signed later {i}") for i in range(3)]
+        assert all("sig" not in f for f in frames[:3]) and frames[0]["text"] == "signed later 0"
         assert await ra.flush(5)
-        assert any(f.get("t") == "sigs" and f["sigs"] == {sent.id: sent.sig} for f in frames if isinstance(f, dict))
-        stored = {e["id"]: e for e in rb.log.entries()}
-        assert stored[sent.id]["sig"] == sent.sig
-        assert rtchat.verify_message(alice.identity.message_public, sent.sig, sent.signed_part(ra.topic))
+        batches = [f for f in frames if isinstance(f, dict) and f.get("t") == "batch"]
+        assert [i for f in batches for i in f["ids"]] == [m.id for m in sent]   # one batch here: all three
+        assert all(m.sig == batches[0]["sig"] and m.proof["of"] == 3 for m in sent)
+        stored = {e["id"]: e for e in rb.ledger.log.entries()}
+        for m in sent:
+            kept = rtchat.Message.from_dict(stored[m.id])
+            assert (kept.sig, kept.proof) == (m.sig, m.proof)
+            assert kept.is_signed_by(alice.identity.message_public, ra.topic)
+            assert not rtchat.Message.from_dict({**stored[m.id], "text": "other words"}).is_signed_by(
+                alice.identity.message_public, ra.topic)
         # a peer that never sends the signature: shown at once, written unsigned later, and acknowledged
         got, acked = [], []
         rb.on("message", got.append)
-        on_ack = rtchat.Room._on_ack
-        monkeypatch.setitem(rtchat.Room._FRAMES, "ack", lambda room, p, kind, value: (
-            acked.extend(value.get("ids", [])), on_ack(room, p, kind, value)))
+        on_ack = rtchat.Ledger._FRAMES["ack"]
+        monkeypatch.setitem(rtchat.Ledger._FRAMES, "ack", lambda ledger, p, kind, value: (
+            acked.extend(value.get("ids", [])), on_ack(ledger, p, kind, value)))
         unsigned = rtchat.Message(id="", room="room", sender="alice", text="never signed", ts=rtchat.now_ms(),
                                   fingerprint=alice.identity.fingerprint, salt=rtchat.new_id())
         unsigned.id = unsigned.bound_id()
         original("chat", {"t": "msg", "id": unsigned.id, "ts": unsigned.ts, "text": unsigned.text,
                           "action": False, "salt": unsigned.salt})
         await eventually(lambda: got, what="the unsigned message shown")
-        await eventually(lambda: unsigned.id in {e["id"] for e in rb.log.entries()}, what="written after the wait")
-        assert {e["id"]: e for e in rb.log.entries()}[unsigned.id].get("sig") is None
+        await eventually(lambda: unsigned.id in {e["id"] for e in rb.ledger.log.entries()},
+                         what="written after the wait")
+        assert {e["id"]: e for e in rb.ledger.log.entries()}[unsigned.id].get("sig") is None
         await eventually(lambda: unsigned.id in acked, what="the ack")
-        # an rtchat.py that wants signatures inline gets them inline
+        # an rtchat.py that takes no batch signature (0.2) gets the message's own signature inline
         peer.late_signatures = False
         frames.clear()
         inline = ra.send("signed now")
-        assert frames[0]["sig"] == inline.sig and inline.sig
+        assert frames[0]["sig"] == inline.sig and inline.sig and inline.proof is None
+        assert rtchat.verify_message(alice.identity.message_public, inline.sig, inline.signed_part(ra.topic))
         assert await ra.flush(5)
         await close_all([alice, bob])
     run(scenario())
