@@ -1170,6 +1170,13 @@ def fuzz_frames(rng: random.Random) -> list[tuple[str, str]]:
         json.dumps({"t": "backfill", "authors": {}, "msgs": [
             {"id": f"b{i}", "from": "bob", "text": "forged via backfill", "ts": "x" if i % 2 else 1, "sig": "AA=="}
             for i in range(50)]}),
+        json.dumps({"t": "batch", "sig": "A" * 88, "leaves": "A" * 44, "ids": ["fz"]}),
+        json.dumps({"t": "batch", "sig": 5, "leaves": ["x"], "ids": "all"}),
+        json.dumps({"t": "batch", "sig": "A" * 88, "leaves": "A" * 44 * 200, "ids": [None] * 200}),
+        json.dumps({"t": "batch", "sig": "A" * 88, "leaves": "A" * 88, "ids": [{"id": 1}, 2**70]}),
+        json.dumps({"t": "backfill", "authors": {}, "msgs": [
+            {"id": "b0", "from": "bob", "text": "t", "ts": 1, "salt": "s" * 16, "sig": "AA==",
+             "proof": {"at": -1, "of": 2**70, "path": 5}}]}),
         json.dumps({"t": 5}), json.dumps({"t": None, "ids": []}), '"pong"', '"ping"', "null",
     ]
     for label in labels:

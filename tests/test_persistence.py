@@ -252,3 +252,37 @@ def test_two_instances_of_one_user_share_the_state_file(broker, tmp_path):
         await alice.close()
     run(scenario(), 90)
 
+
+def test_lines_said_while_newcomers_connect_reach_them(broker, tmp_path):
+    """alice says a line every 50 ms while bob, carol and dave join one after another (three times over: they
+    leave and come back). A line said while a newcomer is being connected is neither sent to it live nor yet on
+    disk when it asks what it missed: it must still reach it, as history. Every listener gets every line, once."""
+    async def scenario():
+        alice = await make_client("alice", tmp_path, broker.url).start()
+        ra = await alice.join("stream")
+        said, stop = [], asyncio.Event()
+
+        async def talk():
+            while not stop.is_set():
+                said.append(ra.send(f"tick {len(said)}").id)
+                await asyncio.sleep(0.05)
+        talker = asyncio.ensure_future(talk())
+        got = {name: [] for name in ("bob", "carol", "dave")}
+        for _ in range(3):
+            listeners = []
+            for name in got:
+                client = await make_client(name, tmp_path, broker.url).start()
+                room = await client.join("stream")
+                room.on("message", lambda m, name=name: got[name].append(m.id))
+                room.on("history", lambda m, name=name: got[name].append(m.id))
+                await room.wait_for_peers(len(listeners) + 1, 20)
+                listeners.append(client)
+            await eventually(lambda: all(set(said) <= set(ids) for ids in got.values()), 10, "every line so far")
+            await close_all(listeners)
+        stop.set()
+        await talker
+        missing = {name: len(set(said) - set(ids)) for name, ids in got.items()}
+        print(f"{len(said)} lines said while listeners joined; missing {missing}")
+        assert all(len(ids) == len(set(ids)) for ids in got.values())
+        await alice.close()
+    run(scenario(), 120)
