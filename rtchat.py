@@ -4840,7 +4840,8 @@ class Relays:
     def _relay_record(self, entry: dict, batches: bool, checked: dict) -> tuple[dict, dict | None]:
         """A history entry as passed on, and the author's credentials when its signature goes with it. Only a
         signature we have checked against a key we know goes on (a batch signature only to a peer that can check
-        one); an unverified message goes unsigned. checked: signatures checked so far, shared by a batch."""
+        one: for one that cannot, our own messages are signed alone); an unverified message goes unsigned.
+        checked: signatures checked so far, shared by a batch."""
         record = {k: entry.get(k) for k in ("id", "from", "text", "ts", "action", "fingerprint", "sig", "salt",
                                             "relayed_by")}
         fp, proof = entry.get("fingerprint"), entry.get("proof")
@@ -4850,6 +4851,9 @@ class Relays:
             record.update(fingerprint=entry.get("claimed_fingerprint"), sig=None)
             record.pop("proof", None)
             return record, None
+        if fp == self.scope.identity.fingerprint and proof is not None and not batches:
+            record["sig"] = self.scope.identity.sign_message(Message.from_dict(entry).signed_part(self.scope.topic))
+            return record, self.scope.author(fp)
         credentials = self.scope.author(fp) if entry.get("sig") and (batches or proof is None) else None
         # A message that came live was not checked when it came (the channel vouched for it): it is now, before we
         # pass it on as the author's.

@@ -352,7 +352,7 @@ def test_a_dm_to_someone_away_is_queued_then_delivered(tmp_path):
 def test_sync_answers_with_what_was_taken_before_it_asked(tmp_path):
     """A line we said just before a newcomer was verified did not go to it live and is not on disk yet when it
     asks what it missed: the answer waits for it. Signed in a batch, it goes with its proof to a peer that checks
-    batches, unsigned to one that does not (0.2)."""
+    batches; to one that does not (0.2), as ours, it goes signed alone."""
     async def scenario():
         s = Setup(tmp_path)
         alice = Link("alice")
@@ -373,8 +373,11 @@ def test_sync_answers_with_what_was_taken_before_it_asked(tmp_path):
         s.ledger.peer_verified(old)
         s.ledger.on_frame(old, "chat", {"t": "sync", "ids": []})
         await old.until_sent("backfill")
-        (record,) = old.frames("backfill")[0]["msgs"]
-        assert record["sig"] is None and "proof" not in record and not old.frames("backfill")[0]["authors"]
+        (record,) = old.frames("backfill")[0]["msgs"]   # ours: signed alone for it
+        assert "proof" not in record and rtchat.verify_message(IDENTITIES["me"].message_public, record["sig"],
+                                                               before.signed_part(TOPIC))
+        assert old.frames("backfill")[0]["authors"][IDENTITIES["me"].fingerprint]["mkey"] == \
+            IDENTITIES["me"].message_public
         await s.ledger.close()
     run(scenario())
 
