@@ -4339,6 +4339,8 @@ class IncomingFile:
         self._queued = 0
         self._wake = asyncio.Event()
         self._tasks = tasks
+        self._writing = False                    # its task holds a .part file: it removes it, then says why it ended
+        self._failed: tuple[str, bool] | None = None  # why, and whether to tell the sender, once it has
         channel.on("message", self._on_data)
         channel.on("close", lambda: self.fail("the sender went away", tell=False))
         tasks.later(FILE_IDLE_S, self._check_progress)
@@ -4392,16 +4394,17 @@ class IncomingFile:
     async def _receive(self) -> None:
         """The only code that touches the .part file: open it, write what comes, then check and keep it."""
         name, size = self.header["name"], self.header["size"]
+        self._writing, part, fd = True, None, -1
         try:
-            opened = await off_loop(_open_part, self.files.folder, name, size, self.files.reserved(self))
-        except OSError as exc:
-            self.fail(f"cannot write: {exc.strerror}")
-            return
-        if opened is None:
-            self.fail("not enough free space")
-            return
-        (part, fd), digest, synced = opened, hashlib.sha256(), 0
-        try:
+            try:
+                opened = await off_loop(_open_part, self.files.folder, name, size, self.files.reserved(self))
+            except OSError as exc:
+                self.fail(f"cannot write: {exc.strerror}")
+                return
+            if opened is None:
+                self.fail("not enough free space")
+                return
+            (part, fd), digest, synced = opened, hashlib.sha256(), 0
             if self.over:
                 return
             self.files.report(self.transfer)  # the receiver hears of a file when it starts, not when it is complete
@@ -4424,13 +4427,13 @@ class IncomingFile:
                 return
             self.over = True  # all of it is here: what happens now (the sender leaving, say) changes nothing
             if digest.hexdigest() != self.header["sha256"].lower():
-                self._end("the SHA-256 does not match")
+                self._failed = ("the SHA-256 does not match", True)
                 return
             kept, fd = fd, -1  # _keep_part closes it, whatever happens
             try:
                 path = await off_loop(_keep_part, kept, part, self.files.folder, name)
             except (OSError, StateError) as exc:
-                self._end(f"cannot save: {exc}")
+                self._failed = (f"cannot save: {exc}", True)
                 return
             part = None
             self._reply({"ok": True, "saved": path.name})
@@ -4439,14 +4442,22 @@ class IncomingFile:
         finally:
             if fd >= 0 or part is not None:
                 await off_loop(_drop_part, fd, part)
+            self._writing = False
+            if self._failed is not None:
+                self._end(*self._failed)
 
     def fail(self, reason: str, tell: bool = True) -> None:
-        if not self.over:
-            self.over = True
+        """Refuse the rest. The .part file, if there is one, is removed before the sender and the room hear of it."""
+        if self.over:
+            return
+        self.over = True
+        if self._writing:
+            self._failed = (reason, tell)
+            self._wake.set()  # the writing task sees it, removes the .part file, then ends
+        else:
             self._end(reason, tell)
 
     def _end(self, reason: str, tell: bool = True) -> None:
-        self._wake.set()  # the writing task sees it and removes the .part file
         if tell:
             self._reply({"ok": False, "error": reason})
         if self.transfer is not None:
