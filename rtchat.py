@@ -160,7 +160,7 @@ KEY_SCRYPT = (2 ** 16, 8, 1)           # n, r, p for --passphrase: 64 MiB and ~0
 
 EVENTS = ("message", "dm", "join", "leave", "verified", "key-changed", "delivered", "file", "status", "history",
           "no-route", "file-progress", "question-failed", "key-accepted", "key-refused", "disk-error", "disk-ok",
-          "compaction-failed", "history-conflict")
+          "history-conflict", "compaction-failed")
 """Event names: what Room emits and plugins subscribe to with @on. "message" and "dm" are news only: a message
 said before we joined, passed on by a peer, is a "history" event (msg.history is True). They are also the --json
 `type` values, except that a history message keeps its own type ("message") and is marked "history": true."""
@@ -4666,6 +4666,7 @@ class Journal:
         self._queue: list[tuple[dict, Peer | None, str, str]] = []  # entry, ack to, on label, as id
         self._own: list[tuple[Message, dict, list[tuple[Peer, str]]]] = []  # ours, sent ahead of their signature
         self._disk_error: str | None = None
+        self._compaction_failed = False
         self._writing: asyncio.Task | None = None
         self._last = 0.0
 
@@ -4737,8 +4738,11 @@ class Journal:
                 if self.log.needs_compaction:
                     try:
                         await off_loop(self.log.compact)
+                        self._compaction_failed = False
                     except StateError as exc:
-                        self._emit("compaction-failed", str(self.log.path), str(exc))
+                        if not self._compaction_failed:  # said once, until a compaction works again
+                            self._emit("compaction-failed", str(self.log.path), str(exc))
+                        self._compaction_failed = True
         finally:
             self._writing = None
             self.done.fire()

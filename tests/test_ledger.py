@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import types
 
 import pytest
 from conftest import run
@@ -434,5 +435,30 @@ def test_a_disk_that_refuses_is_said_once_and_nothing_is_acked_until_it_takes_it
         assert await s.ledger.written(5)
         assert s.seen("disk-ok") == [(str(s.log.path),)] and len(s.seen("disk-error")) == 1
         assert sorted(i for f in alice.frames("ack") for i in f["ids"]) == sorted(m.id for m in msgs)
+        await s.ledger.close()
+    run(scenario())
+
+
+def test_a_compaction_that_fails_is_an_event_not_a_sentence(tmp_path, monkeypatch):
+    """The history file is compacted once it holds twice its limit; if that fails, the ledger says so once with a
+    typed event (path, reason), which --json and the chat word; the history is kept as it is."""
+    async def scenario():
+        s = Setup(tmp_path)
+        s.log.limit = 2
+        monkeypatch.setattr(s.log, "compact", lambda: (_ for _ in ()).throw(rtchat.StateError("no room to compact")))
+        alice = Link("alice")
+        s.ledger.peer_verified(alice)
+        for i in range(5):
+            msg = said("alice", f"line {i}", sign=True)
+            s.ledger.on_frame(alice, "chat", frame(msg, sig=msg.sig))
+        assert await s.emitted.until(lambda: bool(s.seen("compaction-failed")), 5)
+        more = said("alice", "and one more write", sign=True)
+        s.ledger.on_frame(alice, "chat", frame(more, sig=more.sig))
+        assert await s.ledger.written(5)
+        (path, reason), = s.seen("compaction-failed")   # once, not with every write
+        assert path == str(s.log.path) and reason == "no room to compact" and len(s.stored()) == 6
+        record = rtchat.event_record(types.SimpleNamespace(name="ledger"), "compaction-failed", path, reason)
+        assert (record["type"], record["path"], record["reason"]) == ("compaction-failed", path, reason)
+        assert "no room to compact" in record["text"] and not s.seen("status")
         await s.ledger.close()
     run(scenario())
