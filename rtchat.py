@@ -4767,7 +4767,7 @@ class Journal:
     async def _sign(self, own: list[tuple[Message, dict, list[tuple[Peer, str]]]]) -> None:
         """One signature per batch of our messages (MAX_BATCH at most) instead of one each: every message keeps it
         with its proof, and every peer that got messages of the batch gets one frame, after them, that checks
-        them (PROTOCOL.md, Signatures)."""
+        them (PROTOCOL.md, Signatures per batch)."""
         for start in range(0, len(own), MAX_BATCH):
             part = own[start:start + MAX_BATCH]
             leaves = [batch_leaf(msg.signed_part(self.scope.topic)) for msg, _, _ in part]
