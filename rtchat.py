@@ -66,7 +66,7 @@ try:  # Checked in main() and Client(): a missing package is one clear line, not
 except ImportError:
     pass
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = [
     "Client", "Room", "Peer", "Message", "Question", "ReceivedFile", "Context", "Session", "Plugins", "Store",
     "Identity", "PeerJSMesh", "command", "question", "on", "EVENTS", "__version__",
