@@ -1627,6 +1627,7 @@ PEERJS_CLOUD = "wss://0.peerjs.com/"       # what the page's `new Peer(id)` uses
 PEERJS_DEFAULT_KEY = "peerjs"
 PEERJS_ID_PREFIX = "secure-p2p-multichat-"  # the page's appPrefix: user alice is secure-p2p-multichat-alice
 PEERJS_HEARTBEAT_S = 5.0                   # as PeerJS clients; the server drops a client silent for 60-90 s
+PEERJS_RECONNECT_S = (1.0, 30.0)           # a lost server is tried again after 1 s, then twice as long, up to 30 s
 MAX_PEERJS_MESSAGE_CHARS = 64 * 1024       # one signaling message; an SDP is a few KiB
 MAX_PEERJS_SOCKET_BYTES = 128 * 1024 ** 2  # above what the server relays (100 MiB), so that no peer can have our
                                            # socket closed by sending a big message (it is dropped, unparsed)
@@ -1791,7 +1792,9 @@ def _websockets():
 
 
 class PeerJSSignaling(Emitter):
-    """Our id on a PeerServer: log in, keep alive, relay. What fails a check is dropped and counted."""
+    """Our id on a PeerServer: log in, keep alive, relay. What fails a check is dropped and counted. Emits "signal"
+    (PeerJSSignal), "lost" (reason) and "back" once a lost server let us in again (tried until close(); under the
+    same token, so the server gives us our id back even before it noticed the old socket is gone)."""
 
     def __init__(self, peer_id: str, server: PeerJSServer | str | None = None, connect_timeout: float = 10.0,
                  heartbeat_s: float = PEERJS_HEARTBEAT_S) -> None:
@@ -1881,6 +1884,28 @@ class PeerJSSignaling(Emitter):
             self.is_connected = False
             log.warning("lost PeerJS server %s: %s", self.server, reason)
             self.emit("lost", reason)
+            self._tasks.append(_spawn(self._reconnect(), f"peerjs-reconnect-{self.peer_id}"))
+
+    async def _reconnect(self) -> None:
+        for task in [t for t in self._tasks if t is not asyncio.current_task()]:
+            task.cancel()  # the old socket's reader (done) and heartbeat
+        self._tasks = [asyncio.current_task()]
+        await self._drop_socket()
+        delay, longest = PEERJS_RECONNECT_S
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self.connect()
+            except (PeerServerUnreachable, NameTaken) as exc:
+                log.debug("%r: still no server: %s", self, exc)
+                delay = min(delay * 2, longest)
+                continue
+            except PeerServerRefused as exc:
+                log.warning("PeerJS server %s refuses us now: %s", self.server, exc)
+                return
+            log.warning("PeerJS server %s is back", self.server)
+            self.emit("back")
+            return
 
     def _receive(self, text: str | bytes) -> None:
         message = None
@@ -3534,7 +3559,7 @@ class MeshPlan:
 class PeerJSMesh(Emitter):
     """Us in a peerjs-multichat mesh: our id on a PeerServer, a PeerJSConnection per DataConnection, MeshPlan's
     decisions carried out. Emits "join" (name), "leave" (name, reason), "chat" (PeerJSChat), "unreachable"
-    (name), "lost" (reason: the server went away; open connections go on).
+    (name), "lost" (reason: the server went away; open connections go on) and "back" (it let us in again).
 
         mesh = PeerJSMesh("alice", server="ws://127.0.0.1:9000/", ice=ice_configuration([]))
         await mesh.start()               # NameTaken, PeerServerRefused, PeerServerUnreachable
@@ -3563,6 +3588,7 @@ class PeerJSMesh(Emitter):
     async def start(self) -> PeerJSMesh:
         self.signaling.on("signal", self._on_signal)
         self.signaling.on("lost", lambda reason: self.emit("lost", reason))
+        self.signaling.on("back", lambda: self.emit("back"))
         await self.signaling.connect()
         return self
 

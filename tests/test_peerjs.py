@@ -38,7 +38,7 @@ class Heard:
         self.chats: list[PeerJSChat] = []
         self.events: list[tuple] = []
         mesh.on("chat", self.chats.append)
-        for event in ("join", "leave", "unreachable", "lost"):
+        for event in ("join", "leave", "unreachable", "lost", "back"):
             mesh.on(event, lambda *args, event=event: self.events.append((event, *args)))
 
     def saw(self, *event) -> bool:
@@ -581,6 +581,33 @@ def test_chat_goes_on_when_the_server_goes(own_peerserver):
         finally:
             await close_all(alice, bob)
     run(scenario())
+
+
+def test_a_member_logs_in_again_when_the_server_comes_back(own_peerserver):
+    """The server restarts (same port, nothing remembered): alice is let in again under her id, and carol, new,
+    reaches her through it and merges with bob."""
+    server = own_peerserver()
+
+    async def scenario():
+        alice, bob = await member("alice", server).start(), await member("bob", server).start()
+        heard_a, heard_b = Heard(alice), Heard(bob)
+        carol = None
+        try:
+            await bob.connect("alice")
+            await eventually(lambda: alice.peers() == ["bob"], what="alice seeing bob")
+            server.stop()
+            await eventually(lambda: heard_a.saw("lost"), what="alice losing the server")
+            own_peerserver(port=server.port)
+            await eventually(lambda: heard_a.saw("back") and heard_b.saw("back"), 20, "both let in again")
+            carol = await member("carol", server).start()
+            await carol.connect("alice")
+            assert await carol.wait_settled(20)
+            assert sorted(carol.peers()) == ["alice", "bob"]
+            carol.send_chat("made it")
+            await eventually(lambda: heard_a.chats and heard_b.chats, what="both hearing carol")
+        finally:
+            await close_all(alice, bob, *([carol] if carol else []))
+    run(scenario(), 90)
 
 
 def test_rtchat_imports_without_websockets_and_says_what_is_missing():
