@@ -211,13 +211,14 @@ class Budget:
         self.tokens = float(self.burst)
         self.stamp = time.monotonic()
 
-    def _refill(self) -> None:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
+    def _refill(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self.tokens = min(self.burst, self.tokens + max(0.0, now - self.stamp) * self.rate)  # a clock passed in may
+        self.stamp = now                                                                     # start anywhere
 
-    def take(self, amount: float = 1.0) -> bool:
-        self._refill()
+    def take(self, amount: float = 1.0, now: float | None = None) -> bool:
+        """Spend amount if there is that much (now: the monotonic time, for a caller that passes its clock in)."""
+        self._refill(now)
         if self.tokens < amount:
             return False
         self.tokens -= amount
@@ -227,6 +228,27 @@ class Budget:
         """How long until take(amount) would succeed."""
         self._refill()
         return max(0.0, (amount - self.tokens) / self.rate)
+
+
+class RateLimit:
+    """A token bucket per key: per_second on average, bursts up to burst. Forgets everyone past max_keys keys."""
+
+    def __init__(self, per_second: float, burst: int, max_keys: int = 4096) -> None:
+        self.per_second, self.burst, self.max_keys = per_second, burst, max_keys
+        self._buckets: dict[Any, tuple[float, float]] = {}
+
+    def allow(self, key: Any, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        tokens, last = self._buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.per_second)
+        if len(self._buckets) >= self.max_keys and key not in self._buckets:
+            self._buckets.clear()
+        self._buckets[key] = (tokens - 1 if tokens >= 1 else tokens, now)
+        return tokens >= 1
+
+    @property
+    def size(self) -> int:
+        return len(self._buckets)
 
 
 def _spawn(coro, name: str | None = None) -> asyncio.Task:
@@ -1461,6 +1483,126 @@ class HistoryLog:
 
 
 # =============================================================================
+# Trust: pinned keys (trust on first use, like SSH known_hosts), kept by
+# fingerprint in the state file, and the policy that judges a key for a name.
+# Uses Identity and Store.
+# =============================================================================
+
+class Trust:
+    """Pinned keys (TOFU, like SSH known_hosts), kept by fingerprint in the state file.
+
+    policy: 'new' pins keys of names never seen and refuses changed keys; 'known' accepts only pinned
+    keys; 'any' accepts everything (and still never re-pins silently).
+    """
+
+    POLICIES = ("new", "known", "any")
+
+    def __init__(self, store: Store, policy: str = "new") -> None:
+        if policy not in self.POLICIES:
+            raise UsageError(f"trust policy must be one of {', '.join(self.POLICIES)}")
+        self.store = store
+        self.policy = policy
+        self._accepting: dict[str, float] = {}  # bare name -> since when the next key it proves is pinned
+        self._indexed = -1
+        self._by_name: dict[str, dict[str, dict]] = {}
+        self._by_skeleton: dict[str, set[str]] = {}
+
+    def accept_next(self, name: str) -> None:
+        """/trust NAME when no key of NAME is at hand: the next key NAME proves in a channel is pinned in place of
+        the old one (for ACCEPT_NEXT_KEY_S), so a peer who changed keys can connect again."""
+        self._accepting[name] = time.monotonic()
+
+    def accepting_since(self, name: str) -> float | None:
+        """When /trust NAME began to wait for NAME's next key, if it still does."""
+        since = self._accepting.get(name)
+        return since if since is not None and time.monotonic() - since < ACCEPT_NEXT_KEY_S else None
+
+    def is_accepting(self, name: str) -> bool:
+        return self.accepting_since(name) is not None
+
+    def _index(self) -> None:
+        """Pins by name and by look (skeleton), rebuilt when the state changed: looking a name up for every
+        envelope must not scan every pin."""
+        if self._indexed == self.store.generation:
+            return
+        by_name: dict[str, dict[str, dict]] = {}
+        for fp, pin in self.store.data["pins"].items():
+            for name in pin.get("names", ()):
+                by_name.setdefault(name, {})[fp] = pin
+        self._by_skeleton = {}
+        for name in by_name:
+            self._by_skeleton.setdefault(skeleton(name), set()).add(name)
+        self._by_name, self._indexed = by_name, self.store.generation
+
+    def pins_for(self, name: str) -> dict[str, dict]:
+        self._index()
+        return dict(self._by_name.get(name, {}))
+
+    def names_like(self, name: str) -> set[str]:
+        """Pinned names that look like this one (the same skeleton), itself excluded."""
+        self._index()
+        return self._by_skeleton.get(skeleton(name), set()) - {name}
+
+    def verdict(self, name: str, key_string: str) -> str:
+        """'known' (pinned for this name), 'new' (name never pinned) or 'changed' (pinned to another key)."""
+        fp = fingerprint(key_string)
+        pins = self.pins_for(name)
+        if fp in pins:
+            return "known"
+        return "changed" if pins else "new"
+
+    def allows(self, verdict: str) -> bool:
+        return verdict == "known" or (verdict == "new" and self.policy != "known") or self.policy == "any"
+
+    def signs(self, name: str) -> bool:
+        """Does a key pinned for this name sign its signaling (an rtchat.py peer)? Then unsigned is forged."""
+        return any(pin.get("signs") for pin in self.pins_for(name).values())
+
+    def pin(self, name: str, key_string: str, signs: bool = False, replace: bool = False,
+            author: dict | None = None) -> None:
+        """Pin a key for a name. author: its certified message key too, in the same write (so a crash cannot
+        leave a pin of a signing peer whose signatures we could not check)."""
+        fp = fingerprint(key_string)
+        if replace:
+            self._accepting.pop(name, None)
+
+        def add(data: dict) -> None:
+            if author:
+                data["authors"][fp] = author
+            pins = data["pins"]
+            if replace:
+                for other in pins.values():
+                    if name in other.get("names", ()):
+                        other["names"].remove(name)
+                for other_fp in [f for f, p in pins.items() if not p.get("names")]:
+                    del pins[other_fp]
+            pin = pins.setdefault(fp, {"key": key_string, "names": [], "since": now_ms()})
+            if name not in pin["names"]:
+                pin["names"].append(name)
+            pin["signs"] = pin.get("signs", False) or signs
+            pin["seen"] = now_ms()
+        if fp in self.pins_for(name) and not replace and (not author or self.store.data["authors"].get(fp) == author):
+            self.store.defer(add)
+        else:
+            self.store.update(add)
+
+    def unpin(self, name: str) -> int:
+        self._accepting.pop(name, None)
+
+        def drop(data: dict) -> int:
+            count = 0
+            for fp in list(data["pins"]):
+                names = data["pins"][fp].get("names", [])
+                if name in names:
+                    names.remove(name)
+                    count += 1
+                    if not names:
+                        del data["pins"][fp]
+            return count
+        return self.store.update(drop)
+
+
+# =============================================================================
 # Signaling: one MQTT connection (paho, v2 callbacks) shared by the rooms of a
 # client. mqtt:// mqtts:// ws:// wss://. paho's thread only hops payloads onto
 # the event loop. Emits "connected" and "disconnected"; delivers (topic, bytes).
@@ -1660,23 +1802,6 @@ def peerjs_ids(value: Any) -> tuple[str, ...]:
         return ()
     ids = (peer_id for peer_id in value[:MAX_PEERJS_IDS] if peerjs_name(peer_id) is not None)
     return tuple(dict.fromkeys(ids))
-
-
-class RateLimit:
-    """A token bucket per key: per_second on average, bursts up to burst. Forgets everyone past max_keys keys."""
-
-    def __init__(self, per_second: float, burst: int, max_keys: int = 4096) -> None:
-        self.per_second, self.burst, self.max_keys = per_second, burst, max_keys
-        self._buckets: dict[Any, tuple[float, float]] = {}
-
-    def allow(self, key: Any, now: float | None = None) -> bool:
-        now = time.monotonic() if now is None else now
-        tokens, last = self._buckets.get(key, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - last) * self.per_second)
-        if len(self._buckets) >= self.max_keys and key not in self._buckets:
-            self._buckets.clear()
-        self._buckets[key] = (tokens - 1 if tokens >= 1 else tokens, now)
-        return tokens >= 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4116,120 +4241,6 @@ def new_id() -> str:
 def valid_ts(stamp: Any) -> bool:
     """Epoch milliseconds a terminal can show (a peer's 10**23 would crash time.localtime)."""
     return isinstance(stamp, int) and not isinstance(stamp, bool) and 0 <= stamp < 253402300800000  # year 9999
-
-
-class Trust:
-    """Pinned keys (TOFU, like SSH known_hosts), kept by fingerprint in the state file.
-
-    policy: 'new' pins keys of names never seen and refuses changed keys; 'known' accepts only pinned
-    keys; 'any' accepts everything (and still never re-pins silently).
-    """
-
-    POLICIES = ("new", "known", "any")
-
-    def __init__(self, store: Store, policy: str = "new") -> None:
-        if policy not in self.POLICIES:
-            raise UsageError(f"trust policy must be one of {', '.join(self.POLICIES)}")
-        self.store = store
-        self.policy = policy
-        self._accepting: dict[str, float] = {}  # bare name -> since when the next key it proves is pinned
-        self._indexed = -1
-        self._by_name: dict[str, dict[str, dict]] = {}
-        self._by_skeleton: dict[str, set[str]] = {}
-
-    def accept_next(self, name: str) -> None:
-        """/trust NAME when no key of NAME is at hand: the next key NAME proves in a channel is pinned in place of
-        the old one (for ACCEPT_NEXT_KEY_S), so a peer who changed keys can connect again."""
-        self._accepting[name] = time.monotonic()
-
-    def accepting_since(self, name: str) -> float | None:
-        """When /trust NAME began to wait for NAME's next key, if it still does."""
-        since = self._accepting.get(name)
-        return since if since is not None and time.monotonic() - since < ACCEPT_NEXT_KEY_S else None
-
-    def is_accepting(self, name: str) -> bool:
-        return self.accepting_since(name) is not None
-
-    def _index(self) -> None:
-        """Pins by name and by look (skeleton), rebuilt when the state changed: looking a name up for every
-        envelope must not scan every pin."""
-        if self._indexed == self.store.generation:
-            return
-        by_name: dict[str, dict[str, dict]] = {}
-        for fp, pin in self.store.data["pins"].items():
-            for name in pin.get("names", ()):
-                by_name.setdefault(name, {})[fp] = pin
-        self._by_skeleton = {}
-        for name in by_name:
-            self._by_skeleton.setdefault(skeleton(name), set()).add(name)
-        self._by_name, self._indexed = by_name, self.store.generation
-
-    def pins_for(self, name: str) -> dict[str, dict]:
-        self._index()
-        return dict(self._by_name.get(name, {}))
-
-    def names_like(self, name: str) -> set[str]:
-        """Pinned names that look like this one (the same skeleton), itself excluded."""
-        self._index()
-        return self._by_skeleton.get(skeleton(name), set()) - {name}
-
-    def verdict(self, name: str, key_string: str) -> str:
-        """'known' (pinned for this name), 'new' (name never pinned) or 'changed' (pinned to another key)."""
-        fp = fingerprint(key_string)
-        pins = self.pins_for(name)
-        if fp in pins:
-            return "known"
-        return "changed" if pins else "new"
-
-    def allows(self, verdict: str) -> bool:
-        return verdict == "known" or (verdict == "new" and self.policy != "known") or self.policy == "any"
-
-    def signs(self, name: str) -> bool:
-        """Does a key pinned for this name sign its signaling (an rtchat.py peer)? Then unsigned is forged."""
-        return any(pin.get("signs") for pin in self.pins_for(name).values())
-
-    def pin(self, name: str, key_string: str, signs: bool = False, replace: bool = False,
-            author: dict | None = None) -> None:
-        """Pin a key for a name. author: its certified message key too, in the same write (so a crash cannot
-        leave a pin of a signing peer whose signatures we could not check)."""
-        fp = fingerprint(key_string)
-        if replace:
-            self._accepting.pop(name, None)
-
-        def add(data: dict) -> None:
-            if author:
-                data["authors"][fp] = author
-            pins = data["pins"]
-            if replace:
-                for other in pins.values():
-                    if name in other.get("names", ()):
-                        other["names"].remove(name)
-                for other_fp in [f for f, p in pins.items() if not p.get("names")]:
-                    del pins[other_fp]
-            pin = pins.setdefault(fp, {"key": key_string, "names": [], "since": now_ms()})
-            if name not in pin["names"]:
-                pin["names"].append(name)
-            pin["signs"] = pin.get("signs", False) or signs
-            pin["seen"] = now_ms()
-        if fp in self.pins_for(name) and not replace and (not author or self.store.data["authors"].get(fp) == author):
-            self.store.defer(add)
-        else:
-            self.store.update(add)
-
-    def unpin(self, name: str) -> int:
-        self._accepting.pop(name, None)
-
-        def drop(data: dict) -> int:
-            count = 0
-            for fp in list(data["pins"]):
-                names = data["pins"][fp].get("names", [])
-                if name in names:
-                    names.remove(name)
-                    count += 1
-                    if not names:
-                        del data["pins"][fp]
-            return count
-        return self.store.update(drop)
 
 
 # =============================================================================
