@@ -84,6 +84,7 @@ CHANNELS = ("connectedViaRTC", "dm", "chat", "question", "answer", "ping", "pong
             "streamice", "streamoffer", "streamanswer", "endcall")  # offerer creates these, §5.2
 TEXT_CHANNELS = CHANNELS[:7]           # between rtchat.py peers: no calls, so four handshakes fewer
 CLIENT_TAG = f"rtchat-py/{__version__}"                     # userInfo.client, §9.3
+INBOX_TAG_RE = re.compile(r"[0-9a-f]{16}")             # userInfo.inbox: the subtopic an rtchat.py peer reads
 
 MAX_PAYLOAD_BYTES = 64 * 1024          # MQTT payload cap, §9.2
 MAX_DECOMPRESSED_CHARS = 256 * 1024    # lz-string output cap, §9.2
@@ -1756,6 +1757,248 @@ class Signaling(Emitter):
                 handler(topic, payload)
             except Exception:
                 log.exception("dropped a message on %s that broke its handler", topic)
+
+
+# =============================================================================
+# Signaling gate: what comes on a room's topics, judged without I/O. Sealed
+# rooms, envelopes (capped; lz-string on a budget), replays, rates, freshness,
+# signatures and impostors. Payload bytes, the clock and what is known of keys
+# in; a RoomSignal or the reason it was dropped out. Uses Wire and Identity.
+# =============================================================================
+
+
+class Seal:
+    """A sealed room: topic and AEAD key from room + secret through scrypt, so the broker sees only ciphertext."""
+
+    def __init__(self, room: str, secret: str) -> None:
+        material = Scrypt(salt=b"rtchat-sealed-room:" + room.encode(), length=64, n=2**15, r=8, p=1
+                          ).derive(secret.encode())
+        self.topic = f"{TOPIC_BASE}sealed/{material[32:48].hex()}"
+        self._aead = AESGCM(material[:32])
+
+    def seal(self, payload: bytes) -> bytes:
+        nonce = os.urandom(12)
+        return nonce + self._aead.encrypt(nonce, payload, self.topic.encode())
+
+    def open(self, payload: bytes) -> bytes | None:
+        try:
+            return self._aead.decrypt(payload[:12], payload[12:], self.topic.encode())
+        except (InvalidTag, ValueError):
+            return None
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyFacts:
+    """What is known of the keys behind one wire name; the gate checks signatures with these plain values."""
+    session_key: str | None = None     # the identity key our live session with that name holds (maybe announced)
+    session_mkey: str | None = None    # the message key that session's peer said it signs with
+    pinned: tuple[str, ...] = ()       # identity keys pinned for its bare name
+    message_keys: dict[str, str] = dataclasses.field(default_factory=dict)  # of those: message key -> identity key
+    signs: bool = False                # a key pinned for the name signs its signaling, so unsigned is forged
+    accepting: bool = False            # /trust NAME waits for its next key: a new message key goes to the channel
+
+
+@dataclasses.dataclass(frozen=True)
+class RoomSignal:
+    """A signaling message that passed the gate, as its sender sent it, with who signed it."""
+    sender: str
+    subtopic: str
+    data: Any
+    stamp: float                  # the sender's clock, epoch ms
+    signer: str | None = None     # the identity key that signed it (RSA, or through a message key it certified)
+    mkey: str | None = None       # the message key that signed it (rtchat.py's compact signing)
+    impostor: bool = False        # in the name of a peer known to sign, not signed by it (only a connect passes)
+
+
+GATE_IGNORES = ("own", "not-for-us")   # not drops: our own echo, offers and answers between others
+
+
+@dataclasses.dataclass(frozen=True)
+class Checked:
+    """The gate's verdict on one payload. reason: why there is no signal: replay, unreadable (a sealed payload
+    this room's secret does not open), malformed, rate, forged, stale (old, or a nonce seen), or one of
+    GATE_IGNORES. impostor: the sender, when it is signaling in a known name with another key; warn: this is the
+    first such signaling in that name; hint_inbox: tell it, on this inbox tag, that we refuse its key."""
+    signal: RoomSignal | None = None
+    reason: str = ""
+    impostor: str | None = None
+    warn: bool = False
+    hint_inbox: str | None = None
+
+
+class SignalingGate:
+    """Every payload a room receives is checked here before anything acts on it. facts(name) says what is known
+    of a name's keys (from trust and the live sessions). drops counts what was refused, by reason."""
+
+    def __init__(self, me: str, topic: str, facts: Callable[[str], KeyFacts], seal: Seal | None = None) -> None:
+        self.me = me
+        self.topic = topic               # what signatures cover: the room's (sealed) topic
+        self.seal = seal
+        self.facts = facts
+        self.checked = 0                       # payloads looked at
+        self.drops: collections.Counter[str] = collections.Counter()
+        self._recent: dict[bytes, None] = {}   # digests of the last RECENT_PAYLOADS payloads
+        self._lz = Budget(LZ_BUDGET)
+        self._rates = RateLimit(*RATE_PER_SENDER)
+        self._nonces: dict[Any, float] = {}
+        self._nonce_limit = 20000
+        self._warned: set[str] = set()         # bare names whose impostors were reported
+        self._hinted: dict[str, float] = {}    # bare name -> when we last told it we refuse its key
+
+    @property
+    def dropped(self) -> int:
+        return sum(self.drops.values())
+
+    @property
+    def unreadable(self) -> int:
+        return self.drops["unreadable"]
+
+    def knows(self, payload: bytes) -> bool:
+        """Were these exact bytes handled lately? (Then they are a replay.)"""
+        return hashlib.blake2b(payload, digest_size=16).digest() in self._recent
+
+    def sizes(self) -> dict[str, int]:
+        """How big each table is (every one is bounded, whatever the broker brings)."""
+        return {"recent": len(self._recent), "nonces": len(self._nonces), "rates": self._rates.size,
+                "warned": len(self._warned), "hinted": len(self._hinted)}
+
+    def check(self, payload: bytes, now: float, wall_ms: float) -> Checked:
+        """One payload from the broker; now is monotonic seconds, wall_ms the epoch milliseconds."""
+        self.checked += 1
+        digest = hashlib.blake2b(payload, digest_size=16).digest()
+        if digest in self._recent:  # the same bytes again: a replay, not decoded a second time
+            return self._drop("replay")
+        self._recent[digest] = None
+        if len(self._recent) > RECENT_PAYLOADS:
+            del self._recent[next(iter(self._recent))]
+        if self.seal:
+            payload = self.seal.open(payload)
+            if payload is None:
+                return self._drop("unreadable")
+        envelope = decode_envelope(payload, lambda size: self._lz.take(size, now))
+        if envelope is None:
+            return self._drop("malformed")
+        sender, subtopic = envelope["sender"], envelope["subtopic"]
+        if sender == self.me:
+            return Checked(reason="own")
+        if not self._for_us(envelope):
+            return Checked(reason="not-for-us")
+        if not self._rates.allow(sender, now):
+            return self._drop("rate")
+        facts = self.facts(sender)
+        signer, mkey = self._signer(envelope, facts)
+        # A peer we know signs: what comes in its name unsigned, or signed by a message key other than the ones we
+        # know for it, is not from it. (Not knowing its message key, e.g. after a crash, the channel decides.)
+        impostor = signer is None and facts.signs and (mkey is None or bool(facts.message_keys)) \
+            and not (mkey is not None and facts.accepting)
+        told = {}
+        if impostor and mkey is not None:
+            told = {"impostor": sender, "warn": self._first_warning(bare_name(sender)),
+                    "hint_inbox": self._hint_inbox(sender, envelope, now)}
+        if signer is False or (impostor and subtopic != "connect"):  # a connect is only a hint
+            log.debug("dropped %s from %r: bad or missing signature", subtopic, sender)
+            return self._drop("forged", **told)
+        freshness = self._fresh(envelope, now, wall_ms)  # after the signature: a forged copy must not burn a nonce
+        if freshness:
+            return self._drop(freshness, **told)
+        return Checked(RoomSignal(sender, subtopic, envelope["data"], envelope["timestamp"], signer, mkey, impostor),
+                       **told)
+
+    def _drop(self, reason: str, **told: Any) -> Checked:
+        self.drops[reason] += 1
+        return Checked(reason=reason, **told)
+
+    def _for_us(self, envelope: dict) -> bool:
+        """False for offers and answers to others: a room of N sees N² of them, and they must not use up the
+        sender's rate allowance or our time on signatures."""
+        data, subtopic = envelope["data"], envelope["subtopic"]
+        if subtopic == "RTCOffer":
+            data = data.get("offer") if isinstance(data, dict) else None
+        elif subtopic != "RTCAnswer":
+            return True
+        return isinstance(data, dict) and data.get("target") == self.me
+
+    def _fresh(self, envelope: dict, now: float, wall_ms: float) -> str:
+        """'' if inside the clock window and not seen before (replay protection, §9.2), else why not."""
+        if abs(wall_ms - envelope["timestamp"]) > CLOCK_SKEW_S * 1000:
+            return "stale"
+        nonce = envelope.get("nonce")
+        key = nonce if isinstance(nonce, str) and len(nonce) <= 64 else (
+            envelope["sender"], envelope["subtopic"], envelope["timestamp"])
+        if key in self._nonces:
+            return "stale"
+        if len(self._nonces) >= self._nonce_limit:  # amortised: a flood costs O(1) per message, not O(n)
+            fresh = {k: t for k, t in self._nonces.items() if now - t < 2 * CLOCK_SKEW_S}
+            if len(fresh) > MAX_NONCES:
+                fresh = dict(list(fresh.items())[-MAX_NONCES // 2:])
+            self._nonces = fresh
+            self._nonce_limit = max(20000, 2 * len(fresh))
+        self._nonces[key] = now
+        return ""
+
+    def _signer(self, envelope: dict, facts: KeyFacts) -> tuple[str | None | bool, str | None]:
+        """(the identity key that signed this envelope, None if unsigned or not known yet, False if the signature
+        is bad; the Ed25519 message key that signed it, for compact signaling)."""
+        sig, nonce, mkey = envelope.get("sig"), envelope.get("nonce"), envelope.get("mk")
+        if sig is None:
+            return None, None
+        signed = signed_bytes("signaling", self.topic, envelope["sender"], envelope["subtopic"],
+                              envelope["timestamp"], nonce, envelope["data"])
+        if mkey is not None:
+            if not (isinstance(mkey, str) and isinstance(nonce, str) and verify_message(mkey, sig, signed)):
+                return False, None
+            # Only a key certifying this message key makes the signature this sender's (not another peer's).
+            owner = facts.session_key if facts.session_mkey == mkey else facts.message_keys.get(mkey)
+            return owner, mkey
+        return self._rsa_signer(envelope, facts, sig, nonce, signed), None
+
+    @staticmethod
+    def _rsa_signer(envelope: dict, facts: KeyFacts, sig: Any, nonce: Any, signed: bytes) -> str | None | bool:
+        data, subtopic = envelope["data"], envelope["subtopic"]
+        if subtopic == "connect":
+            key = data.get("publicKeyString") if isinstance(data, dict) else None
+        elif subtopic == "RTCOffer":
+            info = data.get("userInfo") if isinstance(data, dict) else None
+            key = info.get("publicKeyString") if isinstance(info, dict) else None
+        else:
+            key = facts.session_key
+            if key is None and isinstance(sig, str) and isinstance(nonce, str):  # met before: one of its pinned keys
+                with contextlib.suppress(ValueError):
+                    signature = base64.b64decode(sig, validate=True)
+                    key = next((k for k in facts.pinned if verify_signature(k, signature, signed)), None)
+        if key is None and subtopic not in ("connect", "RTCOffer"):
+            return None  # from a peer whose key we do not know yet: nothing to check it with
+        if not (isinstance(key, str) and isinstance(sig, str) and isinstance(nonce, str) and len(sig) < 2048):
+            return False
+        try:
+            signature = base64.b64decode(sig, validate=True)
+        except ValueError:
+            return False
+        return key if verify_signature(key, signature, signed) else False
+
+    def _first_warning(self, bare: str) -> bool:
+        """Once per name: anyone can make fresh keys, and the user needs to hear it once."""
+        if bare in self._warned:
+            return False
+        if len(self._warned) > 1024:
+            self._warned.clear()
+        self._warned.add(bare)
+        return True
+
+    def _hint_inbox(self, sender: str, envelope: dict, now: float) -> str | None:
+        """The inbox tag to tell an impostor (an rtchat.py peer whose key is not the one pinned for its name) why
+        it cannot connect: at most every REFUSAL_HINT_EVERY_S per name, and only to an inbox it named."""
+        data = envelope["data"]
+        info = data.get("userInfo") if envelope["subtopic"] == "RTCOffer" and isinstance(data, dict) else data
+        tag = info.get("inbox") if isinstance(info, dict) else None
+        bare = bare_name(sender)
+        if not (isinstance(tag, str) and INBOX_TAG_RE.fullmatch(tag)) or \
+                now - self._hinted.get(bare, -math.inf) < REFUSAL_HINT_EVERY_S:
+            return None
+        if len(self._hinted) > 1024:
+            self._hinted.clear()
+        self._hinted[bare] = now
+        return tag
 
 
 # =============================================================================
@@ -5367,26 +5610,6 @@ class Ledger:
 # Room itself: the coordinator. Sets up sessions and wires the parts above:
 # verified peers and their chat frames go to the Ledger, file channels to Files.
 # =============================================================================
-
-class Seal:
-    """A sealed room: topic and AEAD key from room + secret through scrypt, so the broker sees only ciphertext."""
-
-    def __init__(self, room: str, secret: str) -> None:
-        material = Scrypt(salt=b"rtchat-sealed-room:" + room.encode(), length=64, n=2**15, r=8, p=1
-                          ).derive(secret.encode())
-        self.topic = f"{TOPIC_BASE}sealed/{material[32:48].hex()}"
-        self._aead = AESGCM(material[:32])
-
-    def seal(self, payload: bytes) -> bytes:
-        nonce = os.urandom(12)
-        return nonce + self._aead.encrypt(nonce, payload, self.topic.encode())
-
-    def open(self, payload: bytes) -> bytes | None:
-        try:
-            return self._aead.decrypt(payload[:12], payload[12:], self.topic.encode())
-        except (InvalidTag, ValueError):
-            return None
-
 
 class Room(Emitter):
     """One room: peers keyed by wire name, messages in and out. Create with Client.join()."""
