@@ -98,6 +98,9 @@ MAX_SEEN_PEERS = 256                   # names announced but never connected, ke
 SEEN_EXPIRE_S = 90.0                   # ... and for this long after their last announcement (three re-announces)
 CONNECT_TIMEOUT_S = 20.0               # a session not open by then is dropped
 NO_PATH_AFTER_S = 10.0                 # ICE checks with no working pair by then never get one (aioice: ~60 s)
+RETRY_AFTER_S, RETRY_MAX_S = 15.0, 300.0  # after no path: try again this much later, doubling, up to the max
+ANSWER_WAIT_S = 6.0                    # wait_for_room waits this long for an answer to our offer (aiortc answers
+#                                        in ~0.1 s, or after 5 s when its STUN server does not reply)
 MAX_NONCES = 200_000                   # replay cache under a flood; a live session is also guarded by its own stamp
 CLOCK_SKEW_S = 120                     # envelope timestamp window, §9.2
 RATE_PER_SENDER = (20.0, 60)           # signaling messages: per second, burst
@@ -161,7 +164,7 @@ KEY_SCRYPT = (2 ** 16, 8, 1)           # n, r, p for --passphrase: 64 MiB and ~0
 
 EVENTS = ("message", "dm", "join", "leave", "verified", "key-changed", "delivered", "file", "status", "history",
           "no-route", "file-progress", "question-failed", "key-accepted", "key-refused", "disk-error", "disk-ok",
-          "history-conflict", "compaction-failed")
+          "history-conflict", "compaction-failed", "mitm-detected", "verify-failed")
 """Event names: what Room emits and plugins subscribe to with @on. "message" and "dm" are news only: a message
 said before we joined, passed on by a peer, is a "history" event (msg.history is True). They are also the --json
 `type` values, except that a history message keeps its own type ("message") and is marked "history": true."""
@@ -2297,10 +2300,10 @@ def _socket_error(exc: BaseException) -> str:
 
 
 # =============================================================================
-# Peer: one remote wire name, its RTCPeerConnection and RTChat's 11 data
-# channels, ask/answer by n, ping/pong liveness, call declining. Uses Wire.
-# Emits "open", "frame" (label, value), "no-route" (facts), "closed" (reason);
-# knows no Room.
+# Peer: one remote wire name, its RTCPeerConnection and the data channels its
+# Dialect names, ask/answer by n, ping/pong liveness, call declining; its state
+# machine and tasks. Uses Wire. Emits "open", "frame" (label, value),
+# "file-channel", "no-route" (facts), "closed" (reason); knows no Room.
 # =============================================================================
 
 _ICE_URL_RE = re.compile(r"(?P<scheme>stun|turns?):(?:(?P<user>[^:@]+):(?P<password>[^@]+)@)?"
@@ -2482,23 +2485,39 @@ def remote_candidate(data: dict, remote_sdp: str):
     return candidate
 
 
-class Peer(Emitter):
-    """One remote. A Peer is one session: a reconnect is a new Peer, so nothing verified carries over."""
+class Dialect:
+    """What a remote speaks on the data plane, as far as Peer needs it: the channels an offerer opens, and whether
+    the remote's silence counts from the session's start (it answers our pings at once) or from its first pong
+    (browsers answer only once they have verified us). This base is the RTChat page's; the Dialects section below
+    adds, per kind of peer, how it is announced to, how its offers and answers are signed, how it proves its key
+    and what it can do (capabilities: "dm", "ask", "files", "acks", "signatures", "history")."""
+    name = "browser"
+    labels: tuple[str, ...] = CHANNELS
+    capabilities: frozenset[str] = frozenset({"dm"})
+    silence_from_open = False
 
-    def __init__(self, name: str, ice: RTCConfiguration, key_string: str | None = None,
-                 client_tag: str | None = None) -> None:
+
+class Peer(Emitter):
+    """One remote. A Peer is one session: a reconnect is a new Peer, so nothing verified carries over.
+
+    Its state moves only forward, by its own methods: seen (announced) -> connecting (begin) -> open (channels up)
+    -> verified (verify) -> closed (close, from any state). Its tasks and timers end with it."""
+
+    def __init__(self, name: str, ice: RTCConfiguration, dialect: Dialect | None = None, *,
+                 key_string: str | None = None, client_tag: str | None = None, candidates: list[dict] = ()) -> None:
         super().__init__()
         self.name = name
+        self.dialect = dialect or Dialect()
         self.shape = skeleton(bare_name(name))  # what the name looks like, to spot look-alikes
         self.key_string = key_string
         self.fingerprint: str | None = None
         self.client_tag = client_tag
-        self.signed_key: str | None = None   # key that signed this session's offer/answer
-        self.signal_mkey: str | None = None  # or the message key that did (compact signaling, §rtchat.py)
-        self.pending_id: dict | None = None  # its identity frame, when it came before our side was open
+        self.signed_key: str | None = None   # identity key that signed this session's offer/answer (if known)
+        self.signal_mkey: str | None = None  # message key that signed it (compact signaling, rtchat.py)
         self.signal_ts: float | None = None  # sender's timestamp on that offer/answer: older messages are replays
         self.state = "seen"                  # seen, connecting, open, verified, closed
         self.is_offerer = False
+        self.was_open = False
         self.channel_bound = False
         self.rtt_ms: float | None = None
         self.remote_sdp: str | None = None
@@ -2523,10 +2542,13 @@ class Peer(Emitter):
         self._ice = ice
         self._answers: dict[int, asyncio.Future] = {}
         self._next_n = 0
-        self._candidates: list[dict] = []
-        self._labels = CHANNELS
+        self._candidates: list[dict] = list(candidates)[:MAX_PENDING_CANDIDATES]
+        self._labels = self.dialect.labels
         self._ping_sent: float | None = None
-        self._tasks: list[asyncio.Task] = []
+        self._pongs: list[asyncio.Future] = []  # probes waiting for the next pong
+        self._answered = False                  # an answer was taken (a second one is not)
+        self._tasks = Tasks()
+        self._shutdown: asyncio.Task | None = None
         if key_string:
             with contextlib.suppress(ValueError):
                 self.fingerprint = fingerprint(key_string)
@@ -2538,6 +2560,10 @@ class Peer(Emitter):
     def is_rtchat_py(self) -> bool:
         return bool(self.client_tag and self.client_tag.startswith("rtchat-py/"))
 
+    def can(self, capability: str) -> bool:
+        """Does its dialect do this ("dm", "ask", "files", "acks", "signatures", "history")?"""
+        return capability in self.dialect.capabilities
+
     @property
     def is_verified(self) -> bool:
         return self.state == "verified"
@@ -2547,9 +2573,17 @@ class Peer(Emitter):
         return self.state in ("open", "verified")
 
     # -- session set-up ---------------------------------------------------------------------
-    def _make_pc(self):
+    def begin(self, signer: str | None = None, mkey: str | None = None, stamp: float | None = None) -> None:
+        """A session is being set up (it counts as one from now on): not open by CONNECT_TIMEOUT_S, it is closed.
+        signer, mkey, stamp: who signed the offer that began it, and when (for an answerer)."""
+        if self.state != "seen":
+            return
         self.state = "connecting"
-        self._tasks.append(_spawn(self._open_deadline(), f"deadline-{self.name}"))
+        self.signed_key, self.signal_mkey, self.signal_ts = signer, mkey, stamp
+        self._tasks.later(CONNECT_TIMEOUT_S, self._open_deadline)
+
+    def _make_pc(self):
+        self.begin()
         self.pc = pc = RTCPeerConnection(self._ice)
         pc.on("datachannel", self._adopt)
         pc.on("connectionstatechange", self._on_connection_state)
@@ -2558,7 +2592,6 @@ class Peer(Emitter):
     async def create_offer(self) -> str:
         self.is_offerer = True
         pc = self._make_pc()
-        self._labels = TEXT_CHANNELS if self.is_rtchat_py else CHANNELS
         for label in self._labels:
             self._adopt(pc.createDataChannel(label))
         bound_sctp_reassembly(pc, self.close)
@@ -2575,7 +2608,17 @@ class Peer(Emitter):
         self._watch_path()
         return pc.localDescription.sdp
 
-    async def accept_answer(self, sdp: str) -> None:
+    def accept_answer(self, sdp: str, signer: str | None = None, mkey: str | None = None,
+                      stamp: float | None = None) -> Awaitable[None]:
+        """Take the answer to our offer, and who signed it (a key that signed it is the one the channel must be
+        bound to), at once: no other answer is taken from now on. Returns the coroutine that applies it."""
+        self._answered = True
+        self.signed_key, self.signal_mkey, self.signal_ts = signer, mkey, stamp
+        if signer is not None and self.key_string is None:
+            self.key_string, self.fingerprint = signer, fingerprint(signer)
+        return self._apply_answer(sdp)
+
+    async def _apply_answer(self, sdp: str) -> None:
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
         self.remote_sdp = sdp
         await self._flush_candidates()
@@ -2583,7 +2626,7 @@ class Peer(Emitter):
 
     @property
     def awaits_answer(self) -> bool:
-        return self.pc is not None and self.pc.signalingState == "have-local-offer"
+        return self.pc is not None and self.pc.signalingState == "have-local-offer" and not self._answered
 
     async def add_candidate(self, data: dict) -> None:
         """A trickled candidate from a browser: buffered until the remote SDP is known, then ufrag-checked."""
@@ -2592,7 +2635,7 @@ class Peer(Emitter):
                 self._candidates.append(data)
             return
         candidate = remote_candidate(data, self.remote_sdp)
-        if candidate is None:
+        if candidate is None or self.state == "closed":
             return
         try:
             await self.pc.addIceCandidate(candidate)
@@ -2603,6 +2646,21 @@ class Peer(Emitter):
         buffered, self._candidates = self._candidates, []
         for data in buffered:
             await self.add_candidate(data)
+
+    def dtls_fingerprints(self) -> tuple[str | None, str | None]:
+        """(ours, theirs): the sha-256 fingerprints of the two DTLS certificates, theirs as actually used."""
+        ours = sdp_fingerprint(self.pc.localDescription.sdp) if self.pc and self.pc.localDescription else None
+        theirs = (negotiated_fingerprint(self.pc) if self.pc else None) or sdp_fingerprint(self.remote_sdp or "")
+        return ours, theirs
+
+    def verify(self, key: str, channel_bound: bool, author: dict | None = None, lookalike: str | None = None) -> None:
+        """It proved key on this connection (bound to it, if channel_bound): verified."""
+        if self.state != "open":
+            return
+        self.key_string, self.fingerprint, self.channel_bound = key, fingerprint(key), channel_bound
+        self.author, self.lookalike = author, lookalike
+        self.state = "verified"
+        self.verified_at = time.monotonic()
 
     # -- channels -----------------------------------------------------------------------------
     def _adopt(self, channel) -> None:
@@ -2647,21 +2705,20 @@ class Peer(Emitter):
         if state in ("failed", "closed"):
             self.close(f"connection {state}")
         elif state == "connected" and not self.is_offerer:
-            self._tasks.append(_spawn(self._answerer_fallback_open(), f"open-{self.name}"))
+            self._tasks.later(2.0, self._answerer_fallback_open)
 
     # -- network path -------------------------------------------------------------------------
     def _watch_path(self) -> None:
         """Both descriptions are set, so signaling reached the peer and ICE checks run: they find a pair soon,
         or never (aioice itself gives up only after about a minute)."""
         self.pc.on("iceconnectionstatechange", self._on_ice_state)
-        self._tasks.append(_spawn(self._path_deadline(), f"path-{self.name}"))
+        self._tasks.later(NO_PATH_AFTER_S, self._path_deadline)
 
     def _on_ice_state(self) -> None:
         if self.pc is not None and self.pc.iceConnectionState == "failed":
             self._no_path()
 
-    async def _path_deadline(self) -> None:
-        await asyncio.sleep(NO_PATH_AFTER_S)
+    def _path_deadline(self) -> None:
         if self.pc is not None and self.pc.iceConnectionState not in ("completed", "closed"):
             self._no_path()
 
@@ -2702,14 +2759,12 @@ class Peer(Emitter):
             return None
         return "relay" if "relay" in (pair.local_candidate.type, pair.remote_candidate.type) else "direct"
 
-    async def _open_deadline(self) -> None:
-        await asyncio.sleep(CONNECT_TIMEOUT_S)
+    def _open_deadline(self) -> None:
         if self.state == "connecting":
             self.close("did not connect in time")
 
-    async def _answerer_fallback_open(self) -> None:
+    def _answerer_fallback_open(self) -> None:
         """connectedViaRTC opens an answerer; if it never comes, chat and question channels suffice (§5.4)."""
-        await asyncio.sleep(2.0)
         if self.state == "connecting" and {"chat", "question", "answer"} <= set(self.channels):
             self._set_open()
 
@@ -2717,8 +2772,9 @@ class Peer(Emitter):
         if self.state != "connecting":
             return
         self.state = "open"
+        self.was_open = True
         enlarge_socket_buffers(self.pc)
-        self._tasks.append(_spawn(self._keep_alive(), f"ping-{self.name}"))
+        self._tasks.spawn(self._keep_alive(), f"ping-{self.name}")
         self.emit("open", self)
 
     def send(self, label: str, value: Any) -> bool:
@@ -2748,8 +2804,7 @@ class Peer(Emitter):
             return self.send(label, value)
         self._backlog.append((label, value))
         if self._pump is None:
-            self._pump = _spawn(self._send_backlog(), f"backlog-{self.name}")
-            self._tasks.append(self._pump)
+            self._pump = self._tasks.spawn(self._send_backlog(), f"backlog-{self.name}")
         return True
 
     async def _send_backlog(self) -> None:
@@ -2764,7 +2819,6 @@ class Peer(Emitter):
                     self._backlog.popleft()
                     self.send(label, value)
         finally:
-            self._tasks.remove(self._pump)
             self._pump = None
 
     async def writable(self, label: str, below: int, timeout: float) -> bool:
@@ -2819,14 +2873,21 @@ class Peer(Emitter):
             if self.is_verified:
                 self.send_reply("pong", "pong")
         elif label == "pong":
-            if self._ping_sent is not None:
-                self.rtt_ms = (time.monotonic() - self._ping_sent) * 1000
-                self._ping_sent = None
-            self.last_pong = time.monotonic()
+            self._on_pong()
         elif label == "streamoffer":
             self.send("endcall", None)  # a text client declines calls (§7)
         elif label in ("chat", "dm", "question"):
             self.emit("frame", self, label, value)
+
+    def _on_pong(self) -> None:
+        if self._ping_sent is not None:
+            self.rtt_ms = (time.monotonic() - self._ping_sent) * 1000
+            self._ping_sent = None
+        self.last_pong = time.monotonic()
+        waiting, self._pongs = self._pongs, []
+        for future in waiting:
+            if not future.done():
+                future.set_result(True)
 
     # -- ask / answer and liveness ----------------------------------------------------------
     async def ask(self, topic: str, content: Any = None, timeout: float = ASK_TIMEOUT_S) -> Any:
@@ -2860,23 +2921,26 @@ class Peer(Emitter):
             self._ping_sent = time.monotonic()
             self.send("ping", "ping")
             await asyncio.sleep(PING_EVERY_S)
-            heard = self.last_pong or (opened if self.is_rtchat_py else None)
+            heard = self.last_pong or (opened if self.dialect.silence_from_open else None)
             if heard is not None and time.monotonic() - heard > PEER_SILENT_S:
                 self.close("stopped answering pings")
 
     async def probe(self, timeout: float = PROBE_TIMEOUT_S) -> bool:
-        """Is this session alive? Used before acting on an unauthenticated hint that it is not."""
+        """Is this session alive (a pong within timeout)? Used before acting on an unauthenticated hint that it
+        is not."""
         if not self.is_open:
             return False
-        since = time.monotonic()
-        self._ping_sent = since
+        pong = asyncio.get_running_loop().create_future()
+        self._pongs.append(pong)
+        self._ping_sent = time.monotonic()
         self.send("ping", "ping")
-        deadline = since + timeout
-        while time.monotonic() < deadline and self.is_open:
-            if self.last_pong is not None and self.last_pong >= since:
-                return True
-            await asyncio.sleep(0.05)
-        return False
+        try:
+            return await asyncio.wait_for(pong, timeout)
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            with contextlib.suppress(ValueError):
+                self._pongs.remove(pong)
 
     def is_idle(self) -> bool:
         """Everything sent has left our buffers and been acknowledged by the remote SCTP stack."""
@@ -2885,18 +2949,208 @@ class Peer(Emitter):
         return not self._backlog and sctp_idle(self.pc, self.channels.values())
 
     def close(self, reason: str = "closed") -> None:
+        """End the session now: its tasks are cancelled and, with the connection, awaited in the background (see
+        wait_closed)."""
         if self.state == "closed":
             return
         self.state = "closed"
-        for task in self._tasks:
-            if task is not asyncio.current_task():
-                task.cancel()
+        self._tasks.cancel()
         for future in self._answers.values():
             if not future.done():
                 future.set_exception(AskError(f"{self.name} left"))
-        if self.pc is not None:
-            _spawn(self.pc.close(), f"close-{self.name}")
+        for future in self._pongs:
+            if not future.done():
+                future.set_result(False)
+        self._shutdown = _spawn(self._finish(), f"close-{self.name}")
         self.emit("closed", self, reason)
+
+    async def _finish(self) -> None:
+        await self._tasks.close()
+        if self.pc is not None:
+            await self.pc.close()
+
+    async def wait_closed(self) -> None:
+        """Until a closed session's tasks have ended and its connection is closed."""
+        if self._shutdown is not None:
+            await asyncio.shield(self._shutdown)
+
+# =============================================================================
+# Dialects: what each kind of peer speaks, one strategy object each: the RTChat
+# page (11 channels, identify/challenge, §6.4) and rtchat.py 0.2 and later (7
+# channels, an identity frame bound to the DTLS session, signed messages, acks,
+# history, files). How we announce to it and sign our offers and answers to it,
+# how it proves its key on a connection, what it can do. Uses Identity, Peer.
+# =============================================================================
+
+RTCHAT_PY_MIN = (0, 2)    # rtchat.py 0.1 (a version that lived for a day) is not spoken to
+
+
+class VerifyFailed(Exception):
+    """A peer did not prove its key on this connection. reason: 'challenge-failed' (identify/challenge failed),
+    'no-identity' (no identity frame in time), 'bad-identity' (a frame that proves no key), 'mitm' (its key signed
+    another connection than this one: someone is in the middle; fingerprint is that key's), 'key-refused' (proven,
+    but our trust policy refuses it, which the policy has reported)."""
+
+    def __init__(self, reason: str, fingerprint: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.fingerprint = fingerprint
+
+
+@dataclasses.dataclass(frozen=True)
+class Proof:
+    """A key proven on a connection: bound to that connection's DTLS session or not; rtchat.py's credentials."""
+    key: str
+    channel_bound: bool = False
+    author: dict | None = None   # identity key, message key and its certificate
+
+
+@dataclasses.dataclass
+class Handshake:
+    """What a dialect needs to check a peer on a fresh connection: plain values and two callbacks' worth."""
+    me: str
+    topic: str
+    identity: Identity
+    pins: dict[str, dict]               # keys pinned for its bare name ({} while /trust NAME waits for its next key)
+    admits: Callable[[str], bool]       # does the trust policy take this key for it (a refusal is reported there)
+    frame: asyncio.Future               # its identity frame (rtchat.py), resolved when it comes
+
+
+class BrowserDialect(Dialect):
+    """The RTChat page: RTChat's 11 channels, plain text on chat and dm, our key checked with identify/challenge
+    and theirs the same way (fail closed, nothing carried over). It judges us by the key in our announcements and
+    offers, so those carry it, RSA-signed; it cannot sign, so nothing it says is bound to its key."""
+    name = "browser"
+    compact = False             # our offers and answers to it: RSA-signed, our key in userInfo, on the room topic;
+    #                             its own are unsigned
+    keys_in_announcements = True  # it announces its key, and judges us by the key in ours (§6.5)
+    yields_in_glare = True      # when both offer, it gives up its own offer and answers ours (§4.4)
+    fallback_offer_s = FALLBACK_OFFER_S
+    capabilities = frozenset({"dm", "ask"})
+
+    @staticmethod
+    def is_handshake(label: str, value: Any) -> bool:
+        return False
+
+    async def verify(self, peer: Peer, handshake: Handshake) -> Proof:
+        """challenge if a key is pinned for its name, else identify (§6.4), with the holes closed: a false result
+        fails, the key it answers with must be the one it announced, and the policy must take it."""
+        challenge = secrets.token_bytes(32)
+        key = None
+        try:
+            if handshake.pins:
+                answer = await peer.ask("challenge", challenge.decode("latin-1"), VERIFY_TIMEOUT_S)
+                signature = answer.encode("latin-1") if isinstance(answer, str) else b""
+                key = next((p["key"] for p in handshake.pins.values()
+                            if verify_signature(p["key"], signature, challenge)), None)
+            else:
+                answer = await peer.ask("identify", challenge.decode("latin-1"), VERIFY_TIMEOUT_S)
+                if isinstance(answer, dict) and isinstance(answer.get("signature"), str):
+                    offered = answer.get("publicKeyString")
+                    signature = answer["signature"].encode("latin-1")
+                    if isinstance(offered, str) and verify_signature(offered, signature, challenge) \
+                            and peer.key_string in (None, offered) and handshake.admits(offered):
+                        key = offered
+        except (AskError, UnicodeEncodeError) as exc:
+            log.debug("%r: verification failed: %s", peer, exc)
+        if key is None:
+            raise VerifyFailed("challenge-failed")
+        return Proof(key)
+
+
+class RtchatPyDialect(Dialect):
+    """rtchat.py 0.2 and later: RTChat's text channels only; offers and answers signed with the Ed25519 message
+    key, zlib'd on the peer's own inbox; once the channel is up each side sends an identity frame (its identity
+    key's signature over the room, both names and both DTLS certificates as it sees them, and the certificate of
+    the message key that signed its signaling). A man in the middle runs two DTLS sessions, so its frames do not
+    fit. Messages are signed, acknowledged, passed on as history; files go on channels of their own."""
+    name = "rtchat.py"
+    labels = TEXT_CHANNELS
+    compact = True              # signs its offers and answers with its message key (unsigned ones are forged), and
+    #                             takes ours signed so, zlib'd on its inbox
+    keys_in_announcements = False  # keys are proven in the channel, not told on the broker
+    yields_in_glare = False     # it agrees who offers (should_offer), as we do
+    fallback_offer_s = FALLBACK_OFFER_PY_S
+    capabilities = frozenset({"dm", "ask", "files", "acks", "signatures", "history"})
+    silence_from_open = True     # it verifies us within a round trip, then answers our pings
+
+    @staticmethod
+    def is_handshake(label: str, value: Any) -> bool:
+        return label == "chat" and isinstance(value, dict) and value.get("t") == "id"
+
+    @staticmethod
+    def identity_frame(peer: Peer, handshake: Handshake) -> dict:
+        ours, theirs = peer.dtls_fingerprints()
+        identity = handshake.identity
+        signature = identity.sign(signed_bytes("channel-id", handshake.topic, handshake.me, peer.name, ours, theirs))
+        return {"t": "id", "key": identity.public_key_string, "mkey": identity.message_public,
+                "mcert": identity.message_cert, "sig": base64.b64encode(signature).decode()}
+
+    async def verify(self, peer: Peer, handshake: Handshake) -> Proof:
+        peer.send("chat", self.identity_frame(peer, handshake))
+        try:
+            frame = await asyncio.wait_for(asyncio.shield(handshake.frame), VERIFY_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise VerifyFailed("no-identity") from None
+        key = self.check(peer, frame, handshake)
+        if not handshake.admits(key):
+            raise VerifyFailed("key-refused", fingerprint(key))
+        return Proof(key, channel_bound=True, author={"key": key, "mkey": frame["mkey"], "mcert": frame["mcert"]})
+
+    @staticmethod
+    def check(peer: Peer, frame: dict, handshake: Handshake) -> str:
+        """The identity key an identity frame proves: it certified the message key that signed the peer's offer
+        or answer (or signed them itself), and it signed this channel as the peer sees it. VerifyFailed 'mitm' if
+        such credentials signed another channel, else 'bad-identity'."""
+        key, sig, mkey = frame.get("key"), frame.get("sig"), frame.get("mkey")
+        signaled = mkey == peer.signal_mkey if peer.signal_mkey is not None else key == peer.signed_key
+        if not (isinstance(key, str) and len(key) <= MAX_KEY_CHARS and isinstance(sig, str) and signaled
+                and peer.signed_key in (None, key) and verify_message_key(key, mkey, frame.get("mcert"))):
+            raise VerifyFailed("bad-identity")
+        ours, theirs = peer.dtls_fingerprints()
+        binding = signed_bytes("channel-id", handshake.topic, peer.name, handshake.me, theirs, ours)
+        try:
+            genuine = verify_signature(key, base64.b64decode(sig, validate=True), binding)
+        except ValueError:
+            genuine = False
+        if not genuine:
+            raise VerifyFailed("mitm", fingerprint(key))
+        return key
+
+
+BROWSER = BrowserDialect()
+RTCHAT_PY = RtchatPyDialect()
+
+
+def dialect_for(tag: str | None) -> Dialect | None:
+    """The dialect a client tag (userInfo.client) says its peer speaks; None for one we do not speak to."""
+    if not (tag or "").startswith("rtchat-py/"):
+        return BROWSER
+    match = re.fullmatch(r"rtchat-py/(\d+)\.(\d+)(?:\..*)?", tag)
+    return RTCHAT_PY if match and (int(match[1]), int(match[2])) >= RTCHAT_PY_MIN else None
+
+
+def answer_identity(peer: Peer, value: Any, identity: Identity) -> bool:
+    """Answer identify/challenge at once, from anyone: browsers ask before they talk to us (§6.4). True if value
+    was such a question (answered, or over the peer's budget)."""
+    question = value.get("question") if isinstance(value, dict) else None
+    topic = question.get("topic") if isinstance(question, dict) else None
+    if topic not in ("identify", "challenge"):
+        return False
+    if not peer.allow("identify"):  # each answer is an RSA signature
+        return True
+    content = question.get("content")
+    try:
+        # Exactly 32 bytes, as browsers send: we never sign anything that could be a signaling message.
+        challenge = content.encode("latin-1") if isinstance(content, str) and len(content) == 32 else None
+    except UnicodeEncodeError:
+        challenge = None
+    if challenge is not None:
+        signature = identity.sign(challenge).decode("latin-1")
+        answer = signature if topic == "challenge" else {
+            "publicKeyString": identity.public_key_string, "signature": signature}
+        peer.reply(value.get("n"), question, answer)
+    return True
 
 
 # =============================================================================
@@ -4343,19 +4597,753 @@ class NetCheck:
 
 
 # =============================================================================
+# Room sessions: a room's signaling on the broker (RoomSignaling: its topic,
+# our inbox, signed envelopes out, the gate's signals in, announcements), who
+# may connect under which name (Admission), and the sessions with its members
+# (Sessions: offer/answer, glare, fallbacks, candidates, the seen table,
+# retries, verification by each peer's Dialect). Emits typed events.
+# Uses everything above but Gossip, the PeerJS mesh and the network check.
+# =============================================================================
+
+BROWSER_MEMORY_S = 600.0   # after seeing a browser in a room, announce with our key (RSA-signed) this long
+SETUP_FAILURES = ("no network path", "did not connect in time", "connection failed")  # tried again, later each time
+CLOSED_BECAUSE = {"challenge-failed": "verification failed", "no-identity": "no identity",
+                  "bad-identity": "channel binding failed", "mitm": "channel binding failed",
+                  "key-refused": "key refused"}   # VerifyFailed reason -> why the session closed
+
+
+def user_info_fields(data: Any) -> tuple[str | None, str | None]:
+    """(publicKeyString, client tag) from a userInfo object, each None unless sane."""
+    if not isinstance(data, dict):
+        return None, None
+    key, tag = data.get("publicKeyString"), data.get("client")
+    key = key if isinstance(key, str) and len(key) <= MAX_KEY_CHARS else None
+    tag = tag[:64] if isinstance(tag, str) else None
+    return key, tag
+
+
+class RoomSignaling(Emitter):
+    """One room on the broker: its topic and our inbox under it (where rtchat.py peers send us their offers and
+    answers), envelopes signed as each audience expects, the gate's verdicts, announcements. Emits "signal"
+    (RoomSignal) and "key-changed" (name, None, "changed") the first time signaling in a known name is signed by
+    another key (its identity key is not shown on the broker, so there is no fingerprint to give)."""
+
+    def __init__(self, signaling: Signaling, gate: SignalingGate, *, me: str, topic: str, identity: Identity,
+                 seal: Seal | None = None) -> None:
+        super().__init__()
+        self.signaling = signaling
+        self.gate = gate
+        self.me = me
+        self.topic = topic
+        self.identity = identity
+        self.seal = seal
+        # Offers and answers between rtchat.py peers go to the recipient's own subtopic: on the room topic every
+        # process in a room of N would decompress all N² of them (browsers ignore the extra userInfo field).
+        tag = secrets.token_hex(8)
+        self.inbox = f"{topic}/{tag}"
+        self.user_info = {"publicKeyString": identity.public_key_string, "client": CLIENT_TAG, "inbox": tag}
+        self.compact_info = {"client": CLIENT_TAG, "inbox": tag}  # what rtchat.py peers need
+        self.is_on = False
+        self._inboxes: dict[str, str] = {}      # wire name -> its inbox topic
+        self._browser_seen = -math.inf          # when a browser last showed up
+        self._last_announce = 0.0
+        self._announcing: asyncio.TimerHandle | None = None
+        self._tasks = Tasks()
+
+    def start(self) -> None:
+        self.is_on = True
+        self.signaling.subscribe(self.topic, self.receive)
+        self.signaling.subscribe(self.inbox, self.receive)
+        self.signaling.on("connected", self.announce)
+
+    async def close(self) -> None:
+        self.is_on = False
+        self.signaling.off("connected", self.announce)
+        self.signaling.unsubscribe(self.topic)
+        self.signaling.unsubscribe(self.inbox)
+        await self._tasks.close()
+
+    def receive(self, topic: str, payload: bytes) -> None:
+        """A payload from the broker on one of our topics: through the gate, then out as a "signal"."""
+        checked = self.gate.check(payload, time.monotonic(), now_ms())
+        if checked.hint_inbox:  # only a hint: it opens nothing (PROTOCOL.md, Refusal hints)
+            self.publish("refused", {"target": checked.impostor, "reason": "key-changed"}, compact=True,
+                         topic=f"{self.topic}/{checked.hint_inbox}")
+        if checked.warn:
+            self.emit("key-changed", checked.impostor, None, "changed")
+        if checked.signal is not None:
+            self.emit("signal", checked.signal)
+
+    def publish(self, subtopic: str, data: Any, to: str | None = None, compact: bool = False,
+                topic: str | None = None) -> None:
+        """Signed signaling: browsers ignore the extra fields (rtchat-wire.md §9.3). With `to`, it goes to that
+        peer's inbox if it has one; the signature still covers the room topic. compact, for rtchat.py: signed
+        with our Ed25519 message key (which the channel later ties to our identity), and zlib'd on an inbox."""
+        topic = topic or self._inboxes.get(to, self.topic)
+        envelope = {"sender": self.me, "timestamp": now_ms(), "subtopic": subtopic, "data": data, "nonce": new_id()}
+        signed = signed_bytes("signaling", self.topic, self.me, subtopic, envelope["timestamp"], envelope["nonce"],
+                              data)
+        if compact:
+            envelope.update(mk=self.identity.message_public, sig=self.identity.sign_message(signed))
+        else:
+            envelope["sig"] = base64.b64encode(self.identity.sign(signed)).decode()
+        payload = encode_envelope(envelope, compact and topic != self.topic)
+        self.signaling.publish(topic, self.seal.seal(payload) if self.seal else payload)
+
+    def info(self, dialect: Dialect) -> dict:
+        """Our userInfo for a peer of this dialect: browsers judge us by our key (§6.5); rtchat.py peers by what
+        we prove in the channel."""
+        return self.compact_info if dialect.compact else self.user_info
+
+    def note_inbox(self, name: str, info: Any, trusted: bool) -> None:
+        """Where an rtchat.py peer wants its offers and answers. For a peer we know, only from what it signed
+        (trusted); a stranger's may be forged, but that wins no session: identities are proven in the channel."""
+        if not trusted:
+            return
+        tag = info.get("inbox") if isinstance(info, dict) else None
+        if isinstance(tag, str) and INBOX_TAG_RE.fullmatch(tag):
+            self._inboxes[name] = f"{self.topic}/{tag}"
+        else:
+            self._inboxes.pop(name, None)
+
+    def inbox_of(self, name: str) -> str | None:
+        return self._inboxes.get(name)
+
+    def forget(self, name: str) -> None:
+        self._inboxes.pop(name, None)
+
+    def note_dialect(self, dialect: Dialect) -> None:
+        if dialect.keys_in_announcements:
+            self._browser_seen = time.monotonic()
+
+    @property
+    def browsers_near(self) -> bool:
+        """A browser was here lately: announcements carry our key, RSA-signed, as browsers expect."""
+        return time.monotonic() - self._browser_seen < BROWSER_MEMORY_S
+
+    def announce(self) -> None:
+        """Where browsers are, with our key and signed: they judge a peer by the key in its connect (§6.5).
+        Among rtchat.py peers only who we are and where our inbox is: keys are proven in the channel."""
+        self._last_announce = time.monotonic()
+        dialect = BROWSER if self.browsers_near else RTCHAT_PY
+        self.publish("connect", self.info(dialect), compact=dialect.compact)
+
+    def announce_soon(self) -> None:
+        """Answer a newcomer's connect with ours so it can offer. It joined after our last announce, so it has
+        not heard it; one broadcast serves every newcomer, so they are coalesced (one per REANNOUNCE_MIN_S)."""
+        if self._announcing is None and self.is_on:
+            delay = max(0.0, self._last_announce + REANNOUNCE_MIN_S - time.monotonic())
+            self._announcing = self._tasks.later(delay, self._announce_due)
+
+    def _announce_due(self) -> None:
+        self._announcing = None
+        if self.is_on:
+            self.announce()
+
+    def say_goodbye(self) -> None:
+        self.publish("unload", "disconnecting", compact=not self.browsers_near)
+
+
+class Admission(Emitter):
+    """Which keys may connect under which names (the trust policy, applied to sessions), and what peers tell us
+    about our own key. Emits "key-changed" (name, fingerprint, verdict) once per refused key, and "key-refused"
+    (name, reason, confirmed) once per peer and reason."""
+
+    def __init__(self, trust: Trust, me: str) -> None:
+        super().__init__()
+        self.trust = trust
+        self.me = me
+        self.refused: dict[str, str] = {}       # bare name -> the last key refused for it (what /trust NAME takes)
+        self._warned: set[tuple] = set()
+        self._refused_by: set[str] = set()      # wire names that told us they refuse our key (one retry each)
+
+    def admits(self, name: str, key: str | None, dialect: Dialect | None = None) -> bool:
+        """May we connect to this name with this key? A changed key is refused loudly, once per key.
+        rtchat.py shows its key in the channel: it is judged there (so a refusal is loud there too)."""
+        if key is None:
+            return self.trust.policy != "known" or (dialect is not None and not dialect.keys_in_announcements)
+        try:
+            verdict = self.trust.verdict(bare_name(name), key)
+        except ValueError:
+            return False
+        if self.trust.allows(verdict) or (verdict == "changed" and self.trust.is_accepting(bare_name(name))):
+            return True
+        self.refused[bare_name(name)] = key
+        if len(self.refused) > 256:
+            self.refused.pop(next(iter(self.refused)))
+        if self._first((name, key)):
+            self.emit("key-changed", name, fingerprint(key), verdict)
+        return False
+
+    def trusts_signaling(self, name: str, signer: str | None) -> bool:
+        """Is what came in this name as good as signed by it? Unsigned in a name whose key signs is not (unless
+        /trust NAME waits for its next key)."""
+        bare = bare_name(name)
+        return signer is not None or not self.trust.signs(bare) or self.trust.is_accepting(bare)
+
+    def hopeless(self, peer: Peer) -> bool:
+        """A session being set up that cannot succeed as it is: begun before /trust took the name's next key, or
+        with a peer that told us it refuses our key (its next announcement may mean it takes it now: one retry per
+        refusal, and not of a session younger than OFFER_DEDUP_S, which may be the answer to that announcement)."""
+        since = self.trust.accepting_since(bare_name(peer.name))
+        if since is not None and peer.created < since:
+            return True
+        if peer.name in self._refused_by and time.monotonic() - peer.created > OFFER_DEDUP_S:
+            self._refused_by.discard(peer.name)
+            return True
+        return False
+
+    def on_refused(self, signal: RoomSignal) -> None:
+        """A peer says it refuses our key (it has another pinned for our name): a 'key-refused' event, once per
+        peer and reason. confirmed: signed by the key we have pinned for it, else anyone could have sent it."""
+        data = signal.data
+        if not isinstance(data, dict) or data.get("target") != self.me:
+            return
+        reason = data.get("reason") if data.get("reason") in ("key-changed",) else "unknown"
+        if len(self._refused_by) > 256:
+            self._refused_by.clear()
+        self._refused_by.add(signal.sender)
+        if self._first(("refused-by", signal.sender, reason)):
+            self.emit("key-refused", signal.sender, reason, signal.signer is not None)
+
+    def _first(self, what: tuple) -> bool:
+        if what in self._warned:
+            return False
+        if len(self._warned) > 1024:
+            self._warned.clear()
+        self._warned.add(what)
+        return True
+
+
+class Sessions(Emitter):
+    """The sessions of one room with its members: who offers, glare, fallbacks, candidates, the seen table (names
+    announced, bounded), retries that back off when there is no network path, and each session verified by its
+    peer's Dialect. Owns every Peer's set-up and the tasks that drive it.
+
+    Emits "verified" (peer), "first-contact" (peer, just before its name's first key is pinned), "frame" (peer,
+    label, value: from verified peers; what came before, once verified), "file-channel" (peer, channel),
+    "leave" (peer, reason: a verified peer gone), "closed" (peer, reason: any session ended), "no-route" (peer,
+    facts), "key-accepted" (peer), "mitm-detected" (peer, fingerprint of the key that signed another connection),
+    "verify-failed" (peer, reason: VerifyFailed's), "probed" (peer, alive: an unauthenticated hint that a live
+    session ended was checked by pinging it), and "phase" (name, step) as a session is set up, for whoever
+    measures it: heard, offering, offer-sent, offered, answer-sent, answered, open, verified."""
+
+    def __init__(self, network: RoomSignaling, admission: Admission, *, identity: Identity, trust: Trust,
+                 store: Store, ice: RTCConfiguration) -> None:
+        super().__init__()
+        self.network = network
+        self.admission = admission
+        self.me = network.me
+        self.topic = network.topic
+        self.identity = identity
+        self.trust = trust
+        self.store = store
+        self.ice = ice
+        self.peers: dict[str, Peer] = {}
+        self.changes = Pulse()              # notified when a peer is heard of, verified or gone
+        self.running = False
+        self._seen: dict[str, float] = {}     # names announced but never connected: when last heard, oldest first
+        self._timers: dict[str, asyncio.TimerHandle] = {}  # per name: our fallback offer, or the next try
+        self._offered_at: dict[str, float] = {}
+        self._candidates: dict[str, list[dict]] = {}       # trickled before we had a session with the sender
+        self._early: dict[Peer, list[tuple[str, Any]]] = {}  # frames from a peer not verified yet
+        self._frames: dict[Peer, asyncio.Future] = {}      # its identity frame (rtchat.py)
+        self._failures: dict[str, tuple[int, float]] = {}  # name -> (set-ups failed in a row, when to try again)
+        self._last_setup = 0.0                # when a session last began, or a peer last answered one
+        self._tasks = Tasks()
+
+    # -- from the room ---------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.running = True
+        self._last_setup = time.monotonic()
+        self.network.on("signal", self._on_signal)
+        self._tasks.spawn(self._announce_loop(), f"announce-{self.topic}")
+
+    async def close(self) -> None:
+        """Every session ends ("we left") and is awaited (its connection closed) for up to 2 s."""
+        self.running = False
+        self.network.off("signal", self._on_signal)
+        peers = list(self.peers.values())
+        for peer in peers:
+            peer.close("we left")
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(p.wait_closed() for p in peers), return_exceptions=True), 2)
+        await self._tasks.close()
+
+    def verified(self) -> list[Peer]:
+        return [p for p in self.peers.values() if p.is_verified]
+
+    def should_offer(self, name: str) -> bool:
+        """Who offers: the side whose name sorts first as browsers sort (§4.4)."""
+        return collation_key(self.me) < collation_key(name)
+
+    def retry(self, name: str) -> None:
+        """Start again with a bare name: sessions with it not open yet are dropped (they were set up under the old
+        verdict on its key) and we announce, so that a new one begins (after /trust NAME)."""
+        for peer in [p for p in self.peers.values() if bare_name(p.name) == name and not p.is_open]:
+            self._failures.pop(peer.name, None)
+            peer.close("trying again")
+        self.network.announce()
+
+    def lookalike_of(self, name: str) -> str | None:
+        """A pinned or present name, not this one, that this one looks like (the same skeleton): 'alice' for
+        'аlice' with a Cyrillic а, or for 'ａｌｉｃｅ'. None if it looks like no other."""
+        bare = bare_name(name)
+        like = self.trust.names_like(bare)
+        if not like:
+            shape = skeleton(bare)
+            like = {other for p in self.peers.values() if (other := bare_name(p.name)) != bare and p.shape == shape}
+        return min(like) if like else None
+
+    def key_facts(self, name: str) -> KeyFacts:
+        """What the gate may know of this name's keys: its live session's, and those pinned for it."""
+        bare, peer = bare_name(name), self.peers.get(name)
+        pins, authors = self.trust.pins_for(bare), self.store.data["authors"]
+        return KeyFacts(
+            session_key=peer.key_string if peer else None, session_mkey=peer.message_key if peer else None,
+            pinned=tuple(pin["key"] for pin in pins.values()),
+            message_keys={a["mkey"]: pins[fp]["key"] for fp in pins
+                          if isinstance(a := authors.get(fp), dict) and isinstance(a.get("mkey"), str)},
+            signs=self.trust.policy != "any" and self.trust.signs(bare), accepting=self.trust.is_accepting(bare))
+
+    def sizes(self) -> dict[str, int]:
+        """How big each table is (every one is bounded, whatever peers send)."""
+        return {"peers": len(self.peers), "seen": len(self._seen), "timers": len(self._timers),
+                "candidate_senders": len(self._candidates),
+                "candidates_each": max((len(c) for c in self._candidates.values()), default=0),
+                "early": sum(len(e) for e in self._early.values()), "failures": len(self._failures)}
+
+    # -- waiting for the room --------------------------------------------------------------------------------
+    async def until(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Until predicate() holds, looked at whenever a peer is heard of, verified or gone; False at timeout."""
+        return await self.changes.until(predicate, timeout)
+
+    def in_setup(self, now: float | None = None) -> tuple[list[Peer], float]:
+        """Sessions being set up that are worth waiting for: the peer took part (it offered, or answered our
+        offer), or our offer is out for less than ANSWER_WAIT_S (a name that was only announced may be made up).
+        Not those with a name whose set-up failed (no network path) and is being tried again. Also how long until
+        the first of those offers stops counting."""
+        now = time.monotonic() if now is None else now
+        waiting, soonest = [], math.inf
+        for peer in self.peers.values():
+            if peer.state not in ("connecting", "open") or peer.name in self._failures:
+                continue
+            if peer.signal_ts is not None:
+                waiting.append(peer)
+            elif now - self._offered_at.get(peer.name, -math.inf) < ANSWER_WAIT_S:
+                waiting.append(peer)
+                soonest = min(soonest, self._offered_at[peer.name] + ANSWER_WAIT_S - now)
+        return waiting, soonest
+
+    def unreached(self) -> list[Peer]:
+        """Peers that are here but not verified: sessions worth waiting for (see in_setup), and names whose
+        sessions found no network path."""
+        waiting = self.in_setup()[0]
+        return waiting + [p for p in self.peers.values()
+                          if p.name in self._failures and not p.is_verified and p not in waiting]
+
+    async def settle(self, timeout: float, quiet: float = SETTLE_S) -> None:
+        """Until no session worth waiting for is being set up (see in_setup) and none began for `quiet` seconds:
+        what is sent then reaches everyone here. At most timeout."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            now = time.monotonic()
+            waiting, soonest = self.in_setup(now)
+            if waiting:
+                left = min(left, soonest)
+            elif now - self._last_setup >= quiet:
+                return
+            else:
+                left = min(left, self._last_setup + quiet - now)
+            await self.changes.next(left)
+
+    # -- signaling in ----------------------------------------------------------------------------------------
+    def _on_signal(self, signal: RoomSignal) -> None:
+        handler = {"connect": self._on_connect, "RTCOffer": self._on_offer, "RTCAnswer": self._on_answer,
+                   "RTCIceCandidate": self._on_candidate, "unload": self._on_unload,
+                   "nameChange": self._on_name_change, "refused": self.admission.on_refused}.get(signal.subtopic)
+        if handler is not None:
+            handler(signal)
+
+    def _on_connect(self, signal: RoomSignal) -> None:
+        sender = signal.sender
+        key, tag = user_info_fields(signal.data)
+        dialect = dialect_for(tag)
+        if dialect is None:
+            return
+        self.emit("phase", sender, "heard")
+        self.network.note_dialect(dialect)
+        peer = self.peers.get(sender)
+        if peer is not None and peer.state not in ("seen", "closed"):
+            if peer.is_open or (time.monotonic() - peer.created < STUCK_AFTER_S and not self.admission.hopeless(peer)):
+                return
+            peer.close("stuck; trying again")
+        if not self.admission.admits(sender, key, dialect):
+            return
+        self.network.note_inbox(sender, signal.data, self.admission.trusts_signaling(sender, signal.signer))
+        if peer is None or peer.state == "closed" or peer.key_string != key:
+            peer = self._register(self._new_peer(sender, dialect, key, tag))
+        # else a repeat while our offer is on its way: replacing the peer would orphan that offer's answer
+        self._note_seen(sender)
+        if self._backing_off(sender):
+            return  # the next try is set
+        if self.should_offer(sender):
+            self._offer(peer)
+        else:
+            self.network.announce_soon()
+            if sender not in self._timers:
+                self._timers[sender] = self._tasks.later(dialect.fallback_offer_s, self._fallback_offer, sender)
+
+    def _fallback_offer(self, name: str) -> None:
+        self._timers.pop(name, None)
+        peer = self.peers.get(name)
+        if peer is not None and peer.state == "seen" and self.running and not self._backing_off(name):
+            self._offer(peer)
+
+    def _offer(self, peer: Peer) -> None:
+        if not self._may_start_session(peer.name, peer.key_string):
+            return
+        now = time.monotonic()
+        if now - self._offered_at.get(peer.name, -OFFER_DEDUP_S) < OFFER_DEDUP_S:
+            return
+        self._offered_at[peer.name] = self._last_setup = now
+        handle = self._timers.pop(peer.name, None)
+        if handle:
+            handle.cancel()
+        peer.begin()  # counted as a session in set-up from now on
+        self._seen.pop(peer.name, None)
+        self.emit("phase", peer.name, "offering")
+        self._tasks.spawn(self._send_offer(peer), f"offer-{peer.name}")
+
+    async def _send_offer(self, peer: Peer) -> None:
+        if self.peers.get(peer.name) is not peer:
+            return  # replaced or closed before its turn came
+        try:
+            sdp = await peer.create_offer()
+        except Exception as exc:
+            peer.close(f"could not make an offer: {exc}")
+            return
+        if peer.state != "closed" and self.running:
+            self.network.publish("RTCOffer", {"userInfo": self.network.info(peer.dialect), "offer": {
+                "localDescription": {"type": "offer", "sdp": slim_sdp(sdp)}, "target": peer.name}}, to=peer.name,
+                compact=peer.dialect.compact)
+            self.emit("phase", peer.name, "offer-sent")
+
+    def _on_offer(self, signal: RoomSignal) -> None:
+        sender, data = signal.sender, signal.data
+        offer = data.get("offer") if isinstance(data, dict) else None
+        if not isinstance(offer, dict) or offer.get("target") != self.me:
+            return  # not for us: never prompt or act on others' offers (§9.1 #4)
+        description = offer.get("localDescription")
+        sdp = description.get("sdp") if isinstance(description, dict) else None
+        if not isinstance(sdp, str) or len(sdp) > 32768:
+            return
+        key, tag = user_info_fields(data.get("userInfo"))
+        dialect = dialect_for(tag)
+        if dialect is None:
+            return
+        self.network.note_dialect(dialect)
+        if dialect.compact and signal.signer is None and signal.mkey is None:
+            return  # rtchat.py signs every offer: this is a copy with the signature stripped
+        key = key or signal.signer
+        if not self.admission.admits(sender, key, dialect):
+            return
+        self.network.note_inbox(sender, data.get("userInfo"), self.admission.trusts_signaling(sender, signal.signer))
+        existing = self.peers.get(sender)
+        if existing is not None and existing.state != "closed":
+            if existing.signal_ts is not None and signal.stamp <= existing.signal_ts:
+                return  # older than what set up the current session: a replay (e.g. to us after a restart)
+            if signal.signer is None and (existing.signed_key or (existing.signal_mkey
+                                                                  and signal.mkey != existing.signal_mkey)):
+                return  # an offer never replaces a session set up by signed signaling unless signed alike
+        if existing is not None and existing.state not in ("seen", "closed"):
+            if existing.awaits_answer and (dialect.yields_in_glare or self.should_offer(sender)):
+                return  # glare: ours stands; a browser gives up its own offer and answers ours (§4.4)
+            if existing.is_open:
+                self._tasks.spawn(self._replace_if_dead(existing, signal, sdp, key, dialect, tag), f"probe-{sender}")
+                return
+            existing.close("replaced by a new offer")
+        elif not self._may_start_session(sender, signal.signer):  # an unsigned offer proves no key
+            return
+        self._answer(signal, sdp, key, dialect, tag)
+
+    async def _replace_if_dead(self, existing: Peer, signal: RoomSignal, sdp: str, key: str | None,
+                               dialect: Dialect, tag: str | None) -> None:
+        """An offer for a live session is a reload or a forgery: answer only if the old session is dead."""
+        if signal.signer is None and await existing.probe():
+            log.info("ignored an offer in %s's name: the current session is alive", signal.sender)
+            self.emit("probed", existing, True)
+            return
+        existing.close("replaced by a new session")
+        self._answer(signal, sdp, key, dialect, tag)
+
+    def _answer(self, signal: RoomSignal, sdp: str, key: str | None, dialect: Dialect, tag: str | None) -> None:
+        peer = self._register(self._new_peer(signal.sender, dialect, key, tag))
+        peer.begin(signal.signer, signal.mkey, signal.stamp)
+        self._last_setup = time.monotonic()
+        self.emit("phase", peer.name, "offered")
+        self._tasks.spawn(self._send_answer(peer, sdp), f"answer-{peer.name}")
+
+    async def _send_answer(self, peer: Peer, sdp: str) -> None:
+        try:
+            answer = await peer.accept_offer(sdp)
+        except Exception as exc:
+            peer.close(f"bad offer: {exc}")
+            return
+        if peer.state != "closed" and self.running:
+            self.network.publish("RTCAnswer", {"localDescription": {"type": "answer", "sdp": slim_sdp(answer)},
+                                               "target": peer.name}, to=peer.name, compact=peer.dialect.compact)
+            self.emit("phase", peer.name, "answer-sent")
+
+    def _on_answer(self, signal: RoomSignal) -> None:
+        data = signal.data
+        if not isinstance(data, dict) or data.get("target") != self.me:
+            return
+        peer = self.peers.get(signal.sender)
+        description = data.get("localDescription")
+        sdp = description.get("sdp") if isinstance(description, dict) else None
+        if peer is None or not peer.awaits_answer or not isinstance(sdp, str) or len(sdp) > 32768:
+            return  # only the peer we offered to, and only once (§9.2)
+        if signal.signer is None and signal.mkey is None and peer.dialect.compact:
+            return  # rtchat.py signs its answers
+        self._last_setup = time.monotonic()
+        self._tasks.spawn(self._accept_answer(peer, peer.accept_answer(sdp, signal.signer, signal.mkey,
+                                                                       signal.stamp)), f"accept-{peer.name}")
+
+    async def _accept_answer(self, peer: Peer, applying: Awaitable[None]) -> None:
+        try:
+            await applying
+        except Exception as exc:
+            peer.close(f"bad answer: {exc}")
+            return
+        self.emit("phase", peer.name, "answered")
+
+    def _on_candidate(self, signal: RoomSignal) -> None:
+        if not isinstance(signal.data, dict):
+            return
+        peer = self.peers.get(signal.sender)
+        if peer is not None:  # it buffers until it has the remote description
+            self._tasks.spawn(peer.add_candidate(signal.data), f"candidate-{signal.sender}")
+        elif len(self._candidates) < 256:
+            pending = self._candidates.setdefault(signal.sender, [])
+            if len(pending) < MAX_PENDING_CANDIDATES:
+                pending.append(signal.data)
+
+    def _on_unload(self, signal: RoomSignal) -> None:
+        peer = self.peers.get(signal.sender)
+        if peer is None:
+            return
+        signed = signal.signer is not None or signal.mkey is not None
+        if signed and peer.signal_ts is not None and signal.stamp < peer.signal_ts:
+            return  # sent before the current session began: a replay
+        if (signal.signer is not None and signal.signer == peer.key_string) or (
+                signal.mkey is not None and signal.mkey == peer.signal_mkey) or (
+                not peer.is_open and not peer.signed_key and not peer.signal_mkey):
+            peer.close("left")
+        elif peer.is_open:
+            self._tasks.spawn(self._close_if_dead(peer, "left"), f"probe-{signal.sender}")
+
+    def _on_name_change(self, signal: RoomSignal) -> None:
+        """Only a hint (§9.2), and about someone else: an open browser session is probed, nothing else is touched.
+        rtchat.py peers never send nameChange (they leave and announce again), so it is never about them."""
+        data = signal.data
+        if isinstance(data, dict) and data.get("newName") == signal.sender and isinstance(data.get("oldName"), str):
+            peer = self.peers.get(data["oldName"])
+            if peer is not None and peer.is_open and not peer.signed_key \
+                    and not self.trust.signs(bare_name(peer.name)):
+                self._tasks.spawn(self._close_if_dead(peer, "left"), f"probe-{peer.name}")
+
+    async def _close_if_dead(self, peer: Peer, reason: str) -> None:
+        """An unauthenticated hint that a live session ended: it is closed only if it stops answering pings."""
+        for _ in range(2):  # a browser publishes unload from beforeunload, while its page may still answer a ping
+            if not await peer.probe():
+                peer.close(reason)
+                self.emit("probed", peer, False)
+                return
+            await asyncio.sleep(PROBE_TIMEOUT_S)
+        self.emit("probed", peer, True)
+
+    # -- the sessions ----------------------------------------------------------------------------------------
+    async def _announce_loop(self) -> None:
+        """Announce at join, then on a schedule while someone we know of is not connected (or nobody is known):
+        browsers offer only on hearing us, and a pair that failed is retried this way."""
+        self.network.announce()
+        for delay in itertools.chain(ANNOUNCE_EVERY_S[:-1], itertools.repeat(ANNOUNCE_EVERY_S[-1])):
+            await asyncio.sleep(delay)
+            self._expire_seen()
+            if not self.peers or not all(p.is_open for p in self.peers.values()):
+                self.network.announce()
+
+    def _may_start_session(self, name: str, key: str | None) -> bool:
+        """Each session being set up is a PeerConnection: a bounded number, except for a key pinned for the name."""
+        pending = sum(1 for p in self.peers.values() if p.state == "connecting" and p.name != name)
+        if pending < MAX_PENDING_SESSIONS or (key is not None and fingerprint(key) in self.trust.pins_for(
+                bare_name(name))):
+            return True
+        log.debug("too many sessions being set up: ignored %r", name)
+        return False
+
+    def _note_seen(self, name: str) -> None:
+        """A name announced: until it connects it is kept among the newest MAX_SEEN_PEERS, for SEEN_EXPIRE_S after
+        it was last heard, so a flood of made-up names costs a bounded table and the same work per name."""
+        self._seen.pop(name, None)
+        self._seen[name] = time.monotonic()
+        self._expire_seen()
+
+    def _expire_seen(self) -> None:
+        now = time.monotonic()
+        while self._seen:
+            name, heard = next(iter(self._seen.items()))
+            if len(self._seen) <= MAX_SEEN_PEERS and now - heard < SEEN_EXPIRE_S:
+                return
+            del self._seen[name]
+            peer = self.peers.get(name)
+            if peer is not None and peer.state == "seen":
+                handle = self._timers.pop(name, None)
+                if handle is not None:
+                    handle.cancel()
+                self._failures.pop(name, None)
+                peer.close("not heard from")
+
+    def _backing_off(self, name: str) -> bool:
+        return time.monotonic() < self._failures.get(name, (0, -math.inf))[1]
+
+    def _back_off(self, failed: Peer) -> None:
+        """Its set-up failed for want of a network path: try again after RETRY_AFTER_S, twice that after the next
+        failure, and so on up to RETRY_MAX_S (each try is a new connection, and a TURN allocation). Meanwhile the
+        name stays listed as seen."""
+        name = failed.name
+        count = self._failures.pop(name, (0, 0.0))[0] + 1
+        delay = min(RETRY_AFTER_S * 2 ** (count - 1), RETRY_MAX_S)
+        self._failures[name] = (count, time.monotonic() + delay)
+        if len(self._failures) > MAX_SEEN_PEERS:
+            del self._failures[next(iter(self._failures))]
+        self._register(self._new_peer(name, failed.dialect, failed.key_string, failed.client_tag))
+        self._note_seen(name)
+        handle = self._timers.pop(name, None)
+        if handle is not None:
+            handle.cancel()
+        self._timers[name] = self._tasks.later(delay, self._try_again, name)
+
+    def _try_again(self, name: str) -> None:
+        self._timers.pop(name, None)
+        peer = self.peers.get(name)
+        if peer is None or peer.state != "seen" or not self.running:
+            return
+        if self.should_offer(name):
+            self._offer(peer)
+        else:
+            self.network.announce_soon()  # it offers when it hears us
+
+    def _new_peer(self, name: str, dialect: Dialect, key: str | None, tag: str | None) -> Peer:
+        return Peer(name, self.ice, dialect, key_string=key, client_tag=tag,
+                    candidates=self._candidates.pop(name, []))
+
+    def _register(self, peer: Peer) -> Peer:
+        old = self.peers.get(peer.name)
+        self._seen.pop(peer.name, None)
+        self.peers[peer.name] = peer  # first: closing the old one must not forget what we know of the name
+        self.changes.fire()
+        if old is not None and old is not peer:
+            old.close("replaced")
+        peer.on("open", self._on_open)
+        peer.on("frame", self._on_frame)
+        peer.on("file-channel", lambda p, channel: self.emit("file-channel", p, channel))
+        peer.on("no-route", lambda p, facts: self.emit("no-route", p, facts))
+        peer.on("closed", self._on_closed)
+        return peer
+
+    def _on_open(self, peer: Peer) -> None:
+        self.emit("phase", peer.name, "open")
+        self._tasks.spawn(self._verify(peer), f"verify-{peer.name}")
+
+    async def _verify(self, peer: Peer) -> None:
+        bare = bare_name(peer.name)
+        handshake = Handshake(self.me, self.topic, self.identity,
+                              pins={} if self.trust.is_accepting(bare) else self.trust.pins_for(bare),
+                              admits=lambda key: self.admission.admits(peer.name, key),
+                              frame=self._frames.setdefault(peer, asyncio.get_running_loop().create_future()))
+        try:
+            proof = await peer.dialect.verify(peer, handshake)
+        except VerifyFailed as failure:
+            if peer.state != "open":
+                return
+            if failure.reason == "mitm":
+                self.emit("mitm-detected", peer, failure.fingerprint)
+            elif failure.reason != "key-refused":  # the policy has said why
+                self.emit("verify-failed", peer, failure.reason)
+            peer.close(CLOSED_BECAUSE[failure.reason])
+            return
+        if peer.state == "open":
+            self._verified(peer, proof)
+
+    def _verified(self, peer: Peer, proof: Proof) -> None:
+        peer.verify(proof.key, proof.channel_bound, proof.author, self.lookalike_of(peer.name))
+        accepted = False
+        with contextlib.suppress(RtchatError, ValueError):
+            bare = bare_name(peer.name)
+            verdict = self.trust.verdict(bare, peer.key_string)
+            accepted = verdict == "changed" and self.trust.is_accepting(bare)
+            if verdict == "new":
+                self.emit("first-contact", peer)
+            if verdict != "changed" or accepted:  # --trust any: never re-pin; after /trust NAME: in place of the old
+                self.trust.pin(bare, peer.key_string, signs=peer.channel_bound, author=peer.author, replace=accepted)
+        self._failures.pop(peer.name, None)
+        if accepted:
+            self.emit("key-accepted", peer)
+        self.changes.fire()
+        self.emit("phase", peer.name, "verified")
+        self.emit("verified", peer)
+        for label, value in self._early.pop(peer, []):
+            self.emit("frame", peer, label, value)
+
+    def _on_frame(self, peer: Peer, label: str, value: Any) -> None:
+        """What a peer sends before it is verified: identify/challenge answered (browsers ask first), its identity
+        frame taken (the first one), anything else kept (100 at most) until it is verified."""
+        if label == "question" and answer_identity(peer, value, self.identity):
+            return
+        if peer.dialect.is_handshake(label, value):
+            frame = self._frames.setdefault(peer, asyncio.get_running_loop().create_future())
+            if peer.state in ("connecting", "open") and not frame.done():
+                frame.set_result(value)  # it is open on its side already; checked once we are
+            return
+        if not peer.is_verified:
+            early = self._early.setdefault(peer, [])
+            if len(early) < 100:
+                early.append((label, value))
+            return
+        self.emit("frame", peer, label, value)
+
+    def _on_closed(self, peer: Peer, reason: str) -> None:
+        name = peer.name
+        if self.peers.get(name) is peer:
+            del self.peers[name]
+            self.network.forget(name)
+            self._offered_at.pop(name, None)
+        self._early.pop(peer, None)
+        frame = self._frames.pop(peer, None)
+        if frame is not None and not frame.done():
+            frame.cancel()
+        self._tasks.spawn(peer.wait_closed(), f"closed-{name}")
+        self.changes.fire()
+        if peer.verified_at is not None and reason != "we left":
+            self.emit("leave", peer, reason)
+        self.emit("closed", peer, reason)
+        if not self.running or reason == "we left":
+            return
+        if reason == "left":
+            self._failures.pop(name, None)
+        elif peer.remote_sdp is not None and not peer.was_open and reason in SETUP_FAILURES and name not in self.peers:
+            self._back_off(peer)
+        elif peer.remote_sdp is not None and not reason.startswith("replaced"):
+            self.network.announce_soon()  # the other side may still be there: let it offer again
+
+
+# =============================================================================
 # Room: the mesh in one room. Who is seen, connected and verified; signed
 # signaling; trust (TOFU pins); chat, DM, ask; history. Uses everything above.
 # Emits the EVENTS; a bot or a test uses it with no UI. Client builds Rooms.
 # =============================================================================
-
-LEGACY_MEMORY_S = 600.0   # after seeing a browser or an rtchat.py 0.1 in a room, announce with our key this long
-
-
-def speaks_compact(tag: str | None) -> bool:
-    """rtchat.py 0.2 and later: compact signaling on its inbox, identities proven in the channel."""
-    match = re.fullmatch(r"rtchat-py/(\d+)\.(\d+)(?:\..*)?", tag or "")
-    return bool(match) and (int(match[1]), int(match[2])) >= (0, 2)
-
 
 SALT_RE = re.compile(r"[0-9a-f]{16}")
 FINGERPRINT_RE = re.compile(r"[0-9a-f]{64}")
@@ -5612,7 +6600,9 @@ class Ledger:
 # =============================================================================
 
 class Room(Emitter):
-    """One room: peers keyed by wire name, messages in and out. Create with Client.join()."""
+    """One room: its parts wired together, and the API a bot, a plugin or a front end uses. Create with
+    Client.join(). The parts are public: gate (signaling checked), network (the room on the broker), admission
+    (which keys may connect), sessions (the peers and their sessions), ledger (messages and history), files."""
 
     def __init__(self, name: str, *, me: str, identity: Identity, signaling: Signaling, trust: Trust,
                  store: Store, ice: RTCConfiguration, questions: dict[str, Callable],
@@ -5629,54 +6619,61 @@ class Room(Emitter):
         self.questions = questions
         self.seal = seal
         self.topic = seal.topic if seal else topic_for(name)
+        self.gate = SignalingGate(me, self.topic, lambda sender: self.sessions.key_facts(sender), seal)
+        self.network = RoomSignaling(signaling, self.gate, me=me, topic=self.topic, identity=identity, seal=seal)
+        self.admission = Admission(trust, me)
+        self.sessions = Sessions(self.network, self.admission, identity=identity, trust=trust, store=store, ice=ice)
         self.ledger = Ledger(Scope(name, self.topic, me, identity, store, trust),
                              history or HistoryLog(store.history_path(name)), self.emit,
                              takes_files=self.files.takes_files, is_connecting=self._is_connecting,
-                             lookalike_of=self.lookalike_of, on_hello=lambda peer: self._peer_event.fire())
-        self.peers: dict[str, Peer] = {}
-        self._seen: dict[str, float] = {}       # names announced but never connected: when last heard, oldest first
-        self.dropped = 0                      # signaling messages refused (malformed, forged, replayed, limited)
-        self.unreadable = 0                   # of those, sealed payloads this room's secret could not open
-        self._recent_payloads: dict[bytes, None] = {}  # digests of the last RECENT_PAYLOADS payloads
-        self._lz_budget = Budget(LZ_BUDGET)
-        # Offers and answers between rtchat.py peers go to the recipient's own subtopic: on the room topic every
-        # process in a room of N would decompress all N² of them (browsers ignore the extra userInfo field).
-        inbox_tag = secrets.token_hex(8)
-        self.inbox = f"{self.topic}/{inbox_tag}"
-        self._inboxes: dict[str, tuple[str, bool]] = {}  # wire name -> its inbox topic, speaks compact
-        self.user_info = {"publicKeyString": identity.public_key_string, "client": CLIENT_TAG,
-                          "inbox": inbox_tag}
-        self.compact_info = {"client": CLIENT_TAG, "inbox": inbox_tag}  # what rtchat.py peers need
-        self._legacy_seen = -math.inf         # when a peer last showed it needs our key in announcements
-        self._offered_at: dict[str, float] = {}
-        self._fallbacks: dict[str, asyncio.TimerHandle] = {}
-        self._candidates: dict[str, list[dict]] = {}
-        self._early: dict[str, list[tuple[str, Any]]] = {}
-        self._seen_nonces: dict[Any, float] = {}
-        self._nonce_limit = 20000
-        self._rates = RateLimit(*RATE_PER_SENDER)
-        self._warned: set[tuple] = set()
-        self._hinted: dict[str, float] = {}     # bare name -> when we last told it we refuse its key
-        self._refused_by: set[str] = set()      # wire names that told us they refuse our key (one retry each)
-        self.refused: dict[str, str] = {}       # bare name -> the last key refused for it
-        self._last_announce = 0.0
-        self._announce_timer: asyncio.TimerHandle | None = None
-        self._tasks: list[asyncio.Task] = []
-        self._peer_event = Pulse()  # fires when a peer is heard of, verified, saying hello, or gone
+                             lookalike_of=self.lookalike_of, on_hello=lambda peer: self.sessions.changes.fire())
+        for part, events in ((self.network, ("key-changed",)), (self.admission, ("key-changed", "key-refused")),
+                             (self.sessions, ("key-accepted", "no-route", "leave", "mitm-detected",
+                                              "verify-failed"))):
+            for event in events:
+                part.on(event, functools.partial(self.emit, event))
+        self.sessions.on("first-contact", self.ledger.first_contact)  # before the pin: what history named for it
+        self.sessions.on("verified", self._on_verified)
+        self.sessions.on("frame", self._on_frame)
+        self.sessions.on("file-channel", self.files.offered)
+        self.sessions.on("closed", self._on_session_closed)
+        self._tasks = Tasks()
         self.joined = False
-        self._joined_at = 0.0
 
     def __repr__(self) -> str:
         return f"Room({self.name!r}, {len(self.verified_peers())} verified)"
 
+    @property
+    def peers(self) -> dict[str, Peer]:
+        """Everyone heard of in the room, by wire name: announced, connecting, open or verified."""
+        return self.sessions.peers
+
+    @property
+    def dropped(self) -> int:
+        """Signaling messages refused (malformed, forged, replayed, over a rate; by reason in gate.drops)."""
+        return self.gate.dropped
+
+    @property
+    def unreadable(self) -> int:
+        """Of those, sealed payloads this room's secret could not open."""
+        return self.gate.unreadable
+
+    @property
+    def inbox(self) -> str:
+        """Our subtopic, where rtchat.py peers send us their offers and answers."""
+        return self.network.inbox
+
+    @property
+    def refused(self) -> dict[str, str]:
+        """Bare name -> the last key refused for it (what /trust NAME accepts)."""
+        return self.admission.refused
+
     # -- public API ---------------------------------------------------------------------------
     async def join(self) -> None:
         await self.ledger.open()
-        self.signaling.subscribe(self.topic, self._on_payload)
-        self.signaling.subscribe(self.inbox, self._on_payload)
-        self.signaling.on("connected", self._on_broker_back)
-        self.joined, self._joined_at = True, time.monotonic()
-        self._tasks.append(_spawn(self._announce_loop(), f"announce-{self.name}"))
+        self.network.start()
+        self.joined = True
+        self.sessions.start()
         self.store.defer(lambda d: (d["rooms"].setdefault(self.name, {}).update(last_joined=now_ms()),
                                     d.update(last_room=self.name)))
 
@@ -5687,22 +6684,20 @@ class Room(Emitter):
         self.ledger.stop()
         await self.ledger.written(COMMIT_EVERY_S * 20)  # what came is written and acknowledged (while peers talk on)
         await self._drain(LEAVE_DRAIN_S)  # and the acks have arrived: our unload must not overtake them
-        self._publish("unload", "disconnecting", compact=not self._legacy_near)
-        for task in self._tasks:
-            task.cancel()
-        for handle in [*self._fallbacks.values(), self._announce_timer]:
-            if handle is not None:
-                handle.cancel()
-        self.signaling.off("connected", self._on_broker_back)
-        self.signaling.unsubscribe(self.topic)
-        self.signaling.unsubscribe(self.inbox)
-        pcs = [p.pc for p in self.peers.values() if p.pc is not None]
-        for peer in list(self.peers.values()):
-            peer.close("we left")
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.gather(*(pc.close() for pc in pcs), return_exceptions=True), 2)
+        self.network.say_goodbye()
+        await self.sessions.close()
+        await self.network.close()
+        await self._tasks.close()
         await self.ledger.close()  # and what came while we were leaving
         await self.files.close()
+
+    def announce(self) -> None:
+        """Tell the room we are here (a peer that should offer to us, offers)."""
+        self.network.announce()
+
+    def retry(self, name: str) -> None:
+        """Start again with a bare name, after /trust NAME (see Sessions.retry)."""
+        self.sessions.retry(name)
 
     async def _drain(self, timeout: float) -> None:
         """Until every open session has delivered what we sent on it (the remote SCTP acknowledged it): closing
@@ -5710,7 +6705,7 @@ class Room(Emitter):
         await asyncio.gather(*(peer.delivered(timeout) for peer in list(self.peers.values())))
 
     def verified_peers(self) -> list[Peer]:
-        return [p for p in self.peers.values() if p.is_verified]
+        return self.sessions.verified()
 
     def label(self, peer_or_name: Peer | str) -> str:
         """A peer's name for display: 'alice', or 'alice#3f2a' while two keys share that name, or while it looks
@@ -5724,15 +6719,8 @@ class Room(Emitter):
         return f"{name}#{peer.fingerprint[:4]}" if marked and peer.fingerprint else name
 
     def lookalike_of(self, name: str) -> str | None:
-        """A pinned or present name, not this one, that this one looks like (the same skeleton): 'alice' for
-        'аlice' with a Cyrillic а, or for 'ａｌｉｃｅ'. None if it looks like no other."""
-        bare = bare_name(name)
-        like = self.trust.names_like(bare)
-        if not like:
-            shape = skeleton(bare)
-            like = {other for p in self.peers.values()
-                    if (other := bare_name(p.name)) != bare and p.shape == shape}
-        return min(like) if like else None
+        """A pinned or present name, not this one, that this one looks like (see Sessions.lookalike_of)."""
+        return self.sessions.lookalike_of(name)
 
     def find(self, name: str) -> Peer:
         """A connected peer by wire name, bare name or label; UsageError if unknown or ambiguous."""
@@ -5788,7 +6776,7 @@ class Room(Emitter):
 
     async def wait_for_peers(self, count: int = 1, timeout: float = 30.0) -> list[Peer]:
         """Until count peers are verified; NoPeers after timeout."""
-        if not await self._peer_event.until(lambda: len(self.verified_peers()) >= count, timeout):
+        if not await self.sessions.until(lambda: len(self.verified_peers()) >= count, timeout):
             raise NoPeers(f"no peer in #{self.name} within {timeout:g} s "
                           f"({len(self.verified_peers())} of {count} verified){self._seal_hint()}")
         return self.verified_peers()
@@ -5802,7 +6790,7 @@ class Room(Emitter):
         def matches() -> list[Peer]:
             return [p for p in self.verified_peers() if wanted in (p.name, bare_name(p.name), self.label(p))
                     and not (p.is_rtchat_py and p.channel_bound and p.message_key is None)]  # its hello follows
-        if not await self._peer_event.until(lambda: bool(matches()), timeout):
+        if not await self.sessions.until(lambda: bool(matches()), timeout):
             raise NoPeers(f"{clean(wanted, MAX_NAME_CHARS)} was not verified in #{self.name} within {timeout:g} s")
         if len(matches()) > 1:
             raise UsageError(f"{wanted!r} could be {', '.join(self.label(p) for p in matches())}; say which")
@@ -5818,23 +6806,19 @@ class Room(Emitter):
                              ) from None
 
     async def wait_for_room(self, count: int = 1, timeout: float = 30.0, settle: float = SETTLE_S) -> list[Peer]:
-        """Until at least count peers are verified, every peer heard of in the room is verified too, and nobody new
-        was heard of for `settle` seconds: what is sent then reaches everyone here. NoPeers if fewer than count
-        are verified by timeout; at timeout it returns the verified ones (see unverified_peers for the others)."""
+        """Until at least count peers are verified, then until every session being set up with a peer that took
+        part in it is verified or has failed (a name only announced may be made up: see Sessions.in_setup), and
+        none began for `settle` seconds: what is sent then reaches everyone here. NoPeers if fewer than count are
+        verified by timeout; at timeout it returns the verified ones (see unverified_peers for the others)."""
         deadline = time.monotonic() + timeout
         await self.wait_for_peers(count, timeout)
-        while (left := deadline - time.monotonic()) > 0:
-            quiet_for = time.monotonic() - max([self._joined_at, *(p.created for p in self.peers.values())])
-            if not self.unverified_peers():
-                if quiet_for >= settle:
-                    break
-                left = min(left, settle - quiet_for)  # unless someone new is heard of meanwhile
-            await self._peer_event.next(left)
+        await self.sessions.settle(deadline - time.monotonic(), settle)
         return self.verified_peers()
 
     def unverified_peers(self) -> list[Peer]:
-        """Peers heard of (announced, or in set-up) that are not verified (yet)."""
-        return [p for p in self.peers.values() if not p.is_verified and p.state != "closed"]
+        """Peers here that are not verified: in session set-up with us (they took part in it), or whose sessions
+        found no network path."""
+        return self.sessions.unreached()
 
     def unacknowledged(self) -> set[str]:
         """Wire names of rtchat.py peers that have not acknowledged every message we sent them."""
@@ -5864,696 +6848,28 @@ class Room(Emitter):
         """The last count messages of this room, oldest first (kept on disk, also across restarts)."""
         return self.ledger.history(count)
 
-    # -- signaling out ------------------------------------------------------------------------
-    def _publish(self, subtopic: str, data: Any, to: str | None = None, compact: bool = False,
-                 topic: str | None = None) -> None:
-        """Signed signaling: browsers ignore the extra fields (rtchat-wire.md §9.3). With `to`, it goes to that
-        peer's inbox if it has one; the signature still covers the room topic. compact, for rtchat.py 0.2: signed
-        with our Ed25519 message key (which the channel later ties to our identity), and zlib'd on an inbox."""
-        topic = topic or self._inboxes.get(to, (self.topic, False))[0]
-        envelope = {"sender": self.me, "timestamp": now_ms(), "subtopic": subtopic, "data": data,
-                    "nonce": new_id()}
-        signed = signed_bytes("signaling", self.topic, self.me, subtopic, envelope["timestamp"], envelope["nonce"],
-                              data)
-        if compact:
-            envelope.update(mk=self.identity.message_public, sig=self.identity.sign_message(signed))
-        else:
-            envelope["sig"] = base64.b64encode(self.identity.sign(signed)).decode()
-        payload = encode_envelope(envelope, compact and topic != self.topic)
-        self.signaling.publish(topic, self.seal.seal(payload) if self.seal else payload)
-
-    @property
-    def _legacy_near(self) -> bool:
-        """A browser or an rtchat.py 0.1 was here lately: announcements carry our key, RSA-signed, as they expect."""
-        return time.monotonic() - self._legacy_seen < LEGACY_MEMORY_S
-
-    def announce(self) -> None:
-        """Where browsers (or rtchat.py 0.1) are, with our key and signed: they judge a peer by the key in its
-        connect (§6.5). Among rtchat.py peers only who we are and where our inbox is: keys are proven in the channel."""
-        self._last_announce = time.monotonic()
-        if self._legacy_near:
-            self._publish("connect", self.user_info)
-        else:
-            self._publish("connect", self.compact_info, compact=True)
-
-    async def _announce_loop(self) -> None:
-        """Announce at join, then on a schedule while someone we know of is not connected (or nobody is known):
-        browsers offer only on hearing us, and a pair that failed is retried this way."""
-        self.announce()
-        for delay in itertools.chain(ANNOUNCE_EVERY_S[:-1], itertools.repeat(ANNOUNCE_EVERY_S[-1])):
-            await asyncio.sleep(delay)
-            self._expire_seen()
-            if not self.peers or not all(p.is_open for p in self.peers.values()):
-                self.announce()
-
-    def _announce_soon(self) -> None:
-        """Answer a newcomer's connect with ours so it can offer. It joined after our last announce, so it has
-        not heard it; one broadcast serves every newcomer, so they are coalesced (one per REANNOUNCE_MIN_S)."""
-        if self._announce_timer is None and self.joined:
-            delay = max(0.0, self._last_announce + REANNOUNCE_MIN_S - time.monotonic())
-            self._announce_timer = asyncio.get_running_loop().call_later(delay, self._announce_answer)
-
-    def _announce_answer(self) -> None:
-        self._announce_timer = None
-        if self.joined:
-            self.announce()
-
-    def retry(self, name: str) -> None:
-        """Start again with a bare name: sessions with it not open yet are dropped (they were set up under the old
-        verdict on its key) and we announce, so that a new one begins (after /trust NAME)."""
-        for peer in [p for p in self.peers.values() if bare_name(p.name) == name and not p.is_open]:
-            peer.close("trying again")
-        self.announce()
-
-    def _on_broker_back(self) -> None:
-        self.announce()
-
-    # -- signaling in -------------------------------------------------------------------------
-    def _on_payload(self, topic: str, payload: bytes) -> None:
-        digest = hashlib.blake2b(payload, digest_size=16).digest()
-        if digest in self._recent_payloads:  # the same bytes again: a replay, not decoded a second time
-            self.dropped += 1
-            return
-        self._recent_payloads[digest] = None
-        if len(self._recent_payloads) > RECENT_PAYLOADS:
-            del self._recent_payloads[next(iter(self._recent_payloads))]
-        if self.seal:
-            payload = self.seal.open(payload)
-            if payload is None:
-                self.dropped += 1
-                self.unreadable += 1
-                return
-        envelope = decode_envelope(payload, self._lz_budget.take)
-        if envelope is None:
-            self.dropped += 1
-            return
-        sender = envelope["sender"]
-        if sender == self.me or not self._for_us(envelope):
-            return
-        if not self._rates.allow(sender):
-            self.dropped += 1
-            return
-        signer, mkey = self._signer(envelope)
-        # A peer we know signs: what comes in its name unsigned, or signed by a message key other than the ones we
-        # know for it, is not from it. (Not knowing its message key, e.g. after a crash, the channel decides.)
-        accepting = mkey is not None and self.trust.is_accepting(bare_name(sender))  # /trust NAME: the channel decides
-        impostor = signer is None and self.trust.signs(bare_name(sender)) and self.trust.policy != "any" and (
-            mkey is None or bool(self._message_keys_of(sender))) and not accepting
-        if impostor and mkey is not None:
-            self._hint_refused(sender, envelope)
-            if ("impostor", bare_name(sender)) not in self._warned:
-                if len(self._warned) > 1024:
-                    self._warned.clear()
-                self._warned.add(("impostor", bare_name(sender)))  # once per name: anyone can make fresh keys
-                self.emit("key-changed", sender, None, "changed")  # no identity key to show: only its message key
-        if signer is False or (impostor and envelope["subtopic"] != "connect"):  # a connect is only a hint
-            self.dropped += 1
-            log.debug("dropped %s from %r: bad or missing signature", envelope["subtopic"], sender)
-            return
-        if not self._fresh(envelope):  # after the signature: a forged copy must not burn a real nonce
-            self.dropped += 1
-            return
-        handler = {"connect": self._on_connect, "RTCOffer": self._on_offer, "RTCAnswer": self._on_answer,
-                   "RTCIceCandidate": self._on_candidate, "unload": self._on_unload,
-                   "nameChange": self._on_name_change, "refused": self._on_refused}.get(envelope["subtopic"])
-        if handler is not None:
-            handler(sender, envelope["data"], signer, envelope["timestamp"], mkey)
-
-    def _hint_refused(self, sender: str, envelope: dict) -> None:
-        """Tell an rtchat.py peer whose signaling we drop (its key is not the one pinned for its name) why it cannot
-        connect, on its inbox, at most every REFUSAL_HINT_EVERY_S per name. Only a hint: it opens nothing."""
-        data = envelope["data"]
-        info = data.get("userInfo") if envelope["subtopic"] == "RTCOffer" and isinstance(data, dict) else data
-        tag = info.get("inbox") if isinstance(info, dict) else None
-        bare, now = bare_name(sender), time.monotonic()
-        if not (isinstance(tag, str) and re.fullmatch(r"[0-9a-f]{16}", tag)) or \
-                now - self._hinted.get(bare, -math.inf) < REFUSAL_HINT_EVERY_S:
-            return
-        if len(self._hinted) > 1024:
-            self._hinted.clear()
-        self._hinted[bare] = now
-        self._publish("refused", {"target": sender, "reason": "key-changed"}, compact=True,
-                      topic=f"{self.topic}/{tag}")
-
-    def _on_refused(self, sender: str, data: Any, signer: str | None, stamp: float, mkey: str | None) -> None:
-        """A peer says it refuses our key (it has another pinned for our name): a 'key-refused' event, once per
-        peer and reason. confirmed: signed by the key we have pinned for it, else anyone could have sent it."""
-        if not isinstance(data, dict) or data.get("target") != self.me:
-            return
-        reason = data.get("reason") if data.get("reason") in ("key-changed",) else "unknown"
-        if len(self._refused_by) > 256:
-            self._refused_by.clear()
-        self._refused_by.add(sender)
-        if ("refused-by", sender, reason) not in self._warned:
-            if len(self._warned) > 1024:
-                self._warned.clear()
-            self._warned.add(("refused-by", sender, reason))
-            self.emit("key-refused", sender, reason, signer is not None)
-
-    def _for_us(self, envelope: dict) -> bool:
-        """False for offers and answers to others: a room of N sees N² of them, and they must not use up the
-        sender's rate allowance or our time on signatures."""
-        data, subtopic = envelope["data"], envelope["subtopic"]
-        if subtopic == "RTCOffer":
-            data = data.get("offer") if isinstance(data, dict) else None
-        elif subtopic != "RTCAnswer":
-            return True
-        return isinstance(data, dict) and data.get("target") == self.me
-
-    def _fresh(self, envelope: dict) -> bool:
-        """Inside the clock window and not seen before (replay protection, §9.2)."""
-        now = time.monotonic()
-        if abs(now_ms() - envelope["timestamp"]) > CLOCK_SKEW_S * 1000:
-            return False
-        nonce = envelope.get("nonce")
-        key = nonce if isinstance(nonce, str) and len(nonce) <= 64 else (
-            envelope["sender"], envelope["subtopic"], envelope["timestamp"])
-        if key in self._seen_nonces:
-            return False
-        if len(self._seen_nonces) >= self._nonce_limit:  # amortised: a flood costs O(1) per message, not O(n)
-            fresh = {k: t for k, t in self._seen_nonces.items() if now - t < 2 * CLOCK_SKEW_S}
-            if len(fresh) > MAX_NONCES:
-                fresh = dict(list(fresh.items())[-MAX_NONCES // 2:])
-            self._seen_nonces = fresh
-            self._nonce_limit = max(20000, 2 * len(fresh))
-        self._seen_nonces[key] = now
-        return True
-
-    def _signer(self, envelope: dict) -> tuple[str | None | bool, str | None]:
-        """(the identity key that signed this envelope, None if unsigned or not known yet, False if the signature
-        is bad; the Ed25519 message key that signed it, for compact signaling)."""
-        sig, nonce, mkey = envelope.get("sig"), envelope.get("nonce"), envelope.get("mk")
-        if sig is None:
-            return None, None
-        data, subtopic = envelope["data"], envelope["subtopic"]
-        signed = signed_bytes("signaling", self.topic, envelope["sender"], subtopic, envelope["timestamp"], nonce,
-                              data)
-        if mkey is not None:
-            if not (isinstance(mkey, str) and isinstance(nonce, str) and verify_message(mkey, sig, signed)):
-                return False, None
-            return self._identity_of(envelope["sender"], mkey), mkey
-        return self._rsa_signer(envelope, data, subtopic, sig, nonce, signed), None
-
-    def _identity_of(self, sender: str, mkey: str) -> str | None:
-        """The identity key of this sender that certified this message key, if we know it: its live session's, or
-        one pinned for its name. Another peer's message key does not make a signature this sender's."""
-        peer = self.peers.get(sender)
-        if peer is not None and peer.message_key == mkey and peer.key_string:
-            return peer.key_string
-        authors = self.store.data["authors"]
-        return next((pin["key"] for fp, pin in self.trust.pins_for(bare_name(sender)).items()
-                     if isinstance(author := authors.get(fp), dict) and author.get("mkey") == mkey), None)
-
-    def _message_keys_of(self, name: str) -> set[str]:
-        """The message keys of the identities pinned for this name, as far as we have them."""
-        authors = self.store.data["authors"]
-        return {a["mkey"] for fp in self.trust.pins_for(bare_name(name))
-                if isinstance(a := authors.get(fp), dict) and isinstance(a.get("mkey"), str)}
-
-    def _rsa_signer(self, envelope: dict, data: Any, subtopic: str, sig: Any, nonce: Any, signed: bytes):
-        if subtopic == "connect":
-            key = data.get("publicKeyString") if isinstance(data, dict) else None
-        elif subtopic == "RTCOffer":
-            info = data.get("userInfo") if isinstance(data, dict) else None
-            key = info.get("publicKeyString") if isinstance(info, dict) else None
-        else:
-            peer = self.peers.get(envelope["sender"])
-            key = peer.key_string if peer else None
-            if key is None and isinstance(sig, str) and isinstance(nonce, str):  # met before: one of its pinned keys
-                with contextlib.suppress(ValueError):
-                    signature = base64.b64decode(sig, validate=True)
-                    key = next((pin["key"] for pin in self.trust.pins_for(bare_name(envelope["sender"])).values()
-                                if verify_signature(pin["key"], signature, signed)), None)
-        if key is None and subtopic not in ("connect", "RTCOffer"):
-            return None  # from a peer whose key we do not know yet: nothing to check it with
-        if not (isinstance(key, str) and isinstance(sig, str) and isinstance(nonce, str) and len(sig) < 2048):
-            return False
-        try:
-            signature = base64.b64decode(sig, validate=True)
-        except ValueError:
-            return False
-        return key if verify_signature(key, signature, signed) else False
-
-    def _admit(self, name: str, key: str | None, tag: str | None = None) -> bool:
-        """May we connect to this name with this key? A changed key is refused loudly, once per key.
-        rtchat.py 0.2 shows its key in the channel: it is judged there (so a refusal is loud there too)."""
-        if key is None:
-            return self.trust.policy != "known" or speaks_compact(tag)
-        try:
-            verdict = self.trust.verdict(bare_name(name), key)
-        except ValueError:
-            return False
-        if self.trust.allows(verdict) or (verdict == "changed" and self.trust.is_accepting(bare_name(name))):
-            return True
-        self.refused[bare_name(name)] = key  # what /trust NAME would accept
-        if len(self.refused) > 256:
-            self.refused.pop(next(iter(self.refused)))
-        if (name, key) not in self._warned:
-            if len(self._warned) > 1024:
-                self._warned.clear()
-            self._warned.add((name, key))
-            self.emit("key-changed", name, fingerprint(key), verdict)
-        return False
-
-    @staticmethod
-    def _info(data: Any) -> tuple[str | None, str | None]:
-        """(publicKeyString, client tag) from a userInfo object, each None unless sane."""
-        if not isinstance(data, dict):
-            return None, None
-        key, tag = data.get("publicKeyString"), data.get("client")
-        key = key if isinstance(key, str) and len(key) <= MAX_KEY_CHARS else None
-        tag = tag[:64] if isinstance(tag, str) else None
-        return key, tag
-
-    def _note_inbox(self, name: str, info: Any, signer: str | None) -> None:
-        """Where an rtchat.py peer wants its offers and answers. For a peer we know, only from what it signed;
-        a stranger's may be forged, but that wins no session: identities are proven in the channel."""
-        if signer is None and self.trust.signs(bare_name(name)) and not self.trust.is_accepting(bare_name(name)):
-            return
-        tag = info.get("inbox") if isinstance(info, dict) else None
-        if isinstance(tag, str) and re.fullmatch(r"[0-9a-f]{16}", tag):
-            self._inboxes[name] = (f"{self.topic}/{tag}", speaks_compact(info.get("client")))
-        else:
-            self._inboxes.pop(name, None)
-
-    def _may_start_session(self, name: str, key: str | None) -> bool:
-        """Each session being set up is a PeerConnection: a bounded number, except for a key pinned for the name."""
-        pending = sum(1 for p in self.peers.values() if p.state == "connecting" and p.name != name)
-        if pending < MAX_PENDING_SESSIONS or (key is not None and fingerprint(key) in self.trust.pins_for(
-                bare_name(name))):
-            return True
-        log.debug("too many sessions being set up: ignored %r", name)
-        return False
-
-    def _should_offer(self, name: str) -> bool:
-        return collation_key(self.me) < collation_key(name)
-
-    def _on_connect(self, sender: str, data: Any, signer: str | None, stamp: float, mkey: str | None) -> None:
-        key, tag = self._info(data)
-        self._note_dialect(tag)
-        peer = self.peers.get(sender)
-        if peer is not None and peer.state not in ("seen", "closed"):
-            if peer.is_open or (time.monotonic() - peer.created < STUCK_AFTER_S and not self._hopeless(peer)):
-                return
-            peer.close("stuck; trying again")
-        if not self._admit(sender, key, tag):
-            return
-        self._note_inbox(sender, data, signer)
-        if peer is None or peer.state == "closed" or peer.key_string != key:
-            peer = self._register(Peer(sender, self.ice, key, tag))
-        # else a repeat while our offer is on its way: replacing the peer would orphan that offer's answer
-        self._note_seen(sender)
-        if self._should_offer(sender):
-            self._offer(peer)
-        else:
-            self._announce_soon()
-            if sender not in self._fallbacks:
-                self._fallbacks[sender] = asyncio.get_running_loop().call_later(
-                    FALLBACK_OFFER_PY_S if peer.is_rtchat_py else FALLBACK_OFFER_S, self._fallback_offer, sender)
-
-    def _hopeless(self, peer: Peer) -> bool:
-        """A session being set up that cannot succeed as it is: begun before /trust took the name's next key, or
-        with a peer that told us it refuses our key (its next announcement may mean it takes it now: one retry per
-        refusal, and not of a session younger than OFFER_DEDUP_S, which may be the answer to that announcement)."""
-        since = self.trust.accepting_since(bare_name(peer.name))
-        if since is not None and peer.created < since:
-            return True
-        if peer.name in self._refused_by and time.monotonic() - peer.created > OFFER_DEDUP_S:
-            self._refused_by.discard(peer.name)
-            return True
-        return False
-
-    def _note_dialect(self, tag: str | None) -> None:
-        if not speaks_compact(tag):
-            self._legacy_seen = time.monotonic()
-
-    def _fallback_offer(self, name: str) -> None:
-        self._fallbacks.pop(name, None)
-        peer = self.peers.get(name)
-        if peer is not None and peer.state == "seen" and self.joined:
-            self._offer(peer)
-
-    def _offer(self, peer: Peer) -> None:
-        if not self._may_start_session(peer.name, peer.key_string):
-            return
-        now = time.monotonic()
-        if now - self._offered_at.get(peer.name, -OFFER_DEDUP_S) < OFFER_DEDUP_S:
-            return
-        self._offered_at[peer.name] = now
-        handle = self._fallbacks.pop(peer.name, None)
-        if handle:
-            handle.cancel()
-        peer.state = "connecting"  # counted as a session in set-up from now on
-        self._seen.pop(peer.name, None)
-        _spawn(self._send_offer(peer), f"offer-{peer.name}")
-
-    async def _send_offer(self, peer: Peer) -> None:
-        if self.peers.get(peer.name) is not peer:
-            return  # replaced or closed before its turn came
-        try:
-            sdp = await peer.create_offer()
-        except Exception as exc:
-            peer.close(f"could not make an offer: {exc}")
-            return
-        if peer.state != "closed" and self.joined:
-            compact = self._inboxes.get(peer.name, ("", False))[1]
-            self._publish("RTCOffer", {"userInfo": self.compact_info if compact else self.user_info, "offer": {
-                "localDescription": {"type": "offer", "sdp": slim_sdp(sdp)}, "target": peer.name}}, to=peer.name,
-                compact=compact)
-
-    def _on_offer(self, sender: str, data: Any, signer: str | None, stamp: float, mkey: str | None) -> None:
-        offer = data.get("offer") if isinstance(data, dict) else None
-        if not isinstance(offer, dict) or offer.get("target") != self.me:
-            return  # not for us: never prompt or act on others' offers (§9.1 #4)
-        description = offer.get("localDescription")
-        sdp = description.get("sdp") if isinstance(description, dict) else None
-        if not isinstance(sdp, str) or len(sdp) > 32768:
-            return
-        key, tag = self._info(data.get("userInfo"))
-        self._note_dialect(tag)
-        if signer is None and mkey is None and (tag or "").startswith("rtchat-py/"):
-            return  # rtchat.py signs every offer: this is a copy with the signature stripped
-        key = key or signer
-        if not self._admit(sender, key, tag):
-            return
-        self._note_inbox(sender, data.get("userInfo"), signer)
-        existing = self.peers.get(sender)
-        if existing is not None and existing.state != "closed":
-            if existing.signal_ts is not None and stamp <= existing.signal_ts:
-                return  # older than what set up the current session: a replay (e.g. to us after a restart)
-            if signer is None and (existing.signed_key or (existing.signal_mkey and mkey != existing.signal_mkey)):
-                return  # an offer never replaces a session set up by signed signaling unless signed alike
-        if existing is not None and existing.state not in ("seen", "closed"):
-            if existing.awaits_answer and (not (tag or "").startswith("rtchat-py/") or self._should_offer(sender)):
-                return  # glare: ours stands; a browser gives up its own offer and answers ours (§4.4)
-            if existing.is_open:
-                _spawn(self._replace_if_dead(existing, sender, sdp, key, tag, signer, stamp, mkey),
-                       f"probe-{sender}")
-                return
-            existing.close("replaced by a new offer")
-        elif not self._may_start_session(sender, signer):  # an unsigned offer proves no key
-            return
-        self._answer(sender, sdp, key, tag, signer, stamp, mkey)
-
-    async def _replace_if_dead(self, existing: Peer, sender: str, sdp: str, key, tag, signer, stamp, mkey) -> None:
-        """An offer for a live session is a reload or a forgery: answer only if the old session is dead."""
-        if signer is None and await existing.probe():
-            log.info("ignored an offer in %s's name: the current session is alive", sender)
-            return
-        existing.close("replaced by a new session")
-        self._answer(sender, sdp, key, tag, signer, stamp, mkey)
-
-    def _answer(self, sender: str, sdp: str, key, tag, signer, stamp: float, mkey: str | None = None) -> None:
-        peer = self._register(Peer(sender, self.ice, key, tag))
-        peer.signed_key, peer.signal_ts, peer.state = signer, stamp, "connecting"
-        peer.signal_mkey = mkey
-        _spawn(self._send_answer(peer, sdp), f"answer-{sender}")
-
-    async def _send_answer(self, peer: Peer, sdp: str) -> None:
-        try:
-            answer = await peer.accept_offer(sdp)
-        except Exception as exc:
-            peer.close(f"bad offer: {exc}")
-            return
-        if peer.state != "closed" and self.joined:
-            self._publish("RTCAnswer", {"localDescription": {"type": "answer", "sdp": slim_sdp(answer)},
-                                        "target": peer.name}, to=peer.name,
-                          compact=peer.signal_mkey is not None)  # as the offer came: both sides check alike
-
-    def _on_answer(self, sender: str, data: Any, signer: str | None, stamp: float, mkey: str | None) -> None:
-        if not isinstance(data, dict) or data.get("target") != self.me:
-            return
-        peer = self.peers.get(sender)
-        description = data.get("localDescription")
-        sdp = description.get("sdp") if isinstance(description, dict) else None
-        if peer is None or not peer.awaits_answer or not isinstance(sdp, str) or len(sdp) > 32768:
-            return  # only the peer we offered to, and only once (§9.2)
-        if signer is None and mkey is None and peer.is_rtchat_py:
-            return  # rtchat.py signs its answers
-        peer.signed_key, peer.signal_mkey = signer, mkey
-        if signer is not None and peer.key_string is None:  # signed by its pinned key: the channel binds to it
-            peer.key_string, peer.fingerprint = signer, fingerprint(signer)
-        peer.signal_ts = stamp
-        _spawn(self._accept_answer(peer, sdp), f"accept-{sender}")
-
-    @staticmethod
-    async def _accept_answer(peer: Peer, sdp: str) -> None:
-        try:
-            await peer.accept_answer(sdp)
-        except Exception as exc:
-            peer.close(f"bad answer: {exc}")
-
-    def _on_candidate(self, sender: str, data: Any, signer: str | None, stamp: float, mkey: str | None) -> None:
-        if not isinstance(data, dict):
-            return
-        peer = self.peers.get(sender)
-        if peer is not None:  # it buffers until it has the remote description
-            _spawn(peer.add_candidate(data), f"candidate-{sender}")
-        elif len(self._candidates) < 256:
-            pending = self._candidates.setdefault(sender, [])
-            if len(pending) < MAX_PENDING_CANDIDATES:
-                pending.append(data)
-
-    def _on_unload(self, sender: str, data: Any, signer: str | None, stamp: float, mkey: str | None) -> None:
-        peer = self.peers.get(sender)
-        if peer is None:
-            return
-        if (signer is not None or mkey is not None) and peer.signal_ts is not None and stamp < peer.signal_ts:
-            return  # sent before the current session began: a replay
-        if (signer is not None and signer == peer.key_string) or (mkey is not None and mkey == peer.signal_mkey) \
-                or (not peer.is_open and not peer.signed_key and not peer.signal_mkey):
-            peer.close("left")
-        elif peer.is_open:
-            _spawn(self._close_if_dead(peer, "left"), f"probe-{sender}")
-
-    def _on_name_change(self, sender: str, data: Any, signer: str | None, stamp: float, mkey: str | None) -> None:
-        """Only a hint (§9.2), and about someone else: an open browser session is probed, nothing else is touched.
-        rtchat.py peers never send nameChange (they leave and announce again), so it is never about them."""
-        if isinstance(data, dict) and data.get("newName") == sender and isinstance(data.get("oldName"), str):
-            peer = self.peers.get(data["oldName"])
-            if peer is not None and peer.is_open and not peer.signed_key \
-                    and not self.trust.signs(bare_name(peer.name)):
-                _spawn(self._close_if_dead(peer, "left"), f"probe-{peer.name}")
-
-    @staticmethod
-    async def _close_if_dead(peer: Peer, reason: str) -> None:
-        # A browser publishes unload from beforeunload, while its page may still answer a ping: probe again.
-        for _ in range(2):
-            if not await peer.probe():
-                peer.close(reason)
-                return
-            await asyncio.sleep(PROBE_TIMEOUT_S)
-
-    # -- sessions -----------------------------------------------------------------------------
-    def _note_seen(self, name: str) -> None:
-        """A name announced: until it connects it is kept among the newest MAX_SEEN_PEERS, for SEEN_EXPIRE_S after
-        it was last heard, so a flood of made-up names costs a bounded table and the same work per name."""
-        self._seen.pop(name, None)
-        self._seen[name] = time.monotonic()
-        self._expire_seen()
-
-    def _expire_seen(self) -> None:
-        now = time.monotonic()
-        while self._seen:
-            name, heard = next(iter(self._seen.items()))
-            if len(self._seen) <= MAX_SEEN_PEERS and now - heard < SEEN_EXPIRE_S:
-                return
-            del self._seen[name]
-            peer = self.peers.get(name)
-            if peer is not None and peer.state == "seen":
-                handle = self._fallbacks.pop(name, None)
-                if handle is not None:
-                    handle.cancel()
-                peer.close("not heard from")
-
-    def _register(self, peer: Peer) -> Peer:
-        old = self.peers.get(peer.name)
-        self._seen.pop(peer.name, None)
-        self.peers[peer.name] = peer  # first: closing the old one must not forget what we know of the name
-        self._peer_event.fire()
-        if old is not None and old is not peer:
-            old.close("replaced")
-        peer._candidates = self._candidates.pop(peer.name, [])
-        peer.on("open", self._on_open)
-        peer.on("frame", self._on_frame)
-        peer.on("file-channel", self.files.offered)
-        peer.on("no-route", lambda peer, facts: self.emit("no-route", peer, facts))
-        peer.on("closed", self._on_closed)
-        return peer
-
-    def _on_open(self, peer: Peer) -> None:
-        if peer.signal_mkey is not None:  # compact signaling: each side proves its identity in the channel
-            self._send_identity(peer)
-            if peer.pending_id is not None:
-                self._check_identity(peer, peer.pending_id)
-            else:
-                _spawn(self._identity_deadline(peer), f"identity-{peer.name}")
-        elif peer.signed_key and peer.signed_key == peer.key_string:
-            declared = sdp_fingerprint(peer.remote_sdp or "")
-            actual = negotiated_fingerprint(peer.pc)
-            if declared is None or (actual is not None and actual != declared):
-                self.emit("status", f"-!- {self.label(peer)}: the connection's DTLS key ({actual}) is not the "
-                                    f"signed one ({declared}); someone is in the middle. Dropped.")
-                peer.close("channel binding failed")
-                return
-            peer.channel_bound = True
-            self._verified(peer)
-        else:
-            _spawn(self._verify_legacy(peer), f"verify-{peer.name}")
-
-    def _channel_binding(self, peer: Peer, sender: str, receiver: str, outgoing: bool) -> bytes:
-        """What an identity signs to claim this channel: the room, both names and both DTLS certificates, as the
-        signer sees them. A man in the middle runs two DTLS sessions, so the two sides' views differ."""
-        local = sdp_fingerprint(peer.pc.localDescription.sdp)
-        remote = negotiated_fingerprint(peer.pc) or sdp_fingerprint(peer.remote_sdp or "")  # the certificate used
-        ours, theirs = (local, remote) if outgoing else (remote, local)
-        return signed_bytes("channel-id", self.topic, sender, receiver, ours, theirs)
-
-    def _send_identity(self, peer: Peer) -> None:
-        signature = self.identity.sign(self._channel_binding(peer, self.me, peer.name, outgoing=True))
-        peer.send("chat", {"t": "id", "key": self.identity.public_key_string, "mkey": self.identity.message_public,
-                           "mcert": self.identity.message_cert, "sig": base64.b64encode(signature).decode()})
-
-    def _check_identity(self, peer: Peer, value: dict) -> None:
-        """Its identity key signed this channel, certified the message key that signed its offer or answer,
-        and is one our trust policy accepts: then it is verified, channel-bound."""
-        key, sig = value.get("key"), value.get("sig")
-        try:
-            genuine = (isinstance(key, str) and len(key) <= MAX_KEY_CHARS and isinstance(sig, str)
-                       and value.get("mkey") == peer.signal_mkey
-                       and verify_message_key(key, value.get("mkey"), value.get("mcert"))
-                       and peer.signed_key in (None, key)
-                       and verify_signature(key, base64.b64decode(sig, validate=True),
-                                            self._channel_binding(peer, peer.name, self.me, outgoing=False)))
-        except ValueError:
-            genuine = False
-        if not genuine:
-            self.emit("status", f"-!- {self.label(peer)} could not prove its key on this connection "
-                                f"(someone may be in the middle); disconnected")
-            peer.close("channel binding failed")
-        elif not self._admit(peer.name, key):
-            peer.close("key refused")
-        else:
-            peer.key_string, peer.fingerprint, peer.channel_bound = key, fingerprint(key), True
-            peer.author = {"key": key, "mkey": value["mkey"], "mcert": value["mcert"]}
-            self._verified(peer)
-
-    async def _identity_deadline(self, peer: Peer) -> None:
-        await asyncio.sleep(VERIFY_TIMEOUT_S)
-        if peer.state == "open":
-            self.emit("status", f"-!- {self.label(peer)} did not prove its key in {VERIFY_TIMEOUT_S:g} s; "
-                                f"disconnected")
-            peer.close("no identity")
-
-    async def _verify_legacy(self, peer: Peer) -> None:
-        """RTChat's identify/challenge (§6.4) with the holes closed: a false result fails, nothing is sticky."""
-        challenge = secrets.token_bytes(32)
-        pins = {} if self.trust.is_accepting(bare_name(peer.name)) else self.trust.pins_for(bare_name(peer.name))
-        key = None
-        try:
-            if pins:
-                answer = await peer.ask("challenge", challenge.decode("latin-1"), VERIFY_TIMEOUT_S)
-                signature = answer.encode("latin-1") if isinstance(answer, str) else b""
-                key = next((p["key"] for p in pins.values() if verify_signature(p["key"], signature, challenge)), None)
-            else:
-                answer = await peer.ask("identify", challenge.decode("latin-1"), VERIFY_TIMEOUT_S)
-                if isinstance(answer, dict) and isinstance(answer.get("signature"), str):
-                    offered = answer.get("publicKeyString")
-                    signature = answer["signature"].encode("latin-1")
-                    if isinstance(offered, str) and verify_signature(offered, signature, challenge) \
-                            and peer.key_string in (None, offered) and self._admit(peer.name, offered):
-                        key = offered
-        except (AskError, UnicodeEncodeError) as exc:
-            log.debug("%r: verification failed: %s", peer, exc)
-        if peer.state != "open":
-            return
-        if key is None:
-            self.emit("status", f"-!- could not verify {self.label(peer)}'s key; disconnected")
-            peer.close("verification failed")
-            return
-        peer.key_string, peer.fingerprint = key, fingerprint(key)
-        self._verified(peer)
-
-    def _verified(self, peer: Peer) -> None:
-        peer.state = "verified"
-        peer.verified_at = time.monotonic()
-        peer.lookalike = self.lookalike_of(peer.name)
-        accepted = False
-        with contextlib.suppress(RtchatError, ValueError):
-            bare = bare_name(peer.name)
-            verdict = self.trust.verdict(bare, peer.key_string)
-            accepted = verdict == "changed" and self.trust.is_accepting(bare)
-            if verdict == "new":
-                self.ledger.first_contact(peer)  # before the pin: the keys history passed on named for it
-            if verdict != "changed" or accepted:  # --trust any: never re-pin; after /trust NAME: in place of the old
-                self.trust.pin(bare, peer.key_string, signs=peer.channel_bound, author=peer.author, replace=accepted)
-        if accepted:
-            self.emit("key-accepted", peer)
-        self._peer_event.fire()
+    # -- from the sessions ----------------------------------------------------------------------
+    def _on_verified(self, peer: Peer) -> None:
         self.emit("verified", peer)
         self.emit("join", peer)
         self.ledger.peer_verified(peer)
-        for label, value in self._early.pop(peer.name, []):
-            self._on_frame(peer, label, value)
 
-    def _on_closed(self, peer: Peer, reason: str) -> None:
-        if self.peers.get(peer.name) is peer:
-            del self.peers[peer.name]
-            self._peer_event.fire()
-            self._inboxes.pop(peer.name, None)
-            self._offered_at.pop(peer.name, None)
-        self._early.pop(peer.name, None)
-        if peer.verified_at is not None and reason != "we left":
-            self.emit("leave", peer, reason)
+    def _on_session_closed(self, peer: Peer, reason: str) -> None:
         if peer.verified_at is not None:
             self.ledger.peer_gone(peer)
-        if peer.remote_sdp is not None and self.joined and reason not in ("left", "we left") \
-                and not reason.startswith("replaced"):
-            self._announce_soon()  # the other side may still be there: let it offer again
 
-    # -- frames ---------------------------------------------------------------------------------
+    def _is_connecting(self, name: str) -> bool:
+        peer = self.peers.get(name)
+        return peer is not None and peer.state in ("seen", "connecting", "open")
+
+    # -- frames from verified peers -------------------------------------------------------------
     def _on_frame(self, peer: Peer, label: str, value: Any) -> None:
-        if label == "question" and self._answer_identity(peer, value):
-            return
-        if label == "chat" and peer.signal_mkey and isinstance(value, dict) and value.get("t") == "id":
-            if peer.state == "open":
-                self._check_identity(peer, value)
-            elif peer.state == "connecting":
-                peer.pending_id = value  # it is open on its side already; we check it once we are
-            return
-        if not peer.is_verified:
-            early = self._early.setdefault(peer.name, [])
-            if len(early) < 100:
-                early.append((label, value))
-            return
-        if label == "question":
-            if peer.questions_open < MAX_QUESTIONS_AT_ONCE:  # an asker waits for answers; a flood does not
-                _spawn(self._answer_question(peer, value), f"question-{peer.name}")
-            else:
-                peer.over_budget["question"] = peer.over_budget.get("question", 0) + 1
-        else:
+        if label != "question":
             self.ledger.on_frame(peer, label, value)
-
-    def _answer_identity(self, peer: Peer, value: Any) -> bool:
-        """Answer identify/challenge at once, from anyone: browsers ask before they talk to us (§6.4)."""
-        question = value.get("question") if isinstance(value, dict) else None
-        topic = question.get("topic") if isinstance(question, dict) else None
-        if topic not in ("identify", "challenge"):
-            return False
-        if not peer.allow("identify"):  # each answer is an RSA signature
-            return True
-        content = question.get("content")
-        try:
-            # Exactly 32 bytes, as browsers send: we never sign anything that could be a signaling message.
-            challenge = content.encode("latin-1") if isinstance(content, str) and len(content) == 32 else None
-        except UnicodeEncodeError:
-            challenge = None
-        if challenge is not None:
-            signature = self.identity.sign(challenge).decode("latin-1")
-            answer = signature if topic == "challenge" else {
-                "publicKeyString": self.identity.public_key_string, "signature": signature}
-            peer.reply(value.get("n"), question, answer)
-        return True
+        elif peer.questions_open < MAX_QUESTIONS_AT_ONCE:  # an asker waits for answers; a flood does not
+            self._tasks.spawn(self._answer_question(peer, value), f"question-{peer.name}")
+        else:
+            peer.over_budget["question"] = peer.over_budget.get("question", 0) + 1
 
     async def _answer_question(self, peer: Peer, value: Any) -> None:
         peer.questions_open += 1
@@ -6587,10 +6903,6 @@ class Room(Emitter):
         except (TypeError, ValueError):
             answer = str(answer)
         peer.reply(value.get("n"), question, answer)
-
-    def _is_connecting(self, name: str) -> bool:
-        peer = self.peers.get(name)
-        return peer is not None and peer.state in ("seen", "connecting", "open")
 
 
 def default_state_path() -> Path:
@@ -7479,6 +7791,13 @@ def key_changed_text(name: str, fp: str | None, verdict: str) -> str:
     return f"{why} ({show_fingerprint(fp)}); refused. If that is expected, /trust {bare}"
 
 
+VERIFY_FAILED_TEXT = {   # a verify-failed event's reason in words
+    "no-identity": "did not prove its key in time; disconnected",
+    "bad-identity": "could not prove its key on this connection (someone may be in the middle); disconnected",
+    "challenge-failed": "failed the key check (identify/challenge); disconnected",
+}
+
+
 def describe_transfer(transfer: Transfer, label: str) -> str:
     """'sending report.pdf to bob: 45.0 MB of 300.0 MB (15%), 13.6 MB/s, 19 s left'."""
     verb, way = ("receiving", "from") if transfer.incoming else ("sending", "to")
@@ -7584,6 +7903,14 @@ def event_record(room: Room, event: str, *args: Any) -> dict:
         path, reason = args
         record.update(path=path, reason=clean(reason, 300), text=f"cannot compact the history ({clean(reason, 300)}): "
                       f"it is kept as it is, and grows")
+    elif event == "mitm-detected":
+        peer, claimed = args
+        record.update(_peer_fields(room, peer), fingerprint=claimed,
+                      text=f"its key ({show_fingerprint(claimed)}) signed another connection than this one: someone "
+                           f"is in the middle; disconnected")
+    elif event == "verify-failed":
+        peer, reason = args
+        record.update(_peer_fields(room, peer), reason=reason, text=VERIFY_FAILED_TEXT.get(reason, reason))
     elif event == "history-conflict":
         peer, claimed = args
         record.update(_peer_fields(room, peer), claimed=claimed,
@@ -7683,7 +8010,7 @@ class Printer:
         """join/leave/key-changed/file/no-route: a marked line, led by the room if it is not the one you are in
         (json style prints event_record instead)."""
         marker = {"join": "-->", "leave": "<--"}.get(kind, "-!-")
-        name += ":" if kind == "no-route" else ""
+        name += ":" if kind in ("no-route", "mitm-detected") else ""
         place = f"#{clean(room, 200)} " if room else ""
         self.status(place + " ".join(part for part in (marker, name, text) if part),
                     32 if kind == "join" else 33 if kind == "leave" else 31)
@@ -7823,7 +8150,7 @@ class App(Session):
                 self.changed()
             self.show(msg, mention=for_you)
         elif event in ("join", "leave", "key-changed", "file", "key-accepted", "key-refused", "disk-error", "disk-ok",
-                       "compaction-failed", "history-conflict"):
+                       "compaction-failed", "history-conflict", "mitm-detected", "verify-failed"):
             record = event_record(room, event, *args)
             self.printer.event(event, record["from"] or "", record["text"], room.name if other else None)
             self.changed()

@@ -26,8 +26,8 @@ def test_every_error_a_public_method_raises_is_exported_and_an_rtchat_error():
 def test_event_names():
     assert rtchat.EVENTS == ("message", "dm", "join", "leave", "verified", "key-changed", "delivered", "file",
                              "status", "history", "no-route", "file-progress", "question-failed", "key-accepted",
-                             "key-refused", "disk-error", "disk-ok", "history-conflict",
-                             "compaction-failed")  # names are only ever added
+                             "key-refused", "disk-error", "disk-ok", "history-conflict", "compaction-failed",
+                             "mitm-detected", "verify-failed")  # names are only ever added
 
 
 def test_signatures():

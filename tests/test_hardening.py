@@ -261,8 +261,9 @@ def test_join_announcement_flood_is_bounded(broker, tmp_path):
         alice = await make_client("alice", tmp_path, broker.url).start()
         ra = await alice.join("h3")
         chunk, total = 2500, 50000
-        fed, timings = await feed(ra, flood_of_names(total), chunk, 4 * chunk / 1000)  # 4 ms an announcement
-        peers, timers = len(ra.peers), len(ra._fallbacks)
+        fed, timings = await feed(ra, flood_of_names(total), chunk)
+        sizes = ra.sessions.sizes()
+        peers, timers = sizes["peers"], sizes["timers"]
         per_ms = [round(t / chunk * 1000, 3) for t in timings]
         figure("3 announcement flood (in-process)", f"{fed} announcements: {peers} peers kept, {timers} fallback "
                                                     f"timers; ms per announcement by {chunk}: first {per_ms[0]}, "
@@ -583,7 +584,7 @@ def test_a_replayed_costly_payload_is_decoded_once(broker, tmp_path, monkeypatch
                                                                             lz_decompress(data, *a, **k))[1])
         started = time.perf_counter()
         for _ in range(120):
-            ra._on_payload(ra.topic, payload)
+            ra.network.receive(ra.topic, payload)
         took = time.perf_counter() - started
         figure("6 replayed costly payload", f"120 copies of {len(payload) >> 10} KB into a room: decoded "
                                             f"{len(decoded)} time(s), {took * 1000:.0f} ms in all; 60/s for 5 s to a "

@@ -25,7 +25,8 @@ class Link(rtchat.Peer):
                  batches: bool = True) -> None:
         """tag None: a browser; batches False: an rtchat.py 0.2, whose hello does not take batch signatures."""
         identity = IDENTITIES[name]
-        super().__init__(name, rtchat.ice_configuration([]), identity.public_key_string, tag)
+        super().__init__(name, rtchat.ice_configuration([]), rtchat.RTCHAT_PY if tag else rtchat.BROWSER,
+                         key_string=identity.public_key_string, client_tag=tag)
         self.identity = identity
         self.state, self.channel_bound = "verified", tag is not None
         if hello and tag is not None:

@@ -1,10 +1,13 @@
 """Room: real clients, real mosquitto (TCP and websockets), real aiortc peers on 127.0.0.1."""
 import asyncio
 import base64
+import re
 
 import paho.mqtt.client as mqtt
 import pytest
 from conftest import eventually, make_client, run
+from test_attacks import Mallory, Wire, feed, handled, phases
+from test_hardening import flood_of_names
 
 import rtchat
 
@@ -316,3 +319,72 @@ def test_failing_question_handlers_answer_at_once_and_are_reported(broker, tmp_p
         assert not [r for r in caplog.records if r.levelno > 10 and r.name == "rtchat"]
         await close_all([alice, bob])
     run(scenario())
+
+
+# -- who wait_for_room waits for, and trying again where there is no network path (issue 13) ----------------------
+
+def no_path(sdp: str) -> str:
+    """The SDP with every candidate moved to port 9 of its address: nothing answers there."""
+    return re.sub(r"^(a=candidate:\S+ \d \S+ \d+ \S+) \d+ typ", r"\1 9 typ", sdp, flags=re.MULTILINE)
+
+
+def answer_with_no_path(wire, topic: str, name: str, answered: list) -> None:
+    """An RTChat page called name whose every answer leads nowhere (its network lets nothing through)."""
+    def answer(t, payload, env):
+        async def go():
+            page = Mallory()
+            sdp = await page.answer(env["data"]["offer"]["localDescription"]["sdp"])
+            await page.close()
+            wire.publish(forge(name, "RTCAnswer", {"localDescription": {"type": "answer", "sdp": no_path(sdp)},
+                                                   "target": env["sender"]}), topic)
+            answered.append(env["sender"])
+        asyncio.ensure_future(go())
+    wire.on(lambda t, e: e["subtopic"] == "RTCOffer" and e["data"]["offer"].get("target") == name, answer)
+
+
+def test_wait_for_room_does_not_wait_for_names_only_announced(broker, tmp_path, monkeypatch):
+    """A flood of announcements from made-up rtchat.py names: alice offers to some of them (she cannot tell), but
+    waits for an answer only so long, and for the rest not at all; bob, who is really there, is all she waits for."""
+    monkeypatch.setattr(rtchat, "ANSWER_WAIT_S", 1.0)
+
+    async def scenario():
+        (alice, bob), (ra, rb) = await pair(tmp_path, broker.url, room="flooded")
+        fed, _ = await feed(ra, flood_of_names(600), 100)
+        offered = sum(p.state == "connecting" for p in ra.peers.values())
+        peers = await ra.wait_for_room(1, timeout=60)
+        assert [p.name for p in peers] == ["bob"] and ra.unverified_peers() == []
+        assert offered > 0 and len(ra.peers) > 100   # heard of, and some offered to: not waited for
+        await close_all([alice, bob])
+    run(scenario(), 40)
+
+
+def test_a_peer_with_no_network_path_is_tried_again_later_each_time(broker, tmp_path, monkeypatch):
+    """zed (a page) answers, but no path leads to it: alice says so (no-route), keeps zed listed, and does not
+    start again on its next announcements, only when the retry is due; wait_for_room stops waiting for zed."""
+    monkeypatch.setattr(rtchat, "NO_PATH_AFTER_S", 0.5)
+    monkeypatch.setattr(rtchat, "RETRY_AFTER_S", 2.0)
+
+    async def scenario():
+        wire = Wire(broker, asyncio.get_running_loop())
+        (alice, bob), (ra, rb) = await pair(tmp_path, broker.url, room="nopath")
+        routes, offering, answered = [], phases(ra, "offering"), []
+        ra.on("no-route", lambda peer, facts: routes.append(peer.name))
+        answer_with_no_path(wire, "mrtchat/nopath", "zed", answered)
+        wire.publish(forge("zed", "connect", {}), "mrtchat/nopath")
+        await eventually(lambda: routes == ["zed"], 15, "alice finding no path to zed")
+        assert ra.peers["zed"].state == "seen" and [p.name for p in ra.unverified_peers()] == ["zed"]
+        assert [p.name for p in await ra.wait_for_room(1, timeout=60)] == ["bob"]     # zed is not waited for
+        announced = [forge("zed", "connect", {}, timestamp=rtchat.now_ms() + i) for i in range(3)]
+        for payload in announced:
+            wire.publish(payload, "mrtchat/nopath")
+        await handled(ra, announced)
+        assert offering.count("zed") == 1                   # its announcements start nothing while alice waits
+        await eventually(lambda: offering.count("zed") == 2, 15, "the next try, when it is due")
+        await eventually(lambda: routes == ["zed", "zed"], 15, "no path again")
+        assert ra.sessions.sizes()["failures"] == 1 and ra.peers["zed"].state == "seen"
+        wire.publish(forge("zed", "unload", "disconnecting"), "mrtchat/nopath")   # gone: forgotten
+        await eventually(lambda: "zed" not in ra.peers, 10, "zed gone")
+        assert ra.sessions.sizes()["failures"] == 0
+        wire.close()
+        await close_all([alice, bob])
+    run(scenario(), 60)
