@@ -1180,12 +1180,14 @@ wrap(mod.Client, "start", "client_start")
 wrap(mod.Store, "identity", "identity_begin", "identity_end", once=True)
 wrap(mod.Signaling, "connect", "broker_begin", "broker_end")
 wrap(mod.Room, "join", "join_begin", "join_end")
-wrap(mod.Room, "_on_connect", "got_connect", once=True)
-wrap(mod.Room, "_send_offer", "offer_begin", "offer_sent", once=True)
-wrap(mod.Room, "_on_offer", "got_offer", once=True)
-wrap(mod.Room, "_on_answer", "got_answer", once=True)
-wrap(mod.Room, "_on_open", "peer_open", once=True)
-wrap(mod.Room, "_verified", None, "verified", once=True)
+STEPS = {"heard": "got_connect", "offering": "offer_begin", "offer-sent": "offer_sent", "offered": "got_offer",
+         "answered": "got_answer", "open": "peer_open", "verified": "verified"}
+def on_phase(name, step):  # Sessions' "phase" events: how far the first session got, and when
+    if step in STEPS and STEPS[step] not in seen: seen.add(STEPS[step]); mark(STEPS[step])
+room_init = mod.Room.__init__
+def watched_room(self, *a, **k):
+    room_init(self, *a, **k); self.sessions.on("phase", on_phase)
+mod.Room.__init__ = watched_room
 wrap(mod.Room, "send", "send_begin", once=True)
 wrap(mod.Room, "flush", None, "flushed", once=True)
 wrap(mod.Client, "close", "close_begin", "close_end")
