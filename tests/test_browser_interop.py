@@ -314,19 +314,19 @@ class Recorder:
     def __init__(self, rtchat) -> None:
         self.asked_us: list[tuple[str, str]] = []     # (peer, topic) browsers asked rtchat.py
         self.we_asked: list[tuple[str, str]] = []     # (peer, topic) rtchat.py asked
-        orig_identity, orig_ask = rtchat.Room._answer_identity, rtchat.Peer.ask
+        orig_identity, orig_ask = rtchat.answer_identity, rtchat.Peer.ask
         rec = self
 
-        def answer_identity(self, peer, value):
+        def answer_identity(peer, value, identity):
             q = value.get("question") if isinstance(value, dict) else None
             if isinstance(q, dict) and q.get("topic") in ("identify", "challenge"):
                 rec.asked_us.append((peer.name, q["topic"]))
-            return orig_identity(self, peer, value)
+            return orig_identity(peer, value, identity)
 
         async def ask(self, topic, content=None, timeout=rtchat.ASK_TIMEOUT_S):
             rec.we_asked.append((self.name, topic))
             return await orig_ask(self, topic, content, timeout)
-        rtchat.Room._answer_identity = answer_identity
+        rtchat.answer_identity = answer_identity
         rtchat.Peer.ask = ask
 
 
@@ -573,29 +573,28 @@ async def scenario_glare(workdir: Path) -> dict:
     out = {}
     async with Scene(workdir) as scene:
         rt = scene.rtchat
-        orig_on_connect, orig_send_offer = rt.Room._on_connect, rt.Room._send_offer
+        orig_on_connect, orig_send_offer = rt.Sessions._on_connect, rt.Sessions._send_offer
         delays = {"r3a": 0.0, "r3b": 0.4}
 
-        def on_connect(self, sender, data, signer, stamp, mkey):
-            self._should_offer = lambda name: True
-            self.announce()
-            orig_on_connect(self, sender, data, signer, stamp, mkey)
+        def on_connect(self, signal):
+            self.should_offer = lambda name: True
+            self.network.announce()
+            orig_on_connect(self, signal)
 
         async def send_offer(self, peer):
-            orig_publish = self._publish
+            orig_publish, delay = self.network.publish, delays.get(self.topic.removeprefix(rt.TOPIC_BASE))
 
             def late_publish(subtopic, data, **options):
-                if subtopic == "RTCOffer" and delays.get(self.name):
-                    asyncio.get_running_loop().call_later(
-                        delays[self.name], lambda: orig_publish(subtopic, data, **options))
+                if subtopic == "RTCOffer" and delay:
+                    asyncio.get_running_loop().call_later(delay, lambda: orig_publish(subtopic, data, **options))
                 else:
                     orig_publish(subtopic, data, **options)
-            self._publish = late_publish
+            self.network.publish = late_publish
             try:
                 await orig_send_offer(self, peer)
             finally:
-                del self._publish
-        rt.Room._on_connect, rt.Room._send_offer = on_connect, send_offer
+                del self.network.publish
+        rt.Sessions._on_connect, rt.Sessions._send_offer = on_connect, send_offer
         for room, (py_name, b_name) in zip(delays, (("zoe", "aaron"), ("yan", "abe")), strict=True):
             obs = scene.observe(room)
             r = await scene.pair(py_name, b_name, room, timeout=40)
