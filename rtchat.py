@@ -682,6 +682,17 @@ def batch_proof_fields(value: Any) -> tuple[int, int, list[bytes]] | None:
     return None if path is None else (at, count, path)
 
 
+_ID_POOL: list[str] = []
+
+
+def new_id() -> str:
+    """16 random hex digits (message salts, signaling nonces): unguessable, so a peer cannot take the id of a
+    message before it is sent."""
+    if not _ID_POOL:
+        _ID_POOL.extend(secrets.token_hex(8 * 64)[i:i + 16] for i in range(0, 16 * 64, 16))
+    return _ID_POOL.pop()
+
+
 def parse_json(text: str | bytes) -> Any:
     """json.loads that turns every failure (bad syntax, deep nesting, bad UTF-8) into ValueError."""
     try:
@@ -5457,16 +5468,6 @@ class Question:
     sender: Peer
     topic: str
     content: Any
-
-
-_ID_POOL: list[str] = []
-
-
-def new_id() -> str:
-    """16 random hex digits: unguessable, so a peer cannot take the id of a message before it is sent."""
-    if not _ID_POOL:
-        _ID_POOL.extend(secrets.token_hex(8 * 64)[i:i + 16] for i in range(0, 16 * 64, 16))
-    return _ID_POOL.pop()
 
 
 def valid_ts(stamp: Any) -> bool:
