@@ -6686,8 +6686,8 @@ class Room(Emitter):
         await self.ledger.written(COMMIT_EVERY_S * 20)  # what came is written and acknowledged (while peers talk on)
         await self._drain(LEAVE_DRAIN_S)  # and the acks have arrived: our unload must not overtake them
         self.network.say_goodbye()
+        await self.network.close()  # nothing more from the broker: our goodbye's echo, offers from who comes now
         await self.sessions.close()
-        await self.network.close()
         await self._tasks.close()
         await self.ledger.close()  # and what came while we were leaving
         await self.files.close()
