@@ -387,6 +387,7 @@ def test_the_dice_plugin_answers_requests_once_never_from_history(broker, tmp_pa
         app.room.on("history", passed_on.append)
         await app.room.wait_for_peers(2, 20)
         await eventually(lambda: passed_on, 10, "the old request, passed on")
+        await ra.wait_for_peer("carol", 10)  # carol's side may verify alice first, and bob may pass the old one on
         ra.send("carol: roll 1d6")
         await eventually(lambda: rolls, 10, "carol's roll")
         assert await app.room.flush(10)
