@@ -60,3 +60,21 @@ def test_decorators_only_tag():
     tagged = rtchat.command("x", help="h")(f)
     assert tagged is f and f(None, "") == 42
     assert f._rtchat_hooks == [("command", "x", {"aliases": (), "help": "h", "usage": "", "example": ""})]
+
+
+def test_session_failures_are_typed_events_the_front_ends_word(tmp_path):
+    """A man in the middle, or a peer that proves no key: the room emits fields, and only --json and the screen
+    put them in words (issue 13, item 3)."""
+    store = rtchat.Store(tmp_path / "state.json")
+    store.load()
+    me = rtchat.Identity.generate()
+    room = rtchat.Room("ops", me="alice", identity=me, signaling=rtchat.Signaling("mqtt://127.0.0.1:1"),
+                       trust=rtchat.Trust(store), store=store, ice=rtchat.ice_configuration([]), questions={})
+    bob = rtchat.Peer("bob", room.ice, rtchat.RTCHAT_PY, client_tag=rtchat.CLIENT_TAG)
+    mitm = rtchat.event_record(room, "mitm-detected", bob, me.fingerprint)
+    assert (mitm["type"], mitm["from"], mitm["fingerprint"]) == ("mitm-detected", "bob", me.fingerprint)
+    assert "someone is in the middle" in mitm["text"] and mitm["client"] == rtchat.CLIENT_TAG
+    for reason in ("no-identity", "bad-identity", "challenge-failed"):
+        failed = rtchat.event_record(room, "verify-failed", bob, reason)
+        assert (failed["type"], failed["reason"]) == ("verify-failed", reason)
+        assert failed["text"].endswith("disconnected") and failed["from"] == "bob"
