@@ -6,7 +6,7 @@ import re
 import paho.mqtt.client as mqtt
 import pytest
 from conftest import eventually, make_client, run
-from test_attacks import Mallory, Wire, feed, handled, phases
+from test_attacks import Mallory, Wire, envelope, feed, handled, offer_as, phases
 from test_hardening import flood_of_names
 
 import rtchat
@@ -388,3 +388,24 @@ def test_a_peer_with_no_network_path_is_tried_again_later_each_time(broker, tmp_
         wire.close()
         await close_all([alice, bob])
     run(scenario(), 60)
+
+
+def test_rtchat_py_0_1_is_not_spoken_to(broker, tmp_path):
+    """rtchat.py 0.1 (it signed everything with RSA, and lived for a day): its announcements and offers, signed as it
+    signed them, start nothing; an rtchat.py 0.2 peer in the same room still connects (issue 13, item 7)."""
+    async def scenario():
+        wire = Wire(broker, asyncio.get_running_loop())
+        (alice, bob), (ra, rb) = await pair(tmp_path, broker.url, room="old")
+        old, topic = rtchat.Identity.generate(), "mrtchat/old"
+        heard, mallory = phases(ra, "heard"), Mallory(old)
+        info = {"publicKeyString": old.public_key_string, "client": "rtchat-py/0.1.0"}
+        sent = [envelope("zed", "connect", info, identity=old, topic=topic)]
+        wire.publish(sent[0], topic)
+        sent.append(await offer_as(wire, topic, "alice", "zed", mallory, sign_with=old, tag="rtchat-py/0.1.0"))
+        await handled(ra, sent, "zed's announcement and offer")
+        assert "zed" not in heard and "zed" not in ra.peers   # no session, not even one being set up
+        assert ra.peers["bob"].is_verified and rb.peers["alice"].is_verified
+        await mallory.close()
+        wire.close()
+        await close_all([alice, bob])
+    run(scenario(), 40)
