@@ -4610,10 +4610,11 @@ class NetCheck:
 # =============================================================================
 # Room sessions: a room's signaling on the broker (RoomSignaling: its topic,
 # our inbox, signed envelopes out, the gate's signals in, announcements), who
-# may connect under which name (Admission), and the sessions with its members
-# (Sessions: offer/answer, glare, fallbacks, candidates, the seen table,
-# retries, verification by each peer's Dialect). Emits typed events.
-# Uses everything above but Gossip, the PeerJS mesh and the network check.
+# may connect under which name (Admission), the sessions with its members
+# (Sessions: each Peer registered, verified by its Dialect, closed) and how
+# they begin (Negotiation: offer/answer, glare, fallbacks, candidates, the seen
+# table, retries). Emits typed events. Uses everything above but Gossip, the
+# PeerJS mesh and the network check.
 # =============================================================================
 
 BROWSER_MEMORY_S = 600.0   # after seeing a browser in a room, announce with our key (RSA-signed) this long
@@ -4827,53 +4828,36 @@ class Admission(Emitter):
 
 
 class Sessions(Emitter):
-    """The sessions of one room with its members: who offers, glare, fallbacks, candidates, the seen table (names
-    announced, bounded), retries that back off when there is no network path, and each session verified by its
-    peer's Dialect. Owns every Peer's set-up and the tasks that drive it.
+    """The sessions of one room with its members, once they exist: each Peer registered by name (a new one
+    replaces the old), verified by its peer's Dialect when it opens (what the peer sends meanwhile held, its
+    identify/challenge questions answered), its key pinned, and forgotten when it closes. Owns every Peer's tasks
+    from registration on; how sessions begin is Negotiation's.
 
     Emits "verified" (peer), "first-contact" (peer, just before its name's first key is pinned), "frame" (peer,
     label, value: from verified peers; what came before, once verified), "file-channel" (peer, channel),
     "leave" (peer, reason: a verified peer gone), "closed" (peer, reason: any session ended), "no-route" (peer,
     facts), "key-accepted" (peer), "mitm-detected" (peer, fingerprint of the key that signed another connection),
-    "verify-failed" (peer, reason: VerifyFailed's), "probed" (peer, alive: an unauthenticated hint that a live
-    session ended was checked by pinging it), and "phase" (name, step) as a session is set up, for whoever
-    measures it: heard, offering, offer-sent, offered, answer-sent, answered, open, verified."""
+    "verify-failed" (peer, reason: VerifyFailed's), and "phase" (name, step: open, verified) for whoever measures
+    set-up (Negotiation emits the steps before)."""
 
-    def __init__(self, network: RoomSignaling, admission: Admission, *, identity: Identity, trust: Trust,
+    def __init__(self, admission: Admission, *, me: str, topic: str, identity: Identity, trust: Trust,
                  store: Store, ice: RTCConfiguration) -> None:
         super().__init__()
-        self.network = network
         self.admission = admission
-        self.me = network.me
-        self.topic = network.topic
+        self.me = me
+        self.topic = topic
         self.identity = identity
         self.trust = trust
         self.store = store
         self.ice = ice
         self.peers: dict[str, Peer] = {}
         self.changes = Pulse()              # notified when a peer is heard of, verified or gone
-        self.running = False
-        self._seen: dict[str, float] = {}     # names announced but never connected: when last heard, oldest first
-        self._timers: dict[str, asyncio.TimerHandle] = {}  # per name: our fallback offer, or the next try
-        self._offered_at: dict[str, float] = {}
-        self._candidates: dict[str, list[dict]] = {}       # trickled before we had a session with the sender
         self._early: dict[Peer, list[tuple[str, Any]]] = {}  # frames from a peer not verified yet
         self._frames: dict[Peer, asyncio.Future] = {}      # its identity frame (rtchat.py)
-        self._failures: dict[str, tuple[int, float]] = {}  # name -> (set-ups failed in a row, when to try again)
-        self._last_setup = 0.0                # when a session last began, or a peer last answered one
         self._tasks = Tasks()
-
-    # -- from the room ---------------------------------------------------------------------------------------
-    def start(self) -> None:
-        self.running = True
-        self._last_setup = time.monotonic()
-        self.network.on("signal", self._on_signal)
-        self._tasks.spawn(self._announce_loop(), f"announce-{self.topic}")
 
     async def close(self) -> None:
         """Every session ends ("we left") and is awaited (its connection closed) for up to 2 s."""
-        self.running = False
-        self.network.off("signal", self._on_signal)
         peers = list(self.peers.values())
         for peer in peers:
             peer.close("we left")
@@ -4883,18 +4867,6 @@ class Sessions(Emitter):
 
     def verified(self) -> list[Peer]:
         return [p for p in self.peers.values() if p.is_verified]
-
-    def should_offer(self, name: str) -> bool:
-        """Who offers: the side whose name sorts first as browsers sort (§4.4)."""
-        return collation_key(self.me) < collation_key(name)
-
-    def retry(self, name: str) -> None:
-        """Start again with a bare name: sessions with it not open yet are dropped (they were set up under the old
-        verdict on its key) and we announce, so that a new one begins (after /trust NAME)."""
-        for peer in [p for p in self.peers.values() if bare_name(p.name) == name and not p.is_open]:
-            self._failures.pop(peer.name, None)
-            peer.close("trying again")
-        self.network.announce()
 
     def lookalike_of(self, name: str) -> str | None:
         """A pinned or present name, not this one, that this one looks like (the same skeleton): 'alice' for
@@ -4919,16 +4891,162 @@ class Sessions(Emitter):
 
     def sizes(self) -> dict[str, int]:
         """How big each table is (every one is bounded, whatever peers send)."""
-        return {"peers": len(self.peers), "seen": len(self._seen), "timers": len(self._timers),
-                "candidate_senders": len(self._candidates),
-                "candidates_each": max((len(c) for c in self._candidates.values()), default=0),
-                "early": sum(len(e) for e in self._early.values()), "failures": len(self._failures)}
+        return {"peers": len(self.peers), "early": sum(len(e) for e in self._early.values())}
 
-    # -- waiting for the room --------------------------------------------------------------------------------
     async def until(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """Until predicate() holds, looked at whenever a peer is heard of, verified or gone; False at timeout."""
         return await self.changes.until(predicate, timeout)
 
+    def add(self, name: str, dialect: Dialect, key: str | None, tag: str | None, candidates: list[dict] = ()) -> Peer:
+        """A new session with name (announced, or being set up), in place of the one there was."""
+        peer = Peer(name, self.ice, dialect, key_string=key, client_tag=tag, candidates=candidates)
+        old = self.peers.get(name)
+        self.peers[name] = peer  # first: closing the old one must not forget what we know of the name
+        self.changes.fire()
+        if old is not None:
+            old.close("replaced")
+        peer.on("open", self._on_open)
+        peer.on("frame", self._on_frame)
+        peer.on("file-channel", lambda p, channel: self.emit("file-channel", p, channel))
+        peer.on("no-route", lambda p, facts: self.emit("no-route", p, facts))
+        peer.on("closed", self._on_closed)
+        return peer
+
+    def _on_open(self, peer: Peer) -> None:
+        self.emit("phase", peer.name, "open")
+        self._tasks.spawn(self._verify(peer), f"verify-{peer.name}")
+
+    async def _verify(self, peer: Peer) -> None:
+        bare = bare_name(peer.name)
+        handshake = Handshake(self.me, self.topic, self.identity,
+                              pins={} if self.trust.is_accepting(bare) else self.trust.pins_for(bare),
+                              admits=lambda key: self.admission.admits(peer.name, key),
+                              frame=self._frames.setdefault(peer, asyncio.get_running_loop().create_future()))
+        try:
+            proof = await peer.dialect.verify(peer, handshake)
+        except VerifyFailed as failure:
+            if peer.state != "open":
+                return
+            if failure.reason == "mitm":
+                self.emit("mitm-detected", peer, failure.fingerprint)
+            elif failure.reason != "key-refused":  # the policy has said why
+                self.emit("verify-failed", peer, failure.reason)
+            peer.close(CLOSED_BECAUSE[failure.reason])
+            return
+        if peer.state == "open":
+            self._verified(peer, proof)
+
+    def _verified(self, peer: Peer, proof: Proof) -> None:
+        peer.verify(proof.key, proof.channel_bound, proof.author, self.lookalike_of(peer.name))
+        accepted = False
+        with contextlib.suppress(RtchatError, ValueError):
+            bare = bare_name(peer.name)
+            verdict = self.trust.verdict(bare, peer.key_string)
+            accepted = verdict == "changed" and self.trust.is_accepting(bare)
+            if verdict == "new":
+                self.emit("first-contact", peer)
+            if verdict != "changed" or accepted:  # --trust any: never re-pin; after /trust NAME: in place of the old
+                self.trust.pin(bare, peer.key_string, signs=peer.channel_bound, author=peer.author, replace=accepted)
+        if accepted:
+            self.emit("key-accepted", peer)
+        self.changes.fire()
+        self.emit("phase", peer.name, "verified")
+        self.emit("verified", peer)
+        for label, value in self._early.pop(peer, []):
+            self.emit("frame", peer, label, value)
+
+    def _on_frame(self, peer: Peer, label: str, value: Any) -> None:
+        """What a peer sends before it is verified: identify/challenge answered (browsers ask first), its identity
+        frame taken (the first one), anything else kept (100 at most) until it is verified."""
+        if label == "question" and answer_identity(peer, value, self.identity):
+            return
+        if peer.dialect.is_handshake(label, value):
+            frame = self._frames.setdefault(peer, asyncio.get_running_loop().create_future())
+            if peer.state in ("connecting", "open") and not frame.done():
+                frame.set_result(value)  # it is open on its side already; checked once we are
+            return
+        if not peer.is_verified:
+            early = self._early.setdefault(peer, [])
+            if len(early) < 100:
+                early.append((label, value))
+            return
+        self.emit("frame", peer, label, value)
+
+    def _on_closed(self, peer: Peer, reason: str) -> None:
+        name = peer.name
+        if self.peers.get(name) is peer:
+            del self.peers[name]
+        self._early.pop(peer, None)
+        frame = self._frames.pop(peer, None)
+        if frame is not None and not frame.done():
+            frame.cancel()
+        self._tasks.spawn(peer.wait_closed(), f"closed-{name}")
+        self.changes.fire()
+        if peer.verified_at is not None and reason != "we left":
+            self.emit("leave", peer, reason)
+        self.emit("closed", peer, reason)
+
+
+class Negotiation(Emitter):
+    """How the sessions of one room begin: signaling in (through RoomSignaling), who offers, glare, fallback
+    offers, candidates that come before their session, the seen table (names announced, bounded), hints that a
+    live session ended (checked by ping), and set-ups that found no network path, tried again later each time.
+    Uses Sessions for the sessions themselves.
+
+    Emits "probed" (peer, alive: an unauthenticated hint that a live session ended was checked by pinging it) and
+    "phase" (name, step) as a session is set up, for whoever measures it: heard, offering, offer-sent, offered,
+    answer-sent, answered (Sessions emits open and verified)."""
+
+    def __init__(self, network: RoomSignaling, admission: Admission, sessions: Sessions, trust: Trust) -> None:
+        super().__init__()
+        self.network = network
+        self.admission = admission
+        self.sessions = sessions
+        self.peers = sessions.peers
+        self.trust = trust
+        self.me = network.me
+        self.topic = network.topic
+        self.running = False
+        self._seen: dict[str, float] = {}     # names announced but never connected: when last heard, oldest first
+        self._timers: dict[str, asyncio.TimerHandle] = {}  # per name: our fallback offer, or the next try
+        self._offered_at: dict[str, float] = {}
+        self._candidates: dict[str, list[dict]] = {}       # trickled before we had a session with the sender
+        self._failures: dict[str, tuple[int, float]] = {}  # name -> (set-ups failed in a row, when to try again)
+        self._last_setup = 0.0                # when a session last began, or a peer last answered one
+        self._tasks = Tasks()
+        sessions.on("verified", lambda peer: self._failures.pop(peer.name, None))
+        sessions.on("closed", self._on_closed)
+
+    def start(self) -> None:
+        self.running = True
+        self._last_setup = time.monotonic()
+        self.network.on("signal", self._on_signal)
+        self._tasks.spawn(self._announce_loop(), f"announce-{self.topic}")
+
+    async def close(self) -> None:
+        self.running = False
+        self.network.off("signal", self._on_signal)
+        await self._tasks.close()
+
+    def should_offer(self, name: str) -> bool:
+        """Who offers: the side whose name sorts first as browsers sort (§4.4)."""
+        return collation_key(self.me) < collation_key(name)
+
+    def retry(self, name: str) -> None:
+        """Start again with a bare name: sessions with it not open yet are dropped (they were set up under the old
+        verdict on its key) and we announce, so that a new one begins (after /trust NAME)."""
+        for peer in [p for p in self.peers.values() if bare_name(p.name) == name and not p.is_open]:
+            self._failures.pop(peer.name, None)
+            peer.close("trying again")
+        self.network.announce()
+
+    def sizes(self) -> dict[str, int]:
+        """How big each table is (every one is bounded, whatever the broker brings)."""
+        return {"seen": len(self._seen), "timers": len(self._timers), "candidate_senders": len(self._candidates),
+                "candidates_each": max((len(c) for c in self._candidates.values()), default=0),
+                "failures": len(self._failures)}
+
+    # -- waiting for the room --------------------------------------------------------------------------------
     def in_setup(self, now: float | None = None) -> tuple[list[Peer], float]:
         """Sessions being set up that are worth waiting for: the peer took part (it offered, or answered our
         offer), or our offer is out for less than ANSWER_WAIT_S (a name that was only announced may be made up).
@@ -4966,7 +5084,7 @@ class Sessions(Emitter):
                 return
             else:
                 left = min(left, self._last_setup + quiet - now)
-            await self.changes.next(left)
+            await self.sessions.changes.next(left)
 
     # -- signaling in ----------------------------------------------------------------------------------------
     def _on_signal(self, signal: RoomSignal) -> None:
@@ -4993,7 +5111,7 @@ class Sessions(Emitter):
             return
         self.network.note_inbox(sender, signal.data, self.admission.trusts_signaling(sender, signal.signer))
         if peer is None or peer.state == "closed" or peer.key_string != key:
-            peer = self._register(self._new_peer(sender, dialect, key, tag))
+            peer = self._new_peer(sender, dialect, key, tag)
         # else a repeat while our offer is on its way: replacing the peer would orphan that offer's answer
         self._note_seen(sender)
         if self._backing_off(sender):
@@ -5089,7 +5207,7 @@ class Sessions(Emitter):
         self._answer(signal, sdp, key, dialect, tag)
 
     def _answer(self, signal: RoomSignal, sdp: str, key: str | None, dialect: Dialect, tag: str | None) -> None:
-        peer = self._register(self._new_peer(signal.sender, dialect, key, tag))
+        peer = self._new_peer(signal.sender, dialect, key, tag)
         peer.begin(signal.signer, signal.mkey, signal.stamp)
         self._last_setup = time.monotonic()
         self.emit("phase", peer.name, "offered")
@@ -5229,7 +5347,7 @@ class Sessions(Emitter):
         self._failures[name] = (count, time.monotonic() + delay)
         if len(self._failures) > MAX_SEEN_PEERS:
             del self._failures[next(iter(self._failures))]
-        self._register(self._new_peer(name, failed.dialect, failed.key_string, failed.client_tag))
+        self._new_peer(name, failed.dialect, failed.key_string, failed.client_tag)
         self._note_seen(name)
         handle = self._timers.pop(name, None)
         if handle is not None:
@@ -5247,99 +5365,16 @@ class Sessions(Emitter):
             self.network.announce_soon()  # it offers when it hears us
 
     def _new_peer(self, name: str, dialect: Dialect, key: str | None, tag: str | None) -> Peer:
-        return Peer(name, self.ice, dialect, key_string=key, client_tag=tag,
-                    candidates=self._candidates.pop(name, []))
-
-    def _register(self, peer: Peer) -> Peer:
-        old = self.peers.get(peer.name)
-        self._seen.pop(peer.name, None)
-        self.peers[peer.name] = peer  # first: closing the old one must not forget what we know of the name
-        self.changes.fire()
-        if old is not None and old is not peer:
-            old.close("replaced")
-        peer.on("open", self._on_open)
-        peer.on("frame", self._on_frame)
-        peer.on("file-channel", lambda p, channel: self.emit("file-channel", p, channel))
-        peer.on("no-route", lambda p, facts: self.emit("no-route", p, facts))
-        peer.on("closed", self._on_closed)
-        return peer
-
-    def _on_open(self, peer: Peer) -> None:
-        self.emit("phase", peer.name, "open")
-        self._tasks.spawn(self._verify(peer), f"verify-{peer.name}")
-
-    async def _verify(self, peer: Peer) -> None:
-        bare = bare_name(peer.name)
-        handshake = Handshake(self.me, self.topic, self.identity,
-                              pins={} if self.trust.is_accepting(bare) else self.trust.pins_for(bare),
-                              admits=lambda key: self.admission.admits(peer.name, key),
-                              frame=self._frames.setdefault(peer, asyncio.get_running_loop().create_future()))
-        try:
-            proof = await peer.dialect.verify(peer, handshake)
-        except VerifyFailed as failure:
-            if peer.state != "open":
-                return
-            if failure.reason == "mitm":
-                self.emit("mitm-detected", peer, failure.fingerprint)
-            elif failure.reason != "key-refused":  # the policy has said why
-                self.emit("verify-failed", peer, failure.reason)
-            peer.close(CLOSED_BECAUSE[failure.reason])
-            return
-        if peer.state == "open":
-            self._verified(peer, proof)
-
-    def _verified(self, peer: Peer, proof: Proof) -> None:
-        peer.verify(proof.key, proof.channel_bound, proof.author, self.lookalike_of(peer.name))
-        accepted = False
-        with contextlib.suppress(RtchatError, ValueError):
-            bare = bare_name(peer.name)
-            verdict = self.trust.verdict(bare, peer.key_string)
-            accepted = verdict == "changed" and self.trust.is_accepting(bare)
-            if verdict == "new":
-                self.emit("first-contact", peer)
-            if verdict != "changed" or accepted:  # --trust any: never re-pin; after /trust NAME: in place of the old
-                self.trust.pin(bare, peer.key_string, signs=peer.channel_bound, author=peer.author, replace=accepted)
-        self._failures.pop(peer.name, None)
-        if accepted:
-            self.emit("key-accepted", peer)
-        self.changes.fire()
-        self.emit("phase", peer.name, "verified")
-        self.emit("verified", peer)
-        for label, value in self._early.pop(peer, []):
-            self.emit("frame", peer, label, value)
-
-    def _on_frame(self, peer: Peer, label: str, value: Any) -> None:
-        """What a peer sends before it is verified: identify/challenge answered (browsers ask first), its identity
-        frame taken (the first one), anything else kept (100 at most) until it is verified."""
-        if label == "question" and answer_identity(peer, value, self.identity):
-            return
-        if peer.dialect.is_handshake(label, value):
-            frame = self._frames.setdefault(peer, asyncio.get_running_loop().create_future())
-            if peer.state in ("connecting", "open") and not frame.done():
-                frame.set_result(value)  # it is open on its side already; checked once we are
-            return
-        if not peer.is_verified:
-            early = self._early.setdefault(peer, [])
-            if len(early) < 100:
-                early.append((label, value))
-            return
-        self.emit("frame", peer, label, value)
+        self._seen.pop(name, None)
+        return self.sessions.add(name, dialect, key, tag, self._candidates.pop(name, []))
 
     def _on_closed(self, peer: Peer, reason: str) -> None:
+        """A session ended: if it was the name's (not replaced), what we knew of how to reach the name goes; a
+        set-up that found no network path is tried again later; else the other side may still be there."""
         name = peer.name
-        if self.peers.get(name) is peer:
-            del self.peers[name]
+        if name not in self.peers:
             self.network.forget(name)
             self._offered_at.pop(name, None)
-        self._early.pop(peer, None)
-        frame = self._frames.pop(peer, None)
-        if frame is not None and not frame.done():
-            frame.cancel()
-        self._tasks.spawn(peer.wait_closed(), f"closed-{name}")
-        self.changes.fire()
-        if peer.verified_at is not None and reason != "we left":
-            self.emit("leave", peer, reason)
-        self.emit("closed", peer, reason)
         if not self.running or reason == "we left":
             return
         if reason == "left":
@@ -6596,14 +6631,16 @@ class Ledger:
 
 
 # =============================================================================
-# Room itself: the coordinator. Sets up sessions and wires the parts above:
-# verified peers and their chat frames go to the Ledger, file channels to Files.
+# Room itself: the coordinator. Wires the parts above: signaling through the
+# gate to Negotiation, which begins sessions, and Sessions, which verifies them;
+# verified peers and their chat frames to the Ledger, file channels to Files.
 # =============================================================================
 
 class Room(Emitter):
     """One room: its parts wired together, and the API a bot, a plugin or a front end uses. Create with
     Client.join(). The parts are public: gate (signaling checked), network (the room on the broker), admission
-    (which keys may connect), sessions (the peers and their sessions), ledger (messages and history), files."""
+    (which keys may connect), sessions (the peers and their sessions), negotiation (how sessions begin), ledger
+    (messages and history), files."""
 
     def __init__(self, name: str, *, me: str, identity: Identity, signaling: Signaling, trust: Trust,
                  store: Store, ice: RTCConfiguration, questions: dict[str, Callable],
@@ -6623,7 +6660,9 @@ class Room(Emitter):
         self.gate = SignalingGate(me, self.topic, lambda sender: self.sessions.key_facts(sender), seal)
         self.network = RoomSignaling(signaling, self.gate, me=me, topic=self.topic, identity=identity, seal=seal)
         self.admission = Admission(trust, me)
-        self.sessions = Sessions(self.network, self.admission, identity=identity, trust=trust, store=store, ice=ice)
+        self.sessions = Sessions(self.admission, me=me, topic=self.topic, identity=identity, trust=trust, store=store,
+                                 ice=ice)
+        self.negotiation = Negotiation(self.network, self.admission, self.sessions, trust)
         self.ledger = Ledger(Scope(name, self.topic, me, identity, store, trust),
                              history or HistoryLog(store.history_path(name)), self.emit,
                              takes_files=self.files.takes_files, is_connecting=self._is_connecting,
@@ -6674,7 +6713,7 @@ class Room(Emitter):
         await self.ledger.open()
         self.network.start()
         self.joined = True
-        self.sessions.start()
+        self.negotiation.start()
         self.store.defer(lambda d: (d["rooms"].setdefault(self.name, {}).update(last_joined=now_ms()),
                                     d.update(last_room=self.name)))
 
@@ -6687,6 +6726,7 @@ class Room(Emitter):
         await self._drain(LEAVE_DRAIN_S)  # and the acks have arrived: our unload must not overtake them
         self.network.say_goodbye()
         await self.network.close()  # nothing more from the broker: our goodbye's echo, offers from who comes now
+        await self.negotiation.close()
         await self.sessions.close()
         await self._tasks.close()
         await self.ledger.close()  # and what came while we were leaving
@@ -6697,8 +6737,8 @@ class Room(Emitter):
         self.network.announce()
 
     def retry(self, name: str) -> None:
-        """Start again with a bare name, after /trust NAME (see Sessions.retry)."""
-        self.sessions.retry(name)
+        """Start again with a bare name, after /trust NAME (see Negotiation.retry)."""
+        self.negotiation.retry(name)
 
     async def _drain(self, timeout: float) -> None:
         """Until every open session has delivered what we sent on it (the remote SCTP acknowledged it): closing
@@ -6808,18 +6848,18 @@ class Room(Emitter):
 
     async def wait_for_room(self, count: int = 1, timeout: float = 30.0, settle: float = SETTLE_S) -> list[Peer]:
         """Until at least count peers are verified, then until every session being set up with a peer that took
-        part in it is verified or has failed (a name only announced may be made up: see Sessions.in_setup), and
+        part in it is verified or has failed (a name only announced may be made up: see Negotiation.in_setup), and
         none began for `settle` seconds: what is sent then reaches everyone here. NoPeers if fewer than count are
         verified by timeout; at timeout it returns the verified ones (see unverified_peers for the others)."""
         deadline = time.monotonic() + timeout
         await self.wait_for_peers(count, timeout)
-        await self.sessions.settle(deadline - time.monotonic(), settle)
+        await self.negotiation.settle(deadline - time.monotonic(), settle)
         return self.verified_peers()
 
     def unverified_peers(self) -> list[Peer]:
         """Peers here that are not verified: in session set-up with us (they took part in it), or whose sessions
         found no network path."""
-        return self.sessions.unreached()
+        return self.negotiation.unreached()
 
     def unacknowledged(self) -> set[str]:
         """Wire names of rtchat.py peers that have not acknowledged every message we sent them."""

@@ -1182,11 +1182,11 @@ wrap(mod.Signaling, "connect", "broker_begin", "broker_end")
 wrap(mod.Room, "join", "join_begin", "join_end")
 STEPS = {"heard": "got_connect", "offering": "offer_begin", "offer-sent": "offer_sent", "offered": "got_offer",
          "answered": "got_answer", "open": "peer_open", "verified": "verified"}
-def on_phase(name, step):  # Sessions' "phase" events: how far the first session got, and when
+def on_phase(name, step):  # the "phase" events of Negotiation and Sessions: how far the first session got, and when
     if step in STEPS and STEPS[step] not in seen: seen.add(STEPS[step]); mark(STEPS[step])
 room_init = mod.Room.__init__
 def watched_room(self, *a, **k):
-    room_init(self, *a, **k); self.sessions.on("phase", on_phase)
+    room_init(self, *a, **k); self.negotiation.on("phase", on_phase); self.sessions.on("phase", on_phase)
 mod.Room.__init__ = watched_room
 wrap(mod.Room, "send", "send_begin", once=True)
 wrap(mod.Room, "flush", None, "flushed", once=True)

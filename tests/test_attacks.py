@@ -348,16 +348,17 @@ async def handled(room: rtchat.Room, payloads: list[bytes], what: str = "the pay
 
 
 def phases(room: rtchat.Room, step: str) -> list[str]:
-    """The peers whose sessions reach this step of their set-up (see Sessions), as they do."""
+    """The peers whose sessions reach this step of their set-up (see Negotiation and Sessions), as they do."""
     reached: list[str] = []
-    room.sessions.on("phase", lambda name, at: reached.append(name) if at == step else None)
+    for part in (room.negotiation, room.sessions):
+        part.on("phase", lambda name, at: reached.append(name) if at == step else None)
     return reached
 
 
 def probes(room: rtchat.Room) -> list[tuple[str, bool]]:
     """(peer, alive) for every unauthenticated hint the room checked by pinging the session it was about."""
     done: list[tuple[str, bool]] = []
-    room.sessions.on("probed", lambda peer, alive: done.append((peer.name, alive)))
+    room.negotiation.on("probed", lambda peer, alive: done.append((peer.name, alive)))
     return done
 
 
@@ -483,7 +484,7 @@ def test_forged_answer_races_the_real_one(broker, tmp_path):
         bob = await make_client("bob", tmp_path, broker.url).start()
         ra = await alice.join("a2")
         accepted = []   # the answers alice applied (their DTLS fingerprints)
-        ra.sessions.on("phase", lambda name, step: accepted.append(rtchat.sdp_fingerprint(ra.peers[name].remote_sdp))
+        ra.negotiation.on("phase", lambda name, step: accepted.append(rtchat.sdp_fingerprint(ra.peers[name].remote_sdp))
                        if step == "answered" and name == "bob" else None)
         publish = bob.signaling.publish
 
@@ -756,9 +757,9 @@ def test_sdp_swapping_mitm_is_dropped(broker, tmp_path):
         ra = await alice.join("a5")
         rb = await bob.join("a5")
         answered, applied = [], []   # the offers bob answered, the answers alice applied (DTLS fingerprints)
-        rb.sessions.on("phase", lambda name, step: answered.append(rtchat.sdp_fingerprint(rb.peers[name].remote_sdp))
+        rb.negotiation.on("phase", lambda name, step: answered.append(rtchat.sdp_fingerprint(rb.peers[name].remote_sdp))
                        if step == "answer-sent" else None)
-        ra.sessions.on("phase", lambda name, step: applied.append(rtchat.sdp_fingerprint(ra.peers[name].remote_sdp))
+        ra.negotiation.on("phase", lambda name, step: applied.append(rtchat.sdp_fingerprint(ra.peers[name].remote_sdp))
                        if step == "answered" else None)
         try:
             await ra.wait_for_peers(1, 15)
@@ -1327,8 +1328,8 @@ def test_fuzz_while_chatting(broker, tmp_path, caplog):
             after_ok = False
         during = (sum(m.text.startswith("during") for m in got["bob"]),
                   sum(m.text.startswith("during") for m in got["alice"]))
-        sizes = {r.me: {**r.gate.sizes(), **r.sessions.sizes(), "known": r.ledger.journal.known_count}
-                 for r in (ra, rb)}
+        sizes = {r.me: {**r.gate.sizes(), **r.sessions.sizes(), **r.negotiation.sizes(),
+                        "known": r.ledger.journal.known_count} for r in (ra, rb)}
         rss_growth = _rss_kb() - rss_before
         fds = len(os.listdir("/proc/self/fd")) - fds_before
         errors = [f"{r.getMessage()}: {r.exc_info[1]!r}" if r.exc_info else r.getMessage()

@@ -573,7 +573,7 @@ async def scenario_glare(workdir: Path) -> dict:
     out = {}
     async with Scene(workdir) as scene:
         rt = scene.rtchat
-        orig_on_connect, orig_send_offer = rt.Sessions._on_connect, rt.Sessions._send_offer
+        orig_on_connect, orig_send_offer = rt.Negotiation._on_connect, rt.Negotiation._send_offer
         delays = {"r3a": 0.0, "r3b": 0.4}
 
         def on_connect(self, signal):
@@ -594,7 +594,7 @@ async def scenario_glare(workdir: Path) -> dict:
                 await orig_send_offer(self, peer)
             finally:
                 del self.network.publish
-        rt.Sessions._on_connect, rt.Sessions._send_offer = on_connect, send_offer
+        rt.Negotiation._on_connect, rt.Negotiation._send_offer = on_connect, send_offer
         for room, (py_name, b_name) in zip(delays, (("zoe", "aaron"), ("yan", "abe")), strict=True):
             obs = scene.observe(room)
             r = await scene.pair(py_name, b_name, room, timeout=40)

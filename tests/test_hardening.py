@@ -262,7 +262,7 @@ def test_join_announcement_flood_is_bounded(broker, tmp_path):
         ra = await alice.join("h3")
         chunk, total = 2500, 50000
         fed, timings = await feed(ra, flood_of_names(total), chunk)
-        sizes = ra.sessions.sizes()
+        sizes = {**ra.sessions.sizes(), **ra.negotiation.sizes()}
         peers, timers = sizes["peers"], sizes["timers"]
         per_ms = [round(t / chunk * 1000, 3) for t in timings]
         figure("3 announcement flood (in-process)", f"{fed} announcements: {peers} peers kept, {timers} fallback "

@@ -381,10 +381,10 @@ def test_a_peer_with_no_network_path_is_tried_again_later_each_time(broker, tmp_
         assert offering.count("zed") == 1                   # its announcements start nothing while alice waits
         await eventually(lambda: offering.count("zed") == 2, 15, "the next try, when it is due")
         await eventually(lambda: routes == ["zed", "zed"], 15, "no path again")
-        assert ra.sessions.sizes()["failures"] == 1 and ra.peers["zed"].state == "seen"
+        assert ra.negotiation.sizes()["failures"] == 1 and ra.peers["zed"].state == "seen"
         wire.publish(forge("zed", "unload", "disconnecting"), "mrtchat/nopath")   # gone: forgotten
         await eventually(lambda: "zed" not in ra.peers, 10, "zed gone")
-        assert ra.sessions.sizes()["failures"] == 0
+        assert ra.negotiation.sizes()["failures"] == 0
         wire.close()
         await close_all([alice, bob])
     run(scenario(), 60)
