@@ -6109,9 +6109,9 @@ class Relays:
 
     def __init__(self, scope: Scope, journal: Journal, accept: Callable[[Message], None],
                  is_connecting: Callable[[str], bool], lookalike_of: Callable[[str], str | None],
-                 emit: Callable[..., None], tasks: Tasks) -> None:
+                 emit: Callable[..., None], tasks: Tasks, on_its_way: Callable[[str, str], bool]) -> None:
         self.scope, self.journal, self._accept, self._emit, self._tasks = scope, journal, accept, emit, tasks
-        self._is_connecting, self._lookalike_of = is_connecting, lookalike_of
+        self._is_connecting, self._lookalike_of, self._on_its_way = is_connecting, lookalike_of, on_its_way
         self._waiting: list[tuple[Message, dict | None]] = []  # relayed messages waiting for their authors
         self._judge_timer: asyncio.TimerHandle | None = None
         self._claims: dict[str, set[str]] = {}  # name never verified -> keys unverified relays said it signed with
@@ -6140,8 +6140,9 @@ class Relays:
         held = set(self.journal.pending)
         await self.journal.done.until(lambda: not held & self.journal.pending, SIGNATURE_WAIT_S + 1)
         entries = await off_loop(self.journal.log.entries)
+        # Ours that went to it live since it asked are on their way (not acknowledged yet): not history to it.
         missing = [e for e in entries if e.get("type") == "message" and e["id"] not in theirs
-                   and e.get("from") != peer.name][-BACKFILL_MAX:]
+                   and e.get("from") != peer.name and not self._on_its_way(peer.name, e["id"])][-BACKFILL_MAX:]
         batch, authors, size, checked = [], {}, 0, {}
         for entry in missing:
             record, credentials = self._relay_record(entry, batches, checked)
@@ -6308,7 +6309,7 @@ class Ledger:
         self.changed = Pulse()                  # fires when something is written, an ack comes or a peer goes
         self.journal = Journal(scope, log, emit, self._tasks, self.changed)
         self.relays = Relays(scope, self.journal, self._accept_relayed, is_connecting, lookalike_of, emit,
-                             self._tasks)
+                             self._tasks, lambda name, msg_id: name in self._unacked.get(msg_id, ()))
         self._present: dict[str, Peer] = {}     # verified peers, by name
         self._unacked: dict[str, set[str]] = {}  # our messages -> rtchat.py peers that have not acked them yet
         self._dm_ids: dict[str, str] = {}       # our DMs awaiting an ack: id -> recipient
