@@ -5807,7 +5807,7 @@ class Files:
 
     def offered(self, peer: Peer, channel) -> None:
         """A verified peer opened a channel for a file: taken if there is a slot for it (and for its sender)."""
-        if self.folder is None or not (peer.is_verified and peer.is_rtchat_py) or \
+        if self.folder is None or not (peer.is_verified and peer.can("files")) or \
                 len(self._incoming) >= MAX_INCOMING_FILES or not peer.allow("file") or \
                 sum(f.peer is peer for f in self._incoming) >= MAX_FILES_PER_PEER:
             channel.close()
@@ -6403,7 +6403,7 @@ class Ledger:
     def _sign_now_if_wanted(self, msg: Message, peers: list[Peer]) -> None:
         """An rtchat.py peer that does not take batch signatures later (0.2, or one whose hello has not come) gets
         the message's own signature inline, and then so does everyone."""
-        if any(p.is_rtchat_py and not p.late_signatures for p in peers):
+        if any(p.can("signatures") and not p.late_signatures for p in peers):
             msg.sig = self.scope.identity.sign_message(msg.signed_part(self.scope.topic))
 
     # -- peers ----------------------------------------------------------------------------------
@@ -6415,7 +6415,7 @@ class Ledger:
         """A verified session: an rtchat.py peer bound to its key hears our message key (and then we compare notes);
         direct messages waiting for it go out; history waiting for its author is judged."""
         self._present[peer.name] = peer
-        if peer.is_rtchat_py and peer.channel_bound:
+        if peer.can("signatures") and peer.channel_bound:
             peer.send("chat", {"t": "hello", "mkey": self.scope.identity.message_public,
                                "mcert": self.scope.identity.message_cert, "late_sigs": True, "batches": True,
                                "files": self.takes_files})
@@ -6433,7 +6433,7 @@ class Ledger:
     def on_frame(self, peer: Peer, label: str, value: Any) -> None:
         """A frame on the chat or dm channel of a verified peer."""
         kind = "message" if label == "chat" else "dm"
-        if isinstance(value, dict) and peer.is_rtchat_py:
+        if isinstance(value, dict) and peer.can("acks"):
             handler = self._FRAMES.get(value.get("t"))
             if handler is not None:
                 handler(self, peer, kind, value)
@@ -6450,7 +6450,7 @@ class Ledger:
     def _send_text(self, peer: Peer, label: str, msg: Message) -> bool:
         """Our message to one peer: plain text to a browser, a frame to an rtchat.py peer. True if it went to an
         rtchat.py peer, which will acknowledge it. (With on_frame, all the ledger knows of the two dialects.)"""
-        if not peer.is_rtchat_py:
+        if not peer.can("acks"):
             peer.send_paced(label, f"* {self.scope.me} {msg.text}" if msg.action else msg.text)
             return False
         frame = {"t": "msg", "id": msg.id, "ts": msg.ts, "text": msg.text, "action": msg.action}
@@ -6548,7 +6548,7 @@ class Ledger:
         with) once it is on disk. One whose signature follows waits for it (or SIGNATURE_WAIT_S) before it is
         written."""
         if self.journal.knows(msg.id):
-            if peer is not None and peer.is_rtchat_py and msg.id not in self.journal.pending:
+            if peer is not None and peer.can("acks") and msg.id not in self.journal.pending:
                 peer.send(ack_label, {"t": "ack", "ids": [ack_id or msg.id]})  # a resend: we have it already
             return
         entry = msg.record()
@@ -6562,7 +6562,7 @@ class Ledger:
             if self._sweep is None:
                 self._write_unsigned()
         else:
-            self.journal.add(entry, peer if peer is not None and peer.is_rtchat_py else None, ack_label, ack_id)
+            self.journal.add(entry, peer if peer is not None and peer.can("acks") else None, ack_label, ack_id)
         self._emit("history" if msg.history else msg.kind, msg)
 
     def _accept_relayed(self, msg: Message) -> None:
@@ -6622,7 +6622,7 @@ class Ledger:
             msg = Message.from_dict(entry)
             if self._send_text(peer, "dm", msg):
                 self._dm_ids[msg.id] = peer.name
-        if waiting and not peer.is_rtchat_py:  # browsers do not acknowledge: sent is all we can know
+        if waiting and not peer.can("acks"):  # browsers do not acknowledge: sent is all we can know
             ids = {e["id"] for e in waiting}
             self.scope.store.update(lambda d: d.update(outbox=[e for e in d["outbox"] if e.get("id") not in ids]))
 
@@ -6831,7 +6831,7 @@ class Room(Emitter):
 
         def matches() -> list[Peer]:
             return [p for p in self.verified_peers() if wanted in (p.name, bare_name(p.name), self.label(p))
-                    and not (p.is_rtchat_py and p.channel_bound and p.message_key is None)]  # its hello follows
+                    and not (p.can("signatures") and p.channel_bound and p.message_key is None)]  # its hello follows
         if not await self.sessions.until(lambda: bool(matches()), timeout):
             raise NoPeers(f"{clean(wanted, MAX_NAME_CHARS)} was not verified in #{self.name} within {timeout:g} s")
         if len(matches()) > 1:
@@ -6883,7 +6883,7 @@ class Room(Emitter):
         deadline = time.monotonic() + timeout
         if not await self.ledger.flush(timeout):
             return False
-        browsers = [p for p in self.peers.values() if not p.is_rtchat_py]
+        browsers = [p for p in self.peers.values() if not p.can("acks")]
         return all(await asyncio.gather(*(p.delivered(deadline - time.monotonic()) for p in browsers)))
 
     def history(self, count: int = 20) -> list[Message]:
@@ -7420,7 +7420,7 @@ async def _peers(ctx: Context, args: str) -> None:
     if not peers and not no_route:
         ctx.echo(f"nobody else in #{room.name} yet")
     for peer in peers:
-        kind = "rtchat.py" if peer.is_rtchat_py else "browser"
+        kind = peer.dialect.name
         trust = ("verified, channel-bound" if peer.channel_bound else "verified (legacy, not channel-bound)") \
             if peer.is_verified else peer.state
         if peer.name in no_route and not peer.is_open:  # a room tries again now and then
@@ -7481,7 +7481,7 @@ async def _whois(ctx: Context, args: str) -> None:
     """Compare the safety number by voice with that person: if it matches, nobody is in the middle."""
     name, _ = _split_first(args, "/whois NAME")
     peer = ctx.room.find(name)
-    ctx.echo(f"{ctx.room.label(peer)}: {'rtchat.py' if peer.is_rtchat_py else 'browser'}, {peer.state}")
+    ctx.echo(f"{ctx.room.label(peer)}: {peer.dialect.name}, {peer.state}")
     if ctx.client.trust.is_accepting(bare_name(peer.name)):
         ctx.echo("  /trust is waiting: the next key it proves is pinned")
     if not peer.is_verified:
