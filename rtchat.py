@@ -46,7 +46,7 @@ import unicodedata
 import zlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 try:  # Unix only; on other systems the state file is not locked across processes.
@@ -65,6 +65,10 @@ try:  # Checked in main() and Client(): a missing package is one clear line, not
     from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 except ImportError:
     pass
+except KeyboardInterrupt:  # Ctrl-C while they load (a good part of a second): the command stops as it would later
+    if __name__ != "__main__":
+        raise
+    sys.exit(130)
 
 __version__ = "0.3.0"
 __all__ = [
@@ -4157,6 +4161,10 @@ class MeshPlan:
         is merged."""
         return not self._queued and not self._pending() and all(p in self._heard for p in self.peers())
 
+    def unsettled(self) -> list[str]:
+        """Peers being connected to or waiting their turn: who the mesh is not merged with yet."""
+        return [p for p in self._connections if not self._open(p)] + list(self._queued)
+
     # -- inside -------------------------------------------------------------------------------------
     def _open(self, peer_id: str) -> bool:
         return any(order is not None for order in self._connections.get(peer_id, {}).values())
@@ -4227,7 +4235,7 @@ class PeerJSMesh(Emitter):
 
     async def connect(self, name: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
         """Until a connection to this user is open (the merge with its mesh goes on: see wait_settled).
-        Raises PeerUnavailable if nobody by that name is on the server or it does not connect in time."""
+        Raises PeerUnavailable if nobody by that name is on the server, NoPeers if it does not connect in time."""
         peer_id = peerjs_id(name)
         if peer_id == self.peer_id:
             raise UsageError("that is your own name")
@@ -4239,7 +4247,7 @@ class PeerJSMesh(Emitter):
             self._carry_out(self.plan.want(peer_id))
             await asyncio.wait_for(waiter, timeout)
         except asyncio.TimeoutError:
-            raise PeerUnavailable(f"{name} did not connect within {timeout:g} s") from None
+            raise NoPeers(f"{name} is on the server but did not connect within {timeout:g} s") from None
         finally:
             with contextlib.suppress(ValueError):
                 self._waiting.get(peer_id, []).remove(waiter)
@@ -4259,6 +4267,10 @@ class PeerJSMesh(Emitter):
     def peers(self) -> list[str]:
         """Names of the users we have an open connection to, in the order they joined."""
         return [peerjs_name(p) for p in self.plan.peers()]
+
+    def pending(self) -> list[str]:
+        """Names of the users being connected to (the mesh is merged when there are none, see wait_settled)."""
+        return [peerjs_name(p) for p in self.plan.unsettled()]
 
     def send_chat(self, text: str) -> tuple[PeerJSChat, list[str]]:
         """Say text to everyone in the mesh as the page does; returns the chat and the names it went to."""
@@ -8653,7 +8665,8 @@ def peerjs_message(chat: PeerJSChat) -> Message:
 
 def peerjs_event(kind: str, name: str, reason: str = "") -> dict:
     """A member joining or leaving the mesh, as --json prints it (event_record's fields)."""
-    text = "joined (unverified: peerjs-multichat has no identities)" if kind == "join" else f"left ({reason})"
+    text = "joined (unverified: peerjs-multichat has no identities)" if kind == "join" else \
+        "left" if reason in ("", "left") else f"left ({reason})"
     record = {"type": kind, "room": PEERJS_ROOM, "from": clean(name, MAX_NAME_CHARS), "text": clean(text, 200),
               "fingerprint": None, "ts": now_ms(), "network": "peerjs"}
     return record | ({"reason": clean(reason, 200)} if kind == "leave" else {})
@@ -8674,19 +8687,24 @@ async def run_peerjs(args: argparse.Namespace, name: str) -> int:
 
     def on_chat(chat: PeerJSChat) -> None:
         nonlocal received
-        if args.mode == "listen":
+        if args.mode != "listen":
+            return
+        if printer.style == "json":
+            printer.json_line(message_record(peerjs_message(chat)) | {"network": "peerjs"})
+        else:
             printer.message(peerjs_message(chat), name)
-            received += 1
-            if args.count is not None and received >= args.count or printer.broken:
-                stop.set()
+        received += 1
+        if args.count is not None and received >= args.count or printer.broken:
+            stop.set()
 
     def on_member(kind: str, who: str, reason: str = "") -> None:
         if args.mode != "listen":
             return
+        record = peerjs_event(kind, who, reason)
         if printer.style == "json":
-            printer.json_line(peerjs_event(kind, who, reason))
+            printer.json_line(record)
         else:
-            printer.event(kind, clean(who, MAX_NAME_CHARS), f"({clean(reason, 200)})" if reason else "")
+            printer.event(kind, record["from"], record["text"])
     mesh.on("chat", on_chat)
     mesh.on("join", lambda who: on_member("join", who))
     mesh.on("leave", lambda who, reason: on_member("leave", who, reason))
@@ -8711,7 +8729,7 @@ async def _peerjs_pipe(mesh: PeerJSMesh, args: argparse.Namespace, printer: Prin
     once each connection's SCTP acknowledged them all. The page sends no acknowledgements of its own."""
     deadline = time.monotonic() + args.timeout
     unreachable: set[str] = set()
-    mesh.on("unreachable", unreachable.add)
+    mesh.on("unreachable", lambda who, *reason: unreachable.add(who))
     if not args.connect:
         printer.status(f"waiting for {args.wait_peers} user(s) to connect to {mesh.name} (up to {args.timeout:g} s)")
         joined = asyncio.Event()
@@ -8722,6 +8740,7 @@ async def _peerjs_pipe(mesh: PeerJSMesh, args: argparse.Namespace, printer: Prin
         if len(mesh.peers()) < args.wait_peers:
             raise NoPeers(f"nobody connected to {mesh.name} on PeerJS within {args.timeout:g} s")
     settled = await mesh.wait_settled(max(0.0, deadline - time.monotonic()))
+    pending = set(mesh.pending())
     printer.status(f"sending to {', '.join(mesh.peers()) or 'nobody'}")
     sent, recipients = 0, set()
     while (line := await queue.get()) is not None:
@@ -8737,14 +8756,21 @@ async def _peerjs_pipe(mesh: PeerJSMesh, args: argparse.Namespace, printer: Prin
     if left_out and sent:
         raise NoPeers(f"not delivered to {', '.join(left_out)}: in the mesh, but not reachable")
     if not settled and sent:
-        raise NoPeers(f"the mesh had not finished merging within {args.timeout:g} s: some of it may not have it")
+        raise NoPeers(f"not delivered to {', '.join(sorted(pending)) or 'part of the mesh'}: in the mesh, but not "
+                      f"connected within {args.timeout:g} s")
     return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """A usage mistake is one line, as every other error (argparse would print the whole usage first)."""
+        self.exit(EX_USAGE, f"{self.prog}: {message} (see --help)\n")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
-    parser = argparse.ArgumentParser(prog="rtchat.py", description=__doc__, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="rtchat.py", description=__doc__, epilog=EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", nargs="?", help="your name (default: the last one used)")
     parser.add_argument("--room", "-r", default=env("RTCHAT_ROOM"), help=f"room to join (default: last room, "
                         f"else {DEFAULT_ROOM!r}; browsers' widget default is {DEFAULT_ROOM!r})")
@@ -8766,7 +8792,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(default); known = only pinned keys; any = everything")
     parser.add_argument("--files", default=env("RTCHAT_FILES", "off"), metavar="DIR|off",
                         help="take files rtchat.py peers send you, into DIR (default off: refused)")
-    parser.add_argument("--peerjs", nargs="?", const="", default=env("RTCHAT_PEERJS"), metavar="URL",
+    parser.add_argument("--peerjs", nargs="?", const="", default=env("RTCHAT_PEERJS") or None, metavar="URL",
                         help="chat on the peerjs-multichat network instead of in an RTChat room: log in on this "
                              "PeerServer (ws[s]://HOST:PORT/PATH?key=KEY; without URL the page's own, "
                              f"{PEERJS_CLOUD}); pipes and --listen so far")
@@ -8810,12 +8836,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.connect and args.peerjs is None:
         parser.error("--connect NAME is for the PeerJS network: add --peerjs [URL]")
     if args.peerjs is not None:
+        given = "--peerjs" if args.peerjs != env("RTCHAT_PEERJS") else "RTCHAT_PEERJS (set in the environment)"
         for option, why in (("send", "peerjs-multichat has no file transfer"), ("history", "no history is passed on "
-                            "there"), ("secret", "peerjs-multichat has no sealed rooms"), ("netcheck", "run it alone")):
-            if getattr(args, option):
-                parser.error(f"--{option} does not apply to --peerjs: {why}")
-        if args.room and args.room != env("RTCHAT_ROOM"):
-            parser.error("--room does not apply to --peerjs: a mesh is whom you --connect to")
+                            "there"), ("secret", "peerjs-multichat has no sealed rooms"), ("netcheck", "run it alone"),
+                            ("room", "a mesh is whom you --connect to")):
+            if getattr(args, option) and getattr(args, option) != env(f"RTCHAT_{option.upper()}"):
+                parser.error(f"--{option} does not apply to {given}: {why}")
     if args.mode == "send" and not (args.send and args.to):
         parser.error("--send PATH and --to NAME go together")
     if args.send and not os.path.isfile(args.send):

@@ -66,8 +66,8 @@ async def run(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         asyncio.get_running_loop().add_signal_handler(signum, stop.set)
-    async with rtchat.Client(args.name, broker=args.broker) as client:
-        room = await client.join(args.room)
+    async with rtchat.Client(args.name, broker=args.broker, state=args.state) as client:
+        room = await client.join(args.room, secret=args.secret)
         carrying = Bridge(room, await open_mesh(args.name, args.peerjs, client.ice, args.connect))
         print(f"bridging #{room.name} and the PeerJS mesh as {args.name}", file=sys.stderr, flush=True)
         await stop.wait()
@@ -82,11 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", help="the bridge's name, in the room and in the mesh")
     parser.add_argument("--room", default=env("RTCHAT_ROOM", "chat"), help="the RTChat room (default: chat)")
     parser.add_argument("--broker", default=env("RTCHAT_BROKER"), help="MQTT broker URL (as rtchat.py)")
+    parser.add_argument("--secret", default=env("RTCHAT_SECRET"), help="the room's secret, if it is sealed")
+    parser.add_argument("--state", default=env("RTCHAT_STATE"), help="the bridge's state file (key, pins, "
+                        "history; default: $RTCHAT_STATE, else ~/.rtchat-bridge-NAME.json, apart from yours)")
     parser.add_argument("--peerjs", default=env("RTCHAT_PEERJS"), metavar="URL",
                         help="the PeerServer (default: the page's own)")
     parser.add_argument("--connect", action="append", default=[], metavar="NAME",
                         help="a user of the mesh to connect to (repeatable)")
     args = parser.parse_args(argv)
+    args.state = args.state or os.path.expanduser(f"~/.rtchat-bridge-{args.name}.json")
     try:
         return asyncio.run(run(args))
     except rtchat.RtchatError as exc:

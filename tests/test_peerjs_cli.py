@@ -53,8 +53,8 @@ def test_a_pipe_reaches_the_whole_mesh_through_one_user(peerserver):
     joined = next(e for e in events if e["type"] == "join")
     assert joined["room"] == "peerjs" and joined["network"] == "peerjs" and "unverified" in joined["text"]
     message = next(e for e in events if e["type"] == "message")
-    assert (message["from"], message["text"], message["trust"], message["room"]) == \
-        ("ci", "deployed", "unverified", "peerjs")
+    assert (message["from"], message["text"], message["trust"], message["room"], message["network"]) == \
+        ("ci", "deployed", "unverified", "peerjs", "peerjs")
 
 
 def test_a_pipe_without_connect_waits_to_be_dialled(peerserver):
@@ -103,7 +103,7 @@ def test_a_hostile_line_is_shown_cleaned_and_kept_exact_in_json(peerserver):
 
 def test_usage_errors_and_the_chat_not_yet_on_this_network(peerserver, tmp_path):
     env = cli_env(NO_BROKER)
-    for args, words in ((["x", "--connect", "bob"], "add --peerjs"),
+    for args, words in ((["x", "--connect", "bob"], "add --peerjs"), (["x", "--bogus"], "unrecognized arguments"),
                         (["x", "--peerjs", peerserver.url(), "--send", __file__, "--to", "bob"], "no file transfer"),
                         (["x", "--peerjs", peerserver.url(), "--listen", "--history", "3"], "no history"),
                         (["x", "--peerjs", peerserver.url(), "--room", "ops"], "--room does not apply"),
@@ -111,6 +111,7 @@ def test_usage_errors_and_the_chat_not_yet_on_this_network(peerserver, tmp_path)
         done = subprocess.run(rtchat_cmd(*args), env=env, capture_output=True, text=True, timeout=30,
                               stdin=subprocess.DEVNULL)
         assert done.returncode == 2 and words in done.stderr, (args, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr  # one line, not argparse's usage first
     pid, fd = pty.fork()
     if pid == 0:
         os.execve(sys.executable, rtchat_cmd("x", "--peerjs", peerserver.url(), "--state", str(tmp_path / "x.json")),
@@ -132,5 +133,39 @@ def test_listener_json_lines_are_objects_and_leaves_are_seen(peerserver):
     assert hank.stop(signal.SIGTERM) == 130
     gina.wait_for(lambda p: any(json.loads(line)["type"] == "leave" for line in p.out), what="hank leaving")
     leave = next(e for e in gina.events() if e["type"] == "leave")
-    assert leave["from"] == "hank" and leave["reason"]
+    assert leave["from"] == "hank" and leave["reason"] and leave["text"] != "left (left)"
     assert gina.stop(signal.SIGINT) == 130
+
+
+def test_a_member_that_stops_answering_is_named_and_nothing_breaks(peerserver):
+    """carol is in bob's mesh but frozen (SIGSTOP): a pipe through bob reaches bob, then exits 75 naming carol,
+    in one line; dialling frozen carol directly is 75 too (she is on the server, not answering), not 67."""
+    bob = peerjs(peerserver, "bob2", "--listen", "--count", "1")
+    bob.said("listening on PeerJS as bob2")
+    carol = peerjs(peerserver, "carol2", "--connect", "bob2", "--listen")
+    carol.said("listening on PeerJS as carol2")
+    carol.proc.send_signal(signal.SIGSTOP)
+    try:
+        sent = pipe(peerserver, "ci4", "to everyone\n", "--connect", "bob2", "--timeout", "5")
+        assert sent.returncode == 75, sent.stderr
+        assert "Traceback" not in sent.stderr
+        assert sent.stderr.strip().splitlines()[-1] == \
+            "rtchat: not delivered to carol2: in the mesh, but not connected within 5 s"
+        assert bob.finish() == 0 and bob.out == ["ci4: to everyone"]
+        direct = pipe(peerserver, "ci5", "x\n", "--connect", "carol2", "--timeout", "3")
+        assert direct.returncode == 75 and "Traceback" not in direct.stderr
+        assert direct.stderr.strip().splitlines() == ["rtchat: carol2 is on the server but did not connect within 3 s"]
+    finally:
+        carol.proc.send_signal(signal.SIGCONT)
+        carol.stop()
+
+
+def test_settings_from_the_environment_for_the_other_network_are_no_usage_errors(peerserver, broker):
+    """RTCHAT_SECRET and RTCHAT_ROOM in the environment do not stop --peerjs; an empty RTCHAT_PEERJS is unset."""
+    env = cli_env(NO_BROKER, RTCHAT_SECRET="for the rooms", RTCHAT_ROOM="ops")
+    listener = Proc(["ivy", "--peerjs", peerserver.url(), "--listen"], env)
+    listener.said("listening on PeerJS as ivy")
+    assert listener.stop(signal.SIGINT) == 130
+    mqtt = Proc(["ivy", "--room", "ops", "--listen"], cli_env(broker.url, RTCHAT_PEERJS=""))
+    mqtt.said("listening in #ops")
+    assert mqtt.stop(signal.SIGINT) == 130

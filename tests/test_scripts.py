@@ -234,6 +234,17 @@ def test_listener_interrupted_exits_130(broker, tmp_path, sig):
     assert p.stop(sig) == 130
 
 
+def test_ctrl_c_while_the_packages_load_exits_130_without_a_traceback(tmp_path):
+    """The interrupt is made to come while aiortc loads (a stand-in that raises it), where a person's Ctrl-C
+    lands in the first part of a second."""
+    (tmp_path / "aiortc").mkdir()
+    (tmp_path / "aiortc" / "__init__.py").write_text("raise KeyboardInterrupt\n")
+    env = cli_env("mqtt://127.0.0.1:9", PYTHONPATH=str(tmp_path))
+    result = subprocess.run(rtchat_cmd("alice", "--listen"), env=env, capture_output=True, text=True, timeout=60,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 130 and result.stderr == ""
+
+
 @pytest.mark.parametrize("args, text", [
     (["--broker", "not a url"], "not a host name"),
     (["--json"], "--json does not apply to pipe mode"),
