@@ -2512,6 +2512,60 @@ class Dialect:
     silence_from_open = False
 
 
+class IcePath:
+    """The way ICE finds to one peer, read from aiortc's and aioice's objects (which raise no event for most of
+    it): whether its checks find a pair in time, the candidates each side had, direct or through TURN."""
+
+    def __init__(self, pc, ice: RTCConfiguration) -> None:
+        self.pc = pc
+        self.ice = ice
+
+    def watch(self, tasks: Tasks, no_path: Callable[[], None]) -> None:
+        """Both descriptions are set, so signaling reached the peer and ICE checks run: they find a pair soon, or
+        never (aioice itself gives up only after about a minute). no_path is called on failure or at the deadline."""
+        def on_state() -> None:
+            if self.pc.iceConnectionState == "failed":
+                no_path()
+
+        def on_deadline() -> None:
+            if self.pc.iceConnectionState not in ("completed", "closed"):
+                no_path()
+        self.pc.on("iceconnectionstatechange", on_state)
+        tasks.later(NO_PATH_AFTER_S, on_deadline)
+
+    def _transport(self):
+        try:
+            return self.pc.sctp.transport.transport
+        except AttributeError:
+            return None
+
+    def facts(self) -> dict:
+        """What ICE had to work with: candidate types on each side (host, srflx: an address a STUN server saw,
+        relay: a TURN allocation), whether each side is behind NAT, and whether we have STUN and TURN servers."""
+        ice = self._transport()
+        ours = ice.iceGatherer.getLocalCandidates() if ice else []
+        theirs = ice.getRemoteCandidates() if ice else []
+        return {"ours": sorted({c.type for c in ours}), "theirs": sorted({c.type for c in theirs} & CANDIDATE_TYPES),
+                "nat": self._behind_nat(ours), "their_nat": self._behind_nat(theirs),
+                **{scheme: any(str(server.urls).startswith(scheme) for server in self.ice.iceServers or ())
+                   for scheme in ("stun", "turn")}}
+
+    @staticmethod
+    def _behind_nat(candidates: list) -> bool | None:
+        """A STUN server saw another address than the host's own; None: no STUN answer to tell."""
+        seen = [c for c in candidates if c.type == "srflx"]
+        return any(c.ip != c.relatedAddress for c in seen) if seen else None
+
+    @property
+    def kind(self) -> str | None:
+        """"direct" or "relay" (through a TURN server); None if not connected (or aioice's internals moved)."""
+        try:
+            pair = next(iter(self._transport()._connection._nominated.values()))
+        except (AttributeError, StopIteration):
+            return None
+        return "relay" if "relay" in (pair.local_candidate.type, pair.remote_candidate.type) else "direct"
+
+
 class Peer(Emitter):
     """One remote. A Peer is one session: a reconnect is a new Peer, so nothing verified carries over.
 
@@ -2553,6 +2607,7 @@ class Peer(Emitter):
         self._backlog: collections.deque[tuple[str, Any]] = collections.deque()  # our messages waiting for the pace
         self._pump: asyncio.Task | None = None
         self.pc = None
+        self.ice_path: IcePath | None = None
         self.channels: dict[str, Any] = {}
         self._ice = ice
         self._answers: dict[int, asyncio.Future] = {}
@@ -2600,6 +2655,7 @@ class Peer(Emitter):
     def _make_pc(self):
         self.begin()
         self.pc = pc = RTCPeerConnection(self._ice)
+        self.ice_path = IcePath(pc, self._ice)
         pc.on("datachannel", self._adopt)
         pc.on("connectionstatechange", self._on_connection_state)
         return pc
@@ -2724,55 +2780,17 @@ class Peer(Emitter):
 
     # -- network path -------------------------------------------------------------------------
     def _watch_path(self) -> None:
-        """Both descriptions are set, so signaling reached the peer and ICE checks run: they find a pair soon,
-        or never (aioice itself gives up only after about a minute)."""
-        self.pc.on("iceconnectionstatechange", self._on_ice_state)
-        self._tasks.later(NO_PATH_AFTER_S, self._path_deadline)
-
-    def _on_ice_state(self) -> None:
-        if self.pc is not None and self.pc.iceConnectionState == "failed":
-            self._no_path()
-
-    def _path_deadline(self) -> None:
-        if self.pc is not None and self.pc.iceConnectionState not in ("completed", "closed"):
-            self._no_path()
+        self.ice_path.watch(self._tasks, self._no_path)
 
     def _no_path(self) -> None:
         if self.state == "connecting":
-            self.emit("no-route", self, self.ice_facts())
+            self.emit("no-route", self, self.ice_path.facts())
             self.close("no network path")
-
-    def _ice_transport(self):
-        try:
-            return self.pc.sctp.transport.transport
-        except AttributeError:
-            return None
-
-    def ice_facts(self) -> dict:
-        """What ICE had to work with: candidate types on each side (host, srflx: an address a STUN server saw,
-        relay: a TURN allocation), whether each side is behind NAT, and whether we have STUN and TURN servers."""
-        ice = self._ice_transport()
-        ours = ice.iceGatherer.getLocalCandidates() if ice else []
-        theirs = ice.getRemoteCandidates() if ice else []
-        return {"ours": sorted({c.type for c in ours}), "theirs": sorted({c.type for c in theirs} & CANDIDATE_TYPES),
-                "nat": self._behind_nat(ours), "their_nat": self._behind_nat(theirs),
-                **{scheme: any(str(server.urls).startswith(scheme) for server in self._ice.iceServers or ())
-                   for scheme in ("stun", "turn")}}
-
-    @staticmethod
-    def _behind_nat(candidates: list) -> bool | None:
-        """A STUN server saw another address than the host's own; None: no STUN answer to tell."""
-        seen = [c for c in candidates if c.type == "srflx"]
-        return any(c.ip != c.relatedAddress for c in seen) if seen else None
 
     @property
     def path(self) -> str | None:
         """How the session's packets go: "direct" or "relay" (through a TURN server); None if not known."""
-        try:
-            pair = next(iter(self._ice_transport()._connection._nominated.values()))
-        except (AttributeError, StopIteration):  # not connected, or aioice internals moved
-            return None
-        return "relay" if "relay" in (pair.local_candidate.type, pair.remote_candidate.type) else "direct"
+        return self.ice_path.kind if self.ice_path is not None else None
 
     def _open_deadline(self) -> None:
         if self.state == "connecting":
