@@ -168,7 +168,7 @@ KEY_SCRYPT = (2 ** 16, 8, 1)           # n, r, p for --passphrase: 64 MiB and ~0
 
 EVENTS = ("message", "dm", "join", "leave", "verified", "key-changed", "delivered", "file", "status", "history",
           "no-route", "file-progress", "question-failed", "key-accepted", "key-refused", "disk-error", "disk-ok",
-          "history-conflict", "compaction-failed", "mitm-detected", "verify-failed")
+          "history-conflict", "compaction-failed", "mitm-detected", "verify-failed", "queued")
 """Event names: what Room emits and plugins subscribe to with @on. "message" and "dm" are news only: a message
 said before we joined, passed on by a peer, is a "history" event (msg.history is True). They are also the --json
 `type` values, except that a history message keeps its own type ("message") and is marked "history": true."""
@@ -4240,6 +4240,7 @@ class PeerJSMesh(Emitter):
         self._waiting: dict[str, list[asyncio.Future]] = {}   # connect() calls, by peer id
         self._progress = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
+        self._closing = False
 
     def __repr__(self) -> str:
         return f"PeerJSMesh({self.name!r}, {len(self.plan.peers())} peers)"
@@ -4309,22 +4310,26 @@ class PeerJSMesh(Emitter):
         return True
 
     async def close(self) -> None:
-        """Leave: peers are told (LEAVE through the server, and each connection closes), the server let go."""
+        """Leave: peers are told (LEAVE through the server, and each connection closes), the server let go.
+        From the start nothing new is dialled or answered, and no leave is said (we are the one leaving)."""
+        self._closing = True
         for peer_id in self.plan.peers():
             await self.signaling.send("LEAVE", peer_id)
-        connections = list(self.connections.values())
-        for connection in connections:
-            connection.close("we left")
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        connections = list(self.connections.values())  # with those being dialled or answered
+        for connection in connections:
+            connection.close("we left")
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.gather(*(c.pc.close() for c in connections), return_exceptions=True), 2)
         await self.signaling.close()
 
     # -- carrying out the plan ----------------------------------------------------------------
     def _carry_out(self, actions: list[MeshAction]) -> None:
+        if self._closing:
+            return
         for action in actions:
             peer_id, name = action.peer_id, peerjs_name(action.peer_id)
             if action.kind == "dial":
@@ -4397,6 +4402,8 @@ class PeerJSMesh(Emitter):
 
     # -- from the server and the connections --------------------------------------------------------
     def _on_signal(self, signal: PeerJSSignal) -> None:
+        if self._closing:
+            return
         connection = self.connections.get((signal.src, signal.connection_id))
         if signal.kind == "OFFER":
             actions = self.plan.offered(signal.src, signal.connection_id, signal.peer_ids)
@@ -5416,9 +5423,8 @@ class Negotiation(Emitter):
 
 
 # =============================================================================
-# Room: the mesh in one room. Who is seen, connected and verified; signed
-# signaling; trust (TOFU pins); chat, DM, ask; history. Uses everything above.
-# Emits the EVENTS; a bot or a test uses it with no UI. Client builds Rooms.
+# Messages: a chat line and a question as the parts below pass them around,
+# with the id that binds a message to its author and words (message_id).
 # =============================================================================
 
 SALT_RE = re.compile(r"[0-9a-f]{16}")
@@ -7971,6 +7977,10 @@ def event_record(room: Room, event: str, *args: Any) -> dict:
                       f"messages are shown but not acknowledged until it can")
     elif event == "disk-ok":
         record.update(path=args[0], text="the history can be written again")
+    elif event == "queued":
+        msg = args[0]
+        record.update({"from": clean(msg.to or "", MAX_NAME_CHARS + 16), "id": msg.id,
+                       "text": "is away: the message waits and goes out when they are back"})
     elif event == "compaction-failed":
         path, reason = args
         record.update(path=path, reason=clean(reason, 300), text=f"cannot compact the history ({clean(reason, 300)}): "
@@ -8222,7 +8232,7 @@ class App(Session):
                 self.changed()
             self.show(msg, mention=for_you)
         elif event in ("join", "leave", "key-changed", "file", "key-accepted", "key-refused", "disk-error", "disk-ok",
-                       "compaction-failed", "history-conflict", "mitm-detected", "verify-failed"):
+                       "compaction-failed", "history-conflict", "mitm-detected", "verify-failed", "queued"):
             record = event_record(room, event, *args)
             self.printer.event(event, record["from"] or "", record["text"], room.name if other else None)
             self.changed()
@@ -8693,8 +8703,6 @@ def peerjs_event(kind: str, name: str, reason: str = "") -> dict:
 async def run_peerjs(args: argparse.Namespace, name: str) -> int:
     """Pipes and listeners on a peerjs-multichat mesh: dial each --connect user (the mesh merges through them) or
     wait to be dialled, then send stdin's lines to everyone (pipe mode) or print what is said (--listen)."""
-    if args.mode == "interactive":
-        raise UsageError("--peerjs: the interactive chat is not on this network yet; pipe lines in, or --listen")
     printer = Printer("json" if args.json else "plain" if args.listen else "quiet", use_color(sys.stdout, args.color))
     if args.ice_host:
         restrict_ice_hosts(args.ice_host)
@@ -8761,15 +8769,20 @@ async def _peerjs_pipe(mesh: PeerJSMesh, args: argparse.Namespace, printer: Prin
     pending = set(mesh.pending())
     printer.status(f"sending to {', '.join(mesh.peers()) or 'nobody'}")
     sent, recipients = 0, set()
+    unheard = 0  # lines that reached nobody (the mesh emptied): the network keeps no history to pass them on
     while (line := await queue.get()) is not None:
         if line.strip():
-            recipients.update(mesh.send_chat(line[:MAX_TEXT_CHARS])[1])
+            got = mesh.send_chat(line[:MAX_TEXT_CHARS])[1]
+            recipients.update(got)
+            unheard += not got
             sent += 1
     confirmed = await mesh.flush(max(1.0, deadline - time.monotonic()))
     printer.status(f"delivered {sent} message(s) to {len(recipients)} peer(s)"
                    + (f": {', '.join(sorted(recipients))}" if recipients and confirmed else ""))
     if not confirmed:
         raise NoPeers(f"{sent} message(s) sent, but not confirmed delivered within {args.timeout:g} s")
+    if unheard:
+        raise NoPeers(f"{unheard} of {sent} message(s) reached nobody: nobody was connected then")
     left_out = sorted(unreachable - recipients)
     if left_out and sent:
         raise NoPeers(f"not delivered to {', '.join(left_out)}: in the mesh, but not reachable")
@@ -8836,7 +8849,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-color", dest="color", action="store_const", const="never", help="same as --color never")
     parser.add_argument("--no-bell", dest="bell", action="store_false",
                         help="no terminal bell when someone names you or sends you a direct message")
-    parser.add_argument("--debug", action="store_true", default=bool(env("RTCHAT_DEBUG")),
+    parser.add_argument("--debug", action="store_true", default=env("RTCHAT_DEBUG", "") not in ("", "0"),
                         help="log details to stderr")
     parser.add_argument("--version", action="version", version=f"rtchat.py {__version__}")
     args = parser.parse_args(argv)
@@ -8860,6 +8873,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             ("room", "a mesh is whom you --connect to")):
             if getattr(args, option) and getattr(args, option) != env(f"RTCHAT_{option.upper()}"):
                 parser.error(f"--{option} does not apply to {given}: {why}")
+        if args.mode == "interactive":
+            parser.error(f"{given}: the interactive chat is not on this network yet; pipe lines in, or --listen")
     if args.mode == "send" and not (args.send and args.to):
         parser.error("--send PATH and --to NAME go together")
     if args.send and not os.path.isfile(args.send):
@@ -8907,7 +8922,9 @@ async def _unless(work: Awaitable[Any], stop: asyncio.Event) -> Any:
         waiter.cancel()
         if not task.done():
             task.cancel()
-    return task.result() if task.done() and not task.cancelled() else None
+            with contextlib.suppress(asyncio.CancelledError):
+                await task  # its own clean-up (leaving a room, a mesh) runs now, not at shutdown
+    return task.result() if not task.cancelled() else None
 
 
 async def run(args: argparse.Namespace) -> int:

@@ -124,6 +124,21 @@ def test_lines_and_commands(broker, tmp_path):
     run(scenario())
 
 
+def test_a_dm_to_someone_away_says_it_waits(broker, tmp_path):
+    """bob was verified, then left: /msg bob is kept in the outbox, and alice is told so in a line (an event,
+    "queued", worded by the chat and printed by --json)."""
+    async def scenario():
+        async with Scene(tmp_path, broker) as s:
+            await s.bob.close()
+            await eventually(lambda: not s.app.room.verified_peers(), 15, "bob gone")
+            out = await s.line("/msg bob see you later")
+            assert "-!- bob is away: the message waits and goes out when they are back" in out
+            assert [m.text for m in s.app.room.outbox()] == ["see you later"]
+            record = rtchat.event_record(s.app.room, "queued", s.app.room.outbox()[0])
+            assert (record["type"], record["from"]) == ("queued", "bob")
+    run(scenario())
+
+
 def test_every_example_runs(broker, tmp_path):
     async def scenario():
         async with Scene(tmp_path, broker) as s:

@@ -4,6 +4,7 @@ one nobody listens on: with --peerjs alone no MQTT connection is attempted.
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -131,6 +132,8 @@ def test_listener_json_lines_are_objects_and_leaves_are_seen(peerserver):
     hank.said("listening on PeerJS as hank")
     gina.wait_for(lambda p: any(json.loads(line)["type"] == "join" for line in p.out), what="hank joining")
     assert hank.stop(signal.SIGTERM) == 130
+    hank.finish()
+    assert not any("<-- gina" in line for line in hank.err)  # we left: nobody else did
     gina.wait_for(lambda p: any(json.loads(line)["type"] == "leave" for line in p.out), what="hank leaving")
     leave = next(e for e in gina.events() if e["type"] == "leave")
     assert leave["from"] == "hank" and leave["reason"] and leave["text"] != "left (left)"
@@ -169,3 +172,20 @@ def test_settings_from_the_environment_for_the_other_network_are_no_usage_errors
     mqtt = Proc(["ivy", "--room", "ops", "--listen"], cli_env(broker.url, RTCHAT_PEERJS=""))
     mqtt.said("listening in #ops")
     assert mqtt.stop(signal.SIGINT) == 130
+
+
+def test_lines_that_reach_nobody_are_not_delivered(peerserver):
+    """A pipe whose mesh is empty when a line comes (--wait-peers 0, or everyone left meanwhile): the network
+    passes nothing on later, so that line is lost and the pipe says so (75), not "delivered"."""
+    async def scenario():
+        args = argparse.Namespace(connect=[], wait_peers=0, timeout=5.0)
+        mesh = await rtchat.PeerJSMesh("lonely", server=peerserver.url(), ice=rtchat.ice_configuration([])).start()
+        queue: asyncio.Queue = asyncio.Queue()
+        for line in ("into the void", None):
+            queue.put_nowait(line)
+        try:
+            with pytest.raises(rtchat.NoPeers, match="1 of 1 message"):
+                await rtchat._peerjs_pipe(mesh, args, rtchat.Printer("quiet", False), queue)
+        finally:
+            await mesh.close()
+    asyncio.run(asyncio.wait_for(scenario(), 30))

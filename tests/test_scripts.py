@@ -183,6 +183,7 @@ def test_library_and_plugins_get_history_apart_from_messages(broker, tmp_path):
         await rc.wait_for_peers(2, 20)
         await eventually(lambda: len(seen["history"]) == 3 and len(seen["hook history"]) == 3, 10, "backfill")
         assert sorted(seen["history"]) == [(f"before {i}", True, "relayed") for i in range(3)]
+        await ra.wait_for_peers(2, 20)  # alice has verified carol too: what she says now reaches carol as news
         ra.send("after")
         await eventually(lambda: seen["message"] and seen["hook message"], 10, "the new message")
         assert seen["message"] == seen["hook message"] == ["after"]
@@ -325,10 +326,10 @@ def test_json_has_a_line_for_every_event(broker, tmp_path):
     # history is type "message" with "history": true; no-route needs a network without a path (test_networks.py);
     # the others need a plugin, a /trust or a refusal to happen (test_screen.py); a full disk or forged history
     # (test_hardening.py), a failing compaction (test_ledger.py);
-    # a man in the middle, or a peer that proves no key (test_attacks.py)
+    # a man in the middle, or a peer that proves no key (test_attacks.py); a DM to someone away (test_commands.py)
     assert set(by_type) == set(rtchat.EVENTS) - {"history", "no-route", "status", "question-failed", "key-accepted",
                                                  "key-refused", "disk-error", "disk-ok", "history-conflict",
-                                                 "compaction-failed", "mitm-detected", "verify-failed"}
+                                                 "compaction-failed", "mitm-detected", "verify-failed", "queued"}
     earlier = [(e["type"], e["text"]) for e in events if e.get("history")]
     assert earlier == [("message", "said before"), ("dm", "waiting for you")]
     live = [(e["type"], e["text"]) for e in events if e["type"] in ("message", "dm") and not e.get("history")]
