@@ -2512,6 +2512,43 @@ class Dialect:
     silence_from_open = False
 
 
+class Pacer:
+    """Our own messages to one peer: sent at once while within SEND_PACE (under the peer's CHAT_BUDGET, which would
+    drop a burst) and while the channel is not backed up, else queued, in order, and sent as both allow."""
+
+    def __init__(self, peer: Peer, tasks: Tasks) -> None:
+        self.peer = peer
+        self.backlog: collections.deque[tuple[str, Any]] = collections.deque()  # (label, value) waiting their turn
+        self._pace = Budget(SEND_PACE)
+        self._tasks = tasks
+        self._pump: asyncio.Task | None = None
+
+    def send(self, label: str, value: Any) -> bool:
+        channel = self.peer.channels.get(label)
+        if channel is None or channel.readyState != "open":
+            return False
+        if not self.backlog and channel.bufferedAmount <= SEND_BUFFER_BYTES and self._pace.take():
+            return self.peer.send(label, value)
+        self.backlog.append((label, value))
+        if self._pump is None:
+            self._pump = self._tasks.spawn(self._send_backlog(), f"backlog-{self.peer.name}")
+        return True
+
+    async def _send_backlog(self) -> None:
+        try:
+            while self.backlog and self.peer.is_open:
+                label, value = self.backlog[0]
+                await asyncio.sleep(self._pace.wait_s())
+                channel = self.peer.channels.get(label)
+                if channel is None or not await channel_drained(channel, SEND_BUFFER_BYTES, FILE_IDLE_S):
+                    return
+                if self._pace.take():
+                    self.backlog.popleft()
+                    self.peer.send(label, value)
+        finally:
+            self._pump = None
+
+
 class IcePath:
     """The way ICE finds to one peer, read from aiortc's and aioice's objects (which raise no event for most of
     it): whether its checks find a pair in time, the candidates each side had, direct or through TURN."""
@@ -2603,9 +2640,6 @@ class Peer(Emitter):
             ("file", FILE_OFFER_BUDGET))}
         self.questions_open = 0                 # its questions being answered now
         self.over_budget: dict[str, int] = {}   # requests dropped, by kind
-        self._pace = Budget(SEND_PACE)
-        self._backlog: collections.deque[tuple[str, Any]] = collections.deque()  # our messages waiting for the pace
-        self._pump: asyncio.Task | None = None
         self.pc = None
         self.ice_path: IcePath | None = None
         self.channels: dict[str, Any] = {}
@@ -2618,6 +2652,7 @@ class Peer(Emitter):
         self._pongs: list[asyncio.Future] = []  # probes waiting for the next pong
         self._answered = False                  # an answer was taken (a second one is not)
         self._tasks = Tasks()
+        self.pacer = Pacer(self, self._tasks)
         self._shutdown: asyncio.Task | None = None
         if key_string:
             with contextlib.suppress(ValueError):
@@ -2828,31 +2863,8 @@ class Peer(Emitter):
         return self.send(label, value)
 
     def send_paced(self, label: str, value: Any) -> bool:
-        """Our own message: sent now while within SEND_PACE (under the peer's CHAT_BUDGET) and while the channel is
-        not backed up, else queued, in order, and sent as both allow. False if the channel is not open."""
-        channel = self.channels.get(label)
-        if channel is None or channel.readyState != "open":
-            return False
-        if not self._backlog and channel.bufferedAmount <= SEND_BUFFER_BYTES and self._pace.take():
-            return self.send(label, value)
-        self._backlog.append((label, value))
-        if self._pump is None:
-            self._pump = self._tasks.spawn(self._send_backlog(), f"backlog-{self.name}")
-        return True
-
-    async def _send_backlog(self) -> None:
-        try:
-            while self._backlog and self.is_open:
-                label, value = self._backlog[0]
-                await asyncio.sleep(self._pace.wait_s())
-                channel = self.channels.get(label)
-                if channel is None or not await channel_drained(channel, SEND_BUFFER_BYTES, FILE_IDLE_S):
-                    return
-                if self._pace.take():
-                    self._backlog.popleft()
-                    self.send(label, value)
-        finally:
-            self._pump = None
+        """Our own message, kept within the peer's budget (see Pacer). False if the channel is not open."""
+        return self.pacer.send(label, value)
 
     async def writable(self, label: str, below: int, timeout: float) -> bool:
         """Until the channel named label holds at most below bytes; False if it is not open, or at timeout."""
@@ -2979,7 +2991,7 @@ class Peer(Emitter):
         """Everything sent has left our buffers and been acknowledged by the remote SCTP stack."""
         if not self.is_open or self.pc is None:
             return True
-        return not self._backlog and sctp_idle(self.pc, self.channels.values())
+        return not self.pacer.backlog and sctp_idle(self.pc, self.channels.values())
 
     def close(self, reason: str = "closed") -> None:
         """End the session now: its tasks are cancelled and, with the connection, awaited in the background (see
