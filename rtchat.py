@@ -298,6 +298,11 @@ class Tasks:
         self._timers.add(handle)
         return handle
 
+    @property
+    def busy(self) -> bool:
+        """Tasks not ended yet (cancelled ones too, until they have unwound)."""
+        return bool(self._tasks)
+
     def cancel(self) -> None:
         """Cancel everything now, for a caller that cannot wait (close() also waits for the tasks to end)."""
         for handle in self._timers:
@@ -3006,13 +3011,19 @@ class Peer(Emitter):
         for future in self._pongs:
             if not future.done():
                 future.set_result(False)
-        self._shutdown = _spawn(self._finish(), f"close-{self.name}")
+        if self.pc is not None or self._tasks.busy:  # (a name only announced has neither: a flood of them costs
+            self._shutdown = _spawn(self._finish(), f"close-{self.name}")  # no task each)
         self.emit("closed", self, reason)
 
     async def _finish(self) -> None:
         await self._tasks.close()
         if self.pc is not None:
             await self.pc.close()
+
+    @property
+    def closing(self) -> bool:
+        """Closed, with tasks or a connection still being wound down (see wait_closed)."""
+        return self._shutdown is not None and not self._shutdown.done()
 
     async def wait_closed(self) -> None:
         """Until a closed session's tasks have ended and its connection is closed."""
@@ -5029,7 +5040,8 @@ class Sessions(Emitter):
         frame = self._frames.pop(peer, None)
         if frame is not None and not frame.done():
             frame.cancel()
-        self._tasks.spawn(peer.wait_closed(), f"closed-{name}")
+        if peer.closing:
+            self._tasks.spawn(peer.wait_closed(), f"closed-{name}")
         self.changes.fire()
         if peer.verified_at is not None and reason != "we left":
             self.emit("leave", peer, reason)
