@@ -238,6 +238,26 @@ class Budget:
         return max(0.0, (amount - self.tokens) / self.rate)
 
 
+class Once:
+    """True the first time it is asked about a thing, False after: a warning said once per name. Forgets all past
+    max_keys things, so a flood of made-up names costs a bounded set (and at worst a warning said again)."""
+
+    def __init__(self, max_keys: int = 1024) -> None:
+        self.max_keys = max_keys
+        self._seen: set = set()
+
+    def __call__(self, thing: Any) -> bool:
+        if thing in self._seen:
+            return False
+        if len(self._seen) > self.max_keys:
+            self._seen.clear()
+        self._seen.add(thing)
+        return True
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+
 class RateLimit:
     """A token bucket per key: per_second on average, bursts up to burst. Forgets everyone past max_keys keys."""
 
@@ -1865,7 +1885,8 @@ class SignalingGate:
         self._rates = RateLimit(*RATE_PER_SENDER)
         self._nonces: dict[Any, float] = {}
         self._nonce_limit = 20000
-        self._warned: set[str] = set()         # bare names whose impostors were reported
+        self._warned = Once()                  # bare names whose impostors were reported (the user hears it once:
+                                               # anyone can make fresh keys)
         self._hinted: dict[str, float] = {}    # bare name -> when we last told it we refuse its key
 
     @property
@@ -1916,7 +1937,7 @@ class SignalingGate:
             and not (mkey is not None and facts.accepting)
         told = {}
         if impostor and mkey is not None:
-            told = {"impostor": sender, "warn": self._first_warning(bare_name(sender)),
+            told = {"impostor": sender, "warn": self._warned(bare_name(sender)),
                     "hint_inbox": self._hint_inbox(sender, envelope, now)}
         if signer is False or (impostor and subtopic != "connect"):  # a connect is only a hint
             log.debug("dropped %s from %r: bad or missing signature", subtopic, sender)
@@ -1998,15 +2019,6 @@ class SignalingGate:
         except ValueError:
             return False
         return key if verify_signature(key, signature, signed) else False
-
-    def _first_warning(self, bare: str) -> bool:
-        """Once per name: anyone can make fresh keys, and the user needs to hear it once."""
-        if bare in self._warned:
-            return False
-        if len(self._warned) > 1024:
-            self._warned.clear()
-        self._warned.add(bare)
-        return True
 
     def _hint_inbox(self, sender: str, envelope: dict, now: float) -> str | None:
         """The inbox tag to tell an impostor (an rtchat.py peer whose key is not the one pinned for its name) why
@@ -4826,7 +4838,7 @@ class Admission(Emitter):
         self.trust = trust
         self.me = me
         self.refused: dict[str, str] = {}       # bare name -> the last key refused for it (what /trust NAME takes)
-        self._warned: set[tuple] = set()
+        self._first = Once()  # what was said once already
         self._refused_by: set[str] = set()      # wire names that told us they refuse our key (one retry each)
 
     def admits(self, name: str, key: str | None, dialect: Dialect | None = None) -> bool:
@@ -4877,14 +4889,6 @@ class Admission(Emitter):
         self._refused_by.add(signal.sender)
         if self._first(("refused-by", signal.sender, reason)):
             self.emit("key-refused", signal.sender, reason, signal.signer is not None)
-
-    def _first(self, what: tuple) -> bool:
-        if what in self._warned:
-            return False
-        if len(self._warned) > 1024:
-            self._warned.clear()
-        self._warned.add(what)
-        return True
 
 
 class Sessions(Emitter):

@@ -109,6 +109,17 @@ def batch_frame(identity: rtchat.Identity, msgs: list[rtchat.Message], mine: set
 
 # -- the batch tree (RFC 9162) ------------------------------------------------------------------------------------
 
+async def relay_that_asked(s) -> tuple[Link, list[rtchat.Message], list]:
+    """carol, verified, whose hello made the ledger ask her for history; and three old lines of alice's with the
+    Merkle tree over them, for carol to pass on."""
+    relay = Link("carol")
+    s.ledger.peer_verified(relay)
+    s.ledger.on_frame(relay, "chat", relay.hello())
+    await relay.until_sent("sync")
+    msgs = [said("alice", f"old {i}") for i in range(3)]
+    return relay, msgs, rtchat.batch_tree([rtchat.batch_leaf(m.signed_part(TOPIC)) for m in msgs])
+
+
 def rfc9162_root(leaves: list[bytes]) -> bytes:
     """RFC 9162's own definition: split at the largest power of two below the count."""
     if len(leaves) == 1:
@@ -271,12 +282,7 @@ def test_forged_batches_and_proofs_are_refused(tmp_path):
         assert await s.ledger.written(5)
         assert "sig" not in s.stored()[msg.id]          # still waiting when written: unsigned, not wrongly signed
 
-        relay = Link("carol")
-        s.ledger.peer_verified(relay)
-        s.ledger.on_frame(relay, "chat", relay.hello())
-        await relay.until_sent("sync")
-        msgs = [said("alice", f"old {i}") for i in range(3)]
-        tree = rtchat.batch_tree([rtchat.batch_leaf(m.signed_part(TOPIC)) for m in msgs])
+        relay, msgs, tree = await relay_that_asked(s)
         root = tree[-1][0]
 
         def record(i: int, signer: str = "alice", at: int | None = None, count: int = 3) -> dict:
@@ -389,12 +395,7 @@ def test_history_passed_on_is_checked_against_its_author(tmp_path):
     the same words altered, or signed by another key, are dropped; at most BACKFILL_MAX records per sync."""
     async def scenario():
         s = Setup(tmp_path, pins=("alice",))
-        relay = Link("carol")
-        s.ledger.peer_verified(relay)
-        s.ledger.on_frame(relay, "chat", relay.hello())
-        await relay.until_sent("sync")
-        msgs = [said("alice", f"old {i}") for i in range(3)]
-        tree = rtchat.batch_tree([rtchat.batch_leaf(m.signed_part(TOPIC)) for m in msgs])
+        relay, msgs, tree = await relay_that_asked(s)
         sig = IDENTITIES["alice"].sign_batch(tree[-1][0], 3)
         records = [{"id": m.id, "from": "alice", "text": m.text, "ts": m.ts, "action": False, "salt": m.salt,
                     "fingerprint": m.fingerprint, "sig": sig,
