@@ -2669,7 +2669,6 @@ class Peer(Emitter):
         self._pongs: list[asyncio.Future] = []  # probes waiting for the next pong
         self._answered = False                  # an answer was taken (a second one is not)
         self._tasks = Tasks()
-        self.pacer = Pacer(self, self._tasks)
         self._shutdown: asyncio.Task | None = None
         if key_string:
             with contextlib.suppress(ValueError):
@@ -2677,6 +2676,12 @@ class Peer(Emitter):
 
     def __repr__(self) -> str:
         return f"Peer({self.name!r}, {self.state})"
+
+    @functools.cached_property
+    def pacer(self) -> Pacer:
+        """Made when first sent through: a name only announced holds no reference to itself, so a flood of made-up
+        names is freed as each is dropped, not at the next full garbage collection."""
+        return Pacer(self, self._tasks)
 
     @property
     def is_rtchat_py(self) -> bool:
