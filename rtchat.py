@@ -110,6 +110,8 @@ CLOCK_SKEW_S = 120                     # envelope timestamp window, §9.2
 RATE_PER_SENDER = (20.0, 60)           # signaling messages: per second, burst
 ANNOUNCE_EVERY_S = (3, 3, 3, 3, 3, 30)  # while no peer is connected; the last repeats, §4.4
 REANNOUNCE_MIN_S = 0.1                 # announces answering newcomers are coalesced to one per this interval
+ANSWER_CONNECT_BUDGET = (20.0, 40)     # connects answered on the newcomer's inbox (per second, burst); beyond: the
+#                                        coalesced announcement
 OFFER_DEDUP_S = 1.1                    # one offer per peer per this interval, §4.4
 FALLBACK_OFFER_S = 2.0                 # we offer anyway if a browser that should offer stays silent
 FALLBACK_OFFER_PY_S = 6.0              # the same for an rtchat.py peer: it agrees who offers, so only if lost
@@ -2913,8 +2915,8 @@ class Peer(Emitter):
         return False
 
     def _on_message(self, label: str, data: Any) -> None:
-        if not self.allow("frame"):
-            return
+        if self.state == "closed" or not self.allow("frame"):
+            return  # (aiortc still hands over what had arrived before the close: nothing of a closed session is kept)
         if isinstance(data, bytes):
             try:
                 data = data.decode("utf-8")
@@ -4737,6 +4739,7 @@ class RoomSignaling(Emitter):
         self._browser_seen = -math.inf          # when a browser last showed up
         self._last_announce = 0.0
         self._announcing: asyncio.TimerHandle | None = None
+        self._answers = Budget(ANSWER_CONNECT_BUDGET)
         self._tasks = Tasks()
 
     def start(self) -> None:
@@ -4823,6 +4826,15 @@ class RoomSignaling(Emitter):
         if self._announcing is None and self.is_on:
             delay = max(0.0, self._last_announce + REANNOUNCE_MIN_S - time.monotonic())
             self._announcing = self._tasks.later(delay, self._announce_due)
+
+    def answer(self, name: str, dialect: Dialect) -> None:
+        """Let a newcomer (or a peer whose session ended) hear us so that it can offer: an rtchat.py peer with an
+        inbox on its inbox, so that a join costs the broker one delivery per member, not one per member squared (a
+        broadcast from every member to every member); others, and beyond a budget, by the coalesced announcement."""
+        if dialect.compact and name in self._inboxes and self._answers.take():
+            self.publish("connect", self.compact_info, to=name, compact=True)
+        else:
+            self.announce_soon()
 
     def _announce_due(self) -> None:
         self._announcing = None
@@ -5189,7 +5201,7 @@ class Negotiation(Emitter):
         if self.should_offer(sender):
             self._offer(peer)
         else:
-            self.network.announce_soon()
+            self.network.answer(sender, dialect)
             if sender not in self._timers:
                 self._timers[sender] = self._tasks.later(dialect.fallback_offer_s, self._fallback_offer, sender)
 
@@ -5432,7 +5444,7 @@ class Negotiation(Emitter):
         if self.should_offer(name):
             self._offer(peer)
         else:
-            self.network.announce_soon()  # it offers when it hears us
+            self.network.answer(name, peer.dialect)  # it offers when it hears us
 
     def _new_peer(self, name: str, dialect: Dialect, key: str | None, tag: str | None) -> Peer:
         self._seen.pop(name, None)
@@ -5452,7 +5464,7 @@ class Negotiation(Emitter):
         elif peer.remote_sdp is not None and not peer.was_open and reason in SETUP_FAILURES and name not in self.peers:
             self._back_off(peer)
         elif peer.remote_sdp is not None and not reason.startswith("replaced"):
-            self.network.announce_soon()  # the other side may still be there: let it offer again
+            self.network.answer(name, peer.dialect)  # the other side may still be there: let it offer again
 
 
 # =============================================================================

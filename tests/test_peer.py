@@ -124,6 +124,21 @@ def test_a_name_only_announced_is_freed_as_soon_as_it_is_dropped():
         gc.enable()
 
 
+def test_frames_that_arrive_after_the_close_are_dropped():
+    """aiortc may hand over messages that had arrived before a session closed: none of them reaches the room (it
+    would keep them, and the closed session with them, as frames from a peer not verified yet)."""
+    async def scenario():
+        to_bob, to_alice = await invite_accept()
+        frames = []
+        to_bob.on("frame", lambda peer, label, value: frames.append(label))
+        to_bob.channels["chat"].emit("message", json.dumps({"text": "before"}))
+        to_bob.close("gone")
+        to_bob.channels["chat"].emit("message", json.dumps({"text": "after"}))
+        await close(to_bob, to_alice)
+        return frames
+    assert run(scenario()) == ["chat"]
+
+
 def test_only_the_first_answer_is_taken():
     async def scenario():
         ice = rtchat.ice_configuration([])

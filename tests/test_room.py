@@ -2,10 +2,12 @@
 import asyncio
 import base64
 import re
+import time
 
 import paho.mqtt.client as mqtt
 import pytest
 from conftest import eventually, make_client, run
+from support import Sniffer
 from test_attacks import Mallory, Wire, envelope, feed, handled, offer_as, phases
 from test_hardening import flood_of_names
 
@@ -93,6 +95,29 @@ def test_three_peers_all_receive_every_message(broker, tmp_path):
         for me, messages in received.items():
             assert sorted(messages) == sorted((o, f"{o} {i}") for o in received if o != me for i in range(5))
         await close_all(clients)
+    run(scenario())
+
+
+def test_a_join_is_answered_on_the_newcomers_inbox_not_to_the_whole_room(broker, tmp_path):
+    """Members answer an rtchat.py newcomer's announcement on its inbox, so that a join costs the broker one
+    delivery per member rather than one per member squared (each member announcing itself to all)."""
+    async def scenario():
+        members = ("bob", "carol", "dave", "erin")
+        clients, _ = await pair(tmp_path, broker.url, members, room="joins")
+        sniffer = Sniffer(broker.tcp_port)
+        aaron = await make_client("aaron", tmp_path, broker.url).start()  # sorts first: everyone waits for its offer
+        started = time.monotonic()
+        ra = await aaron.join("joins")
+        await ra.wait_for_peers(len(members), 20)
+        heard = [(topic, rtchat.decode_envelope(payload) or {})
+                 for _, topic, payload in sniffer.window("mrtchat/joins", started, time.monotonic())]
+        sniffer.stop()
+        answers = {e.get("sender") for topic, e in heard
+                   if topic == ra.network.inbox and e.get("subtopic") == "connect"}
+        broadcasts = [e.get("sender") for topic, e in heard if topic == ra.topic and e.get("sender") != "aaron"]
+        print(f"join answered on the inbox by {len(answers)}, announced to the room by {len(broadcasts)} members")
+        await close_all([*clients, aaron])
+        assert answers == set(members)
     run(scenario())
 
 
