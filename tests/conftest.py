@@ -20,6 +20,7 @@ import pytest
 from support import (  # noqa: F401  (tests import these from here)
     ROOT,
     Broker,
+    Federation,
     cli_env,
     enter_private_network,
     eventually,
@@ -54,6 +55,22 @@ def own_broker(tmp_path):
     b = Broker(tmp_path).start()
     yield b
     b.stop()
+
+
+@pytest.fixture
+def federation(tmp_path):
+    """federation(n): n real mosquittos on loopback, each bridged to the one before by the README's mosquitto.conf
+    snippet, returned once a probe published on each has reached all (a Federation: .brokers, .sniffers)."""
+    if mosquitto_binary() is None:
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto); .ci/run installs it")
+    made: list[Federation] = []
+
+    def start(count: int = 2) -> Federation:
+        made.append(Federation(tmp_path / f"federation{len(made)}", count))
+        return made[-1]
+    yield start
+    for federated in made:
+        federated.stop()
 
 
 # -- PeerJS: a real PeerServer (npm `peer`, installed by .ci/run) ------------------------------------------

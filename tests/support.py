@@ -11,6 +11,7 @@ import ctypes
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,16 +58,17 @@ def mosquitto_binary() -> str | None:
 
 
 class Broker:
-    """A real mosquitto on free loopback ports: MQTT over TCP and over websockets. stop()/start() for fault tests."""
+    """A real mosquitto on free loopback ports: MQTT over TCP and over websockets. stop()/start() for fault tests.
+    `extra`: more mosquitto.conf lines (a bridge's, say) after ours."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, extra: str = "") -> None:
         self.tcp_port, self.ws_port = free_port(), free_port()
         self.conf = workdir / "mosquitto.conf"
         ws_extra = "" if os.environ.get("RTCHAT_IN_PRIVATE_NETNS") == "1" else "socket_domain ipv4\n"
         self.conf.write_text(
             f"listener {self.tcp_port} 127.0.0.1\n"
             f"listener {self.ws_port} 127.0.0.1\nprotocol websockets\n{ws_extra}"
-            "allow_anonymous true\npersistence false\nlog_dest stdout\n")
+            "allow_anonymous true\npersistence false\nlog_dest stdout\n" + extra)
         self.log = workdir / "mosquitto.log"
         self.proc: subprocess.Popen | None = None
 
@@ -139,6 +142,10 @@ class Sniffer:
         with self.lock:
             self.records.append((time.monotonic(), topic, payload))
 
+    def payloads(self) -> list[bytes]:
+        with self.lock:
+            return [payload for _, _, payload in self.records]
+
     def window(self, topic_prefix: str, t0: float, t1: float) -> list[tuple[float, str, bytes]]:
         """What came on topics starting with topic_prefix between t0 and t1."""
         with self.lock:
@@ -147,6 +154,77 @@ class Sniffer:
     def stop(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+# -- brokers joined by bridges (README: "Large deployments") ------------------------------------------------
+
+def readme_bridge(to: Broker, name: str) -> str:
+    """The README's mosquitto.conf bridge snippet as written, only aimed at `to` and named `name`."""
+    found = re.search(r"^```conf\n(# mosquitto\.conf of broker B.*?)^```", (ROOT / "README.md").read_text(),
+                      re.MULTILINE | re.DOTALL)
+    if not found or "address broker-a.example.org:1883\n" not in found.group(1) \
+            or "connection rtchat-b\n" not in found.group(1):
+        raise RuntimeError("README.md has lost its mosquitto bridge snippet (connection rtchat-b, broker-a...)")
+    return found.group(1).replace("broker-a.example.org:1883", f"127.0.0.1:{to.tcp_port}") \
+        .replace("connection rtchat-b\n", f"connection {name}\n")
+
+
+class Federation:
+    """count mosquitto brokers in a chain, each bridged to the one before by the README's snippet, with a Sniffer
+    on each to tell what every broker carried."""
+
+    def __init__(self, workdir: Path, count: int) -> None:
+        self.brokers: list[Broker] = []
+        self.sniffers: list[Sniffer] = []
+        try:
+            for n in range(count):
+                (workdir / f"broker{n}").mkdir(parents=True)
+                bridge = readme_bridge(self.brokers[-1], f"rtchat-{n}") if self.brokers else ""
+                self.brokers.append(Broker(workdir / f"broker{n}", bridge).start())
+                self.sniffers.append(Sniffer(self.brokers[-1].tcp_port))
+            self._probes = 0
+            for sniffer in self.sniffers:
+                self._probe_from(sniffer)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _probe_from(self, sniffer: Sniffer, timeout: float = 30.0) -> None:
+        """Until a probe published on sniffer's broker has reached every broker (a bridge connects a moment after
+        its broker starts). Each probe is new bytes, so that no payload is ever published twice."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._probes += 1
+            probe = f"probe {self._probes}".encode()
+            sniffer.client.publish("mrtchat/-probe", probe, qos=0)
+            arrived = time.monotonic() + 0.3
+            while time.monotonic() < arrived:
+                if all(probe in other.payloads() for other in self.sniffers):
+                    return
+                time.sleep(0.02)
+        raise RuntimeError(f"the bridges did not carry a probe within {timeout:g} s: "
+                           f"{[b.log.read_text()[-600:] for b in self.brokers]}")
+
+    def duplicates(self) -> list[tuple[int, int]]:
+        """(broker, copies) for each payload a broker carried more than once (rtchat.py never repeats one)."""
+        return [(n, copies) for n, sniffer in enumerate(self.sniffers)
+                for copies in Counter(sniffer.payloads()).values() if copies > 1]
+
+    def not_everywhere(self, timeout: float = 10.0) -> int:
+        """How many payloads carried by some broker have not reached them all, once no more arrive (bounded)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            seen = [set(sniffer.payloads()) for sniffer in self.sniffers]
+            missing = len(set.union(*seen) - set.intersection(*seen))
+            if not missing or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        for sniffer in self.sniffers:
+            sniffer.stop()
+        for broker in self.brokers:
+            broker.stop()
 
 
 # -- rtchat.py subprocesses -----------------------------------------------------------------------------------

@@ -1,0 +1,98 @@
+"""Federated brokers (issue 16): rtchat.py peers on different mosquitto brokers joined by standard MQTT bridges (the
+README's mosquitto.conf snippet, as written) meet in one room, with no special case in rtchat.py. Every broker
+carries every payload once: no loop, no copy, nothing lost."""
+from __future__ import annotations
+
+import subprocess
+
+from support import Proc, cli_env, make_client, rtchat_cmd, run
+
+
+def start_listeners(placed: dict, tmp_path, *extra: str) -> dict[str, Proc]:
+    """{name: broker} -> rtchat.py --listen --json processes in room fed, each on its broker."""
+    return {name: Proc([name, "--room", "fed", "--listen", "--json", *extra],
+                       cli_env(broker.url, RTCHAT_STATE=str(tmp_path / f"{name}.json")))
+            for name, broker in placed.items()}
+
+
+def verified(listener: Proc) -> set[str]:
+    return {e["from"] for e in listener.events() if e["type"] == "verified"}
+
+
+def said(listener: Proc, author: str) -> list[str]:
+    return [m["text"] for m in listener.messages(**{"from": author}) if not m.get("history")]
+
+
+def pipe(name: str, broker, tmp_path, lines: str, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(rtchat_cmd(name, "--room", "fed", *extra), input=lines, capture_output=True, text=True,
+                          env=cli_env(broker.url, RTCHAT_STATE=str(tmp_path / f"{name}.json")), timeout=90)
+
+
+def assert_each_payload_once_everywhere(federated) -> None:
+    assert federated.not_everywhere() == 0, "a broker missed what another carried"
+    assert federated.duplicates() == [], "a broker carried one payload more than once"
+
+
+def test_a_room_over_two_bridged_brokers(federation, tmp_path):
+    """alice and bob on broker A, carol on B: everyone verifies everyone; a pipe on B reaches all three and exits 0
+    with all acknowledgements; a library peer on A reaches all; a newcomer on B, where nobody who heard the lines is
+    left, gets them passed on from A."""
+    federated = federation(2)
+    a, b = federated.brokers
+    listeners = start_listeners({"alice": a, "bob": a, "carol": b}, tmp_path)
+    try:
+        for name, listener in listeners.items():
+            listener.wait_for(lambda p, name=name: verified(p) >= set(listeners) - {name},
+                              what=f"{name} verifying the two others")
+        sent = pipe("ci", b, tmp_path, "first line\nsecond line\n", "--wait-peers", "3")
+        assert sent.returncode == 0, sent.stderr
+        assert "delivered 2 message(s) to 3 peer(s): alice, bob, carol" in sent.stderr
+
+        async def library_peer_on_a():
+            async with make_client("erin", tmp_path, a.url) as client:
+                room = await client.join("fed")
+                await room.wait_for_room(3, timeout=30)
+                assert sorted(p.name for p in room.verified_peers()) == ["alice", "bob", "carol"]
+                room.send("from the library on A")
+                assert await room.flush(30), room.unacknowledged()
+        run(library_peer_on_a(), 90)
+        for name, listener in listeners.items():
+            listener.wait_for(lambda p: said(p, "erin") == ["from the library on A"], what=f"erin's line at {name}")
+            assert said(listener, "ci") == ["first line", "second line"]
+            assert verified(listener) >= {"ci", "erin"} - {name}
+
+        assert listeners.pop("carol").stop() == 130   # nobody on B has heard the lines now
+        late = start_listeners({"dave": b}, tmp_path, "--history", "10")["dave"]
+        late.wait_for(lambda p: len([m for m in p.messages() if m.get("history")]) == 3, what="history from A")
+        history = [m for m in late.messages() if m.get("history")]
+        assert [(m["from"], m["text"]) for m in history] == \
+            [("ci", "first line"), ("ci", "second line"), ("erin", "from the library on A")]
+        assert {m["relayed_by"] for m in history} <= {"alice", "bob"}
+        assert late.stop() == 130
+    finally:
+        for listener in listeners.values():
+            listener.stop()
+    assert_each_payload_once_everywhere(federated)
+
+
+def test_a_room_over_a_chain_of_three_brokers(federation, tmp_path):
+    """A <- B <- C: a listener on A and one on B, a pipe on C two bridges from A; then a newcomer on C gets the lines
+    passed on from A and B."""
+    federated = federation(3)
+    a, b, c = federated.brokers
+    listeners = start_listeners({"alice": a, "bob": b}, tmp_path)
+    try:
+        sent = pipe("ci", c, tmp_path, "over two bridges\n", "--wait-peers", "2")
+        assert sent.returncode == 0, sent.stderr
+        assert "delivered 1 message(s) to 2 peer(s): alice, bob" in sent.stderr
+        for name, listener in listeners.items():
+            listener.wait_for(lambda p: said(p, "ci") == ["over two bridges"], what=f"ci's line at {name}")
+            assert verified(listener) >= {"alice", "bob", "ci"} - {name}
+        late = start_listeners({"dave": c}, tmp_path, "--history", "10")["dave"]
+        late.wait_for(lambda p: any(m.get("history") for m in p.messages()), what="history from A and B")
+        assert [(m["from"], m["text"]) for m in late.messages()] == [("ci", "over two bridges")]
+        assert late.stop() == 130
+    finally:
+        for listener in listeners.values():
+            listener.stop()
+    assert_each_payload_once_everywhere(federated)
