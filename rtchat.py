@@ -5377,13 +5377,22 @@ class Negotiation(Emitter):
     # -- the sessions ----------------------------------------------------------------------------------------
     async def _announce_loop(self) -> None:
         """Announce at join, then on a schedule while someone we know of is not connected (or nobody is known):
-        browsers offer only on hearing us, and a pair that failed is retried this way."""
+        browsers offer only on hearing us, and a pair that failed is retried this way. At the steady pace, the
+        member that sorts first among those connected to it announces anyway: on brokers joined by a bridge, the
+        groups a bridge failure kept apart have no other reason to announce when it is back, and cannot see it."""
         self.network.announce()
-        for delay in itertools.chain(ANNOUNCE_EVERY_S[:-1], itertools.repeat(ANNOUNCE_EVERY_S[-1])):
+        schedule = itertools.chain(ANNOUNCE_EVERY_S[:-1], itertools.repeat(ANNOUNCE_EVERY_S[-1]))
+        for tick, delay in enumerate(schedule):
             await asyncio.sleep(delay)
             self._expire_seen()
-            if not self.peers or not all(p.is_open for p in self.peers.values()):
+            steady = tick >= len(ANNOUNCE_EVERY_S) - 1
+            if not self.peers or not all(p.is_open for p in self.peers.values()) or (steady and self._sorts_first()):
                 self.network.announce()
+
+    def _sorts_first(self) -> bool:
+        """We sort first (as who offers is decided) among us and the rtchat.py peers we are connected to, so one
+        member of each group connected together keeps announcing (browsers announce only while alone)."""
+        return all(self.should_offer(p.name) for p in self.peers.values() if p.is_open and p.is_rtchat_py)
 
     def _may_start_session(self, name: str, key: str | None) -> bool:
         """Each session being set up is a PeerConnection: a bounded number, except for a key pinned for the name."""

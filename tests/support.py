@@ -7,6 +7,7 @@ its worker processes import this module too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import json
 import os
@@ -158,36 +159,115 @@ class Sniffer:
 
 # -- brokers joined by bridges (README: "Large deployments") ------------------------------------------------
 
-def readme_bridge(to: Broker, name: str) -> str:
-    """The README's mosquitto.conf bridge snippet as written, only aimed at `to` and named `name`."""
+def readme_bridge(port: int, name: str) -> str:
+    """The README's mosquitto.conf bridge snippet as written, only aimed at 127.0.0.1:port and named `name`."""
     found = re.search(r"^```conf\n(# mosquitto\.conf of broker B.*?)^```", (ROOT / "README.md").read_text(),
                       re.MULTILINE | re.DOTALL)
     if not found or "address broker-a.example.org:1883\n" not in found.group(1) \
             or "connection rtchat-b\n" not in found.group(1):
         raise RuntimeError("README.md has lost its mosquitto bridge snippet (connection rtchat-b, broker-a...)")
-    return found.group(1).replace("broker-a.example.org:1883", f"127.0.0.1:{to.tcp_port}") \
+    return found.group(1).replace("broker-a.example.org:1883", f"127.0.0.1:{port}") \
         .replace("connection rtchat-b\n", f"connection {name}\n")
+
+
+class TcpRelay:
+    """A TCP relay on loopback to a port, that can be cut (its connections closed, new ones refused) and mended:
+    a link between two brokers that fails while nothing else does."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.is_open = True
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                near, _ = self.server.accept()
+            except OSError:
+                return  # stopped
+            try:
+                if not self.is_open:
+                    raise OSError("cut")
+                far = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                near.close()
+                continue
+            with self._lock:
+                self._sockets += [near, far]
+            for source, sink in ((near, far), (far, near)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        self.is_open = False
+        with self._lock:
+            ends, self._sockets = self._sockets, []
+        for end in ends:
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            end.close()
+
+    def mend(self) -> None:
+        self.is_open = True
+
+    def stop(self) -> None:
+        self.cut()
+        self.server.close()
 
 
 class Federation:
     """count mosquitto brokers in a chain, each bridged to the one before by the README's snippet, with a Sniffer
-    on each to tell what every broker carried."""
+    on each to tell what every broker carried. cuttable: each bridge runs through a TcpRelay (cut() and mend()
+    them), and is tried again every second when it fails (mosquitto backs off from 5 s to 30 s by default)."""
 
-    def __init__(self, workdir: Path, count: int) -> None:
+    def __init__(self, workdir: Path, count: int, cuttable: bool = False) -> None:
         self.brokers: list[Broker] = []
         self.sniffers: list[Sniffer] = []
+        self.relays: list[TcpRelay] = []
+        self._probes = 0
         try:
             for n in range(count):
                 (workdir / f"broker{n}").mkdir(parents=True)
-                bridge = readme_bridge(self.brokers[-1], f"rtchat-{n}") if self.brokers else ""
+                bridge = ""
+                if self.brokers:
+                    port = self.brokers[-1].tcp_port
+                    if cuttable:
+                        self.relays.append(TcpRelay(port))
+                        port = self.relays[-1].port
+                    bridge = readme_bridge(port, f"rtchat-{n}") + ("restart_timeout 1\n" if cuttable else "")
                 self.brokers.append(Broker(workdir / f"broker{n}", bridge).start())
                 self.sniffers.append(Sniffer(self.brokers[-1].tcp_port))
-            self._probes = 0
-            for sniffer in self.sniffers:
-                self._probe_from(sniffer)
+            self.wait_joined()
         except BaseException:
             self.stop()
             raise
+
+    def wait_joined(self) -> None:
+        """Until a probe published on each broker has reached every broker."""
+        for sniffer in self.sniffers:
+            self._probe_from(sniffer)
+
+    def cut(self) -> None:
+        for relay in self.relays:
+            relay.cut()
+
+    def mend(self) -> None:
+        """The bridges may connect again; returns once they have."""
+        for relay in self.relays:
+            relay.mend()
+        self.wait_joined()
 
     def _probe_from(self, sniffer: Sniffer, timeout: float = 30.0) -> None:
         """Until a probe published on sniffer's broker has reached every broker (a bridge connects a moment after
@@ -225,6 +305,8 @@ class Federation:
             sniffer.stop()
         for broker in self.brokers:
             broker.stop()
+        for relay in self.relays:
+            relay.stop()
 
 
 # -- rtchat.py subprocesses -----------------------------------------------------------------------------------

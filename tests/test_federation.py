@@ -3,9 +3,12 @@ README's mosquitto.conf snippet, as written) meet in one room, with no special c
 carries every payload once: no loop, no copy, nothing lost."""
 from __future__ import annotations
 
+import asyncio
 import subprocess
 
 from support import Proc, cli_env, make_client, rtchat_cmd, run
+
+import rtchat
 
 
 def start_listeners(placed: dict, tmp_path, *extra: str) -> dict[str, Proc]:
@@ -96,3 +99,29 @@ def test_a_room_over_a_chain_of_three_brokers(federation, tmp_path):
         for listener in listeners.values():
             listener.stop()
     assert_each_payload_once_everywhere(federated)
+
+
+def test_a_room_split_while_a_bridge_was_down_meets_again(federation, tmp_path, monkeypatch):
+    """alice on A and bob on B meet; the bridge fails; carol joins on B and meets bob only; the bridge comes back.
+    Everyone is connected to everyone they know of, so nobody has a reason to announce, and no client sees the
+    bridge: the member that sorts first among those it is connected to goes on announcing at the steady pace (here
+    shortened), and alice and carol meet."""
+    monkeypatch.setattr(rtchat, "ANNOUNCE_EVERY_S", (0.5, 1.0))
+    federated = federation(2, cuttable=True)
+    a, b = federated.brokers
+
+    async def scenario():
+        async with make_client("alice", tmp_path, a.url) as alice, make_client("bob", tmp_path, b.url) as bob:
+            at_alice, at_bob = await alice.join("fed"), await bob.join("fed")
+            await at_alice.wait_for_peer("bob")
+            await at_bob.wait_for_peer("alice")
+            await asyncio.to_thread(federated.cut)
+            async with make_client("carol", tmp_path, b.url) as carol:
+                at_carol = await carol.join("fed")
+                await at_carol.wait_for_peer("bob")
+                await at_bob.wait_for_peer("carol")
+                assert "alice" not in at_carol.peers and "carol" not in at_alice.peers
+                await asyncio.to_thread(federated.mend)
+                await at_carol.wait_for_peer("alice", timeout=20)
+                await at_alice.wait_for_peer("carol", timeout=20)
+    run(scenario(), 90)
