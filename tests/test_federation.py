@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import subprocess
 
+import pytest
+import test_browser_interop as rtchat_page
 from support import Proc, cli_env, make_client, rtchat_cmd, run
 
 import rtchat
@@ -125,3 +127,34 @@ def test_a_room_split_while_a_bridge_was_down_meets_again(federation, tmp_path, 
                 await at_carol.wait_for_peer("alice", timeout=20)
                 await at_alice.wait_for_peer("carol", timeout=20)
     run(scenario(), 90)
+
+
+def test_an_rtchat_page_on_another_broker(federation, tmp_path):
+    """The real RTChat page on broker B (websockets; its candidates trickled one payload each) and rtchat.py on A:
+    they verify each other and chat both ways. Opt-in like tests/test_browser_interop.py."""
+    reason = rtchat_page.missing_prerequisite()
+    if reason:
+        print(f"the RTChat page across a bridge skipped: {reason}")
+        pytest.skip(f"RTChat page: {reason}")
+    federated = federation(2)
+    a, b = federated.brokers
+
+    async def scenario():
+        pages = await rtchat_page.Browsers(tmp_path, b).start()
+        try:
+            await pages.start_peer("Carl", "fed")
+            async with make_client("alice", tmp_path, a.url) as alice:
+                room = await alice.join("fed")
+                heard: asyncio.Queue = asyncio.Queue()
+                room.on("message", heard.put_nowait)
+                await room.wait_for_peer("Carl", timeout=30)
+                await pages.validated("Carl", "alice")
+                await pages.call("send", key="Carl", text="from the page on B")
+                line = await asyncio.wait_for(heard.get(), 15)
+                assert (line.sender, line.text, line.trust) == ("Carl", "from the page on B", "legacy")
+                room.send("from rtchat.py on A")
+                await pages.got("Carl", "chat", "from rtchat.py on A")
+        finally:
+            await pages.close()
+    run(scenario(), 120)
+    assert_each_payload_once_everywhere(federated)
