@@ -10,7 +10,9 @@ import asyncio
 import contextlib
 import ctypes
 import json
+import math
 import os
+import queue
 import random
 import re
 import shutil
@@ -143,10 +145,6 @@ class Sniffer:
         with self.lock:
             self.records.append((time.monotonic(), topic, payload))
 
-    def payloads(self) -> list[bytes]:
-        with self.lock:
-            return [payload for _, _, payload in self.records]
-
     def window(self, topic_prefix: str, t0: float, t1: float) -> list[tuple[float, str, bytes]]:
         """What came on topics starting with topic_prefix between t0 and t1."""
         with self.lock:
@@ -172,10 +170,12 @@ def readme_bridge(port: int, name: str) -> str:
 
 class TcpRelay:
     """A TCP relay on loopback to a port, that can be cut (its connections closed, new ones refused) and mended:
-    a link between two brokers that fails while nothing else does."""
+    a link between two brokers that fails while nothing else does. delay: seconds each byte takes, each way (a
+    link between distant brokers)."""
 
-    def __init__(self, target: int) -> None:
+    def __init__(self, target: int, delay: float = 0.0) -> None:
         self.target = target
+        self.delay = delay
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self.is_open = True
@@ -199,16 +199,27 @@ class TcpRelay:
             with self._lock:
                 self._sockets += [near, far]
             for source, sink in ((near, far), (far, near)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+                chunks: queue.Queue = queue.Queue()
+                threading.Thread(target=self._read, args=(source, chunks), daemon=True).start()
+                threading.Thread(target=self._write, args=(chunks, sink), daemon=True).start()
 
     @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
+    def _read(source: socket.socket, chunks: queue.Queue) -> None:
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
+                chunks.put((time.monotonic(), data))
+        chunks.put((time.monotonic(), b""))
+
+    def _write(self, chunks: queue.Queue, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                came, data = chunks.get()
+                time.sleep(max(0.0, came + self.delay - time.monotonic()))
+                if not data:
+                    break
                 sink.sendall(data)
-        for end in (source, sink):
-            with contextlib.suppress(OSError):
-                end.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_RDWR)
 
     def cut(self) -> None:
         self.is_open = False
@@ -227,12 +238,16 @@ class TcpRelay:
         self.server.close()
 
 
+PROBE_TOPIC = "mrtchat/-probe"  # under the bridged topics; no rtchat.py peer subscribes to it
+
+
 class Federation:
     """count mosquitto brokers in a chain, each bridged to the one before by the README's snippet, with a Sniffer
     on each to tell what every broker carried. cuttable: each bridge runs through a TcpRelay (cut() and mend()
-    them), and is tried again every second when it fails (mosquitto backs off from 5 s to 30 s by default)."""
+    them), and is tried again every second when it fails (mosquitto backs off from 5 s to 30 s by default).
+    delay: each bridge runs through a TcpRelay that takes this long each way."""
 
-    def __init__(self, workdir: Path, count: int, cuttable: bool = False) -> None:
+    def __init__(self, workdir: Path, count: int, cuttable: bool = False, delay: float = 0.0) -> None:
         self.brokers: list[Broker] = []
         self.sniffers: list[Sniffer] = []
         self.relays: list[TcpRelay] = []
@@ -243,8 +258,8 @@ class Federation:
                 bridge = ""
                 if self.brokers:
                     port = self.brokers[-1].tcp_port
-                    if cuttable:
-                        self.relays.append(TcpRelay(port))
+                    if cuttable or delay:
+                        self.relays.append(TcpRelay(port, delay))
                         port = self.relays[-1].port
                     bridge = readme_bridge(port, f"rtchat-{n}") + ("restart_timeout 1\n" if cuttable else "")
                 self.brokers.append(Broker(workdir / f"broker{n}", bridge).start())
@@ -271,30 +286,35 @@ class Federation:
 
     def _probe_from(self, sniffer: Sniffer, timeout: float = 30.0) -> None:
         """Until a probe published on sniffer's broker has reached every broker (a bridge connects a moment after
-        its broker starts). Each probe is new bytes, so that no payload is ever published twice."""
+        its broker starts)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._probes += 1
             probe = f"probe {self._probes}".encode()
-            sniffer.client.publish("mrtchat/-probe", probe, qos=0)
+            sniffer.client.publish(PROBE_TOPIC, probe, qos=0)
             arrived = time.monotonic() + 0.3
             while time.monotonic() < arrived:
-                if all(probe in other.payloads() for other in self.sniffers):
+                if all(any(r[2] == probe for r in other.window(PROBE_TOPIC, 0.0, math.inf)) for other in self.sniffers):
                     return
                 time.sleep(0.02)
         raise RuntimeError(f"the bridges did not carry a probe within {timeout:g} s: "
                            f"{[b.log.read_text()[-600:] for b in self.brokers]}")
 
+    def carried(self, broker: int) -> list[bytes]:
+        """What a broker carried on rtchat.py's topics (not our probes, which go before the bridges are up)."""
+        with self.sniffers[broker].lock:
+            return [payload for _, topic, payload in self.sniffers[broker].records if topic != PROBE_TOPIC]
+
     def duplicates(self) -> list[tuple[int, int]]:
         """(broker, copies) for each payload a broker carried more than once (rtchat.py never repeats one)."""
-        return [(n, copies) for n, sniffer in enumerate(self.sniffers)
-                for copies in Counter(sniffer.payloads()).values() if copies > 1]
+        return [(n, copies) for n in range(len(self.brokers))
+                for copies in Counter(self.carried(n)).values() if copies > 1]
 
     def not_everywhere(self, timeout: float = 10.0) -> int:
         """How many payloads carried by some broker have not reached them all, once no more arrive (bounded)."""
         deadline = time.monotonic() + timeout
         while True:
-            seen = [set(sniffer.payloads()) for sniffer in self.sniffers]
+            seen = [set(self.carried(n)) for n in range(len(self.brokers))]
             missing = len(set.union(*seen) - set.intersection(*seen))
             if not missing or time.monotonic() > deadline:
                 return missing

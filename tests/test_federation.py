@@ -158,3 +158,22 @@ def test_an_rtchat_page_on_another_broker(federation, tmp_path):
             await pages.close()
     run(scenario(), 120)
     assert_each_payload_once_everywhere(federated)
+
+
+def test_a_pipe_across_a_slow_bridge(federation, tmp_path):
+    """A bridge that takes 0.2 s each way (brokers far apart): a pipe on B told to wait for two peers reaches alice
+    on A too. (With the default --wait-peers 1 it sends once bob is verified and nobody new has come for 0.25 s,
+    before alice's answer is back: README, Large deployments.)"""
+    federated = federation(2, delay=0.2)
+    a, b = federated.brokers
+    listeners = start_listeners({"alice": a, "bob": b}, tmp_path)
+    try:
+        sent = pipe("ci", b, tmp_path, "far and near\n", "--wait-peers", "2")
+        assert sent.returncode == 0, sent.stderr
+        assert "delivered 1 message(s) to 2 peer(s): alice, bob" in sent.stderr
+        for name, listener in listeners.items():
+            listener.wait_for(lambda p: said(p, "ci") == ["far and near"], what=f"ci's line at {name}")
+    finally:
+        for listener in listeners.values():
+            listener.stop()
+    assert_each_payload_once_everywhere(federated)
