@@ -1,6 +1,7 @@
 """Federated brokers (issue 16): rtchat.py peers on different mosquitto brokers joined by standard MQTT bridges (the
-README's mosquitto.conf snippet, as written) meet in one room, with no special case in rtchat.py. Every broker
-carries every payload once: no loop, no copy, nothing lost."""
+README's mosquitto.conf snippet, as written) meet in one room: on two brokers, a chain of three, a bridge that fails
+and comes back, a slow bridge, and with the real RTChat page on the other broker. Where no bridge failed, every
+broker carried every payload once: no loop, no copy, nothing lost."""
 from __future__ import annotations
 
 import asyncio
