@@ -305,6 +305,10 @@ class Federation:
         with self.sniffers[broker].lock:
             return [payload for _, topic, payload in self.sniffers[broker].records if topic != PROBE_TOPIC]
 
+    def carried_topics(self, broker: int) -> set[str]:
+        with self.sniffers[broker].lock:
+            return {topic for _, topic, _ in self.sniffers[broker].records if topic != PROBE_TOPIC}
+
     def duplicates(self) -> list[tuple[int, int]]:
         """(broker, copies) for each payload a broker carried more than once (rtchat.py never repeats one)."""
         return [(n, copies) for n in range(len(self.brokers))

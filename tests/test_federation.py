@@ -81,20 +81,21 @@ def test_a_room_over_two_bridged_brokers(federation, tmp_path):
     assert_each_payload_once_everywhere(federated)
 
 
-def test_a_room_over_a_chain_of_three_brokers(federation, tmp_path):
-    """A <- B <- C: a listener on A and one on B, a pipe on C two bridges from A; then a newcomer on C gets the lines
-    passed on from A and B."""
+def test_a_sealed_room_over_a_chain_of_three_brokers(federation, tmp_path):
+    """A <- B <- C, a sealed room (its topic and inboxes are mrtchat/sealed/...): a listener on A and one on B, a
+    pipe on C two bridges from A; then a newcomer on C gets the lines passed on from A and B."""
     federated = federation(3)
     a, b, c = federated.brokers
-    listeners = start_listeners({"alice": a, "bob": b}, tmp_path)
+    sealed = ("--secret", "far apart")
+    listeners = start_listeners({"alice": a, "bob": b}, tmp_path, *sealed)
     try:
-        sent = pipe("ci", c, tmp_path, "over two bridges\n", "--wait-peers", "2")
+        sent = pipe("ci", c, tmp_path, "over two bridges\n", "--wait-peers", "2", *sealed)
         assert sent.returncode == 0, sent.stderr
         assert "delivered 1 message(s) to 2 peer(s): alice, bob" in sent.stderr
         for name, listener in listeners.items():
             listener.wait_for(lambda p: said(p, "ci") == ["over two bridges"], what=f"ci's line at {name}")
             assert verified(listener) >= {"alice", "bob", "ci"} - {name}
-        late = start_listeners({"dave": c}, tmp_path, "--history", "10")["dave"]
+        late = start_listeners({"dave": c}, tmp_path, "--history", "10", *sealed)["dave"]
         late.wait_for(lambda p: any(m.get("history") for m in p.messages()), what="history from A and B")
         assert [(m["from"], m["text"]) for m in late.messages()] == [("ci", "over two bridges")]
         assert late.stop() == 130
@@ -102,6 +103,9 @@ def test_a_room_over_a_chain_of_three_brokers(federation, tmp_path):
         for listener in listeners.values():
             listener.stop()
     assert_each_payload_once_everywhere(federated)
+    carried = set.union(*(federated.carried_topics(n) for n in range(3)))
+    assert all(topic.startswith("mrtchat/sealed/") for topic in carried)
+    assert {topic.count("/") for topic in carried} == {2, 3}  # the room's topic and the inboxes under it
 
 
 def test_a_room_split_while_a_bridge_was_down_meets_again(federation, tmp_path, monkeypatch):
