@@ -4,7 +4,8 @@ PeerServer) through the bridge, and a line from that page comes back the other w
 
 Opt-in like both harnesses: skipped, with the reason printed, without the pages' sources, Chromium or Playwright.
 Prints `RESULT {json}` with the bridge's start until each page has it, and a line's latency each way (from the
-driver's command on the RTChat side, from the click on the peerjs side); run with -s to see them.
+driver's command on the RTChat side, from the click on the peerjs side) beside the same page to page on each network;
+run with -s to see them.
 """
 from __future__ import annotations
 
@@ -32,6 +33,14 @@ def both_pages():
             pytest.skip(f"{page} page: {reason}")
 
 
+async def click(pages, user: str, text: str) -> float:
+    """user types text on the peerjs page and clicks Send: when the click was (epoch ms)."""
+    before = peerjs_page.now_ms()
+    await pages.call("say", user=user, text=text)
+    return (await pages.wait(lambda e: e.get("event") == "click_send" and e.get("user") == user and
+                             e["t"] >= before))["t"]
+
+
 def test_the_bridge_carries_a_line_from_an_rtchat_page_to_a_peerjs_page_and_back(both_pages, broker, tmp_path):
     async def scenario():
         async with peerjs_page.Pages(tmp_path) as pages:
@@ -54,8 +63,7 @@ def test_the_bridge_carries_a_line_from_an_rtchat_page_to_a_peerjs_page_and_back
                 assert sent == ["relay"]
                 shown = await pages.shows("amy", "relay", "[via #ops] Carl: from the RTChat page \u00e9")
 
-                await pages.call("say", user="amy", text="from the peerjs page")
-                clicked = (await pages.wait(lambda e: e.get("event") == "click_send"))["t"]
+                clicked = await click(pages, "amy", "from the peerjs page")
                 back = await rtchat_pages.got("Carl", "chat", "[via peerjs] amy: from the peerjs page")
                 assert back["from"] == "relay" and back["text"] == "[via peerjs] amy: from the peerjs page"
 
@@ -70,11 +78,26 @@ def test_the_bridge_carries_a_line_from_an_rtchat_page_to_a_peerjs_page_and_back
                     ["relay: [via #ops] Carl: from the RTChat page \u00e9", "relay: [via #ops] Carl: last from RTChat"]
                 at_carl = [e["text"] for e in rtchat_pages.find("Carl", "chat")]
                 assert at_carl == ["[via peerjs] amy: from the peerjs page", "[via peerjs] amy: last from peerjs"]
+
+                # beside the same line page to page on each network, measured the same way
+                await pages.call("open", user="bo")
+                await pages.call("connect", user="bo", target="amy")
+                await pages.lists("amy", "bo")
+                clicked_too = await click(pages, "amy", "page to page")
+                beside = await pages.shows("bo", "amy", "page to page")
+                await rtchat_pages.start_peer("Dora", ROOM)
+                await rtchat_pages.validated("Carl", "Dora")
+                await rtchat_pages.validated("Dora", "Carl")
+                called_too = peerjs_page.now_ms()
+                assert sorted(await rtchat_pages.call("send", key="Carl", text="room to room")) == ["Dora", "relay"]
+                got = await rtchat_pages.got("Dora", "chat", "room to room")
                 pages.assert_no_errors()
                 peerjs_page.result("bridge_rtchat_page_to_peerjs_page", bridge_start_to_peerjs_listed_ms=listed["t"] -
                                    launched, bridge_start_to_rtchat_validated_ms=validated["ts"] * 1000 - launched,
                                    rtchat_to_peerjs_ms=shown["t"] - called_at,
-                                   peerjs_to_rtchat_ms=back["ts"] * 1000 - clicked)
+                                   peerjs_to_rtchat_ms=back["ts"] * 1000 - clicked,
+                                   rtchat_page_to_page_ms=got["ts"] * 1000 - called_too,
+                                   peerjs_page_to_page_ms=beside["t"] - clicked_too)
             finally:
                 if bridge is not None:
                     with contextlib.suppress(ProcessLookupError):
