@@ -59,14 +59,15 @@ def own_broker(tmp_path):
 
 @pytest.fixture
 def federation(tmp_path):
-    """federation(n, cuttable=False, delay=0): n real mosquittos on loopback, each bridged to the one before by the
-    README's mosquitto.conf snippet, returned once a probe published on each has reached all (support.Federation)."""
+    """federation(n, cuttable=False, delay=0, options=""): n real mosquittos on loopback, each bridged to the one
+    before by the README's mosquitto.conf snippet (and options), returned once a probe published on each has reached
+    all (support.Federation)."""
     if mosquitto_binary() is None:
         pytest.skip("mosquitto is not installed (apt-get install mosquitto); .ci/run installs it")
     made: list[Federation] = []
 
-    def start(count: int = 2, cuttable: bool = False, delay: float = 0.0) -> Federation:
-        made.append(Federation(tmp_path / f"federation{len(made)}", count, cuttable, delay))
+    def start(count: int = 2, cuttable: bool = False, delay: float = 0.0, options: str = "") -> Federation:
+        made.append(Federation(tmp_path / f"federation{len(made)}", count, cuttable, delay, options))
         return made[-1]
     yield start
     for federated in made:

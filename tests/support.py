@@ -245,9 +245,10 @@ class Federation:
     """count mosquitto brokers in a chain, each bridged to the one before by the README's snippet, with a Sniffer
     on each to tell what every broker carried. cuttable: each bridge runs through a TcpRelay (cut() and mend()
     them), and is tried again every second when it fails (mosquitto backs off from 5 s to 30 s by default).
-    delay: each bridge runs through a TcpRelay that takes this long each way."""
+    delay: each bridge runs through a TcpRelay that takes this long each way. options: more lines for each bridge."""
 
-    def __init__(self, workdir: Path, count: int, cuttable: bool = False, delay: float = 0.0) -> None:
+    def __init__(self, workdir: Path, count: int, cuttable: bool = False, delay: float = 0.0,
+                 options: str = "") -> None:
         self.brokers: list[Broker] = []
         self.sniffers: list[Sniffer] = []
         self.relays: list[TcpRelay] = []
@@ -261,7 +262,7 @@ class Federation:
                     if cuttable or delay:
                         self.relays.append(TcpRelay(port, delay))
                         port = self.relays[-1].port
-                    bridge = readme_bridge(port, f"rtchat-{n}") + ("restart_timeout 1\n" if cuttable else "")
+                    bridge = readme_bridge(port, f"rtchat-{n}") + options + ("restart_timeout 1\n" if cuttable else "")
                 self.brokers.append(Broker(workdir / f"broker{n}", bridge).start())
                 self.sniffers.append(Sniffer(self.brokers[-1].tcp_port))
             self.wait_joined()

@@ -108,6 +108,27 @@ def test_a_sealed_room_over_a_chain_of_three_brokers(federation, tmp_path):
     assert {topic.count("/") for topic in carried} == {2, 3}  # the room's topic and the inboxes under it
 
 
+def test_a_bridge_that_sends_every_payload_back(federation, tmp_path):
+    """Without mosquitto's loop guard (try_private false: as to a broker that does not know it), broker B gets back
+    every payload it sent over the bridge. The room works as on one broker: the copies are dropped unread."""
+    federated = federation(2, options="try_private false\n")
+    a, b = federated.brokers
+    listeners = start_listeners({"alice": a, "bob": b}, tmp_path)
+    try:
+        sent = pipe("ci", b, tmp_path, "once only\n", "--wait-peers", "2")
+        assert sent.returncode == 0, sent.stderr
+        assert "delivered 1 message(s) to 2 peer(s): alice, bob" in sent.stderr
+        for name, listener in listeners.items():
+            listener.wait_for(lambda p: said(p, "ci") == ["once only"], what=f"ci's line at {name}")
+            assert verified(listener) >= {"alice", "bob", "ci"} - {name}
+    finally:
+        for listener in listeners.values():
+            listener.stop()
+    assert federated.not_everywhere() == 0
+    assert {broker for broker, copies in federated.duplicates()} == {1}   # B had copies, A none
+    assert all(said(listener, "ci") == ["once only"] for listener in listeners.values())
+
+
 def test_a_room_split_while_a_bridge_was_down_meets_again(federation, tmp_path, monkeypatch):
     """alice on A and bob on B meet; the bridge fails; carol joins on B and meets bob only; the bridge comes back.
     Everyone is connected to everyone they know of, so nobody has a reason to announce, and no client sees the
