@@ -1,7 +1,8 @@
 """Federated brokers (issue 16): rtchat.py peers on different mosquitto brokers joined by standard MQTT bridges (the
-README's mosquitto.conf snippet, as written) meet in one room: on two brokers, a chain of three, a bridge that fails
-and comes back, a slow bridge, and with the real RTChat page on the other broker. Where no bridge failed, every
-broker carried every payload once: no loop, no copy, nothing lost."""
+README's mosquitto.conf snippet, as written) meet in one room: listeners, pipes, the library and the interactive chat
+on two brokers, a sealed room on a chain of three, a bridge that fails and comes back, a slow bridge, bridges without
+mosquitto's loop guard, and the real RTChat page on the other broker. Where no bridge failed or echoed, every broker
+carried every payload once: no loop, no copy, nothing lost."""
 from __future__ import annotations
 
 import asyncio
@@ -10,6 +11,7 @@ import subprocess
 import pytest
 import test_browser_interop as rtchat_page
 from support import Proc, cli_env, make_client, rtchat_cmd, run
+from test_screen import chat, message_rows
 
 import rtchat
 
@@ -78,6 +80,33 @@ def test_a_room_over_two_bridged_brokers(federation, tmp_path):
     finally:
         for listener in listeners.values():
             listener.stop()
+    assert_each_payload_once_everywhere(federated)
+
+
+def test_the_interactive_chat_across_a_bridge(federation, tmp_path):
+    """rtchat.py in a terminal on broker A, bob (the library) on B: he joins as on one broker, each sees the other's
+    line, and /peers says he is verified, channel-bound and direct."""
+    federated = federation(2)
+    a, b = federated.brokers
+
+    async def scenario():
+        async with chat(tmp_path, a, room="fed") as term, make_client("bob", tmp_path, b.url) as bob:
+            room = await bob.join("fed")
+            heard: asyncio.Queue = asyncio.Queue()
+            room.on("message", heard.put_nowait)
+            await room.wait_for_peer("alice", timeout=30)
+            await term.wait_for_text("bob joined (verified, channel-bound)")
+            term.type("hello from a terminal on A\r")
+            line = await asyncio.wait_for(heard.get(), 15)
+            assert (line.sender, line.text) == ("alice", "hello from a terminal on A")
+            room.send("hello from B")
+            await term.wait(lambda: ("bob", "hello from B") in message_rows(term), "bob's line")
+            term.type("/peers\r")
+            await term.wait(lambda: any("bob" in row and "channel-bound" in row and "direct" in row
+                                        for row in term.rows()), "/peers")
+            term.type("\x04")
+            assert await term.exit_code() == 0
+    run(scenario(), 90)
     assert_each_payload_once_everywhere(federated)
 
 
