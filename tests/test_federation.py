@@ -41,6 +41,24 @@ def assert_each_payload_once_everywhere(federated) -> None:
     assert federated.duplicates() == [], "a broker carried one payload more than once"
 
 
+def a_pipe_on_b_reaches_a_and_b(federated, tmp_path, text: str) -> dict[str, Proc]:
+    """alice listening on A, bob on B, and a pipe on B told to wait for both: it reaches both, once each. The
+    listeners, stopped."""
+    a, b = federated.brokers[:2]
+    listeners = start_listeners({"alice": a, "bob": b}, tmp_path)
+    try:
+        sent = pipe("ci", b, tmp_path, f"{text}\n", "--wait-peers", "2")
+        assert sent.returncode == 0, sent.stderr
+        assert "delivered 1 message(s) to 2 peer(s): alice, bob" in sent.stderr
+        for name, listener in listeners.items():
+            listener.wait_for(lambda p: said(p, "ci") == [text], what=f"ci's line at {name}")
+            assert verified(listener) >= {"alice", "bob", "ci"} - {name}
+    finally:
+        for listener in listeners.values():
+            listener.stop()
+    return listeners
+
+
 def test_a_room_over_two_bridged_brokers(federation, tmp_path):
     """alice and bob on broker A, carol on B: everyone verifies everyone; a pipe on B reaches all three and exits 0
     with all acknowledgements; a library peer on A reaches all; a newcomer on B, where nobody who heard the lines is
@@ -145,18 +163,7 @@ def test_a_bridge_without_mosquittos_loop_guard(federation, tmp_path, options, c
     every payload it sent over an MQTT 3.1.1 bridge (the room works as on one broker: the copies are dropped
     unread), and none over an MQTT 5 bridge (no-local), as the README says."""
     federated = federation(2, options=options)
-    a, b = federated.brokers
-    listeners = start_listeners({"alice": a, "bob": b}, tmp_path)
-    try:
-        sent = pipe("ci", b, tmp_path, "once only\n", "--wait-peers", "2")
-        assert sent.returncode == 0, sent.stderr
-        assert "delivered 1 message(s) to 2 peer(s): alice, bob" in sent.stderr
-        for name, listener in listeners.items():
-            listener.wait_for(lambda p: said(p, "ci") == ["once only"], what=f"ci's line at {name}")
-            assert verified(listener) >= {"alice", "bob", "ci"} - {name}
-    finally:
-        for listener in listeners.values():
-            listener.stop()
+    listeners = a_pipe_on_b_reaches_a_and_b(federated, tmp_path, "once only")
     assert federated.not_everywhere() == 0
     assert {broker for broker, copies in federated.duplicates()} == copies_at
     assert all(said(listener, "ci") == ["once only"] for listener in listeners.values())
@@ -224,15 +231,5 @@ def test_a_pipe_across_a_slow_bridge(federation, tmp_path):
     on A too. (With the default --wait-peers 1 it sends once bob is verified and nobody new has come for 0.25 s,
     before alice's answer is back: README, Large deployments.)"""
     federated = federation(2, delay=0.2)
-    a, b = federated.brokers
-    listeners = start_listeners({"alice": a, "bob": b}, tmp_path)
-    try:
-        sent = pipe("ci", b, tmp_path, "far and near\n", "--wait-peers", "2")
-        assert sent.returncode == 0, sent.stderr
-        assert "delivered 1 message(s) to 2 peer(s): alice, bob" in sent.stderr
-        for name, listener in listeners.items():
-            listener.wait_for(lambda p: said(p, "ci") == ["far and near"], what=f"ci's line at {name}")
-    finally:
-        for listener in listeners.values():
-            listener.stop()
+    a_pipe_on_b_reaches_a_and_b(federated, tmp_path, "far and near")
     assert_each_payload_once_everywhere(federated)
