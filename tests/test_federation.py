@@ -51,8 +51,8 @@ def a_pipe_on_b_reaches_a_and_b(federated, tmp_path, text: str) -> dict[str, Pro
         assert sent.returncode == 0, sent.stderr
         assert "delivered 1 message(s) to 2 peer(s): alice, bob" in sent.stderr
         for name, listener in listeners.items():
-            listener.wait_for(lambda p: said(p, "ci") == [text], what=f"ci's line at {name}")
-            assert verified(listener) >= {"alice", "bob", "ci"} - {name}
+            listener.wait_for(lambda p, name=name: said(p, "ci") == [text] and
+                              verified(p) >= {"alice", "bob", "ci"} - {name}, what=f"ci's line at {name}, all verified")
     finally:
         for listener in listeners.values():
             listener.stop()
@@ -140,8 +140,8 @@ def test_a_sealed_room_over_a_chain_of_three_brokers(federation, tmp_path):
         assert sent.returncode == 0, sent.stderr
         assert "delivered 1 message(s) to 2 peer(s): alice, bob" in sent.stderr
         for name, listener in listeners.items():
-            listener.wait_for(lambda p: said(p, "ci") == ["over two bridges"], what=f"ci's line at {name}")
-            assert verified(listener) >= {"alice", "bob", "ci"} - {name}
+            listener.wait_for(lambda p, name=name: said(p, "ci") == ["over two bridges"] and
+                              verified(p) >= {"alice", "bob", "ci"} - {name}, what=f"ci's line at {name}, all verified")
         late = start_listeners({"dave": c}, tmp_path, "--history", "10", *sealed)["dave"]
         late.wait_for(lambda p: any(m.get("history") for m in p.messages()), what="history from A and B")
         assert [(m["from"], m["text"]) for m in late.messages()] == [("ci", "over two bridges")]
