@@ -2055,6 +2055,8 @@ MAX_PEERJS_SOCKET_BYTES = 128 * 1024 ** 2  # above what the server relays (100 M
                                            # socket closed by sending a big message (it is dropped, unparsed)
 MAX_PEERJS_IDS = 256                       # ids read from one peer list (OFFER metadata, `connections` message)
 PEERJS_RELAYED = ("OFFER", "ANSWER", "CANDIDATE", "LEAVE", "EXPIRE")
+PEERJS_RTCHAT_VERSION = 1                  # `"rtchat": 1` in an OFFER or ANSWER: rtchat.py's identity frames and
+                                           # signed lines on that connection (PROTOCOL.md, PeerJS); the page has none
 _PEERJS_NAME_RE = re.compile(r"[A-Za-z0-9]+(?:[ _-][A-Za-z0-9]+)*")  # PeerJS's id rule (peerjs-multichat.md §2)
 _CONNECTION_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")                # PeerJS makes dc_ + base 36
 _DATA_SECTION_RE = re.compile(r"^m=application \d+ [A-Z/]*SCTP", re.MULTILINE)
@@ -2138,6 +2140,7 @@ class PeerJSSignal:
     candidate: dict | None = None    # CANDIDATE: candidate, sdpMid, sdpMLineIndex, usernameFragment
     peer_ids: tuple[str, ...] = ()   # OFFER: metadata.peerIds, the caller's mesh
     client: str = ""                 # OFFER, ANSWER: its `browser` field ("chrome", or rtchat.py's CLIENT_TAG)
+    speaks_identity: bool = False    # OFFER, ANSWER: `"rtchat": 1`, an rtchat.py peer that proves its key
 
     @classmethod
     def parse(cls, message: Any) -> PeerJSSignal | None:
@@ -2164,13 +2167,15 @@ class PeerJSSignal:
             return None  # no SDP, or one with no data channel in it
         client = payload.get("browser")
         client = clean(client, 64) if isinstance(client, str) else ""
+        speaks_identity = type(payload.get("rtchat")) is int and payload["rtchat"] == PEERJS_RTCHAT_VERSION
         if kind == "ANSWER":
-            return cls(kind, src, connection_id, description["sdp"], client=client)
+            return cls(kind, src, connection_id, description["sdp"], client=client, speaks_identity=speaks_identity)
         if payload.get("type") != "data" or payload.get("serialization", "json") != "json":
             return None  # a call, or a DataConnection in a serialization we do not speak (binary)
         metadata = payload.get("metadata")
         peer_ids = peerjs_ids(metadata.get("peerIds")) if isinstance(metadata, dict) else ()
-        return cls(kind, src, connection_id, description["sdp"], peer_ids=peer_ids, client=client)
+        return cls(kind, src, connection_id, description["sdp"], peer_ids=peer_ids, client=client,
+                   speaks_identity=speaks_identity)
 
 
 def _peerjs_candidate(value: Any) -> dict | None:
@@ -2500,6 +2505,13 @@ def negotiated_fingerprint(pc) -> str | None:
         return None
 
 
+def dtls_fingerprints(pc, remote_sdp: str | None) -> tuple[str | None, str | None]:
+    """(ours, theirs): the sha-256 fingerprints of the two DTLS certificates, theirs as actually used."""
+    ours = sdp_fingerprint(pc.localDescription.sdp) if pc and pc.localDescription else None
+    theirs = (negotiated_fingerprint(pc) if pc else None) or sdp_fingerprint(remote_sdp or "")
+    return ours, theirs
+
+
 def remote_candidate(data: dict, remote_sdp: str):
     """A trickled candidate as aiortc takes it; None if malformed or meant for another of the sender's sessions
     (its ufrag is not the one in remote_sdp: browsers' candidates carry no target, rtchat-wire.md §5.3)."""
@@ -2627,6 +2639,8 @@ class Peer(Emitter):
 
     Its state moves only forward, by its own methods: seen (announced) -> connecting (begin) -> open (channels up)
     -> verified (verify) -> closed (close, from any state). Its tasks and timers end with it."""
+
+    unsigned_signaling = False  # an rtchat.py peer signs its offers and answers: unsigned ones prove nothing
 
     def __init__(self, name: str, ice: RTCConfiguration, dialect: Dialect | None = None, *,
                  key_string: str | None = None, client_tag: str | None = None, candidates: list[dict] = ()) -> None:
@@ -2778,10 +2792,7 @@ class Peer(Emitter):
             await self.add_candidate(data)
 
     def dtls_fingerprints(self) -> tuple[str | None, str | None]:
-        """(ours, theirs): the sha-256 fingerprints of the two DTLS certificates, theirs as actually used."""
-        ours = sdp_fingerprint(self.pc.localDescription.sdp) if self.pc and self.pc.localDescription else None
-        theirs = (negotiated_fingerprint(self.pc) if self.pc else None) or sdp_fingerprint(self.remote_sdp or "")
-        return ours, theirs
+        return dtls_fingerprints(self.pc, self.remote_sdp)
 
     def verify(self, key: str, channel_bound: bool, author: dict | None = None, lookalike: str | None = None) -> None:
         """It proved key on this connection (bound to it, if channel_bound): verified."""
@@ -3163,6 +3174,10 @@ class RtchatPyDialect(Dialect):
 
     async def verify(self, peer: Peer, handshake: Handshake) -> Proof:
         peer.send("chat", self.identity_frame(peer, handshake))
+        return await self.proven(peer, handshake)
+
+    async def proven(self, peer: Peer, handshake: Handshake) -> Proof:
+        """The key the peer's identity frame proves, once it came (see check), if the trust policy takes it."""
         try:
             frame = await asyncio.wait_for(asyncio.shield(handshake.frame), VERIFY_TIMEOUT_S)
         except asyncio.TimeoutError:
@@ -3178,7 +3193,10 @@ class RtchatPyDialect(Dialect):
         or answer (or signed them itself), and it signed this channel as the peer sees it. VerifyFailed 'mitm' if
         such credentials signed another channel, else 'bad-identity'."""
         key, sig, mkey = frame.get("key"), frame.get("sig"), frame.get("mkey")
-        signaled = mkey == peer.signal_mkey if peer.signal_mkey is not None else key == peer.signed_key
+        if peer.signal_mkey is not None:
+            signaled = mkey == peer.signal_mkey
+        else:  # on PeerJS nothing in signaling is signed: the channel binding below is the whole proof
+            signaled = key == peer.signed_key or (peer.signed_key is None and peer.unsigned_signaling)
         if not (isinstance(key, str) and len(key) <= MAX_KEY_CHARS and isinstance(sig, str) and signaled
                 and peer.signed_key in (None, key) and verify_message_key(key, mkey, frame.get("mcert"))):
             raise VerifyFailed("bad-identity")
@@ -3923,8 +3941,10 @@ class Gossip:
 # =============================================================================
 # PeerJS mesh: the peerjs-multichat page's data plane and merge rules. One
 # RTCPeerConnection per DataConnection (PeerJSConnection); MeshPlan decides who
-# to dial, PeerJSMesh does the I/O. Uses Wire, PeerJS signaling, Peer's ICE
-# helpers. Emits "join", "leave", "chat" (PeerJSChat), "unreachable", "lost".
+# to dial, PeerJSMesh does the I/O; between two rtchat.py peers, the rtchat.py
+# dialect's identity frame binds each connection to a key. Uses Wire, PeerJS
+# signaling, Peer's ICE helpers, Dialects. Emits "join", "leave", "chat"
+# (PeerJSChat), "unreachable", "verify-failed", "lost", "back".
 # =============================================================================
 
 PEERJS_CONSENT = (1.0, 5)        # ICE consent checked every ~1 s, gone after 5 misses in a row: a closed tab is seen
@@ -3933,6 +3953,8 @@ MAX_PEERJS_CONNECTIONS = 4       # per peer: merge races make two; more is a flo
 MAX_MESH_PEERS = 256             # peers connected or being connected, and ids waiting to be dialled
 CHAT_RATE = (10.0, 30)           # chat lines one peer may send: per second, burst
 DEFAULT_MAX_MESSAGE_BYTES = 65536  # what a peer takes whose SDP has no a=max-message-size (RFC 8841)
+PEERJS_TOPIC = "peerjs"          # what rtchat.py peers sign as the "topic" on PeerJS (no rooms: one network)
+MAX_HELD_FRAMES = 100            # frames from an rtchat.py peer held until it has proven its key
 
 
 def quicken_consent(pc, interval_s: float, misses: int) -> None:
@@ -3965,14 +3987,26 @@ def max_message_bytes(sdp: str) -> int:
 
 class PeerJSConnection(Emitter):
     """One PeerJS DataConnection: an RTCPeerConnection of its own with one unordered channel labelled with the
-    connection id, JSON objects as text frames. Emits "open", "message" (dict), "closed" (reason)."""
+    connection id, JSON objects as text frames. Emits "open", "message" (dict), "closed" (reason).
+
+    To an rtchat.py peer that said it proves its key (speaks_identity), it is what RtchatPyDialect checks an
+    identity frame against: its DTLS session, and no signed signaling (PeerJS has none)."""
+
+    signal_mkey = None                   # nothing in PeerJS signaling is signed
+    signed_key = None
+    unsigned_signaling = True
 
     def __init__(self, peer_id: str, connection_id: str, ice: RTCConfiguration) -> None:
         super().__init__()
         self.peer_id = peer_id
+        self.name = peerjs_name(peer_id)
         self.connection_id = connection_id
         self.state = "connecting"        # connecting, open, closed
         self.client = ""                 # what its OFFER or ANSWER said it runs (unchecked)
+        self.speaks_identity = False     # both sides said `"rtchat": 1`: its key is proven before it counts as open
+        self.proof: Proof | None = None  # the key it proved on this connection
+        self.identity_frame = asyncio.get_running_loop().create_future()
+        self.held: list[dict] = []       # what it sent before it proved its key
         self.max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
         self.dropped = 0                 # frames that were not a JSON object of a sane size
         self.channel = None
@@ -4062,6 +4096,15 @@ class PeerJSConnection(Emitter):
     def is_idle(self) -> bool:
         return self.state != "open" or sctp_idle(self.pc, [self.channel])
 
+    def dtls_fingerprints(self) -> tuple[str | None, str | None]:
+        return dtls_fingerprints(self.pc, self.remote_sdp)
+
+    @property
+    def rtt_ms(self) -> float | None:
+        """The round trip SCTP measured on what we sent (the page answers no pings); None before it has."""
+        srtt = getattr(self.pc.sctp, "_srtt", None) if self.pc.sctp else None
+        return srtt * 1000 if isinstance(srtt, float) else None
+
     def send(self, value: dict) -> bool:
         """One JSON text frame; False if the connection is not open or the frame is over what the peer takes."""
         text = to_json(value)  # ASCII: as many bytes as characters
@@ -4085,10 +4128,23 @@ class PeerJSChat:
     sender: str                 # the author: always the user whose connection it came on
     text: str
     timestamp: int | None       # the author's clock, epoch ms; None if it sent nothing that makes sense
+    action: bool = False        # /me (rtchat.py peers only: the page has no actions)
+    proof: Proof | None = None  # the author's key, proven on the connection it came on (rtchat.py peers)
+    signed: dict | None = None  # with proof: the rtchat.py message frame as it came, for its id and signature
+    #                             to be checked (PROTOCOL.md: an rtchat.py peer's lines on PeerJS)
 
     def frame(self) -> dict:
         """What the page sends and reads."""
         return {"type": "chat", "chat": {"sender": self.sender, "message": self.text, "timestamp": self.timestamp}}
+
+    @classmethod
+    def read_signed(cls, value: dict, sender: str, proof: Proof) -> PeerJSChat | None:
+        """An rtchat.py message frame from a peer that proved its key; None if malformed (the id and signature are
+        checked above: see PeerJSPlace)."""
+        text, stamp = value.get("text"), value.get("ts")
+        if not (isinstance(text, str) and 0 < len(text) <= MAX_TEXT_CHARS and type(stamp) is int and _epoch_ms(stamp)):
+            return None
+        return cls(sender, text, stamp, value.get("action") is True, proof, value)
 
     @classmethod
     def read(cls, value: Any, peer_id: str) -> PeerJSChat | None:
@@ -4100,9 +4156,12 @@ class PeerJSChat:
         sender, text, stamp = chat.get("sender"), chat.get("message"), chat.get("timestamp")
         if sender != peerjs_name(peer_id) or not isinstance(text, str) or not 0 < len(text) <= MAX_TEXT_CHARS:
             return None
-        valid = isinstance(stamp, (int, float)) and not isinstance(stamp, bool) and math.isfinite(stamp) and \
-            0 <= stamp < 2 ** 53
-        return cls(sender, text, int(stamp) if valid else None)
+        return cls(sender, text, int(stamp) if _epoch_ms(stamp) else None)
+
+
+def _epoch_ms(stamp: Any) -> bool:
+    return isinstance(stamp, (int, float)) and not isinstance(stamp, bool) and math.isfinite(stamp) and \
+        0 <= stamp < 2 ** 53
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4262,6 +4321,12 @@ class PeerJSMesh(Emitter):
     decisions carried out. Emits "join" (name), "leave" (name, reason), "chat" (PeerJSChat), "unreachable"
     (name), "lost" (reason: the server went away; open connections go on) and "back" (it let us in again).
 
+    With an identity, it tells other rtchat.py peers so (`"rtchat": 1` in its OFFERs and ANSWERs), and a
+    connection on which both said it opens only once each side has proven its key with the rtchat.py dialect's
+    identity frame, bound to that connection's DTLS session, and admits(name, key) took it; else it is closed
+    ("verify-failed": name, reason, fingerprint of the key that signed another connection or None). Its lines
+    then come as rtchat.py message frames (PeerJSChat.signed), and go as the frame send_chat is given.
+
         mesh = PeerJSMesh("alice", server="ws://127.0.0.1:9000/", ice=ice_configuration([]))
         await mesh.start()               # NameTaken, PeerServerRefused, PeerServerUnreachable
         await mesh.connect("bob")        # PeerUnavailable: "bob is not online"
@@ -4269,11 +4334,15 @@ class PeerJSMesh(Emitter):
     """
 
     def __init__(self, name: str, *, server: PeerJSServer | str | None = None, ice: RTCConfiguration,
-                 connect_timeout: float = 10.0, heartbeat_s: float = PEERJS_HEARTBEAT_S) -> None:
+                 connect_timeout: float = 10.0, heartbeat_s: float = PEERJS_HEARTBEAT_S,
+                 identity: Identity | None = None, admits: Callable[[str, str], bool] = lambda name, key: True
+                 ) -> None:
         super().__init__()
         self.name = name
         self.peer_id = peerjs_id(name)
         self.ice = ice
+        self.identity = identity
+        self.admits = admits
         self.signaling = PeerJSSignaling(self.peer_id, server, connect_timeout, heartbeat_s)
         self.plan = MeshPlan(self.peer_id, lambda: f"dc_{secrets.token_hex(6)}")
         self.connections: dict[tuple[str, str], PeerJSConnection] = {}
@@ -4333,13 +4402,26 @@ class PeerJSMesh(Emitter):
         """Names of the users being connected to (the mesh is merged when there are none, see wait_settled)."""
         return [peerjs_name(p) for p in self.plan.unsettled()]
 
-    def send_chat(self, text: str) -> tuple[PeerJSChat, list[str]]:
-        """Say text to everyone in the mesh as the page does; returns the chat and the names it went to."""
+    def send_chat(self, text: str, action: bool = False, signed: dict | None = None) -> tuple[PeerJSChat, list[str]]:
+        """Say text to everyone in the mesh: as the page does, and to an rtchat.py peer that proved its key as
+        signed (our rtchat.py message frame of it, if we have an identity); returns the chat and the names it
+        went to. The page has no actions: it gets '* NAME text'."""
         if not 0 < len(text) <= MAX_TEXT_CHARS:
             raise UsageError(f"a chat line has 1 to {MAX_TEXT_CHARS} characters")
-        chat = PeerJSChat(self.name, text, now_ms())
-        sent = [peerjs_name(p) for p in self.plan.peers() if self._send(p, chat.frame())]
+        chat = PeerJSChat(self.name, text, signed["ts"] if signed else now_ms(), action)
+        page = PeerJSChat(self.name, f"* {self.name} {text}" if action else text, chat.timestamp).frame()
+        sent = []
+        for name in self.peers():
+            connection = self.connection_to(name)
+            frame = page if connection is None or connection.proof is None else signed
+            if connection is not None and frame is not None and connection.send(frame):
+                sent.append(name)
         return chat, sent
+
+    def connection_to(self, name: str) -> PeerJSConnection | None:
+        """The connection we send to this user on (the oldest open one), if any."""
+        peer_id = PEERJS_ID_PREFIX + name
+        return self.connections.get((peer_id, self.plan.sending_connection(peer_id)))
 
     async def flush(self, timeout: float) -> bool:
         """Until what was sent has arrived: every open connection's SCTP acknowledged it (the page sends no
@@ -4408,7 +4490,7 @@ class PeerJSMesh(Emitter):
     def _connection(self, peer_id: str, connection_id: str) -> PeerJSConnection:
         connection = PeerJSConnection(peer_id, connection_id, self.ice)
         self.connections[(peer_id, connection_id)] = connection
-        connection.on("open", lambda c: self._carry_out(self.plan.opened(c.peer_id, c.connection_id)))
+        connection.on("open", self._on_open)
         connection.on("message", self._on_message)
         connection.on("closed", self._on_closed)
         return connection
@@ -4423,7 +4505,8 @@ class PeerJSMesh(Emitter):
         payload = {"sdp": {"type": "offer", "sdp": slim_sdp(sdp)}, "type": "data",
                    "connectionId": connection.connection_id, "label": connection.connection_id, "browser": CLIENT_TAG,
                    "reliable": False, "serialization": "json",
-                   "metadata": {"peerIds": list(peer_ids)}}  # the page fails on an OFFER without it
+                   "metadata": {"peerIds": list(peer_ids)},  # the page fails on an OFFER without it
+                   **self._identity_offered()}
         if not await self.signaling.send("OFFER", connection.peer_id, payload):
             connection.close("no PeerJS server")
 
@@ -4435,12 +4518,35 @@ class PeerJSMesh(Emitter):
             connection.close("bad offer")
             return
         payload = {"sdp": {"type": "answer", "sdp": slim_sdp(answer)}, "type": "data",
-                   "connectionId": connection.connection_id, "browser": CLIENT_TAG}
+                   "connectionId": connection.connection_id, "browser": CLIENT_TAG, **self._identity_offered()}
         await self.signaling.send("ANSWER", connection.peer_id, payload)
 
-    def _send(self, peer_id: str, value: dict) -> bool:
-        connection = self.connections.get((peer_id, self.plan.sending_connection(peer_id)))
-        return connection is not None and connection.send(value)
+    def _identity_offered(self) -> dict:
+        return {"rtchat": PEERJS_RTCHAT_VERSION} if self.identity is not None else {}
+
+    def _on_open(self, connection: PeerJSConnection) -> None:
+        if connection.speaks_identity:
+            self._task(self._verify(connection))
+        else:
+            self._carry_out(self.plan.opened(connection.peer_id, connection.connection_id))
+
+    async def _verify(self, connection: PeerJSConnection) -> None:
+        """Both sides send the identity frame; the connection counts as open once the peer's proves its key."""
+        handshake = Handshake(self.name, PEERJS_TOPIC, self.identity, {},
+                              lambda key: self.admits(connection.name, key), connection.identity_frame)
+        connection.send(RTCHAT_PY.identity_frame(connection, handshake))
+        try:
+            connection.proof = await RTCHAT_PY.proven(connection, handshake)
+        except VerifyFailed as failure:
+            if connection.state == "open":
+                self.emit("verify-failed", connection.name, failure.reason, failure.fingerprint)
+                connection.close(f"did not prove its key ({failure.reason})")
+            return
+        if connection.state == "open":
+            self._carry_out(self.plan.opened(connection.peer_id, connection.connection_id))
+            held, connection.held = connection.held, []
+            for value in held:
+                self._on_message(connection, value)
 
     # -- from the server and the connections --------------------------------------------------------
     def _on_signal(self, signal: PeerJSSignal) -> None:
@@ -4452,10 +4558,12 @@ class PeerJSMesh(Emitter):
             if any(action.kind == "answer" for action in actions):
                 connection = self._connection(signal.src, signal.connection_id)
                 connection.client = signal.client
+                connection.speaks_identity = signal.speaks_identity and self.identity is not None
                 self._task(self._answer(connection, signal.sdp))
             self._carry_out([action for action in actions if action.kind != "answer"])
-        elif signal.kind == "ANSWER" and connection is not None:
+        elif signal.kind == "ANSWER" and connection is not None and connection.pc.signalingState == "have-local-offer":
             connection.client = signal.client
+            connection.speaks_identity = signal.speaks_identity and self.identity is not None
             self._task(connection.accept_answer(signal.sdp))
         elif signal.kind == "CANDIDATE" and connection is not None:
             self._task(connection.add_candidate(signal.candidate))
@@ -4467,11 +4575,21 @@ class PeerJSMesh(Emitter):
             self._carry_out(self.plan.expired(signal.src))
 
     def _on_message(self, connection: PeerJSConnection, value: dict) -> None:
+        """The page's frames; from an rtchat.py peer, its identity frame (the first) and, once it proved its key,
+        its message frames (it sends no page chat frames), what came before held until then."""
+        if connection.speaks_identity and connection.proof is None:
+            if value.get("t") == "id":
+                if not connection.identity_frame.done():
+                    connection.identity_frame.set_result(value)
+            elif len(connection.held) < MAX_HELD_FRAMES:
+                connection.held.append(value)
+            return
         kind = value.get("type")
         if kind == "connections":
             self._carry_out(self.plan.listed(connection.peer_id, peerjs_ids(value.get("peerIds"))))
-        elif kind == "chat":
-            chat = PeerJSChat.read(value, connection.peer_id)
+        elif kind == "chat" or value.get("t") == "msg":
+            chat = PeerJSChat.read(value, connection.peer_id) if connection.proof is None else \
+                PeerJSChat.read_signed(value, connection.name, connection.proof) if value.get("t") == "msg" else None
             if chat is None or not self._chat_rates.allow(connection.peer_id):
                 self.dropped += 1
                 return
@@ -5545,6 +5663,15 @@ class Message:
                 record[field] = getattr(self, field)
         return record
 
+    def frame(self) -> dict:
+        """The frame that carries it to an rtchat.py peer (PROTOCOL.md, Messages)."""
+        frame = {"t": "msg", "id": self.id, "ts": self.ts, "text": self.text, "action": self.action}
+        if self.salt is not None:  # an outbox entry written by rtchat.py 0.2 has none: it goes as 0.2 sent it
+            frame["salt"] = self.salt
+        if self.sig is not None:
+            frame["sig"] = self.sig
+        return frame
+
     def bound_id(self) -> str:
         """The id this message must have (see message_id)."""
         return message_id(self.sender, self.fingerprint or self.claimed_fingerprint, self.ts, self.text, self.action,
@@ -6383,6 +6510,27 @@ class Relays:
             self._emit("history-conflict", peer, sorted(claimed))
 
 
+def own_message(scope: Scope, text: str, kind: str = "message", action: bool = False, to: str | None = None
+                ) -> Message:
+    """Something we say, with its id; UsageError for what cannot be sent."""
+    if not text:
+        raise UsageError("nothing to send")
+    if len(text) > MAX_TEXT_CHARS:
+        raise UsageError(f"a message has at most {MAX_TEXT_CHARS} characters")
+    if not is_encodable(text):
+        raise UsageError("a message must be valid Unicode text (it has a lone surrogate)")
+    msg = Message(id="", room=scope.room, sender=scope.me, text=text, ts=now_ms(), kind=kind,
+                  fingerprint=scope.identity.fingerprint, trust="self", action=action, to=to, salt=new_id())
+    msg.id = msg.bound_id()
+    return msg
+
+
+def kept_messages(log: HistoryLog, count: int) -> list[Message]:
+    """The last count messages of a history log, oldest first, marked as history."""
+    entries = log.entries()[-count:] if count > 0 else []
+    return [dataclasses.replace(Message.from_dict(e), history=True) for e in entries]
+
+
 class Ledger:
     """Messages in and out of one room once a session is verified. Inputs are calls from the room: a verified peer
     came or went, a chat or dm frame came from one, the user said something. Outputs are frames handed to peers'
@@ -6458,8 +6606,7 @@ class Ledger:
 
     def history(self, count: int = 20) -> list[Message]:
         """The last count messages of this room, oldest first (kept on disk, also across restarts)."""
-        entries = self.log.entries()[-count:] if count > 0 else []
-        return [dataclasses.replace(Message.from_dict(e), history=True) for e in entries]
+        return kept_messages(self.log, count)
 
     def unacknowledged(self) -> set[str]:
         """Wire names of rtchat.py peers that have not acknowledged every message we sent them."""
@@ -6478,17 +6625,7 @@ class Ledger:
         return await self.changed.until(settled, timeout) and not self.unacknowledged()
 
     def _own_message(self, text: str, kind: str, action: bool = False, to: str | None = None) -> Message:
-        if not text:
-            raise UsageError("nothing to send")
-        if len(text) > MAX_TEXT_CHARS:
-            raise UsageError(f"a message has at most {MAX_TEXT_CHARS} characters")
-        if not is_encodable(text):
-            raise UsageError("a message must be valid Unicode text (it has a lone surrogate)")
-        msg = Message(id="", room=self.scope.room, sender=self.scope.me, text=text, ts=now_ms(), kind=kind,
-                      fingerprint=self.scope.identity.fingerprint, trust="self", action=action, to=to,
-                      salt=new_id())
-        msg.id = msg.bound_id()
-        return msg
+        return own_message(self.scope, text, kind, action, to)
 
     def _sign_now_if_wanted(self, msg: Message, peers: list[Peer]) -> None:
         """An rtchat.py peer that does not take batch signatures later (0.2, or one whose hello has not come) gets
@@ -6543,12 +6680,7 @@ class Ledger:
         if not peer.can("acks"):
             peer.send_paced(label, f"* {self.scope.me} {msg.text}" if msg.action else msg.text)
             return False
-        frame = {"t": "msg", "id": msg.id, "ts": msg.ts, "text": msg.text, "action": msg.action}
-        if msg.salt is not None:  # an outbox entry written by rtchat.py 0.2 has none: it goes as 0.2 sent it
-            frame["salt"] = msg.salt
-        if msg.sig is not None:
-            frame["sig"] = msg.sig
-        if not peer.send_paced(label, frame):
+        if not peer.send_paced(label, msg.frame()):
             return False
         self._unacked.setdefault(msg.id, set()).add(peer.name)
         if len(self._unacked) > 10000:  # a long-lived room: forget the oldest never acknowledged
@@ -6722,6 +6854,256 @@ class Ledger:
 
 
 # =============================================================================
+# PeerJS place: the chat on a PeerJS mesh as a front end sees a room, a thin
+# adapter over PeerJSMesh: say a line, the members with their state and round
+# trip, events (message, join, leave, key-changed, verify-failed, mitm-detected,
+# disk-error...). Its lines are kept in a history of their own. Uses PeerJS
+# mesh, Messages, the Ledger's Journal, Admission; knows no Room.
+# =============================================================================
+
+PEERJS_ROOM = "peerjs"  # the "room" of what --json prints from the PeerJS network (a mesh has no name)
+UNVERIFIED_JOIN = "joined (unverified: peerjs-multichat has no identities)"
+UNVERIFIED_MARK = "?"   # after a name nothing proved (the page's users): 'bob?'; PeerJS names cannot hold it
+PEERJS_LACKS = {   # what the PeerJS network cannot do, by command
+    "msg": "peerjs-multichat has no direct messages: on PeerJS every line goes to everyone you are connected to",
+    "ask": "peerjs-multichat has no questions (/ask): nobody on PeerJS can answer one",
+    "send": "peerjs-multichat has no file transfer",
+    "rooms": "peerjs-multichat has no rooms: you chat with everyone you are connected to (/connect NAME dials a "
+             "user, /peers lists them)",
+}
+
+
+class PeerJSPageDialect(Dialect):
+    """The peerjs-multichat page, as /peers and /whois name it: no keys, no direct messages, questions or files."""
+    name = "peerjs-multichat"
+    capabilities = frozenset()
+
+
+PEERJS_PAGE = PeerJSPageDialect()
+
+
+def peerjs_message(chat: PeerJSChat) -> Message:
+    """A page's chat line as a Message: unverified (the page has no identities); at our clock if its own is junk."""
+    ts = chat.timestamp if chat.timestamp is not None else now_ms()
+    salt = new_id()
+    return Message(id=message_id(chat.sender, None, ts, chat.text, False, salt), room=PEERJS_ROOM,
+                   sender=chat.sender, text=chat.text, ts=ts, salt=salt)
+
+
+def peerjs_history_key(server: PeerJSServer, name: str) -> str:
+    """What a PeerJS chat's history is kept under: the server and our name there (a mesh has no name of its own:
+    it is whoever we are connected to, and on another server or under another name it is another network)."""
+    return f"peerjs {server} {name}"
+
+
+@dataclasses.dataclass
+class MeshMember:
+    """Someone in the mesh, with the fields of a Peer that /peers, /whois and the chat's lines read."""
+    name: str
+    state: str                          # connecting, unverified (nothing proven: the page), verified
+    dialect: Dialect = PEERJS_PAGE
+    key_string: str | None = None
+    rtt_ms: float | None = None
+    path: str | None = None             # direct, relay (through TURN)
+    client_tag: str | None = None       # what its OFFER or ANSWER said it runs (unchecked)
+    lookalike: str | None = None
+
+    @property
+    def fingerprint(self) -> str | None:
+        return fingerprint(self.key_string) if self.key_string else None
+
+    @property
+    def is_verified(self) -> bool:
+        return self.state == "verified"
+
+    @property
+    def is_open(self) -> bool:
+        return self.state in ("unverified", "verified")
+
+    @property
+    def channel_bound(self) -> bool:
+        return self.is_verified
+
+
+class PeerJSPlace(Emitter):
+    """Us on a PeerJS mesh, for the chat and its commands: what they use of a Room (name, me, peers, label, find,
+    send, history, events), over a PeerJSMesh. The page's users are unverified; an rtchat.py peer that proved its
+    key on its connection is verified, its key pinned as in rooms (the same pins: a name is one person on both
+    networks), and its lines are taken only with an id bound to them and its signature. Create with
+    Client.join_peerjs()."""
+
+    network_name = "peerjs"
+    seal = None                 # no sealed meshes
+
+    def __init__(self, name: str, *, server: str | None, ice: RTCConfiguration, identity: Identity, store: Store,
+                 trust: Trust) -> None:
+        super().__init__()
+        self.name = PEERJS_ROOM
+        self.me = name
+        self.trust = trust
+        self.admission = Admission(trust, name)
+        self.admission.on("key-changed", functools.partial(self.emit, "key-changed"))
+        self.mesh = PeerJSMesh(name, server=server, ice=ice, identity=identity, admits=self.admission.admits)
+        self.server = self.mesh.signaling.server
+        self.scope = Scope(PEERJS_ROOM, PEERJS_TOPIC, name, identity, store, trust)
+        self._tasks = Tasks()
+        self.journal = Journal(self.scope, HistoryLog(store.history_path(peerjs_history_key(self.server, name))),
+                               self.emit, self._tasks, Pulse())
+        self.dropped = 0            # lines from rtchat.py peers whose id or signature did not fit
+        self._present: dict[str, MeshMember] = {}   # who joined, as they were then (for their leave)
+        for event, handler in (("join", self._on_join), ("leave", self._on_leave), ("chat", self._on_chat),
+                               ("verify-failed", self._on_verify_failed)):
+            self.mesh.on(event, handler)
+
+    def __repr__(self) -> str:
+        return f"PeerJSPlace({self.me!r} on {self.server})"
+
+    @property
+    def server_connected(self) -> bool:
+        return self.mesh.signaling.is_connected
+
+    @property
+    def refused(self) -> dict[str, str]:
+        """Name -> the last key refused for it (what /trust NAME accepts)."""
+        return self.admission.refused
+
+    async def join(self) -> None:
+        """Log in (NameTaken, PeerServerRefused, PeerServerUnreachable) with the history read."""
+        await self.journal.open()
+        await self.mesh.start()
+
+    async def connect(self, name: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+        """Dial a user (PeerUnavailable: not on the server; NoPeers: no connection in time)."""
+        await self.mesh.connect(name, timeout)
+
+    def retry(self, name: str) -> None:
+        """Dial NAME again in the background (after /trust NAME)."""
+        self._tasks.spawn(self._dial_quietly(name), f"retry-{name}")
+
+    async def _dial_quietly(self, name: str) -> None:
+        with contextlib.suppress(RtchatError):
+            await self.mesh.connect(name)
+
+    async def leave(self) -> None:
+        """Leave the mesh, with what came written to the history first."""
+        await self.mesh.close()
+        self.journal.stopped = True
+        await self.journal.done.until(lambda: self.journal.idle, COMMIT_EVERY_S * 20)
+        await self._tasks.close()
+
+    @property
+    def peers(self) -> dict[str, MeshMember]:
+        """Everyone connected or being connected, by name."""
+        members = {name: self._member(name) for name in self.mesh.peers()}
+        return members | {name: MeshMember(name, "connecting") for name in self.mesh.pending() if name not in members}
+
+    def verified_peers(self) -> list[MeshMember]:
+        return [member for member in self.peers.values() if member.is_verified]
+
+    def label(self, member_or_name: MeshMember | str) -> str:
+        """A member's name for display, marked if nothing proved it: 'bob?'."""
+        member = self.peers.get(member_or_name) if isinstance(member_or_name, str) else member_or_name
+        if member is None:
+            return clean(member_or_name, MAX_NAME_CHARS)
+        return clean(member.name, MAX_NAME_CHARS) + ("" if member.is_verified else UNVERIFIED_MARK)
+
+    def find(self, name: str) -> MeshMember:
+        wanted = name.lstrip("@").rstrip(":,").removesuffix(UNVERIFIED_MARK)
+        member = self.peers.get(wanted)
+        if member is None:
+            raise UsageError(f"nobody called {clean(wanted, MAX_NAME_CHARS)!r} is connected (see /peers; "
+                             f"/connect NAME dials a user)")
+        return member
+
+    def send(self, text: str, action: bool = False) -> Message:
+        """Say something to everyone in the mesh: signed to rtchat.py peers that proved their key, in the page's
+        format to the others; kept in the history."""
+        msg = own_message(self.scope, text, action=action)
+        msg.sig = self.scope.identity.sign_message(msg.signed_part(PEERJS_TOPIC))
+        self.mesh.send_chat(text, action, msg.frame())
+        self.journal.add(msg.record())
+        return msg
+
+    def dm(self, name: str, text: str) -> Message:
+        raise UsageError(PEERJS_LACKS["msg"])
+
+    async def ask(self, name: str, topic: str, content: Any = None, timeout: float = ASK_TIMEOUT_S) -> Any:
+        raise UsageError(PEERJS_LACKS["ask"])
+
+    async def send_file(self, name: str, path: str | os.PathLike, **options: Any) -> str:
+        raise UsageError(PEERJS_LACKS["send"])
+
+    def history(self, count: int = 20) -> list[Message]:
+        """The last count lines of this network and name, oldest first (also across restarts)."""
+        return kept_messages(self.journal.log, count)
+
+    # -- from the mesh --------------------------------------------------------------------------
+    def _member(self, name: str) -> MeshMember:
+        connection = self.mesh.connection_to(name)
+        if connection is None:
+            return MeshMember(name, "connecting")
+        proof = connection.proof
+        said = RTCHAT_PY if proof or dialect_for(connection.client) is RTCHAT_PY else PEERJS_PAGE  # unless proven:
+        #                                                                                    what it says it runs
+        return MeshMember(name, "verified" if proof else "unverified", said,
+                          proof.key if proof else None, connection.rtt_ms,
+                          IcePath(connection.pc, self.mesh.ice).kind, connection.client or None)
+
+    def _on_join(self, name: str) -> None:
+        member = self._present[name] = self._member(name)
+        if member.is_verified:
+            self._pin(member)
+        self.emit("join", member)
+
+    def _pin(self, member: MeshMember) -> None:
+        """A key proven on a connection is pinned for the name, as in a room (see Sessions._verified)."""
+        with contextlib.suppress(RtchatError, ValueError):
+            verdict = self.trust.verdict(member.name, member.key_string)
+            accepted = verdict == "changed" and self.trust.is_accepting(member.name)
+            if verdict != "changed" or accepted:
+                author = self.mesh.connection_to(member.name).proof.author
+                self.trust.pin(member.name, member.key_string, signs=True, author=author, replace=accepted)
+            if accepted:
+                self.emit("key-accepted", member)
+
+    def _on_leave(self, name: str, reason: str) -> None:
+        member = self._present.pop(name, None) or MeshMember(name, "unverified")
+        self.emit("leave", member, reason)
+
+    def _on_verify_failed(self, name: str, reason: str, claimed: str | None) -> None:
+        member = MeshMember(name, "connecting", RTCHAT_PY)
+        if reason == "mitm":
+            self.emit("mitm-detected", member, claimed)
+        elif reason != "key-refused":  # Admission has said why
+            self.emit("verify-failed", member, reason)
+
+    def _on_chat(self, chat: PeerJSChat) -> None:
+        msg = peerjs_message(chat) if chat.proof is None else self._signed(chat)
+        if msg is None:
+            self.dropped += 1
+            return
+        if not self.journal.knows(msg.id):
+            self.journal.add(msg.record())
+        self.emit("message", msg)
+
+    def _signed(self, chat: PeerJSChat) -> Message | None:
+        """An rtchat.py peer's line, taken only if its id is bound to it and its signature is by the message key
+        the peer proved with its identity frame."""
+        value, proof = chat.signed, chat.proof
+        salt, sig = value.get("salt"), value.get("sig")
+        if not (isinstance(salt, str) and SALT_RE.fullmatch(salt) and is_signature_text(sig)
+                and is_message_id(value.get("id")) and valid_ts(chat.timestamp)):
+            return None
+        msg = Message(id=value["id"], room=PEERJS_ROOM, sender=chat.sender, text=chat.text, ts=chat.timestamp,
+                      fingerprint=fingerprint(proof.key), trust="channel-bound", action=chat.action, salt=salt,
+                      sig=sig)
+        if msg.id != msg.bound_id() or not msg.is_signed_by(proof.author["mkey"], PEERJS_TOPIC):
+            log.debug("%s sent a line whose id or signature does not fit: dropped", chat.sender)
+            return None
+        return msg
+
+
+# =============================================================================
 # Room itself: the coordinator. Wires the parts above: signaling through the
 # gate to Negotiation, which begins sessions, and Sessions, which verifies them;
 # verified peers and their chat frames to the Ledger, file channels to Files.
@@ -6732,6 +7114,8 @@ class Room(Emitter):
     Client.join(). The parts are public: gate (signaling checked), network (the room on the broker), admission
     (which keys may connect), sessions (the peers and their sessions), negotiation (how sessions begin), ledger
     (messages and history), files."""
+
+    network_name = "mqtt"  # where it is (a PeerJSPlace is on "peerjs")
 
     def __init__(self, name: str, *, me: str, identity: Identity, signaling: Signaling, trust: Trust,
                  store: Store, ice: RTCConfiguration, questions: dict[str, Callable],
@@ -7096,18 +7480,31 @@ class Client(Emitter):
         self.passphrase = passphrase
         self.questions: dict[str, Callable[[Question], Any]] = {}
         self.rooms: dict[str, Room] = {}
+        self.peerjs: PeerJSPlace | None = None  # our place on the PeerJS network, if we are on it
         self.identity: Identity | None = None
         self.me = self.name
         self._instance: int | None = None
 
-    async def start(self) -> Client:
+    async def start(self, broker: bool = True) -> Client:
+        """Load the state and connect to the broker (broker=False: not, for the PeerJS network alone)."""
         self.store.load()
         self.identity = self.store.identity(self.passphrase)
         self._instance = self.store.update(self._claim_instance)
         self.me = self.name if self._instance == 0 else f"{self.name}({self._instance})"
         self.store.defer(lambda d: d.update(name=self.name))
-        await self.signaling.connect()
+        if broker:
+            await self.signaling.connect()
         return self
+
+    async def join_peerjs(self, server: str | None = None) -> PeerJSPlace:
+        """Log in on a PeerServer (None: the page's own) under our name, with our key for rtchat.py peers there.
+        Raises NameTaken, PeerServerRefused, PeerServerUnreachable."""
+        if self.peerjs is None:
+            place = PeerJSPlace(self.name, server=server, ice=self.ice, identity=self.identity, store=self.store,
+                                trust=self.trust)
+            await place.join()
+            self.peerjs = place
+        return self.peerjs
 
     def _claim_instance(self, data: dict) -> int:
         """RTChat-style suffixes: the first alice is 'alice', a second one on this state file 'alice(1)'."""
@@ -7145,6 +7542,9 @@ class Client(Emitter):
     async def close(self) -> None:
         for room in list(self.rooms.values()):
             await self.leave(room)
+        if self.peerjs is not None:
+            place, self.peerjs = self.peerjs, None
+            await place.leave()
         await self.signaling.close()
         if self._instance is not None:
             number, self._instance = str(self._instance), None
@@ -7172,9 +7572,11 @@ def _tag(kind: str, name: str, **options: Any) -> Callable:
     return tag
 
 
-def command(name: str, *aliases: str, help: str = "", usage: str = "", example: str = "") -> Callable:
-    """A slash command: `async def f(ctx, args: str)`. help is the /help line, the docstring the detail."""
-    return _tag("command", name, aliases=aliases, help=help, usage=usage, example=example)
+def command(name: str, *aliases: str, help: str = "", usage: str = "", example: str = "",
+            not_on: dict[str, str] | None = None) -> Callable:
+    """A slash command: `async def f(ctx, args: str)`. help is the /help line, the docstring the detail. not_on:
+    the networks it does not apply to ("mqtt", "peerjs"), each with why, said instead of running it there."""
+    return _tag("command", name, aliases=aliases, help=help, usage=usage, example=example, not_on=not_on or {})
 
 
 def question(topic: str) -> Callable:
@@ -7196,6 +7598,7 @@ class CommandSpec:
     help: str = ""
     usage: str = ""
     example: str = ""
+    not_on: dict = dataclasses.field(default_factory=dict)
 
 
 class Registry:
@@ -7441,6 +7844,9 @@ async def handle_line(session: Session, line: str) -> None:
     spec = session.registry.commands.get(name.lower())
     if spec is None:
         raise UsageError(f"unknown command /{name} (see /help); nothing was sent")
+    why = spec.not_on.get(session.room.network_name if session.room else "mqtt")
+    if why:
+        raise UsageError(f"/{name.lower()}: {why}")
     ctx = session.context(spec.origin)
     try:
         await call_hook(spec.func, ctx, args.strip())
@@ -7477,7 +7883,8 @@ async def _help(ctx: Context, args: str) -> None:
     ctx.echo("Lines not starting with / are sent to the room; //text sends a line starting with /.")
 
 
-@command("join", "j", help="join a room too, and go there", usage="/join ROOM", example="/join #ops")
+@command("join", "j", help="join a room too, and go there", usage="/join ROOM", example="/join #ops",
+         not_on={"peerjs": PEERJS_LACKS["rooms"]})
 async def _join(ctx: Context, args: str) -> None:
     """The rooms you were in stay joined (see /rooms, /switch); a leading # is accepted. They are joined again
     when you next start rtchat.py."""
@@ -7487,7 +7894,8 @@ async def _join(ctx: Context, args: str) -> None:
     await ctx.session.switch_room(words[0])
 
 
-@command("part", "leave", help="leave a room (this one by default)", usage="/part [ROOM]")
+@command("part", "leave", help="leave a room (this one by default)", usage="/part [ROOM]",
+         not_on={"peerjs": PEERJS_LACKS["rooms"]})
 async def _part(ctx: Context, args: str) -> None:
     left = args.strip().lstrip("#") or (ctx.session.room.name if ctx.session.room else None)
     now = await ctx.session.part_room(args.strip() or None)
@@ -7495,10 +7903,23 @@ async def _part(ctx: Context, args: str) -> None:
 
 
 @command("switch", "s", "window", help="go to another room you are in (also Alt-1..9, Ctrl-N, Ctrl-P)",
-         usage="/switch ROOM")
+         usage="/switch ROOM", not_on={"peerjs": PEERJS_LACKS["rooms"]})
 async def _switch(ctx: Context, args: str) -> None:
     room, _ = _split_first(args, "/switch ROOM")
     ctx.session.select_room(room)
+
+
+@command("connect", help="dial a user by name on the PeerJS network; your meshes merge", usage="/connect NAME",
+         example="/connect bob", not_on={"mqtt": "it is for the PeerJS network (rtchat.py NAME --peerjs [URL])"})
+async def _connect(ctx: Context, args: str) -> None:
+    """Everyone NAME is connected to is dialled too, and they see you, as the peerjs-multichat page does it."""
+    name, _ = _split_first(args, "/connect NAME")
+    member = ctx.room.peers.get(name)
+    if member is not None and member.is_open:
+        ctx.echo(f"-!- you are connected to {ctx.room.label(member)} already")
+        return
+    ctx.echo(f"-!- connecting to {clean(name, MAX_NAME_CHARS)}")
+    await ctx.room.connect(name)
 
 
 @command("peers", "who", "names", help="who is seen, connected, verified, with round trip", usage="/peers")
@@ -7508,7 +7929,8 @@ async def _peers(ctx: Context, args: str) -> None:
     no_route = {name: when for (where, name), when in ctx.session.no_route.items()
                 if where == room.name and time.monotonic() - when < SEEN_EXPIRE_S}
     if not peers and not no_route:
-        ctx.echo(f"nobody else in #{room.name} yet")
+        ctx.echo("nobody connected yet (/connect NAME)" if room.network_name == "peerjs" else
+                 f"nobody else in #{room.name} yet")
     for peer in peers:
         kind = peer.dialect.name
         trust = ("verified, channel-bound" if peer.channel_bound else "verified (legacy, not channel-bound)") \
@@ -7583,7 +8005,8 @@ async def _whois(ctx: Context, args: str) -> None:
         ctx.echo(f"  safety number   {safety_number(ctx.client.identity.fingerprint, peer.fingerprint)}")
 
 
-@command("msg", "query", "m", help="direct message to one peer", usage="/msg NAME TEXT")
+@command("msg", "query", "m", help="direct message to one peer", usage="/msg NAME TEXT",
+         not_on={"peerjs": PEERJS_LACKS["msg"]})
 async def _msg(ctx: Context, args: str) -> None:
     name, text = _split_first(args, "/msg NAME TEXT")
     if not text:
@@ -7592,7 +8015,7 @@ async def _msg(ctx: Context, args: str) -> None:
 
 
 @command("send", "file", help="send a file to one rtchat.py peer", usage="/send NAME PATH",
-         example="/send bob report.pdf")
+         example="/send bob report.pdf", not_on={"peerjs": PEERJS_LACKS["send"]})
 async def _send(ctx: Context, args: str) -> None:
     name, path = _split_first(args, "/send NAME PATH")
     if not path:
@@ -7631,7 +8054,7 @@ async def _say(ctx: Context, args: str) -> None:
 
 
 @command("ask", help="ask a peer a question and wait for the answer", usage="/ask NAME TOPIC [TEXT]",
-         example="/ask bob time")
+         example="/ask bob time", not_on={"peerjs": PEERJS_LACKS["ask"]})
 async def _ask(ctx: Context, args: str) -> None:
     """TOPIC picks the handler on the other side (e.g. time, ping); TEXT goes with it."""
     name, rest = _split_first(args, "/ask NAME TOPIC [TEXT]")
@@ -7679,7 +8102,10 @@ async def _untrust(ctx: Context, args: str) -> None:
 async def _whoami(ctx: Context, args: str) -> None:
     client = ctx.client
     here = ctx.session.room
-    ctx.echo(f"{client.me} in #{here.name if here else '-'} on {client.signaling.broker}")
+    if here is not None and here.network_name == "peerjs":
+        ctx.echo(f"{here.me} on PeerJS at {here.server}")
+    else:
+        ctx.echo(f"{client.me} in #{here.name if here else '-'} on {client.signaling.broker}")
     ctx.echo(f"  key fingerprint {show_fingerprint(client.identity.fingerprint)}")
     ctx.echo(f"  state file      {client.store.path}")
 
@@ -7725,7 +8151,8 @@ async def _unignore(ctx: Context, args: str) -> None:
     ctx.echo(f"-!- no longer ignoring {name}")
 
 
-@command("rooms", "list", help="the rooms you are in, and those you have been in", usage="/rooms")
+@command("rooms", "list", help="the rooms you are in, and those you have been in", usage="/rooms",
+         not_on={"peerjs": PEERJS_LACKS["rooms"]})
 async def _rooms(ctx: Context, args: str) -> None:
     session = ctx.session
     for number, room in enumerate(session.rooms, 1):
@@ -7976,7 +8403,9 @@ def event_record(room: Room, event: str, *args: Any) -> dict:
         return message_record(args[0])
     if event in ("join", "verified"):
         record.update(_peer_fields(room, args[0]))
-        if event == "join":
+        if event == "join" and not args[0].is_verified:  # a page's user on PeerJS: nothing to prove with
+            record.update(text=UNVERIFIED_JOIN, path=args[0].path)
+        elif event == "join":
             how = "channel-bound" if args[0].channel_bound else "legacy key check, not channel-bound"
             record.update(text=f"joined (verified, {how})", path=args[0].path)
             if args[0].lookalike:  # shown apart from the known name it looks like
@@ -8094,6 +8523,8 @@ class Printer:
             return
         msg = dataclasses.replace(msg, text=clean(msg.text, keep_newlines=True))  # kept as sent; shown cleaned
         text, sender = msg.text, clean(msg.sender, MAX_NAME_CHARS + 16)
+        if self.style == "chat" and msg.trust == "unverified" and not msg.relayed_by:  # a page's user on PeerJS
+            sender += UNVERIFIED_MARK
         if msg.lookalike:  # shown apart from the name it imitates; a wire name cannot hold " ("
             sender += f" (looks like {clean(msg.lookalike, MAX_NAME_CHARS)})"
         via = ""
@@ -8206,18 +8637,22 @@ class App(Session):
         name = check_room_name(name)
         if name not in self._listeners:
             room = await self.client.join(name, self.secret)  # the room itself, if the client is in it already
-            self._listeners[name] = [(event, room.on(event, functools.partial(self._display, room, event)))
-                                     for event in EVENTS]
-            self.attach(room)
-            self.room = room
-            for msg in room.history(self.history_lines):
-                self.show(msg, from_history=True)
+            self.enter(room)
             sealed = " (sealed)" if room.seal else ""
             self.printer.status(f"-!- joined #{clean(room.name, 200)}{sealed} as {room.me} "
                                 f"on {self.client.signaling.broker}")
             if self.remember_rooms:
                 self.client.store.defer(lambda d: d["rooms"].setdefault(name, {}).update(open=True))
         return self.select_room(name)
+
+    def enter(self, room: Room | PeerJSPlace) -> None:
+        """Show this place's events and make it the current one, its last lines first."""
+        self._listeners[room.name] = [(event, room.on(event, functools.partial(self._display, room, event)))
+                                      for event in EVENTS]
+        self.attach(room)
+        self.room = room
+        for msg in room.history(self.history_lines):
+            self.show(msg, from_history=True)
 
     def select_room(self, name: str) -> Room:
         room = super().select_room(name)
@@ -8352,6 +8787,11 @@ class App(Session):
         """The status bar: the room you are in and who is there, then other rooms with unread lines (those with
         lines for you stand out), then you and the broker. Most important first, for narrow terminals."""
         client, room = self.client, self.room
+        if isinstance(room, PeerJSPlace):
+            members = [m for m in room.peers.values() if m.is_open]
+            server = "server ok" if room.server_connected else "server reconnecting"
+            return [("", f" PeerJS: {len(members)} connected, {len(room.verified_peers())} verified "),
+                    ("", f"| {room.me}, {server} ")]
         bar = [("", f" #{room.name}{' (sealed)' if room.seal else ''}: {len(room.verified_peers())} verified of "
                     f"{len(room.peers)} seen " if room else " no room (/join ROOM) ")]
         for number, other in enumerate(self.rooms, 1):
@@ -8719,8 +9159,9 @@ modes:
     (every event); --history N prints up to N earlier ones first, marked.
   With --send PATH --to NAME: sends one file and exits 0 once NAME has it on disk, SHA-256 checked.
   With --netcheck: asks the --ice servers what the network lets through, prints it (an object with --json), exits.
-  With --peerjs [URL]: pipes and --listen on a peerjs-multichat mesh instead of an RTChat room; --connect NAME
-    dials a user and the meshes merge; a pipe sends once the mesh is merged (or --wait-peers users dialled you).
+  With --peerjs [URL]: the chat, pipes and --listen on a peerjs-multichat mesh instead of an RTChat room;
+    --connect NAME (in the chat also /connect NAME) dials a user and the meshes merge; a pipe sends once the mesh
+    is merged (or --wait-peers users dialled you).
   Options of another mode are a usage error.
 
 environment: RTCHAT_BROKER, RTCHAT_ROOM, RTCHAT_STATE, RTCHAT_ICE, RTCHAT_ICE_HOST, RTCHAT_SECRET,
@@ -8735,19 +9176,9 @@ exit codes:
 """
 
 
-PEERJS_ROOM = "peerjs"  # the "room" of what --json prints from the PeerJS network (a mesh has no name)
-
-
-def peerjs_message(chat: PeerJSChat) -> Message:
-    """A page's chat line as a Message: unverified (the page has no identities); at our clock if its own is junk."""
-    ts = chat.timestamp if chat.timestamp is not None else now_ms()
-    return Message(id=message_id(chat.sender, None, ts, chat.text, False, ""), room=PEERJS_ROOM,
-                   sender=chat.sender, text=chat.text, ts=ts)
-
-
 def peerjs_event(kind: str, name: str, reason: str = "") -> dict:
     """A member joining or leaving the mesh, as --json prints it (event_record's fields)."""
-    text = "joined (unverified: peerjs-multichat has no identities)" if kind == "join" else \
+    text = UNVERIFIED_JOIN if kind == "join" else \
         "left" if reason in ("", "left") else f"left ({reason})"
     record = {"type": kind, "room": PEERJS_ROOM, "from": clean(name, MAX_NAME_CHARS), "text": clean(text, 200),
               "fingerprint": None, "ts": now_ms(), "network": "peerjs"}
@@ -8880,7 +9311,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peerjs", nargs="?", const="", default=env("RTCHAT_PEERJS") or None, metavar="URL",
                         help="chat on the peerjs-multichat network instead of in an RTChat room: log in on this "
                              "PeerServer (ws[s]://HOST:PORT/PATH?key=KEY; without URL the page's own, "
-                             f"{PEERJS_CLOUD}); pipes and --listen so far")
+                             f"{PEERJS_CLOUD})")
     parser.add_argument("--connect", action="append", default=[], metavar="NAME",
                         help="with --peerjs: connect to this user (repeatable); the meshes merge as the page does")
     parser.add_argument("--netcheck", action="store_true",
@@ -8927,8 +9358,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             ("room", "a mesh is whom you --connect to")):
             if getattr(args, option) and getattr(args, option) != env(f"RTCHAT_{option.upper()}"):
                 parser.error(f"--{option} does not apply to {given}: {why}")
-        if args.mode == "interactive":
-            parser.error(f"{given}: the interactive chat is not on this network yet; pipe lines in, or --listen")
     if args.mode == "send" and not (args.send and args.to):
         parser.error("--send PATH and --to NAME go together")
     if args.send and not os.path.isfile(args.send):
@@ -8981,6 +9410,16 @@ async def _unless(work: Awaitable[Any], stop: asyncio.Event) -> Any:
     return task.result() if not task.cancelled() else None
 
 
+async def _enter_peerjs(app: App, server: str | None, friends: list[str], timeout: float) -> None:
+    """The chat on the PeerJS network: log in, show its last lines, dial each --connect user."""
+    place = await app.client.join_peerjs(server)
+    app.enter(place)
+    app.printer.status(f"-!- on PeerJS as {place.me} at {place.server}; a name marked {UNVERIFIED_MARK} proved "
+                       f"nothing (the page has no identities); /connect NAME dials a user")
+    for friend in friends:
+        await place.connect(friend, timeout)
+
+
 async def run(args: argparse.Namespace) -> int:
     if args.mode == "netcheck":
         return await run_netcheck(args)
@@ -8998,7 +9437,7 @@ async def run(args: argparse.Namespace) -> int:
         stored = Store(state_path).load().get("identity")
         if isinstance(stored, dict) and stored.get("encrypted"):
             passphrase = getpass.getpass("passphrase for your rtchat key: ")
-    if args.peerjs is not None:
+    if args.peerjs is not None and not interactive:
         interrupt = asyncio.Event()
         interrupted = _on_signals(interrupt.set, sigint=True)
         code = await _unless(run_peerjs(args, name), interrupt)
@@ -9016,15 +9455,18 @@ async def run(args: argparse.Namespace) -> int:
         printer.status(line, 31)
     if interactive and (loaded or skipped):
         printer.status(f"{len(loaded)} plugin(s) loaded" + (f", {len(skipped)} skipped" if skipped else ""))
-    await client.start()
+    await client.start(broker=args.peerjs is None)
     app = App(client, registry, printer, secret=args.secret, history_lines=10 if interactive else 0,
-              may_send=interactive, remember_rooms=interactive)
+              may_send=interactive, remember_rooms=interactive and args.peerjs is None)
     interrupted = _on_signals(app.quit, sigint=not interactive)
     try:
-        room = args.room or client.store.data.get("last_room") or DEFAULT_ROOM
-        if interactive:
-            await app.rejoin(room)
-        await app.switch_room(room)
+        if args.peerjs is not None:
+            await _enter_peerjs(app, args.peerjs or None, args.connect, args.timeout)
+        else:
+            room = args.room or client.store.data.get("last_room") or DEFAULT_ROOM
+            if interactive:
+                await app.rejoin(room)
+            await app.switch_room(room)
         if interactive:
             code = await run_interactive(app, screen)
         elif args.mode == "listen":
