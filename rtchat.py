@@ -7081,10 +7081,9 @@ class PeerJSPlace(Emitter):
         msg = peerjs_message(chat) if chat.proof is None else self._signed(chat)
         if msg is None:
             self.dropped += 1
-            return
-        if not self.journal.knows(msg.id):
+        elif not self.journal.knows(msg.id):  # a line sent again (a replay) is taken once
             self.journal.add(msg.record())
-        self.emit("message", msg)
+            self.emit("message", msg)
 
     def _signed(self, chat: PeerJSChat) -> Message | None:
         """An rtchat.py peer's line, taken only if its id is bound to it and its signature is by the message key

@@ -6,6 +6,8 @@ Real PeerServer, real aiortc, loopback only (see conftest.py).
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import json
 import logging
 import secrets
@@ -206,3 +208,133 @@ def test_a_bad_answer_fails_the_dial_cleanly(own_peerserver, caplog):
             await bob.close()
     run(scenario())
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+# -- between rtchat.py peers: identity frames and signed lines (the interactive chat's PeerJSPlace) ---------------
+
+async def chat_place(server, tmp_path, name: str = "alice") -> tuple[rtchat.Client, rtchat.PeerJSPlace]:
+    """An rtchat.py chat's place on the mesh, as `rtchat.py NAME --peerjs URL` at a terminal has it."""
+    client = rtchat.Client(name, state=tmp_path / f"{name}.json", ice=[], ice_hosts=["127.0.0.1"])
+    await client.start(broker=False)
+    return client, await client.join_peerjs(server.url())
+
+
+def keyed(name: str, server, identity: rtchat.Identity | None = None, cls=rtchat.PeerJSMesh) -> rtchat.PeerJSMesh:
+    return cls(name, server=server.url(), ice=rtchat.ice_configuration([]),
+               identity=identity or rtchat.Identity.generate())
+
+
+def signed_line(identity: rtchat.Identity, sender: str, text: str, signer: rtchat.Identity | None = None) -> dict:
+    msg = rtchat.Message(id="", room=rtchat.PEERJS_ROOM, sender=sender, text=text, ts=rtchat.now_ms(),
+                         fingerprint=identity.fingerprint, salt=rtchat.new_id())
+    msg.id = msg.bound_id()
+    msg.sig = (signer or identity).sign_message(msg.signed_part(rtchat.PEERJS_TOPIC))
+    return msg.frame()
+
+
+def test_forged_lines_from_a_verified_rtchat_peer_are_refused(own_peerserver, tmp_path):
+    """mallory proves her own key to alice, then sends lines whose words do not fit their id, signed by another
+    key, unsigned, or in the page's format (which an rtchat.py peer does not use): none is shown or kept; her
+    genuine line is, verified, and so is the page's format from a page user."""
+    server = own_peerserver()
+
+    async def scenario():
+        client, alice = await chat_place(server, tmp_path)
+        me = rtchat.Identity.generate()
+        mallory = await keyed("mallory", server, me).start()
+        heard, failures = [], []
+        alice.on("message", heard.append)
+        alice.on("verify-failed", lambda *a: failures.append(a))
+        try:
+            await mallory.connect("alice")
+            await eventually(lambda: alice.peers.get("mallory") and alice.peers["mallory"].is_verified,
+                             what="alice verifying mallory")
+            connection = mallory.connection_to("alice")
+            assert connection.proof is not None  # and mallory verified alice
+            altered = signed_line(me, "mallory", "I owe you nothing")
+            altered["text"] = "I owe you 100 euros"
+            unsigned = signed_line(me, "mallory", "unsigned")
+            del unsigned["sig"]
+            for frame in (altered, signed_line(me, "mallory", "other key", rtchat.Identity.generate()), unsigned,
+                          {**signed_line(me, "mallory", "bad salt"), "salt": "x"},
+                          {"type": "chat", "chat": {"sender": "mallory", "message": "unsigned page line",
+                                                    "timestamp": 1}},
+                          {"t": "id", "key": me.public_key_string}):   # a second identity frame: ignored
+                connection.send(frame)
+            connection.send(signed_line(me, "mallory", "the genuine line"))
+            await eventually(lambda: heard, what="the genuine line")
+            assert [(m.sender, m.text, m.trust) for m in heard] == [("mallory", "the genuine line", "channel-bound")]
+            assert heard[0].fingerprint == me.fingerprint and alice.dropped == 4 and alice.mesh.dropped == 1
+            connection.send(signed_line(me, "mallory", "the genuine line") | {"id": heard[0].id, "salt": heard[0].salt,
+                                                                               "ts": heard[0].ts})
+            connection.send(heard[0].frame())  # the same line again (a replay): taken once
+            connection.send(signed_line(me, "mallory", "the last line"))
+            await eventually(lambda: len(heard) == 2, what="the last line")
+            assert [m.text for m in heard] == ["the genuine line", "the last line"]
+            await eventually(lambda: [e["text"] for e in alice.journal.log.entries()] == [m.text for m in heard],
+                             what="both kept")
+            assert not failures
+            pins = client.trust.pins_for("mallory")
+            assert list(pins) == [me.fingerprint]
+        finally:
+            await close_all(mallory)
+            await client.close()
+    run(scenario(), 60)
+
+
+class Forger(rtchat.PeerJSMesh):
+    """Says it proves its key, then sends an identity frame made for another connection (as a man in the middle,
+    or a replay, would have): the right key and certificate, a signature over other DTLS fingerprints."""
+
+    async def _verify(self, connection) -> None:
+        frame = rtchat.RTCHAT_PY.identity_frame(connection, rtchat.Handshake(
+            self.name, rtchat.PEERJS_TOPIC, self.identity, {}, lambda key: True, connection.identity_frame))
+        ours, theirs = connection.dtls_fingerprints()
+        other = rtchat.signed_bytes("channel-id", rtchat.PEERJS_TOPIC, self.name, connection.name, theirs, ours)
+        frame["sig"] = base64.b64encode(self.identity.sign(other)).decode()
+        connection.send(frame)
+
+
+def test_an_identity_frame_for_another_connection_is_refused(own_peerserver, tmp_path):
+    server = own_peerserver()
+
+    async def scenario():
+        client, alice = await chat_place(server, tmp_path)
+        forger = await keyed("mallory", server, cls=Forger).start()
+        detected, joined = [], []
+        alice.on("mitm-detected", lambda member, fp: detected.append((member.name, fp)))
+        alice.on("join", joined.append)
+        try:
+            with pytest.raises(rtchat.RtchatError):  # alice closes the connection before it counts as open
+                await forger.connect("alice", 15)
+            assert detected == [("mallory", forger.identity.fingerprint)]
+            assert not joined and "mallory" not in alice.peers and client.trust.pins_for("mallory") == {}
+        finally:
+            await close_all(forger)
+            await client.close()
+    run(scenario(), 60)
+
+
+def test_a_changed_key_under_a_pinned_name_is_refused(own_peerserver, tmp_path):
+    """alice met the real omar before (his key is pinned): someone else logging in as omar with another key is
+    refused on the connection, said once, never shown as omar."""
+    server = own_peerserver()
+
+    async def scenario():
+        client, alice = await chat_place(server, tmp_path)
+        client.trust.pin("omar", rtchat.Identity.generate().public_key_string, signs=True)
+        impostor = await keyed("omar", server).start()
+        changed, joined = [], []
+        alice.on("key-changed", lambda *a: changed.append(a))
+        alice.on("join", joined.append)
+        try:
+            with contextlib.suppress(rtchat.RtchatError):  # it may see alice's proof before she closes
+                await impostor.connect("alice", 15)
+            await eventually(lambda: changed and not impostor.peers(), what="alice refusing the impostor")
+            assert [(name, verdict) for name, _, verdict in changed] == [("omar", "changed")]
+            assert changed[0][1] == impostor.identity.fingerprint and not joined
+            assert alice.refused["omar"] == impostor.identity.public_key_string
+        finally:
+            await close_all(impostor)
+            await client.close()
+    run(scenario(), 60)
