@@ -73,7 +73,7 @@ except KeyboardInterrupt:  # Ctrl-C while they load (a good part of a second): t
 __version__ = "0.3.0"
 __all__ = [
     "Client", "Room", "Peer", "Message", "Question", "ReceivedFile", "Context", "Session", "Plugins", "Store",
-    "Identity", "PeerJSMesh", "command", "question", "on", "EVENTS", "__version__",
+    "Identity", "PeerJSMesh", "PeerJSPlace", "MeshMember", "command", "question", "on", "EVENTS", "__version__",
     "RtchatError", "UsageError", "BrokerUnreachable", "NoPeers", "StateError", "KeyMismatch", "AskError",
     "PeerServerUnreachable", "NameTaken", "PeerServerRefused", "PeerUnavailable",
 ]
@@ -8522,7 +8522,7 @@ class Printer:
             return
         msg = dataclasses.replace(msg, text=clean(msg.text, keep_newlines=True))  # kept as sent; shown cleaned
         text, sender = msg.text, clean(msg.sender, MAX_NAME_CHARS + 16)
-        if self.style == "chat" and msg.trust == "unverified" and not msg.relayed_by:  # a page's user on PeerJS
+        if self.style == "chat" and msg.room == PEERJS_ROOM and msg.trust == "unverified":  # nothing proved it
             sender += UNVERIFIED_MARK
         if msg.lookalike:  # shown apart from the name it imitates; a wire name cannot hold " ("
             sender += f" (looks like {clean(msg.lookalike, MAX_NAME_CHARS)})"

@@ -7,7 +7,7 @@ import rtchat
 def test_public_names():
     assert set(rtchat.__all__) == {
         "Client", "Room", "Peer", "Message", "Question", "ReceivedFile", "Context", "Session", "Plugins", "Store",
-        "Identity", "PeerJSMesh",
+        "Identity", "PeerJSMesh", "PeerJSPlace", "MeshMember",
         "command", "question", "on", "EVENTS", "__version__", *ERRORS}
     for name in rtchat.__all__:
         assert hasattr(rtchat, name)
@@ -40,7 +40,11 @@ def test_signatures():
     assert list(inspect.signature(rtchat.Room.wait_for_peer).parameters) == ["self", "name", "timeout"]
     assert list(inspect.signature(rtchat.Room.dm).parameters) == ["self", "name", "text"]
     assert list(inspect.signature(rtchat.Room.ask).parameters) == ["self", "name", "topic", "content", "timeout"]
-    assert list(inspect.signature(rtchat.command).parameters) == ["name", "aliases", "help", "usage", "example"]
+    assert list(inspect.signature(rtchat.command).parameters) == ["name", "aliases", "help", "usage", "example",
+                                                                  "not_on"]
+    assert list(inspect.signature(rtchat.PeerJSPlace.send).parameters) == ["self", "text", "action"]
+    assert list(inspect.signature(rtchat.PeerJSPlace.connect).parameters) == ["self", "name", "timeout"]
+    assert list(inspect.signature(rtchat.Client.join_peerjs).parameters) == ["self", "server"]
     assert list(inspect.signature(rtchat.Plugins).parameters) == ["client", "folders", "may_send"]
     assert list(inspect.signature(rtchat.Context).parameters) == ["session", "origin", "room"]
     assert set(rtchat.Message.__dataclass_fields__) >= {"id", "room", "sender", "text", "ts", "kind"}
@@ -59,7 +63,8 @@ def test_decorators_only_tag():
         return 42
     tagged = rtchat.command("x", help="h")(f)
     assert tagged is f and f(None, "") == 42
-    assert f._rtchat_hooks == [("command", "x", {"aliases": (), "help": "h", "usage": "", "example": ""})]
+    assert f._rtchat_hooks == [("command", "x", {"aliases": (), "help": "h", "usage": "", "example": "",
+                                                      "not_on": {}})]
 
 
 def test_session_failures_are_typed_events_the_front_ends_word(tmp_path):
