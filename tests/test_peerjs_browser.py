@@ -417,3 +417,43 @@ def test_the_bridge_carries_a_page_and_a_room(prerequisites, broker, tmp_path):
                 bridge.terminate()
                 assert await bridge.wait() == 130
     run(scenario(), 180)
+
+
+def test_the_interactive_chat_and_a_page_chat_both_ways(prerequisites, tmp_path):
+    """`rtchat.py term --peerjs URL --connect amy` at a terminal (a pseudo-terminal read through a terminal
+    emulator): amy's page lists it, her lines show marked as unverified, the terminal's lines and actions show on
+    her page, and the page shows no error (it ignores what rtchat.py peers add to their OFFERs)."""
+    from test_screen import Terminal as Screen
+
+    async def scenario():
+        async with Pages(tmp_path) as pages:
+            await pages.call("open", user="amy")
+            started = now_ms()
+            screen = Screen(["term", "--peerjs", pages.server, "--connect", "amy", "--state",
+                             str(tmp_path / "term.json")], cli_env("mqtt://127.0.0.1:9", TERM="xterm"), 100, 30)
+            try:
+                await screen.wait_for_text("--> amy? joined (unverified", 60)
+                joined = now_ms()
+                await screen.wait(lambda: "[peerjs]" in screen.prompt_row(), "the prompt")
+                listed = await pages.lists("amy", "term")
+                text = "hi from the page \u00e9"
+                await pages.call("say", user="amy", text=text)
+                said = (await pages.wait(lambda e: e.get("event") == "click_send"))["t"]
+                await screen.wait(lambda: any(row.endswith(f"<amy?> {text}") for row in screen.rows()), "amy's line")
+                heard = now_ms()
+                typed = now_ms()
+                screen.type("hello from the terminal\r")
+                shown = await pages.shows("amy", "term", "hello from the terminal")
+                screen.type("/me waves\r")
+                await pages.shows("amy", "term", "* term waves")
+                state = await pages.call("state", user="amy")
+                assert "term: hello from the terminal" in state["lines"] and not state["error"]
+                pages.assert_no_errors()
+                screen.type("\x04")
+                assert await screen.exit_code() == 0
+                result("interactive_chat_and_page", start_to_joined_ms=joined - started,
+                       page_lists_terminal_ms=listed["t"] - started, page_to_terminal_ms=heard - said,
+                       terminal_to_page_ms=shown["t"] - typed)
+            finally:
+                screen.close()
+    run(scenario(), 150)
