@@ -6863,6 +6863,8 @@ class Ledger:
 
 PEERJS_ROOM = "peerjs"  # the "room" of what --json prints from the PeerJS network (a mesh has no name)
 UNVERIFIED_JOIN = "joined (unverified: peerjs-multichat has no identities)"
+UNVERIFIED_PINNED_JOIN = "joined, UNVERIFIED: it proved no key, yet a key is pinned for that name (someone else " \
+    "under the name, or a server that hid rtchat.py's fields): do not trust what it says as that person's"
 UNVERIFIED_MARK = "?"   # after a name nothing proved (the page's users): 'bob?'; PeerJS names cannot hold it
 PEERJS_LACKS = {   # what the PeerJS network cannot do, by command
     "msg": "peerjs-multichat has no direct messages: on PeerJS every line goes to everyone you are connected to",
@@ -6907,6 +6909,7 @@ class MeshMember:
     path: str | None = None             # direct, relay (through TURN)
     client_tag: str | None = None       # what its OFFER or ANSWER said it runs (unchecked)
     lookalike: str | None = None
+    pinned: bool = False                # a key is pinned for the name, though this one proved none
 
     @property
     def fingerprint(self) -> str | None:
@@ -7047,7 +7050,8 @@ class PeerJSPlace(Emitter):
         #                                                                                    what it says it runs
         return MeshMember(name, "verified" if proof else "unverified", said,
                           proof.key if proof else None, connection.rtt_ms,
-                          IcePath(connection.pc, self.mesh.ice).kind, connection.client or None)
+                          IcePath(connection.pc, self.mesh.ice).kind, connection.client or None,
+                          pinned=proof is None and bool(self.trust.pins_for(name)))
 
     def _on_join(self, name: str) -> None:
         member = self._present[name] = self._member(name)
@@ -8403,7 +8407,7 @@ def event_record(room: Room, event: str, *args: Any) -> dict:
     if event in ("join", "verified"):
         record.update(_peer_fields(room, args[0]))
         if event == "join" and not args[0].is_verified:  # a page's user on PeerJS: nothing to prove with
-            record.update(text=UNVERIFIED_JOIN, path=args[0].path)
+            record.update(text=UNVERIFIED_PINNED_JOIN if args[0].pinned else UNVERIFIED_JOIN, path=args[0].path)
         elif event == "join":
             how = "channel-bound" if args[0].channel_bound else "legacy key check, not channel-bound"
             record.update(text=f"joined (verified, {how})", path=args[0].path)
@@ -8852,7 +8856,7 @@ def _completer(app: App):
             else:
                 room = app.room
                 for peer in list(room.peers.values()) if room else []:
-                    label = room.label(peer)
+                    label = peer.name if isinstance(room, PeerJSPlace) else room.label(peer)  # with no '?' mark
                     if label.lower().startswith(word.lstrip("@").lower()):
                         yield Completion(label + (": " if text == word else ""), start_position=-len(word))
 

@@ -338,3 +338,30 @@ def test_a_changed_key_under_a_pinned_name_is_refused(own_peerserver, tmp_path):
             await close_all(impostor)
             await client.close()
     run(scenario(), 60)
+
+
+def test_a_pinned_name_that_proves_no_key_is_shown_as_such(own_peerserver, tmp_path):
+    """Someone logs in as omar (whose key alice pinned) and says nothing of rtchat.py's (as the page, or a server
+    that strips `"rtchat": 1`): alice takes omar's lines as unverified, and the join says a key is pinned."""
+    server = own_peerserver()
+
+    async def scenario():
+        client, alice = await chat_place(server, tmp_path)
+        client.trust.pin("omar", rtchat.Identity.generate().public_key_string, signs=True)
+        impostor = await member("omar", server).start()   # no key: the page's way
+        joined, heard = [], []
+        alice.on("join", joined.append)
+        alice.on("message", heard.append)
+        try:
+            await impostor.connect("alice")
+            await eventually(lambda: joined, what="the impostor joining")
+            assert not joined[0].is_verified and joined[0].pinned and alice.label(joined[0]) == "omar?"
+            record = rtchat.event_record(alice, "join", joined[0])
+            assert record["text"].startswith("joined, UNVERIFIED") and "pinned" in record["text"]
+            impostor.send_chat("it is me, omar")
+            await eventually(lambda: heard, what="the line")
+            assert (heard[0].sender, heard[0].trust, heard[0].fingerprint) == ("omar", "unverified", None)
+        finally:
+            await close_all(impostor)
+            await client.close()
+    run(scenario(), 60)

@@ -245,3 +245,23 @@ def test_the_history_file_is_private(peerserver, tmp_path):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700
         assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in folder.iterdir()), os.listdir(folder)
     run(scenario(), 60)
+
+
+def test_the_status_bar_follows_the_server_and_chat_goes_on_without_it(own_peerserver, tmp_path):
+    async def scenario():
+        server = own_peerserver()
+        rosa = peerjs(server, "rosa", "--listen")
+        rosa.said("listening on PeerJS as rosa")
+        async with chat(tmp_path, server, "sam", "--connect", "rosa") as term:
+            await term.wait_for_text("--> rosa? joined")
+            await term.wait(lambda: "sam, server ok" in bar(term), "the server ok")
+            server.stop()
+            await term.wait(lambda: "sam, server reconnecting" in bar(term), "the status bar saying so")
+            term.type("still here\r")
+            rosa.wait_for(lambda p: "sam: still here" in p.out, what="the line, peer to peer")
+            term.type("/lastlog still\r")
+            await term.wait_for_text("-!- 1 message(s) with 'still'")
+            term.type("\x04")
+            assert await term.exit_code() == 0
+        assert rosa.stop() in (0, 130)
+    run(scenario(), 90)
