@@ -7867,7 +7867,8 @@ def _split_first(args: str, usage: str) -> tuple[str, str]:
 
 @command("help", "h", help="list commands, or explain one", usage="/help [command]")
 async def _help(ctx: Context, args: str) -> None:
-    """Without an argument, one line per command; with one, its usage, aliases and details."""
+    """Without an argument, one line per command of the network you are on; with one, its usage, aliases and
+    details."""
     registry = ctx.session.registry
     if args:
         spec = registry.commands.get(args.lstrip("/").lower())
@@ -7881,8 +7882,10 @@ async def _help(ctx: Context, args: str) -> None:
         if spec.example:
             ctx.echo(f"example: {spec.example}")
         return
+    here = ctx.session.room.network_name if ctx.session.room else "mqtt"
     for spec in registry.unique_commands():
-        ctx.echo(f"{(spec.usage or '/' + spec.name):<28} {spec.help}")
+        if here not in spec.not_on:  # those for the other network are left out
+            ctx.echo(f"{(spec.usage or '/' + spec.name):<28} {spec.help}")
     ctx.echo("Lines not starting with / are sent to the room; //text sends a line starting with /.")
 
 

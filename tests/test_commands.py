@@ -104,7 +104,9 @@ def test_lines_and_commands(broker, tmp_path):
             assert "no STUN or TURN server to ask (--ice)" in await s.line("/netcheck")
             assert "usage: /msg NAME TEXT" in await s.line("/msg bob")
             assert "no peer called 'zed'" in await s.line("/msg zed hi")
-            assert "/roll NdS" in await s.line("/help")
+            listed = await s.line("/help")
+            assert "/roll NdS" in listed and "/join ROOM" in listed and "/connect" not in listed  # PeerJS's only
+            assert "/connect: it is for the PeerJS network" in await s.line("/connect bob")
             assert "example: /roll 2d6" in await s.line("/help roll")
             assert "plain text" in await s.line("/history 5")
             assert "forgot 1 key(s) of bob" in await s.line("/untrust bob")
