@@ -818,6 +818,16 @@ def is_message_id(value: Any) -> bool:
     return isinstance(value, str) and ID_RE.fullmatch(value) is not None
 
 
+SALT_RE = re.compile(r"[0-9a-f]{16}")
+
+
+def message_id(sender: str, fp: str | None, stamp: int, text: str, action: bool, salt: str) -> str:
+    """A message's id, bound to its author (wire name, key fingerprint) and its exact words: nobody can put other
+    words under an id seen in the room. The author's random salt keeps repeated lines apart."""
+    digest = hashlib.sha256(signed_bytes("message-id", sender, fp or "", stamp, text, action, salt))
+    return digest.hexdigest()[:32]
+
+
 def is_signature_text(value: Any) -> bool:
     """A signature as rtchat.py sends it, kept to pass on: short base64 (checked when it is passed on)."""
     return isinstance(value, str) and len(value) <= 200 and value.isascii()
@@ -4129,9 +4139,10 @@ class PeerJSChat:
     text: str
     timestamp: int | None       # the author's clock, epoch ms; None if it sent nothing that makes sense
     action: bool = False        # /me (rtchat.py peers only: the page has no actions)
-    proof: Proof | None = None  # the author's key, proven on the connection it came on (rtchat.py peers)
-    signed: dict | None = None  # with proof: the rtchat.py message frame as it came, for its id and signature
-    #                             to be checked (PROTOCOL.md: an rtchat.py peer's lines on PeerJS)
+    proof: Proof | None = None  # the author's key, proven on the connection it came on (rtchat.py peers), and
+    msg_id: str | None = None   # with it, what its message frame carried: the id bound to its words, the salt
+    salt: str | None = None     # in that id, and the signature by the message key it proved (PROTOCOL.md, The
+    sig: str | None = None      # PeerJS network)
 
     def frame(self) -> dict:
         """What the page sends and reads."""
@@ -4139,12 +4150,18 @@ class PeerJSChat:
 
     @classmethod
     def read_signed(cls, value: dict, sender: str, proof: Proof) -> PeerJSChat | None:
-        """An rtchat.py message frame from a peer that proved its key; None if malformed (the id and signature are
-        checked above: see PeerJSPlace)."""
-        text, stamp = value.get("text"), value.get("ts")
-        if not (isinstance(text, str) and 0 < len(text) <= MAX_TEXT_CHARS and type(stamp) is int and _epoch_ms(stamp)):
+        """An rtchat.py message frame from a peer that proved its key; None if malformed, if its id is not bound to
+        its words, or if it is not signed by the message key the peer proved."""
+        text, stamp, msg_id, salt, sig = (value.get(k) for k in ("text", "ts", "id", "salt", "sig"))
+        action = value.get("action") is True
+        if not (isinstance(text, str) and 0 < len(text) <= MAX_TEXT_CHARS and type(stamp) is int and _epoch_ms(stamp)
+                and isinstance(salt, str) and SALT_RE.fullmatch(salt) and is_signature_text(sig)):
             return None
-        return cls(sender, text, stamp, value.get("action") is True, proof, value)
+        if msg_id != message_id(sender, fingerprint(proof.key), stamp, text, action, salt) or not verify_message(
+                proof.author["mkey"], sig, signed_bytes("message", PEERJS_TOPIC, sender, msg_id, stamp, text, action)):
+            log.debug("%s sent a line whose id or signature does not fit: dropped", sender)
+            return None
+        return cls(sender, text, stamp, action, proof, msg_id, salt, sig)
 
     @classmethod
     def read(cls, value: Any, peer_id: str) -> PeerJSChat | None:
@@ -5599,15 +5616,7 @@ class Negotiation(Emitter):
 # with the id that binds a message to its author and words (message_id).
 # =============================================================================
 
-SALT_RE = re.compile(r"[0-9a-f]{16}")
 FINGERPRINT_RE = re.compile(r"[0-9a-f]{64}")
-
-
-def message_id(sender: str, fp: str | None, stamp: int, text: str, action: bool, salt: str) -> str:
-    """A message's id, bound to its author (wire name, key fingerprint) and its exact words: nobody can put other
-    words under an id seen in the room. The author's random salt keeps repeated lines apart."""
-    digest = hashlib.sha256(signed_bytes("message-id", sender, fp or "", stamp, text, action, salt))
-    return digest.hexdigest()[:32]
 
 
 @dataclasses.dataclass
@@ -6885,8 +6894,13 @@ PEERJS_PAGE = PeerJSPageDialect()
 
 
 def peerjs_message(chat: PeerJSChat) -> Message:
-    """A page's chat line as a Message: unverified (the page has no identities); at our clock if its own is junk."""
-    ts = chat.timestamp if chat.timestamp is not None else now_ms()
+    """A chat line on PeerJS as a Message. A page's is unverified (the page has no identities), at our clock if its
+    own is junk, under an id made here; an rtchat.py peer's that proved its key is channel-bound, as it came."""
+    if chat.proof is not None:
+        return Message(id=chat.msg_id, room=PEERJS_ROOM, sender=chat.sender, text=chat.text, ts=chat.timestamp,
+                       fingerprint=fingerprint(chat.proof.key), trust="channel-bound", action=chat.action,
+                       salt=chat.salt, sig=chat.sig)
+    ts = chat.timestamp if valid_ts(chat.timestamp) else now_ms()
     salt = new_id()
     return Message(id=message_id(chat.sender, None, ts, chat.text, False, salt), room=PEERJS_ROOM,
                    sender=chat.sender, text=chat.text, ts=ts, salt=salt)
@@ -6952,7 +6966,6 @@ class PeerJSPlace(Emitter):
         self._tasks = Tasks()
         self.journal = Journal(self.scope, HistoryLog(store.history_path(peerjs_history_key(self.server, name))),
                                self.emit, self._tasks, Pulse())
-        self.dropped = 0            # lines from rtchat.py peers whose id or signature did not fit
         self._present: dict[str, MeshMember] = {}   # who joined, as they were then (for their leave)
         for event, handler in (("join", self._on_join), ("leave", self._on_leave), ("chat", self._on_chat),
                                ("verify-failed", self._on_verify_failed)):
@@ -7082,28 +7095,10 @@ class PeerJSPlace(Emitter):
             self.emit("verify-failed", member, reason)
 
     def _on_chat(self, chat: PeerJSChat) -> None:
-        msg = peerjs_message(chat) if chat.proof is None else self._signed(chat)
-        if msg is None:
-            self.dropped += 1
-        elif not self.journal.knows(msg.id):  # a line sent again (a replay) is taken once
+        msg = peerjs_message(chat)
+        if not self.journal.knows(msg.id):  # a signed line sent again (a replay) is taken once
             self.journal.add(msg.record())
             self.emit("message", msg)
-
-    def _signed(self, chat: PeerJSChat) -> Message | None:
-        """An rtchat.py peer's line, taken only if its id is bound to it and its signature is by the message key
-        the peer proved with its identity frame."""
-        value, proof = chat.signed, chat.proof
-        salt, sig = value.get("salt"), value.get("sig")
-        if not (isinstance(salt, str) and SALT_RE.fullmatch(salt) and is_signature_text(sig)
-                and is_message_id(value.get("id")) and valid_ts(chat.timestamp)):
-            return None
-        msg = Message(id=value["id"], room=PEERJS_ROOM, sender=chat.sender, text=chat.text, ts=chat.timestamp,
-                      fingerprint=fingerprint(proof.key), trust="channel-bound", action=chat.action, salt=salt,
-                      sig=sig)
-        if msg.id != msg.bound_id() or not msg.is_signed_by(proof.author["mkey"], PEERJS_TOPIC):
-            log.debug("%s sent a line whose id or signature does not fit: dropped", chat.sender)
-            return None
-        return msg
 
 
 # =============================================================================
