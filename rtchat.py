@@ -4342,7 +4342,8 @@ class PeerJSMesh(Emitter):
     connection on which both said it opens only once each side has proven its key with the rtchat.py dialect's
     identity frame, bound to that connection's DTLS session, and admits(name, key) took it; else it is closed
     ("verify-failed": name, reason, fingerprint of the key that signed another connection or None). Its lines
-    then come as rtchat.py message frames (PeerJSChat.signed), and go as the frame send_chat is given.
+    then come as rtchat.py message frames, taken only with an id bound to their words and the signature of the
+    key it proved (PeerJSChat.proof, msg_id, salt, sig), and go as the frame send_chat is given.
 
         mesh = PeerJSMesh("alice", server="ws://127.0.0.1:9000/", ice=ice_configuration([]))
         await mesh.start()               # NameTaken, PeerServerRefused, PeerServerUnreachable
