@@ -4148,6 +4148,11 @@ class PeerJSChat:
         """What the page sends and reads."""
         return {"type": "chat", "chat": {"sender": self.sender, "message": self.text, "timestamp": self.timestamp}}
 
+    def signed_frame(self) -> dict:
+        """What carries our signed line to an rtchat.py peer that proved its key (PROTOCOL.md, Messages)."""
+        return {"t": "msg", "id": self.msg_id, "ts": self.timestamp, "text": self.text, "action": self.action,
+                "salt": self.salt, "sig": self.sig}
+
     @classmethod
     def read_signed(cls, value: dict, sender: str, proof: Proof) -> PeerJSChat | None:
         """An rtchat.py message frame from a peer that proved its key; None if malformed, if its id is not bound to
@@ -4420,21 +4425,26 @@ class PeerJSMesh(Emitter):
         """Names of the users being connected to (the mesh is merged when there are none, see wait_settled)."""
         return [peerjs_name(p) for p in self.plan.unsettled()]
 
-    def send_chat(self, text: str, action: bool = False, signed: dict | None = None) -> tuple[PeerJSChat, list[str]]:
-        """Say text to everyone in the mesh: as the page does, and to an rtchat.py peer that proved its key as
-        signed (our rtchat.py message frame of it, if we have an identity); returns the chat and the names it
-        went to. The page has no actions: it gets '* NAME text'."""
+    def send_chat(self, text: str, action: bool = False) -> tuple[PeerJSChat, list[str]]:
+        """Say text to everyone in the mesh: as the page does, and, signed, to rtchat.py peers that proved their
+        key (with an identity, the chat returned has its id, salt and signature); returns the chat and the names
+        it went to. The page has no actions: it gets '* NAME text'."""
         if not 0 < len(text) <= MAX_TEXT_CHARS:
             raise UsageError(f"a chat line has 1 to {MAX_TEXT_CHARS} characters")
-        chat = PeerJSChat(self.name, text, signed["ts"] if signed else now_ms(), action)
+        chat = PeerJSChat(self.name, text, now_ms(), action) if self.identity is None else self._signed(text, action)
         page = PeerJSChat(self.name, f"* {self.name} {text}" if action else text, chat.timestamp).frame()
         sent = []
         for name in self.peers():
             connection = self.connection_to(name)
-            frame = page if connection is None or connection.proof is None else signed
-            if connection is not None and frame is not None and connection.send(frame):
+            if connection is not None and connection.send(page if connection.proof is None else chat.signed_frame()):
                 sent.append(name)
         return chat, sent
+
+    def _signed(self, text: str, action: bool) -> PeerJSChat:
+        stamp, salt = now_ms(), new_id()
+        msg_id = message_id(self.name, self.identity.fingerprint, stamp, text, action, salt)
+        signed = signed_bytes("message", PEERJS_TOPIC, self.name, msg_id, stamp, text, action)
+        return PeerJSChat(self.name, text, stamp, action, None, msg_id, salt, self.identity.sign_message(signed))
 
     def connection_to(self, name: str) -> PeerJSConnection | None:
         """The connection we send to this user on (the oldest open one), if any."""
@@ -6520,15 +6530,20 @@ class Relays:
             self._emit("history-conflict", peer, sorted(claimed))
 
 
-def own_message(scope: Scope, text: str, kind: str = "message", action: bool = False, to: str | None = None
-                ) -> Message:
-    """Something we say, with its id; UsageError for what cannot be sent."""
+def check_own_text(text: str) -> None:
+    """UsageError for what we cannot send."""
     if not text:
         raise UsageError("nothing to send")
     if len(text) > MAX_TEXT_CHARS:
         raise UsageError(f"a message has at most {MAX_TEXT_CHARS} characters")
     if not is_encodable(text):
         raise UsageError("a message must be valid Unicode text (it has a lone surrogate)")
+
+
+def own_message(scope: Scope, text: str, kind: str = "message", action: bool = False, to: str | None = None
+                ) -> Message:
+    """Something we say, with its id; UsageError for what cannot be sent."""
+    check_own_text(text)
     msg = Message(id="", room=scope.room, sender=scope.me, text=text, ts=now_ms(), kind=kind,
                   fingerprint=scope.identity.fingerprint, trust="self", action=action, to=to, salt=new_id())
     msg.id = msg.bound_id()
@@ -7035,9 +7050,11 @@ class PeerJSPlace(Emitter):
     def send(self, text: str, action: bool = False) -> Message:
         """Say something to everyone in the mesh: signed to rtchat.py peers that proved their key, in the page's
         format to the others; kept in the history."""
-        msg = own_message(self.scope, text, action=action)
-        msg.sig = self.scope.identity.sign_message(msg.signed_part(PEERJS_TOPIC))
-        self.mesh.send_chat(text, action, msg.frame())
+        check_own_text(text)
+        chat, _ = self.mesh.send_chat(text, action)
+        msg = Message(id=chat.msg_id, room=PEERJS_ROOM, sender=self.me, text=text, ts=chat.timestamp,
+                      fingerprint=self.scope.identity.fingerprint, trust="self", action=action, salt=chat.salt,
+                      sig=chat.sig)
         self.journal.add(msg.record())
         return msg
 

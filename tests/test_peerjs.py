@@ -462,6 +462,39 @@ def test_two_members_chat_both_ways(peerserver):
     run(scenario())
 
 
+def test_members_with_keys_prove_them_and_sign_their_lines_and_one_without_gets_the_pages_format(peerserver):
+    """Two members with an identity (as the chat has) say `"rtchat": 1`, prove their keys on the connection and
+    send each other signed lines; a third without one (as a pipe, or the page) is neither asked nor sent any."""
+    async def scenario():
+        keys = rtchat.Identity.generate(), rtchat.Identity.generate()
+        ann = await member("ann", peerserver, identity=keys[0]).start()
+        ben = await member("ben", peerserver, identity=keys[1]).start()
+        cal = await member("cal", peerserver).start()
+        heard_ann, heard_cal = Heard(ann), Heard(cal)
+        try:
+            await ben.connect("ann")
+            await cal.connect("ann")
+            await eventually(lambda: sorted(ann.peers()) == ["ben", "cal"], what="ann seeing both")
+            assert await ben.wait_settled(10) and await cal.wait_settled(10)
+            said = {(e["type"], rtchat.peerjs_name(e["src"]), rtchat.peerjs_name(e["dst"])): e["payload"].get("rtchat")
+                    for e in peerserver.events if e.get("type") in ("OFFER", "ANSWER")
+                    and {e["src"], e["dst"]} <= {ann.peer_id, ben.peer_id, cal.peer_id}}
+            assert said[("OFFER", "ben", "ann")] == said[("ANSWER", "ann", "ben")] == 1
+            assert said[("OFFER", "cal", "ann")] is None and said[("ANSWER", "ann", "cal")] == 1
+            assert ann.connection_to("ben").proof.key == keys[1].public_key_string
+            assert ben.connection_to("ann").proof.channel_bound and ann.connection_to("cal").proof is None
+            chat, names = ben.send_chat("signed", action=True)
+            assert sorted(names) == ["ann", "cal"] and chat.sig and chat.msg_id
+            await eventually(lambda: heard_ann.chats and heard_cal.chats, what="both hearing ben")
+            got = heard_ann.chats[0]
+            assert (got.text, got.action, got.msg_id, got.sig, got.proof.key) == \
+                ("signed", True, chat.msg_id, chat.sig, keys[1].public_key_string)
+            assert (heard_cal.chats[0].text, heard_cal.chats[0].proof) == ("* ben signed", None)  # the page's way
+        finally:
+            await close_all(ann, ben, cal)
+    run(scenario())
+
+
 def test_three_members_merge_into_one_mesh(peerserver):
     """alice and bob are connected; carol knows only bob. She ends up connected to alice too."""
     async def scenario():
