@@ -9451,6 +9451,9 @@ async def run(args: argparse.Namespace) -> int:
         name = Store(state_path).load().get("name")
         if not name:
             raise UsageError("give your name: python rtchat.py NAME")
+    if args.peerjs is not None:  # a name or URL PeerJS cannot take is said before any passphrase prompt
+        peerjs_id(name)
+        PeerJSServer.parse(args.peerjs or None)
     passphrase = args.passphrase
     if passphrase is None and interactive:
         stored = Store(state_path).load().get("identity")

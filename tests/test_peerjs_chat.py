@@ -105,7 +105,9 @@ def test_errors_at_the_start_are_one_line_with_the_pipes_exit_codes(peerserver, 
         cases = (("erin", [], 73, "erin is already taken"),
                  ("frank", ["--connect", "nobody"], 67, "nobody is not online"),
                  ("frank", ["--peerjs", peerserver.url("wrong")], 76, "refused us"),
-                 ("frank", ["--peerjs", down_url], 69, "cannot reach PeerJS server"))
+                 ("frank", ["--peerjs", down_url], 69, "cannot reach PeerJS server"),
+                 ("no/slash", [], 2, "cannot be used on PeerJS"),
+                 ("frank", ["--peerjs", "ftp://127.0.0.1/"], 2, "use ws:// or wss://"))
         for name, extra, code, words in cases:
             async with chat(tmp_path, peerserver, name, *extra, prompt=False) as term:
                 assert await term.exit_code(40) == code, term.text()
