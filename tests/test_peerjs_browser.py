@@ -422,7 +422,8 @@ def test_the_bridge_carries_a_page_and_a_room(prerequisites, broker, tmp_path):
 def test_the_interactive_chat_and_a_page_chat_both_ways(prerequisites, tmp_path):
     """`rtchat.py term --peerjs URL --connect amy` at a terminal (a pseudo-terminal read through a terminal
     emulator): amy's page lists it, her lines show marked as unverified, the terminal's lines and actions show on
-    her page, and the page shows no error (it ignores what rtchat.py peers add to their OFFERs)."""
+    her page, and the page shows no error (it ignores what rtchat.py peers add to their OFFERs); bob's page dials
+    the terminal and meets amy through it."""
     from test_screen import Terminal as Screen
 
     async def scenario():
@@ -448,6 +449,13 @@ def test_the_interactive_chat_and_a_page_chat_both_ways(prerequisites, tmp_path)
                 await pages.shows("amy", "term", "* term waves")
                 state = await pages.call("state", user="amy")
                 assert "term: hello from the terminal" in state["lines"] and not state["error"]
+                await pages.call("open", user="bob")   # a page joins through the terminal: it meets amy too
+                await pages.call("connect", user="bob", target="term")
+                await screen.wait_for_text("--> bob? joined")
+                await pages.lists("bob", "term", "amy")
+                await pages.call("say", user="bob", text="hello both")
+                await screen.wait(lambda: any(row.endswith("<bob?> hello both") for row in screen.rows()), "bob")
+                await pages.shows("amy", "bob", "hello both")
                 pages.assert_no_errors()
                 screen.type("\x04")
                 assert await screen.exit_code() == 0
