@@ -270,3 +270,24 @@ def test_the_status_bar_follows_the_server_and_chat_goes_on_without_it(own_peers
             assert await term.exit_code() == 0
         assert rosa.stop() in (0, 130)
     run(scenario(), 90)
+
+
+def test_a_changed_key_is_refused_loudly_and_trust_takes_it(peerserver, tmp_path):
+    """uma pinned another key for vic (an earlier vic, or someone else): vic's chat is refused with one line, and
+    once uma types /trust vic, vic is dialled again and verified under the new key."""
+    async def scenario():
+        store = rtchat.Store(tmp_path / "uma.json")
+        store.load()
+        old = rtchat.Identity.generate()
+        rtchat.Trust(store).pin("vic", old.public_key_string, signs=True)
+        async with chat(tmp_path, peerserver, "uma") as uma, chat(tmp_path, peerserver, "vic", "--connect", "uma"):
+            await uma.wait_for_text("vic has a DIFFERENT KEY than the one pinned")
+            assert "--> vic" not in uma.text()
+            uma.type("/trust vic\r")
+            await uma.wait_for_text("pinned vic to key")
+            await uma.wait_for_text("--> vic joined (verified, channel-bound)")
+            uma.type("\x04")
+            assert await uma.exit_code() == 0
+        pins = json.loads((tmp_path / "uma.json").read_text())["pins"]
+        assert [fp for fp, pin in pins.items() if "vic" in pin["names"]] != [old.fingerprint]
+    run(scenario(), 90)
