@@ -360,8 +360,8 @@ def test_command_line_pipe_and_listener_with_two_pages(prerequisites, tmp_path):
             listener = await asyncio.create_subprocess_exec(
                 *rtchat_cmd("bot", "--peerjs", pages.server, "--connect", "bob", "--listen", "--count", "1"),
                 env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-            while b"listening on PeerJS" not in await asyncio.wait_for(listener.stderr.readline(), 60):
-                pass
+            while not (await asyncio.wait_for(listener.stderr.readline(), 60)).startswith(b"--> amy"):
+                pass  # through bob's mesh: the page says its line only to those it is connected to
             await pages.call("say", user="amy", text="from amy's page")
             out, _ = await asyncio.wait_for(listener.communicate(), 30)
             assert listener.returncode == 0 and out.decode() == "amy: from amy's page\n"
