@@ -165,6 +165,10 @@ MAX_QUESTIONS_AT_ONCE = 8              # other questions being answered for one 
 FILE_OFFER_BUDGET = (0.5, 8)           # file offers
 MAX_FILES_PER_PEER = 2                 # transfers at once from one peer (of MAX_INCOMING_FILES per room)
 FILE_MIN_PROGRESS = 64 * 1024          # bytes a transfer must bring every FILE_IDLE_S, or it is given up
+SIGNAL_FRAME_BUDGET = (10.0, 40)       # signaling frames: to pass on (each member it goes to counts) or for us
+MAX_ASSISTED_BYTES = 16 * 1024         # one envelope passed on through a member (an offer is 1-2 KiB)
+ASSIST_RESEND_TARGETS = 8              # peers whose last envelopes go again through a member just verified
+ASSIST_MEMBERS = 3                     # members asked to pass on one envelope of ours (its target's last carrier first)
 LZ_BUDGET = (1024 ** 2, 4 * 1024 ** 2)  # compressed bytes of lz-string per second (and burst) decoded per room
 KEY_SCRYPT = (2 ** 16, 8, 1)           # n, r, p for --passphrase: 64 MiB and ~0.2 s per guess
 
@@ -1865,7 +1869,8 @@ class RoomSignal:
     impostor: bool = False        # in the name of a peer known to sign, not signed by it (only a connect passes)
 
 
-GATE_IGNORES = ("own", "not-for-us")   # not drops: our own echo, offers and answers between others
+GATE_IGNORES = ("own", "not-for-us", "twice")  # not drops: our own echo, offers and answers between others, and
+#                                                  a payload that came once by the broker and once through a member
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1892,7 +1897,7 @@ class SignalingGate:
         self.facts = facts
         self.checked = 0                       # payloads looked at
         self.drops: collections.Counter[str] = collections.Counter()
-        self._recent: dict[bytes, None] = {}   # digests of the last RECENT_PAYLOADS payloads
+        self._recent: dict[bytes, str] = {}    # digests of the last RECENT_PAYLOADS payloads -> where they came from
         self._lz = Budget(LZ_BUDGET)
         self._rates = RateLimit(*RATE_PER_SENDER)
         self._nonces: dict[Any, float] = {}
@@ -1918,13 +1923,15 @@ class SignalingGate:
         return {"recent": len(self._recent), "nonces": len(self._nonces), "rates": self._rates.size,
                 "warned": len(self._warned), "hinted": len(self._hinted)}
 
-    def check(self, payload: bytes, now: float, wall_ms: float) -> Checked:
-        """One payload from the broker; now is monotonic seconds, wall_ms the epoch milliseconds."""
+    def check(self, payload: bytes, now: float, wall_ms: float, source: str = "") -> Checked:
+        """One payload; now is monotonic seconds, wall_ms the epoch milliseconds. source: "" for the broker, else
+        the member that passed it on (assisted signaling): the same bytes from another source are the copy that
+        travelled the other way, not a replay."""
         self.checked += 1
         digest = hashlib.blake2b(payload, digest_size=16).digest()
-        if digest in self._recent:  # the same bytes again: a replay, not decoded a second time
-            return self._drop("replay")
-        self._recent[digest] = None
+        if digest in self._recent:  # the same bytes again: not decoded a second time
+            return Checked(reason="twice") if self._recent[digest] != source else self._drop("replay")
+        self._recent[digest] = source
         if len(self._recent) > RECENT_PAYLOADS:
             del self._recent[next(iter(self._recent))]
         if self.seal:
@@ -2680,7 +2687,7 @@ class Peer(Emitter):
         self.lookalike: str | None = None       # a known name its name looks like (Room decides, when verified)
         self.budgets = {kind: Budget(budget) for kind, budget in (
             ("frame", FRAME_BUDGET), ("chat", CHAT_BUDGET), ("sync", SYNC_BUDGET), ("identify", IDENTIFY_BUDGET),
-            ("file", FILE_OFFER_BUDGET))}
+            ("file", FILE_OFFER_BUDGET), ("signal", SIGNAL_FRAME_BUDGET))}
         self.questions_open = 0                 # its questions being answered now
         self.over_budget: dict[str, int] = {}   # requests dropped, by kind
         self.pc = None
@@ -2926,9 +2933,9 @@ class Peer(Emitter):
             await asyncio.sleep(0.01)
         return True
 
-    def allow(self, kind: str) -> bool:
+    def allow(self, kind: str, amount: float = 1.0) -> bool:
         """Within the peer's budget for this kind of request (and it is spent)? Else it is counted and dropped."""
-        if self.budgets[kind].take():
+        if self.budgets[kind].take(amount):
             return True
         self.over_budget[kind] = self.over_budget.get(kind, 0) + 1
         if self.over_budget[kind] == 1:
@@ -4901,23 +4908,33 @@ class RoomSignaling(Emitter):
         self.signaling.unsubscribe(self.inbox)
         await self._tasks.close()
 
-    def receive(self, topic: str, payload: bytes) -> None:
-        """A payload from the broker on one of our topics: through the gate, then out as a "signal"."""
-        checked = self.gate.check(payload, time.monotonic(), now_ms())
+    def receive(self, topic: str, payload: bytes, via: str = "") -> None:
+        """A payload from the broker on one of our topics (or passed on by the member via): through the gate, then
+        out as a "signal" (after "heard-via" (sender, via) for one a member passed on)."""
+        checked = self.gate.check(payload, time.monotonic(), now_ms(), via)
         if checked.hint_inbox:  # only a hint: it opens nothing (PROTOCOL.md, Refusal hints)
             self.publish("refused", {"target": checked.impostor, "reason": "key-changed"}, compact=True,
                          topic=f"{self.topic}/{checked.hint_inbox}")
         if checked.warn:
             self.emit("key-changed", checked.impostor, None, "changed")
         if checked.signal is not None:
+            if via:
+                self.emit("heard-via", checked.signal.sender, via)
             self.emit("signal", checked.signal)
 
     def publish(self, subtopic: str, data: Any, to: str | None = None, compact: bool = False,
                 topic: str | None = None) -> None:
         """Signed signaling: browsers ignore the extra fields (rtchat-wire.md §9.3). With `to`, it goes to that
         peer's inbox if it has one; the signature still covers the room topic. compact, for rtchat.py: signed
-        with our Ed25519 message key (which the channel later ties to our identity), and zlib'd on an inbox."""
+        with our Ed25519 message key (which the channel later ties to our identity), and zlib'd on an inbox.
+        Emits "published" (subtopic, to, payload), so that members may carry it too (AssistedSignaling)."""
         topic = topic or self._inboxes.get(to, self.topic)
+        payload = self.envelope(subtopic, data, compact, topic)
+        self.signaling.publish(topic, payload)
+        self.emit("published", subtopic, to, payload)
+
+    def envelope(self, subtopic: str, data: Any, compact: bool, topic: str) -> bytes:
+        """The payload publish() sends on topic: signed, encoded, sealed in a sealed room."""
         envelope = {"sender": self.me, "timestamp": now_ms(), "subtopic": subtopic, "data": data, "nonce": new_id()}
         signed = signed_bytes("signaling", self.topic, self.me, subtopic, envelope["timestamp"], envelope["nonce"],
                               data)
@@ -4926,7 +4943,7 @@ class RoomSignaling(Emitter):
         else:
             envelope["sig"] = base64.b64encode(self.identity.sign(signed)).decode()
         payload = encode_envelope(envelope, compact and topic != self.topic)
-        self.signaling.publish(topic, self.seal.seal(payload) if self.seal else payload)
+        return self.seal.seal(payload) if self.seal else payload
 
     def info(self, dialect: Dialect) -> dict:
         """Our userInfo for a peer of this dialect: browsers judge us by our key (§6.5); rtchat.py peers by what
@@ -5213,6 +5230,124 @@ class Sessions(Emitter):
         if peer.verified_at is not None and reason != "we left":
             self.emit("leave", peer, reason)
         self.emit("closed", peer, reason)
+
+
+SIGNAL_FRAME = "signal"   # the data-channel frame that carries signaling through a member (PROTOCOL.md)
+
+
+class AssistedSignaling:
+    """Signaling through members, so that a room keeps forming links while the broker is down or loses messages.
+    What we publish for an rtchat.py peer we have no open session with goes, as the same signed bytes, also to a
+    few verified rtchat.py members, asking each to pass it on; our announcement goes to every member we verify
+    (and, while the broker is away, every announcement), to be passed on to all of theirs. What members pass on
+    to us goes through the room's gate as the broker's does: a member can drop an envelope but not alter or forge
+    one, and the copy that also came by the broker is dropped there. Our last envelopes for a peer not connected
+    yet are sent again through a member we then verify, or hear that peer through: they may have been lost while
+    no member could reach it. relay: whether we pass on for others (--no-relay: we do not). counts: frames sent,
+    received, passed on, and refused by reason."""
+
+    def __init__(self, network: RoomSignaling, sessions: Sessions, relay: bool = True) -> None:
+        self.network = network
+        self.sessions = sessions
+        self.relay = relay
+        self.counts: collections.Counter[str] = collections.Counter()
+        self._carriers: dict[str, str] = {}      # wire name -> the member its signaling last came through
+        self._pending: dict[str, list[tuple[float, bytes]]] = {}  # wire name -> our last envelopes for it, and when
+        network.on("published", self._on_published)
+        network.on("heard-via", self._heard_via)
+        sessions.on("verified", self._introduce)
+        sessions.on("closed", lambda peer, reason: self._pending.pop(peer.name, None))
+
+    def _members(self, but: str = "") -> list[Peer]:
+        """Verified rtchat.py peers bound to their channel: the ones that can carry signaling."""
+        return [p for p in self.sessions.verified() if p.channel_bound and p.dialect.compact and p.name != but]
+
+    def _heard_via(self, sender: str, via: str) -> None:
+        self._carriers.pop(sender, None)
+        self._carriers[sender] = via
+        if len(self._carriers) > MAX_SEEN_PEERS:
+            del self._carriers[next(iter(self._carriers))]
+        carrier = self.sessions.peers.get(via)
+        if carrier in self._members(but=sender):
+            self._send_pending(carrier, [sender])
+
+    def _send_pending(self, carrier: Peer, targets: list[str]) -> None:
+        """Our last envelopes for these peers, while fresh and the peer not connected, through carrier."""
+        now = time.monotonic()
+        for name in targets:
+            target = self.sessions.peers.get(name)
+            if target is not None and not target.is_open and name != carrier.name:
+                for _, payload in [p for p in self._pending.get(name, ()) if now - p[0] < CLOCK_SKEW_S / 2]:
+                    self._send([carrier], payload, name)
+
+    def _send(self, members: list[Peer], payload: bytes, to: str) -> None:
+        frame = {"t": SIGNAL_FRAME, "to": to, "p": base64.b64encode(payload).decode()}
+        for member in members:
+            if member.send("chat", frame):
+                self.counts["sent"] += 1
+
+    def _introduce(self, peer: Peer) -> None:
+        """A member just verified passes our announcement on to its members, so that those the broker did not
+        tell of us (it lost our announcement, or is down) hear of us and begin sessions."""
+        self._pending.pop(peer.name, None)
+        if peer.channel_bound and peer.dialect.compact:
+            self._send([peer], self.network.envelope("connect", self.network.info(RTCHAT_PY), True,
+                                                     self.network.topic), "*")
+            self._send_pending(peer, list(self._pending)[-ASSIST_RESEND_TARGETS:])
+
+    def _on_published(self, subtopic: str, to: str | None, payload: bytes) -> None:
+        if to is None:
+            if subtopic == "connect" and not self.network.signaling.is_connected:
+                self._send(self._members(), payload, "*")
+            return
+        target = self.sessions.peers.get(to)
+        if target is None or target.is_open or not target.dialect.compact:
+            return  # browsers take signaling from the broker only; an open session needs none
+        pending = self._pending.pop(to, [])[-1:] + [(time.monotonic(), payload)]
+        self._pending[to] = pending
+        if len(self._pending) > MAX_SEEN_PEERS:
+            del self._pending[next(iter(self._pending))]
+        members = self._members(but=to)
+        carrier = next((m for m in members if m.name == self._carriers.get(to)), None)
+        others = [m for m in members if m is not carrier]
+        random.shuffle(others)
+        self._send(([carrier] if carrier else []) + others[:ASSIST_MEMBERS - bool(carrier)], payload, to)
+
+    def on_frame(self, peer: Peer, label: str, value: dict) -> None:
+        """A signaling frame from a peer: for us (no "to"), to pass on to one member, or to all ("*")."""
+        if not (label == "chat" and peer.is_verified and peer.channel_bound and peer.dialect.compact):
+            self.counts["refused-peer"] += 1  # a browser, or a peer not bound to its key: it vouches for nothing
+            return
+        payload, to = value.get("p"), value.get("to")
+        if not (isinstance(payload, str) and len(payload) <= (MAX_ASSISTED_BYTES + 2) // 3 * 4
+                and (to is None or to == "*" or is_wire_name(to))):
+            self.counts["refused-malformed"] += 1
+            return
+        if to is None:
+            recipients = []
+        elif not self.relay:
+            self.counts["refused-no-relay"] += 1
+            return
+        else:
+            recipients = self._members(but=peer.name) if to == "*" else [
+                m for m in self._members(but=peer.name) if m.name == to]
+        if not peer.allow("signal", max(1, len(recipients))):
+            self.counts["refused-rate"] += 1
+            return
+        try:
+            raw = base64.b64decode(payload, validate=True)
+        except ValueError:
+            self.counts["refused-malformed"] += 1
+            return
+        for member in recipients:
+            if member.send_reply("chat", {"t": SIGNAL_FRAME, "p": payload}):
+                self.counts["passed"] += 1
+        if to in (None, "*"):
+            self.counts["received"] += 1
+            self.network.receive(self.network.topic, raw, via=peer.name)
+
+    def sizes(self) -> dict[str, int]:
+        return {"carriers": len(self._carriers), "pending": sum(len(p) for p in self._pending.values())}
 
 
 class Negotiation(Emitter):
@@ -7128,14 +7263,15 @@ class PeerJSPlace(Emitter):
 class Room(Emitter):
     """One room: its parts wired together, and the API a bot, a plugin or a front end uses. Create with
     Client.join(). The parts are public: gate (signaling checked), network (the room on the broker), admission
-    (which keys may connect), sessions (the peers and their sessions), negotiation (how sessions begin), ledger
-    (messages and history), files."""
+    (which keys may connect), sessions (the peers and their sessions), negotiation (how sessions begin), assisted
+    (signaling through members), ledger (messages and history), files. relay=False: pass on nothing for others."""
 
     network_name = "mqtt"  # where it is (a PeerJSPlace is on "peerjs")
 
     def __init__(self, name: str, *, me: str, identity: Identity, signaling: Signaling, trust: Trust,
                  store: Store, ice: RTCConfiguration, questions: dict[str, Callable],
-                 seal: Seal | None = None, history: HistoryLog | None = None, files: Path | None = None) -> None:
+                 seal: Seal | None = None, history: HistoryLog | None = None, files: Path | None = None,
+                 relay: bool = True) -> None:
         super().__init__()
         self.name = name
         self.files = Files(name, files, self.emit)  # file transfer, both ways (files: where received ones go)
@@ -7154,6 +7290,7 @@ class Room(Emitter):
         self.sessions = Sessions(self.admission, me=me, topic=self.topic, identity=identity, trust=trust, store=store,
                                  ice=ice)
         self.negotiation = Negotiation(self.network, self.admission, self.sessions, trust)
+        self.assisted = AssistedSignaling(self.network, self.sessions, relay)
         self.ledger = Ledger(Scope(name, self.topic, me, identity, store, trust),
                              history or HistoryLog(store.history_path(name)), self.emit,
                              takes_files=self.files.takes_files, is_connecting=self._is_connecting,
@@ -7396,7 +7533,9 @@ class Room(Emitter):
 
     # -- frames from verified peers -------------------------------------------------------------
     def _on_frame(self, peer: Peer, label: str, value: Any) -> None:
-        if label != "question":
+        if isinstance(value, dict) and value.get("t") == SIGNAL_FRAME:
+            self.assisted.on_frame(peer, label, value)
+        elif label != "question":
             self.ledger.on_frame(peer, label, value)
         elif peer.questions_open < MAX_QUESTIONS_AT_ONCE:  # an asker waits for answers; a flood does not
             self._tasks.spawn(self._answer_question(peer, value), f"question-{peer.name}")
@@ -7477,9 +7616,10 @@ class Client(Emitter):
 
     def __init__(self, name: str, *, broker: str | None = None, state: str | os.PathLike | None = None,
                  ice: list[str] | None = None, ice_hosts: list[str] | None = None, trust: str = "new",
-                 passphrase: str | None = None, files: str | os.PathLike | None = None) -> None:
+                 passphrase: str | None = None, files: str | os.PathLike | None = None, relay: bool = True) -> None:
         super().__init__()
         self.files = Path(files).expanduser() if files else None  # where files peers send go; None: refused
+        self.relay = relay  # pass on what members send through us for others (False: --no-relay)
         require_packages()
         self.name = check_display_name(name)
         self.store = Store(state or default_state_path())
@@ -7541,7 +7681,8 @@ class Client(Emitter):
             return self.rooms[name]
         seal = await asyncio.get_running_loop().run_in_executor(None, Seal, name, secret) if secret else None
         joined = Room(name, me=self.me, identity=self.identity, signaling=self.signaling, trust=self.trust,
-                      store=self.store, ice=self.ice, questions=self.questions, seal=seal, files=self.files)
+                      store=self.store, ice=self.ice, questions=self.questions, seal=seal, files=self.files,
+                      relay=self.relay)
         self.rooms[name] = joined
         await joined.join()
         return joined
@@ -9327,6 +9468,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(default); known = only pinned keys; any = everything")
     parser.add_argument("--files", default=env("RTCHAT_FILES", "off"), metavar="DIR|off",
                         help="take files rtchat.py peers send you, into DIR (default off: refused)")
+    parser.add_argument("--no-relay", dest="relay", action="store_false",
+                        help="refuse to pass on anything for others (signaling between members; see Networks)")
     parser.add_argument("--peerjs", nargs="?", const="", default=env("RTCHAT_PEERJS") or None, metavar="URL",
                         help="chat on the peerjs-multichat network instead of in an RTChat room: log in on this "
                              "PeerServer (ws[s]://HOST:PORT/PATH?key=KEY; without URL the page's own, "
@@ -9465,7 +9608,8 @@ async def run(args: argparse.Namespace) -> int:
         code = await _unless(run_peerjs(args, name), interrupt)
         return 130 if interrupted or code is None else code
     client = Client(name, broker=args.broker, state=state_path, ice=args.ice, ice_hosts=args.ice_host,
-                    trust=args.trust, passphrase=passphrase, files=None if args.files == "off" else args.files)
+                    trust=args.trust, passphrase=passphrase, files=None if args.files == "off" else args.files,
+                    relay=args.relay)
     style = "chat" if interactive else "json" if args.json else "plain" if args.listen else "quiet"
     screen = ScreenOutput() if interactive else None
     printer = Printer(style, use_color(sys.stdout, args.color), out=screen, err=screen,

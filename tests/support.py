@@ -110,6 +110,71 @@ LOOPBACK_ICE_ARGS = ("--ice", "none", "--ice-host", "127.0.0.1")    # the same o
 LOOPBACK_ICE_ENV = {"RTCHAT_ICE": "none", "RTCHAT_ICE_HOST": "127.0.0.1"}  # and in its environment
 
 
+class LossyLink:
+    """A TCP proxy in front of the broker, for one client, that loses MQTT PUBLISH packets (QoS 0, as rtchat.py
+    and browsers publish and subscribe, so neither end notices): each one, either way, with probability drop
+    (1.0: the client hears nothing and is heard by nobody, while its connection to the broker stays up). Runs on
+    the caller's event loop; drop may change at any time."""
+
+    PUBLISH = 3
+
+    def __init__(self, broker_port: int, drop: float = 0.0, seed: int = 0) -> None:
+        self.broker_port = broker_port
+        self.drop = drop
+        self.dropped = 0
+        self._random = random.Random(seed)
+        self._server: asyncio.base_events.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> LossyLink:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        try:
+            broker_reader, broker_writer = await asyncio.open_connection("127.0.0.1", self.broker_port)
+        except OSError:
+            client_writer.close()
+            return
+        self._writers += [client_writer, broker_writer]
+        await asyncio.gather(self._pump(client_reader, broker_writer), self._pump(broker_reader, client_writer),
+                             return_exceptions=True)
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Packet by packet (fixed header, remaining length as a varint, body); a PUBLISH may be left out."""
+        try:
+            while True:
+                header = await reader.readexactly(1)
+                length, shift, raw = 0, 0, b""
+                while True:
+                    byte = await reader.readexactly(1)
+                    raw += byte
+                    length |= (byte[0] & 0x7F) << shift
+                    shift += 7
+                    if not byte[0] & 0x80:
+                        break
+                body = await reader.readexactly(length)
+                if header[0] >> 4 == self.PUBLISH and self._random.random() < self.drop:
+                    self.dropped += 1
+                    continue
+                writer.write(header + raw + body)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in self._writers:
+            writer.close()
+
+
 def offer_only_loopback() -> None:
     """For plain aiortc peers (not rtchat's, which have ice_hosts): offer exactly 127.0.0.1."""
     import aioice.ice
