@@ -2,14 +2,21 @@
 member both are connected to, so a room keeps forming links while the broker is down or loses messages.
 
 Real mosquitto, real aiortc peers, loopback only. A LossyLink (tests/support.py) stands between a client and the
-broker where the broker is to lose that client's messages. Attacks on the frame are in test_attacks.py.
+broker where the broker is to lose that client's messages. The attacks on the frame (a member that alters,
+replays, drops, floods or forges what it passes on; a browser or an unverified peer sending the frame) use the
+attacker's tools of test_attacks.py.
 """
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import time
 
+import pytest
 from conftest import eventually, make_client, run
 from support import LossyLink
+from test_attacks import Mallory, Wire, attach, envelope
 
 import rtchat
 
@@ -126,4 +133,159 @@ def test_signaling_keeps_working_with_a_lossy_broker(own_broker, tmp_path):
             await chat_both_ways(rooms[3], rooms[:3])
         finally:
             await close_all(*clients, *links)
+    run(scenario(), 120)
+
+
+# -- attacks ------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def _loopback_ice():
+    rtchat.restrict_ice_hosts(["127.0.0.1"])   # the attacker's own aiortc peers too
+
+
+def signal_frame(payload: bytes, to: str | None = None) -> dict:
+    return {"t": rtchat.SIGNAL_FRAME, "p": base64.b64encode(payload).decode(), **({"to": to} if to else {})}
+
+
+def hostile(room: rtchat.Room) -> list[dict]:
+    """The member passes nothing on for anyone: what it is asked to pass on is kept, for the attacker."""
+    kept: list[dict] = []
+    room.assisted.on_frame = lambda peer, label, value: kept.append(value)
+    return kept
+
+
+def test_a_member_cannot_alter_replay_forge_or_flood_what_it_passes_on(broker, tmp_path):
+    """alice, dave and mallory, a member verified by both, in a room. mallory keeps what alice asks it to pass on
+    (her announcement) and sends dave: that envelope altered (dropped as forged), the genuine one twice (the second is
+    a replay), alice's own offer to dave sniffed on the broker (a copy: ignored), an offer and an unload in alice's
+    name signed with its own key or none (forged), and a flood, partly oversized or malformed, for dave and to pass
+    on to alice (dave takes and passes on only its budget). dave's session with alice stays as it was."""
+    async def scenario():
+        wire = Wire(broker, asyncio.get_running_loop())
+        clients = [make_client(name, tmp_path, broker.url) for name in ("alice", "dave", "mallory")]
+        ra, rd, rm = await join_all(clients, "assist-a")
+        kept = hostile(rm)
+        try:
+            for room in (ra, rd, rm):
+                await room.wait_for_peers(2, 20)
+            def announced_by_alice() -> list[bytes]:
+                payloads = [base64.b64decode(f["p"]) for f in kept if f.get("to") == "*"]
+                return [p for p in payloads if rtchat.decode_envelope(p)["sender"] == "alice"]
+            await eventually(announced_by_alice, 10, "alice's announcement to pass on")
+            alice_at_dave, to_dave = rd.peers["alice"], rm.peers["dave"]
+            genuine = announced_by_alice()[0]
+            env = rtchat.decode_envelope(genuine)
+            assert env["subtopic"] == "connect"
+            drops = dict(rd.gate.drops)
+
+            altered = rtchat.encode_envelope({**env, "data": {**env["data"], "inbox": "0123456789abcdef"}})
+            to_dave.send("chat", signal_frame(altered))
+            await eventually(lambda: rd.gate.drops["forged"] > drops.get("forged", 0), 10, "the altered one dropped")
+
+            for _ in range(2):
+                to_dave.send("chat", signal_frame(genuine))
+            await eventually(lambda: rd.gate.drops["replay"] > drops.get("replay", 0), 10, "the replay dropped")
+
+            offers = wire.captured(rd.topic, "alice", "RTCOffer", "dave")
+            assert offers, "alice's offer to dave on the broker"
+            copies = rd.gate.drops.copy()
+            to_dave.send("chat", signal_frame(offers[0][0]))
+
+            info = {"client": rtchat.CLIENT_TAG, "inbox": "0123456789abcdef"}
+            own = clients[2].identity
+            sdp = offers[0][1]["data"]["offer"]["localDescription"]["sdp"]
+            forged = [envelope("alice", "RTCOffer", {"userInfo": info, "offer": {
+                          "localDescription": {"type": "offer", "sdp": sdp}, "target": "dave"}},
+                          identity=own, topic=rd.topic, compact=True),
+                      envelope("alice", "unload", "disconnecting", identity=own, topic=rd.topic, compact=True),
+                      envelope("alice", "unload", "disconnecting")]
+            for payload in forged:
+                to_dave.send("chat", signal_frame(payload))
+            await eventually(lambda: rd.gate.drops["forged"] >= copies["forged"] + 3, 10, "the forgeries dropped")
+            assert rd.gate.drops["replay"] == copies["replay"]  # the sniffed offer was a copy, not a replay
+
+            before, passed = dict(rd.assisted.counts), rd.assisted.counts["passed"]
+            started = time.monotonic()
+            for n in range(300):
+                junk = rtchat.encode_envelope({"sender": f"x{n}", "timestamp": rtchat.now_ms(),
+                                               "subtopic": "connect", "data": {}})
+                to_dave.send("chat", signal_frame(junk, "alice" if n % 2 else None))
+            to_dave.send("chat", {"t": rtchat.SIGNAL_FRAME, "p": "A" * (rtchat.MAX_ASSISTED_BYTES * 2)})
+            to_dave.send("chat", {"t": rtchat.SIGNAL_FRAME, "p": "not base64!", "to": None})
+            to_dave.send("chat", {"t": rtchat.SIGNAL_FRAME, "p": 5, "to": "\x1b[2Jalice"})
+            await eventually(lambda: sum(rd.assisted.counts.values()) - sum(before.values()) >= 303, 10, "the flood")
+            budget = rtchat.SIGNAL_FRAME_BUDGET[1] + rtchat.SIGNAL_FRAME_BUDGET[0] * (time.monotonic() - started)
+            taken = rd.assisted.counts["passed"] - passed + rd.assisted.counts["received"] - before["received"]
+            assert taken <= budget, (taken, budget)  # frames passed on, and envelopes fed to dave's gate
+            assert rd.assisted.counts["refused-rate"] - before.get("refused-rate", 0) >= 300 - budget
+            assert rd.assisted.counts["refused-malformed"] - before.get("refused-malformed", 0) >= 2
+            assert rd.peers["alice"] is alice_at_dave and alice_at_dave.is_verified
+            await chat_both_ways(rd, [ra])
+        finally:
+            wire.close()
+            await close_all(*clients)
+    run(scenario(), 120)
+
+
+def test_a_member_that_drops_what_it_should_pass_on_is_routed_around(own_broker, tmp_path):
+    """alice's broker stops passing her messages; dave joins and meets bob and mallory, who both connect to alice
+    too. mallory drops everything it should pass on: bob carries what alice and dave say to each other instead."""
+    async def scenario():
+        link = await LossyLink(own_broker.tcp_port).start()
+        clients = [make_client("alice", tmp_path, link.url), make_client("bob", tmp_path, own_broker.url),
+                   make_client("mallory", tmp_path, own_broker.url)]
+        rooms = await join_all(clients)
+        kept = hostile(rooms[2])
+        try:
+            for room in rooms:
+                await room.wait_for_peers(2, 20)
+            link.drop = 1.0
+            dave = make_client("dave", tmp_path, own_broker.url)
+            clients.append(dave)
+            rd = (await join_all([dave]))[0]
+            await rd.wait_for_peers(3, 30)
+            await chat_both_ways(rd, [rooms[0]])
+            assert any(f.get("to") in ("dave", "alice") for f in kept), kept  # mallory was asked, and dropped it
+            assert rooms[1].assisted.counts["passed"] >= 1
+        finally:
+            await close_all(*clients, link)
+    run(scenario(), 120)
+
+
+def test_a_browser_or_unverified_peer_cannot_have_anything_passed_on(broker, tmp_path, monkeypatch):
+    """alice and bob in a room. A browser peer that alice verifies, and a peer tagged rtchat.py that never proves
+    its key, each send alice signaling frames to pass on to bob or for alice herself: a valid envelope of their
+    own. Nothing is passed on or taken: bob's gate never sees it, and alice's gate never sees it either."""
+    monkeypatch.setattr(rtchat, "VERIFY_TIMEOUT_S", 1.5)
+
+    async def scenario():
+        wire = Wire(broker, asyncio.get_running_loop())
+        clients = [make_client(name, tmp_path, broker.url) for name in ("alice", "bob")]
+        ra, rb = await join_all(clients, "assist-b")
+        try:
+            for room in (ra, rb):
+                await room.wait_for_peers(1, 20)
+            own = rtchat.Identity.generate()
+            browser, unproven = Mallory(own), Mallory(own)
+            assert await attach(wire, ra.topic, "alice", "mallory", browser, key=own.public_key_string)
+            await eventually(lambda: ra.peers.get("mallory") and ra.peers["mallory"].is_verified, 10,
+                             "the browser verified")
+            assert await attach(wire, ra.topic, "alice", "mallory2", unproven, sign_with=own, tag=rtchat.CLIENT_TAG,
+                                compact=True, prove=False)
+            before = dict(ra.assisted.counts)
+            payloads = []
+            for m, name in ((browser, "mallory"), (unproven, "mallory2")):
+                for to in ("bob", "*", None):
+                    payload = envelope(name, "connect", {"client": rtchat.CLIENT_TAG, "inbox": "0123456789abcdef"},
+                                       identity=own, topic=ra.topic, compact=True, raw=True)
+                    payloads.append(payload)
+                    m.send("chat", json.dumps(signal_frame(payload, to)))
+            await eventually(lambda: ra.assisted.counts["refused-peer"] >= 3, 10, "the browser's frames refused")
+            await eventually(lambda: "mallory2" not in ra.peers, 10, "the unproven peer dropped")
+            assert [ra.assisted.counts[k] - before.get(k, 0) for k in ("passed", "received")] == [0, 0]
+            assert not any(room.gate.knows(p) for room in (ra, rb) for p in payloads)
+            await close_all(browser, unproven)
+        finally:
+            wire.close()
+            await close_all(*clients)
     run(scenario(), 120)
