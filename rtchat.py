@@ -1930,7 +1930,10 @@ class SignalingGate:
         self.checked += 1
         digest = hashlib.blake2b(payload, digest_size=16).digest()
         if digest in self._recent:  # the same bytes again: not decoded a second time
-            return Checked(reason="twice") if self._recent[digest] != source else self._drop("replay")
+            if self._recent[digest] == source:
+                return self._drop("replay")
+            self._recent[digest] = source
+            return Checked(reason="twice")
         self._recent[digest] = source
         if len(self._recent) > RECENT_PAYLOADS:
             del self._recent[next(iter(self._recent))]
@@ -5253,6 +5256,7 @@ class AssistedSignaling:
         self.counts: collections.Counter[str] = collections.Counter()
         self._carriers: dict[str, str] = {}      # wire name -> the member its signaling last came through
         self._pending: dict[str, list[tuple[float, bytes]]] = {}  # wire name -> our last envelopes for it, and when
+        self._introduction: tuple[float, bytes] = (-math.inf, b"")  # our announcement for members, and when made
         network.on("published", self._on_published)
         network.on("heard-via", self._heard_via)
         sessions.on("verified", self._introduce)
@@ -5291,8 +5295,11 @@ class AssistedSignaling:
         tell of us (it lost our announcement, or is down) hear of us and begin sessions."""
         self._pending.pop(peer.name, None)
         if peer.channel_bound and peer.dialect.compact:
-            self._send([peer], self.network.envelope("connect", self.network.info(RTCHAT_PY), True,
-                                                     self.network.topic), "*")
+            made, payload = self._introduction
+            if time.monotonic() - made > CLOCK_SKEW_S / 4:  # one for all members meanwhile: its copies are
+                payload = self.network.envelope("connect", self.network.info(RTCHAT_PY), True, self.network.topic)
+                self._introduction = (time.monotonic(), payload)  # dropped unread where they meet
+            self._send([peer], payload, "*")
             self._send_pending(peer, list(self._pending)[-ASSIST_RESEND_TARGETS:])
 
     def _on_published(self, subtopic: str, to: str | None, payload: bytes) -> None:
