@@ -2,7 +2,8 @@
 
 First the lab proves itself (each router maps and filters as its kind says), then real rtchat.py processes run in
 the client namespaces: the connectivity matrix with STUN only and with TURN, the one-line diagnosis where no path
-exists, and --netcheck behind each kind of router. Only addresses inside the lab's own namespaces are used.
+exists, --netcheck behind each kind of router, and a new member meeting everyone through a member while the broker
+is cut off (assisted signaling). Only addresses inside the lab's own namespaces are used.
 """
 from __future__ import annotations
 
@@ -330,3 +331,101 @@ def test_ice_urls_parse_with_transport_and_refuse_junk():
             rtchat.IceServer.parse(junk)
     config = rtchat.ice_configuration([server])
     assert config.iceServers[0].username == "u" and config.iceServers[0].credential == "p:w"
+
+
+# -- assisted signaling: the broker gone while a new member joins ----------------------------------------------------
+
+MEMBER = """
+import asyncio, json, sys
+import rtchat
+
+async def main(name, room, state):
+    async with rtchat.Client(name, state=state) as client:
+        joined = await client.join(room)
+        joined.on("verified", lambda p: print(json.dumps({"verified": p.name, "bound": p.channel_bound}), flush=True))
+        joined.on("message", lambda m: print(json.dumps({"from": m.sender, "text": m.text}), flush=True))
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        while line := await reader.readline():
+            joined.send(line.decode().rstrip("\\n"))
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+class Member:
+    """A library client in a lab namespace: says on stdout whom it verified and what it heard; sends each line
+    written to it."""
+
+    def __init__(self, lab: netlab.Lab, client: str, name: str, room: str, state: str) -> None:
+        env = {**lab_env(lab, lab.clients[client], False), "PYTHONPATH": str(ROOT)}
+        self.name = name
+        self.events: list[dict] = []
+        self.proc = lab.popen(client, [sys.executable, "-c", MEMBER, name, room, state], env=env,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with contextlib.suppress(ValueError):
+                self.events.append(json.loads(line))
+
+    def verified(self) -> set[str]:
+        return {e["verified"] for e in self.events if "verified" in e and e["bound"]}
+
+    def heard(self) -> set[str]:
+        return {e["text"] for e in self.events if "text" in e}
+
+    def say(self, text: str) -> None:
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_broker_gone_while_a_new_member_joins(lab, tmp_path):
+    """alice (full cone), bob (port-restricted) and carol (no NAT) in a room; a firewall then cuts alice and bob off
+    from the broker, and dave (behind a port-restricted NAT) joins: he meets carol there. Then the broker is cut
+    off for everyone. dave ends up directly connected to alice and bob and verified, their offers and answers
+    passed on by carol, and they chat both ways."""
+    placement = {"alice": "fullcone1", "bob": "restricted1", "carol": "open1", "dave": "restricted2"}
+    broker_rules = [("OUTPUT", "--dport"), ("INPUT", "--sport")]   # MQTT out and in, in a client's namespace
+    cut: list[tuple[str, str, str]] = []
+
+    def cut_off(ns: str, chain: str, port_match: str) -> None:
+        lab.iptables(ns, "-I", chain, "-p", "tcp", port_match, str(netlab.BROKER_PORT), "-j", "DROP")
+        cut.append((ns, chain, port_match))
+
+    members: dict[str, Member] = {}
+    try:
+        for name in ("alice", "bob", "carol"):
+            members[name] = Member(lab, placement[name], name, "assisted", str(tmp_path / f"{name}.json"))
+        wait_until(lambda: all(len(m.verified()) == 2 for m in members.values()), 60, "the room of three")
+        for name in ("alice", "bob"):
+            for chain, port_match in broker_rules:
+                cut_off(lab.clients[placement[name]].ns, chain, port_match)
+        dave = members["dave"] = Member(lab, placement["dave"], "dave", "assisted", str(tmp_path / "dave.json"))
+        wait_until(lambda: dave.verified(), 60, "dave's first link")
+        assert dave.verified() == {"carol"}
+        for ns in (lab.clients[placement["carol"]].ns, lab.clients[placement["dave"]].ns):
+            for chain, port_match in broker_rules:
+                cut_off(ns, chain, port_match)
+        wait_until(lambda: dave.verified() == {"alice", "bob", "carol"}, 60, "dave meeting alice and bob")
+        wait_until(lambda: all("dave" in members[n].verified() for n in ("alice", "bob")), 30, "them verifying dave")
+        for member in members.values():
+            member.say(f"hello from {member.name}")
+        wait_until(lambda: all({f"hello from {o}" for o in members if o != m.name} <= m.heard()
+                               for m in members.values()), 30, "everyone hearing everyone")
+    finally:
+        for ns, chain, port_match in cut:
+            lab.iptables(ns, "-D", chain, "-p", "tcp", port_match, str(netlab.BROKER_PORT), "-j", "DROP")
+        for member in members.values():
+            member.proc.kill()
+            member.proc.wait(timeout=30)
