@@ -86,6 +86,35 @@ def test_newcomer_meets_everyone_through_a_member_after_the_broker_dies(own_brok
     run(scenario(), 120)
 
 
+def test_a_newcomer_who_offers_hears_of_members_through_a_member(own_broker, tmp_path):
+    """The same cut-off for alice and bob, with a newcomer whose name sorts first (aaron: he offers to them). They
+    hear of him from carol, and tell him they are here through carol too, so that he offers: each of their
+    sessions with him begins with his offer, not with theirs after waiting for it."""
+    async def scenario():
+        links = {name: await LossyLink(own_broker.tcp_port).start() for name in ("alice", "bob")}
+        clients = [make_client("alice", tmp_path, links["alice"].url), make_client("bob", tmp_path, links["bob"].url),
+                   make_client("carol", tmp_path, own_broker.url)]
+        rooms = await join_all(clients)
+        begun: dict[str, list[str]] = {"alice": [], "bob": []}
+        for room in rooms[:2]:
+            room.negotiation.on("phase", lambda name, step, me=room.me: begun[me].append(step) if name == "aaron"
+                                and step in ("offering", "offered") else None)
+        try:
+            for room in rooms:
+                await room.wait_for_peers(2, 20)
+            for link in links.values():
+                link.drop = 1.0
+            aaron = make_client("aaron", tmp_path, own_broker.url)
+            clients.append(aaron)
+            newcomer = (await join_all([aaron]))[0]
+            await newcomer.wait_for_peers(3, 30)
+            await chat_both_ways(newcomer, rooms)
+            assert begun == {"alice": ["offered"], "bob": ["offered"]}, begun
+        finally:
+            await close_all(*clients, *links.values())
+    run(scenario(), 120)
+
+
 def test_no_relay_member_passes_nothing_on(own_broker, tmp_path):
     """The same room with carol refusing to pass anything on (--no-relay): dave meets carol only, and carol counts
     what she refused."""
