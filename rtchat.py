@@ -5266,13 +5266,18 @@ class AssistedSignaling:
         """Verified rtchat.py peers bound to their channel: the ones that can carry signaling."""
         return [p for p in self.sessions.verified() if p.channel_bound and p.dialect.compact and p.name != but]
 
+    def _carrier(self, name: str) -> Peer | None:
+        """The member name's signaling last came through, if it is still one that can carry ours to it."""
+        via = self._carriers.get(name)
+        return next((m for m in self._members(but=name) if m.name == via), None) if via else None
+
     def _heard_via(self, sender: str, via: str) -> None:
         self._carriers.pop(sender, None)
         self._carriers[sender] = via
         if len(self._carriers) > MAX_SEEN_PEERS:
             del self._carriers[next(iter(self._carriers))]
-        carrier = self.sessions.peers.get(via)
-        if carrier in self._members(but=sender):
+        carrier = self._carrier(sender)
+        if carrier is not None:
             self._send_pending(carrier, [sender])
 
     def _send_pending(self, carrier: Peer, targets: list[str]) -> None:
@@ -5307,9 +5312,9 @@ class AssistedSignaling:
             if subtopic == "connect" and not self.network.signaling.is_connected:
                 self._send(self._members(), payload, "*")
             elif subtopic == "connect":  # to whom members told us of and we are not connected to, through them
-                for name, via in list(self._carriers.items())[-ASSIST_RESEND_TARGETS:]:
-                    target, carrier = self.sessions.peers.get(name), self.sessions.peers.get(via)
-                    if target is not None and not target.is_open and carrier in self._members(but=name):
+                for name in list(self._carriers)[-ASSIST_RESEND_TARGETS:]:
+                    target, carrier = self.sessions.peers.get(name), self._carrier(name)
+                    if target is not None and not target.is_open and carrier is not None:
                         self._send([carrier], payload, name)
             return
         target = self.sessions.peers.get(to)
@@ -5319,9 +5324,8 @@ class AssistedSignaling:
         self._pending[to] = pending
         if len(self._pending) > MAX_SEEN_PEERS:
             del self._pending[next(iter(self._pending))]
-        members = self._members(but=to)
-        carrier = next((m for m in members if m.name == self._carriers.get(to)), None)
-        others = [m for m in members if m is not carrier]
+        carrier = self._carrier(to)
+        others = [m for m in self._members(but=to) if m is not carrier]
         random.shuffle(others)
         self._send(([carrier] if carrier else []) + others[:ASSIST_MEMBERS - bool(carrier)], payload, to)
 
@@ -5343,6 +5347,8 @@ class AssistedSignaling:
         else:
             recipients = self._members(but=peer.name) if to == "*" else [
                 m for m in self._members(but=peer.name) if m.name == to]
+            if not recipients:
+                self.counts["unreachable"] += 1  # not connected to us (any more): the sender tried others too
         if not peer.allow("signal", max(1, len(recipients))):
             self.counts["refused-rate"] += 1
             return
@@ -5359,6 +5365,7 @@ class AssistedSignaling:
             self.network.receive(self.network.topic, raw, via=peer.name)
 
     def sizes(self) -> dict[str, int]:
+        """How big each table is (every one is bounded, whatever members pass on)."""
         return {"carriers": len(self._carriers), "pending": sum(len(p) for p in self._pending.values())}
 
 

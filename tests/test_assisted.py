@@ -248,6 +248,7 @@ def test_a_member_cannot_alter_replay_forge_or_flood_what_it_passes_on(broker, t
             assert taken <= budget, (taken, budget)  # frames passed on, and envelopes fed to dave's gate
             assert rd.assisted.counts["refused-rate"] - before.get("refused-rate", 0) >= 300 - budget
             assert rd.assisted.counts["refused-malformed"] - before.get("refused-malformed", 0) >= 2
+            assert rd.assisted.sizes()["carriers"] <= rtchat.MAX_SEEN_PEERS  # the flood's names
             assert rd.peers["alice"] is alice_at_dave and alice_at_dave.is_verified
             await chat_both_ways(rd, [ra])
         finally:
