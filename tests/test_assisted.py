@@ -21,10 +21,10 @@ from test_attacks import Mallory, Wire, attach, envelope
 import rtchat
 
 
-async def join_all(clients: list[rtchat.Client], room: str = "test") -> list[rtchat.Room]:
+async def join_all(clients: list[rtchat.Client], room: str = "test", secret: str | None = None) -> list[rtchat.Room]:
     for client in clients:
         await client.start()
-    return [await client.join(room) for client in clients]
+    return [await client.join(room, secret) for client in clients]
 
 
 async def close_all(*things) -> None:
@@ -52,15 +52,17 @@ async def chat_both_ways(newcomer: rtchat.Room, others: list[rtchat.Room]) -> No
                      and all(f"hello from {room.me}" in theirs for room in others), 20, "chat both ways")
 
 
-def test_newcomer_meets_everyone_through_a_member_after_the_broker_dies(own_broker, tmp_path):
+@pytest.mark.parametrize("secret", [None, "sealed-secret"])
+def test_newcomer_meets_everyone_through_a_member_after_the_broker_dies(own_broker, tmp_path, secret):
     """alice, bob and carol in a room; alice's and bob's broker stops passing their messages (dave's announcement
     reaches carol only); dave joins, connects to carol, and the broker is killed. dave ends up verified with alice
-    and bob over direct links whose offers and answers carol passed on, and they chat both ways."""
+    and bob over direct links whose offers and answers carol passed on, and they chat both ways; in a sealed room
+    too, where what carol passes on is sealed as on the broker."""
     async def scenario():
         links = {name: await LossyLink(own_broker.tcp_port).start() for name in ("alice", "bob")}
         clients = [make_client("alice", tmp_path, links["alice"].url), make_client("bob", tmp_path, links["bob"].url),
                    make_client("carol", tmp_path, own_broker.url)]
-        rooms = await join_all(clients)
+        rooms = await join_all(clients, secret=secret)
         try:
             for room in rooms:
                 await room.wait_for_peers(2, 20)
@@ -68,7 +70,7 @@ def test_newcomer_meets_everyone_through_a_member_after_the_broker_dies(own_brok
                 link.drop = 1.0
             dave = make_client("dave", tmp_path, own_broker.url)
             clients.append(dave)
-            rd = (await join_all([dave]))[0]
+            rd = (await join_all([dave], secret=secret))[0]
             await rd.wait_for_peer("carol", 20)
             own_broker.stop()
             await rd.wait_for_peers(3, 30)
@@ -140,6 +142,11 @@ def test_no_relay_member_passes_nothing_on(own_broker, tmp_path):
         finally:
             await close_all(*clients, *links.values())
     run(scenario(), 120)
+
+
+def test_no_relay_on_the_command_line():
+    assert rtchat.parse_args(["carol", "--no-relay", "--listen"]).relay is False
+    assert rtchat.parse_args(["carol", "--listen"]).relay is True
 
 
 def test_signaling_keeps_working_with_a_lossy_broker(own_broker, tmp_path):
