@@ -1819,10 +1819,11 @@ class Signaling(Emitter):
 
 
 # =============================================================================
-# Signaling gate: what comes on a room's topics, judged without I/O. Sealed
-# rooms, envelopes (capped; lz-string on a budget), replays, rates, freshness,
-# signatures and impostors. Payload bytes, the clock and what is known of keys
-# in; a RoomSignal or the reason it was dropped out. Uses Wire and Identity.
+# Signaling gate: what comes on a room's topics (or through a member), judged
+# without I/O. Sealed rooms, envelopes (capped; lz-string on a budget), replays
+# and copies that came two ways, rates, freshness, signatures and impostors.
+# Payload bytes, the clock and what is known of keys in; a RoomSignal or the
+# reason it was dropped out. Uses Wire and Identity.
 # =============================================================================
 
 
@@ -4846,10 +4847,11 @@ class NetCheck:
 # Room sessions: a room's signaling on the broker (RoomSignaling: its topic,
 # our inbox, signed envelopes out, the gate's signals in, announcements), who
 # may connect under which name (Admission), the sessions with its members
-# (Sessions: each Peer registered, verified by its Dialect, closed) and how
-# they begin (Negotiation: offer/answer, glare, fallbacks, candidates, the seen
-# table, retries). Emits typed events. Uses everything above but Gossip, the
-# PeerJS mesh and the network check.
+# (Sessions: each Peer registered, verified by its Dialect, closed), signaling
+# through members (AssistedSignaling) and how sessions begin (Negotiation:
+# offer/answer, glare, fallbacks, candidates, the seen table, retries). Emits
+# typed events. Uses everything above but Gossip, the PeerJS mesh and the
+# network check.
 # =============================================================================
 
 BROWSER_MEMORY_S = 600.0   # after seeing a browser in a room, announce with our key (RSA-signed) this long
