@@ -7639,8 +7639,8 @@ class Client(Emitter):
                  ice: list[str] | None = None, ice_hosts: list[str] | None = None, trust: str = "new",
                  passphrase: str | None = None, files: str | os.PathLike | None = None, relay: bool = True) -> None:
         super().__init__()
+        self.relay = relay  # pass on what members send each other (False: --no-relay)
         self.files = Path(files).expanduser() if files else None  # where files peers send go; None: refused
-        self.relay = relay  # pass on what members send through us for others (False: --no-relay)
         require_packages()
         self.name = check_display_name(name)
         self.store = Store(state or default_state_path())
@@ -9489,7 +9489,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(default); known = only pinned keys; any = everything")
     parser.add_argument("--files", default=env("RTCHAT_FILES", "off"), metavar="DIR|off",
                         help="take files rtchat.py peers send you, into DIR (default off: refused)")
-    parser.add_argument("--no-relay", dest="relay", action="store_false",
+    parser.add_argument("--no-relay", action="store_true", default=env("RTCHAT_NO_RELAY", "0") not in ("", "0"),
                         help="refuse to pass on anything for others (signaling between members; see Networks)")
     parser.add_argument("--peerjs", nargs="?", const="", default=env("RTCHAT_PEERJS") or None, metavar="URL",
                         help="chat on the peerjs-multichat network instead of in an RTChat room: log in on this "
@@ -9630,7 +9630,7 @@ async def run(args: argparse.Namespace) -> int:
         return 130 if interrupted or code is None else code
     client = Client(name, broker=args.broker, state=state_path, ice=args.ice, ice_hosts=args.ice_host,
                     trust=args.trust, passphrase=passphrase, files=None if args.files == "off" else args.files,
-                    relay=args.relay)
+                    relay=not args.no_relay)
     style = "chat" if interactive else "json" if args.json else "plain" if args.listen else "quiet"
     screen = ScreenOutput() if interactive else None
     printer = Printer(style, use_color(sys.stdout, args.color), out=screen, err=screen,

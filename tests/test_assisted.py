@@ -145,8 +145,8 @@ def test_no_relay_member_passes_nothing_on(own_broker, tmp_path):
 
 
 def test_no_relay_on_the_command_line():
-    assert rtchat.parse_args(["carol", "--no-relay", "--listen"]).relay is False
-    assert rtchat.parse_args(["carol", "--listen"]).relay is True
+    assert rtchat.parse_args(["carol", "--no-relay", "--listen"]).no_relay is True
+    assert rtchat.parse_args(["carol", "--listen"]).no_relay is False
 
 
 def test_signaling_keeps_working_with_a_lossy_broker(own_broker, tmp_path):
