@@ -59,6 +59,17 @@ def test_the_same_bytes_again_are_a_replay_and_decoded_once():
     assert g.drops == {"replay": 1} and g.dropped == 1
 
 
+def test_a_copy_from_another_source_is_ignored_and_again_from_it_a_replay():
+    """Assisted signaling: the same envelope may come by the broker and through a member (or two). A copy from a
+    source other than the last one is ignored unread, not dropped; the same source again is a replay."""
+    g = gate()
+    raw = payload("bob", "connect", {}, by=BOB, compact=True)
+    assert g.check(raw, T0, WALL0).signal is not None
+    assert [g.check(raw, T0, WALL0, source).reason for source in ("carol", "dave", "dave", "")] == \
+        ["twice", "twice", "replay", "twice"]
+    assert g.drops == {"replay": 1}
+
+
 def test_a_nonce_seen_or_a_time_out_of_the_window_is_stale():
     g = gate()
     assert g.check(payload("bob", "connect", {}, by=BOB, compact=True, nonce="n1"), T0, WALL0).signal is not None
