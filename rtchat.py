@@ -1871,7 +1871,7 @@ class RoomSignal:
 
 
 GATE_IGNORES = ("own", "not-for-us", "twice")  # not drops: our own echo, offers and answers between others, and
-#                                                  a payload that came once by the broker and once through a member
+#                                                  a copy from another source (the broker, or another member)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4875,7 +4875,9 @@ class RoomSignaling(Emitter):
     """One room on the broker: its topic and our inbox under it (where rtchat.py peers send us their offers and
     answers), envelopes signed as each audience expects, the gate's verdicts, announcements. Emits "signal"
     (RoomSignal) and "key-changed" (name, None, "changed") the first time signaling in a known name is signed by
-    another key (its identity key is not shown on the broker, so there is no fingerprint to give)."""
+    another key (its identity key is not shown on the broker, so there is no fingerprint to give); for signaling
+    through members (AssistedSignaling), "published" (subtopic, to, payload) for what we send and "heard-via"
+    (sender, member) before a signal a member passed on."""
 
     def __init__(self, signaling: Signaling, gate: SignalingGate, *, me: str, topic: str, identity: Identity,
                  seal: Seal | None = None) -> None:
