@@ -5248,7 +5248,7 @@ class AssistedSignaling:
     few verified rtchat.py members, asking each to pass it on; our announcement goes to every member we verify
     (and, while the broker is away, every announcement), to be passed on to all of theirs. What members pass on
     to us goes through the room's gate as the broker's does: a member can drop an envelope but not alter or forge
-    one, and the copy that also came by the broker is dropped there. Our last envelopes for a peer not connected
+    one, and a copy that also came another way is ignored there. Our last envelopes for a peer not connected
     yet are sent again through a member we then verify, or hear that peer through: they may have been lost while
     no member could reach it. relay: whether we pass on for others (--no-relay: we do not). counts: frames sent,
     received, passed on, and refused by reason."""
