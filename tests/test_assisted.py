@@ -117,6 +117,28 @@ def test_a_newcomer_who_offers_hears_of_members_through_a_member(own_broker, tmp
     run(scenario(), 120)
 
 
+def test_a_broken_link_is_formed_again_through_a_member_while_the_broker_is_down(own_broker, tmp_path):
+    """alice, bob and carol in a room; the broker is killed, then the link between alice and bob breaks. Their
+    announcements go through carol, and they connect again, directly."""
+    async def scenario():
+        clients = [make_client(name, tmp_path, own_broker.url) for name in ("alice", "bob", "carol")]
+        ra, rb, rc = await join_all(clients)
+        try:
+            for room in (ra, rb, rc):
+                await room.wait_for_peers(2, 20)
+            own_broker.stop()
+            await eventually(lambda: not any(c.signaling.is_connected for c in clients), 20, "the broker gone")
+            old = ra.peers["bob"]
+            old.close("link broken")
+            await eventually(lambda: ra.peers.get("bob") not in (None, old) and ra.peers["bob"].is_verified
+                             and rb.peers.get("alice") is not None and rb.peers["alice"].is_verified, 30,
+                             "alice and bob connected again")
+            await chat_both_ways(ra, [rb])
+        finally:
+            await close_all(*clients)
+    run(scenario(), 120)
+
+
 def test_no_relay_member_passes_nothing_on(own_broker, tmp_path):
     """The same room with carol refusing to pass anything on (--no-relay): dave meets carol only, and carol counts
     what she refused."""
