@@ -5315,11 +5315,6 @@ class AssistedSignaling:
         if to is None:
             if subtopic == "connect" and not self.network.signaling.is_connected:
                 self._send(self._members(), payload, "*")
-            elif subtopic == "connect":  # to whom members told us of and we are not connected to, through them
-                for name in list(self._carriers)[-ASSIST_RESEND_TARGETS:]:
-                    target, carrier = self.sessions.peers.get(name), self._carrier(name)
-                    if target is not None and not target.is_open and carrier is not None:
-                        self._send([carrier], payload, name)
             return
         target = self.sessions.peers.get(to)
         if target is None or target.is_open or not target.dialect.compact:
