@@ -5261,10 +5261,15 @@ class AssistedSignaling:
         self._carriers: dict[str, str] = {}      # wire name -> the member its signaling last came through
         self._pending: dict[str, list[tuple[float, bytes]]] = {}  # wire name -> our last envelopes for it, and when
         self._introduction: tuple[float, bytes] = (-math.inf, b"")  # our announcement for members, and when made
+        self._sending: dict[str, Budget] = {}    # member name -> what it takes from us (more would be dropped there)
         network.on("published", self._on_published)
         network.on("heard-via", self._heard_via)
         sessions.on("verified", self._introduce)
-        sessions.on("closed", lambda peer, reason: self._pending.pop(peer.name, None))
+        sessions.on("closed", self._closed)
+
+    def _closed(self, peer: Peer, reason: str) -> None:
+        self._pending.pop(peer.name, None)
+        self._sending.pop(peer.name, None)
 
     def _members(self, but: str = "") -> list[Peer]:
         """Verified rtchat.py peers bound to their channel: the ones that can carry signaling."""
@@ -5294,9 +5299,13 @@ class AssistedSignaling:
                     self._send([carrier], payload, name)
 
     def _send(self, members: list[Peer], payload: bytes, to: str) -> None:
+        """Within what each member takes from us: a flood of made-up names that we answer (each answer is
+        published, so passed on too) costs members no more than SIGNAL_FRAME_BUDGET."""
         frame = {"t": SIGNAL_FRAME, "to": to, "p": base64.b64encode(payload).decode()}
         for member in members:
-            if member.send("chat", frame):
+            if not self._sending.setdefault(member.name, Budget(SIGNAL_FRAME_BUDGET)).take():
+                self.counts["over-budget"] += 1
+            elif member.send("chat", frame):
                 self.counts["sent"] += 1
 
     def _introduce(self, peer: Peer) -> None:

@@ -348,3 +348,26 @@ def test_a_browser_or_unverified_peer_cannot_have_anything_passed_on(broker, tmp
             wire.close()
             await close_all(*clients)
     run(scenario(), 120)
+
+
+def test_a_flood_on_the_broker_costs_members_no_more_than_they_take(broker, tmp_path):
+    """Made-up names announcing themselves on the broker are answered, and each answer is an envelope for a peer
+    with no open session, which goes to members too: never beyond what a member takes from us (it would drop the
+    rest, after they filled the channel we chat on)."""
+    from test_attacks import feed
+    from test_hardening import flood_of_names
+
+    async def scenario():
+        clients = [make_client(name, tmp_path, broker.url) for name in ("bob", "carol")]
+        rb, rc = await join_all(clients)
+        await rb.wait_for_peer("carol", 20)
+        await rc.wait_for_peer("bob", 20)
+        started = time.monotonic()
+        await feed(rb, flood_of_names(2000), 100)
+        sent = rb.assisted.counts["sent"]
+        budget = rtchat.SIGNAL_FRAME_BUDGET[1] + rtchat.SIGNAL_FRAME_BUDGET[0] * (time.monotonic() - started)
+        await chat_both_ways(rb, [rc])
+        refused = rc.assisted.counts["refused-rate"]
+        await close_all(*clients)
+        assert sent <= budget and refused == 0 and rb.assisted.counts["over-budget"] > 0, (sent, budget, refused)
+    run(scenario(), 60)
