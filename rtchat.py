@@ -171,10 +171,20 @@ ASSIST_RESEND_TARGETS = 8              # peers whose last envelopes go again thr
 ASSIST_MEMBERS = 3                     # members asked to pass on one envelope of ours (its target's last carrier first)
 LZ_BUDGET = (1024 ** 2, 4 * 1024 ** 2)  # compressed bytes of lz-string per second (and burst) decoded per room
 KEY_SCRYPT = (2 ** 16, 8, 1)           # n, r, p for --passphrase: 64 MiB and ~0.2 s per guess
+RELAY_BUDGET = (200.0, 400)            # frames we pass on for one peer (one per recipient) ...
+RELAY_BYTES_BUDGET = (1024 ** 2, 4 * 1024 ** 2)  # ... and their bytes (one copy per recipient)
+RELAY_MAX_CHARS = 64 * 1024            # one frame passed on: a sealed 16 KiB direct message fits
+BOX_BUDGET = (50.0, 200)               # sealed direct messages opened per relaying peer (an RSA decryption each)
+MAX_REACH = 32                         # members one peer says it reaches (larger rooms: gossip, issue 16)
+REACH_GATHER_S = 0.05                  # changes in whom we reach are told together, after this
+RELAY_ACK_WAIT_S = 2.0                 # a message through a member not acknowledged by then goes through another
+RELAY_TRIES = 8                        # ... this many times at most
+MAX_RELAYED_PENDING = 2000             # our messages through members awaiting their recipients' acks
 
 EVENTS = ("message", "dm", "join", "leave", "verified", "key-changed", "delivered", "file", "status", "history",
           "no-route", "file-progress", "question-failed", "key-accepted", "key-refused", "disk-error", "disk-ok",
-          "history-conflict", "compaction-failed", "mitm-detected", "verify-failed", "queued")
+          "history-conflict", "compaction-failed", "mitm-detected", "verify-failed", "queued", "relayed",
+          "relay-refused")
 """Event names: what Room emits and plugins subscribe to with @on. "message" and "dm" are news only: a message
 said before we joined, passed on by a peer, is a "history" event (msg.history is True). They are also the --json
 `type` values, except that a history message keeps its own type ("message") and is marked "history": true."""
@@ -626,6 +636,8 @@ SIGNED_CONTEXTS = {  # a context per purpose: what is signed for one purpose nev
     "message-id": b"rtchat-message-id-v1\n",   # what a message id is the hash of (bound, not signed)
     "message": b"",                            # a chat message: the message key prefixes all it signs itself
     "message-batch": b"rtchat-message-batch-v1\n",  # the root of a batch of chat messages, by their author
+    "relay-ack": b"rtchat-relay-ack-v1\n",     # acks to a member reached through others, by whoever acks
+    "relay-box": b"rtchat-relay-box-v1\n",     # what a direct message sealed to its recipient is bound to
 }
 
 
@@ -1082,6 +1094,15 @@ class Identity:
         """One signature over a batch of our messages: the root of their tree (batch_tree) and how many they are."""
         return self.sign_message(signed_bytes("message-batch", base64.b64encode(root).decode(), count))
 
+    def open_box(self, box: Any, context: bytes) -> bytes | None:
+        """What seal_box sealed to our identity key with this context; None if it is not such a box."""
+        try:
+            wrapped, nonce, body = (base64.b64decode(box[k], validate=True) for k in ("k", "n", "c"))
+            key = self.private_key.decrypt(wrapped, _oaep())
+            return AESGCM(key).decrypt(nonce, body, context) if len(key) == 32 and len(nonce) == 12 else None
+        except (KeyError, TypeError, ValueError, InvalidTag):
+            return None
+
 
 SEALED_KEY_PREFIX = "rtchat-key:scrypt:"
 
@@ -1155,6 +1176,20 @@ def verify_message(message_public: str, signature: Any, data: bytes) -> bool:
         return True
     except (InvalidSignature, ValueError, TypeError):
         return False
+
+
+def _oaep():
+    return padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+
+
+def seal_box(key_string: str, plaintext: bytes, context: bytes) -> dict:
+    """plaintext readable only with the private half of the RSA identity key_string: a fresh AES-256-GCM key,
+    wrapped with RSA-OAEP (SHA-256), over the plaintext with context as associated data (PROTOCOL.md, Relaying
+    through members). ValueError if key_string is not a key."""
+    key, nonce = AESGCM.generate_key(256), os.urandom(12)
+    wrapped = load_public_key(key_string).encrypt(key, _oaep())
+    return {"k": base64.b64encode(wrapped).decode(), "n": base64.b64encode(nonce).decode(),
+            "c": base64.b64encode(AESGCM(key).encrypt(nonce, plaintext, context)).decode()}
 
 
 def verify_batch(message_public: str, signature: Any, root: bytes, count: int) -> bool:
@@ -2688,10 +2723,12 @@ class Peer(Emitter):
         self.late_signatures = False            # it takes a batch signature for messages sent ahead of it (hello)
         self.author: dict | None = None         # its key, message key and certificate, once proven in the channel
         self.takes_files = False                # it said so in its hello
+        self.tells_reach = False                # it tells whom it reaches (its hello): relaying through members
         self.lookalike: str | None = None       # a known name its name looks like (Room decides, when verified)
         self.budgets = {kind: Budget(budget) for kind, budget in (
             ("frame", FRAME_BUDGET), ("chat", CHAT_BUDGET), ("sync", SYNC_BUDGET), ("identify", IDENTIFY_BUDGET),
-            ("file", FILE_OFFER_BUDGET), ("signal", SIGNAL_FRAME_BUDGET))}
+            ("file", FILE_OFFER_BUDGET), ("signal", SIGNAL_FRAME_BUDGET), ("relay", RELAY_BUDGET),
+            ("relay-bytes", RELAY_BYTES_BUDGET), ("box", BOX_BUDGET))}
         self.questions_open = 0                 # its questions being answered now
         self.over_budget: dict[str, int] = {}   # requests dropped, by kind
         self.pc = None
@@ -5403,6 +5440,7 @@ class Negotiation(Emitter):
         self._candidates: dict[str, list[dict]] = {}       # trickled before we had a session with the sender
         self._failures: dict[str, tuple[int, float]] = {}  # name -> (set-ups failed in a row, when to try again)
         self._last_setup = 0.0                # when a session last began, or a peer last answered one
+        self.reached: Callable[[str], bool] = lambda name: False  # reached through another member (not waited for)
         self._tasks = Tasks()
         sessions.on("verified", lambda peer: self._failures.pop(peer.name, None))
         sessions.on("closed", self._on_closed)
@@ -5440,12 +5478,13 @@ class Negotiation(Emitter):
     def in_setup(self, now: float | None = None) -> tuple[list[Peer], float]:
         """Sessions being set up that are worth waiting for: the peer took part (it offered, or answered our
         offer), or our offer is out for less than ANSWER_WAIT_S (a name that was only announced may be made up).
-        Not those with a name whose set-up failed (no network path) and is being tried again. Also how long until
+        Not those with a name whose set-up failed (no network path) and is being tried again, nor those reached
+        through another member meanwhile. Also how long until
         the first of those offers stops counting."""
         now = time.monotonic() if now is None else now
         waiting, soonest = [], math.inf
         for peer in self.peers.values():
-            if peer.state not in ("connecting", "open") or peer.name in self._failures:
+            if peer.state not in ("connecting", "open") or peer.name in self._failures or self.reached(peer.name):
                 continue
             if peer.signal_ts is not None:
                 waiting.append(peer)
@@ -5458,8 +5497,8 @@ class Negotiation(Emitter):
         """Peers that are here but not verified: sessions worth waiting for (see in_setup), and names whose
         sessions found no network path."""
         waiting = self.in_setup()[0]
-        return waiting + [p for p in self.peers.values()
-                          if p.name in self._failures and not p.is_verified and p not in waiting]
+        return waiting + [p for p in self.peers.values() if p.name in self._failures and not p.is_verified
+                          and p not in waiting and not self.reached(p.name)]
 
     async def settle(self, timeout: float, quiet: float = SETTLE_S) -> None:
         """Until no session worth waiting for is being set up (see in_setup) and none began for `quiet` seconds:
@@ -6718,6 +6757,338 @@ def kept_messages(log: HistoryLog, count: int) -> list[Message]:
     return [dataclasses.replace(Message.from_dict(e), history=True) for e in entries]
 
 
+@dataclasses.dataclass(eq=False)
+class Remote:
+    """A member we have no session with but reach through others (PROTOCOL.md, Relaying through members). The
+    ledger takes it where it takes a Peer: a name, a key (as the members that reach it told it, checked against
+    the key pinned for the name), acks sent to it (through a member, signed). via: the members that reach it and
+    relay, best first."""
+    name: str
+    author: dict                     # its key, message key and certificate (the certificate checked)
+    fingerprint: str
+    trust: str                       # "relayed": the key pinned for its name; "unverified": no key pinned yet
+    via: list[Peer]
+    routes: Routes
+    lookalike: str | None = None
+    channel_bound = False
+    client_tag = None
+    last_via: Peer | None = None     # the member its last frame came through
+
+    def can(self, capability: str) -> bool:
+        return capability in ("acks", "dm")
+
+    def send(self, label: str, value: Any) -> bool:
+        """The ledger's acks, through a member, signed by us."""
+        ids = value.get("ids") if isinstance(value, dict) and value.get("t") == "ack" else None
+        return bool(ids) and self.routes.send_ack(self, ids)
+
+
+class Routes:
+    """Members we reach through others, and others' messages we pass on (PROTOCOL.md, Relaying through members).
+    Each rtchat.py peer tells its verified peers whom it reaches (reach); a member we have no session with but a
+    relaying peer reaches is a Remote, and what we say to it goes through such a peer, end to end: messages signed
+    by us as history passed on is, direct messages also sealed to its key, acks signed; a message not acknowledged
+    in time goes again through another member. As a relay we pass on what a verified peer asks, to our verified
+    peers only, within a budget per peer; a refusal is said (relay-refused). Emits "relayed" (name, via name or
+    None) when a member becomes, stays (through another) or stops being reached so, and "relay-refused" (peer,
+    why)."""
+
+    def __init__(self, scope: Scope, present: dict[str, Peer], emit: Callable[..., None], tasks: Tasks, *,
+                 relay: bool, check: Callable, take: Callable, acked: Callable, route_up: Callable,
+                 changed: Callable[[], None]) -> None:
+        self.scope, self.relay, self._present, self._emit, self._tasks = scope, relay, present, emit, tasks
+        self._check, self._take, self._acked, self._route_up, self._changed = check, take, acked, route_up, changed
+        self.remotes: dict[str, Remote] = {}
+        self._told: dict[Peer, tuple[bool, dict[str, dict]]] = {}  # per peer: does it relay, whom it reaches
+        self._keys: dict[tuple, str | None] = {}   # (key, mkey, mcert) -> fingerprint if the certificate holds
+        self._pending: dict[tuple[str, str], list] = {}  # (id, name) -> [inner, tries, due, via name]
+        self._avoid: dict[str, set[str]] = {}     # name -> members that lost or refused our frames for it
+        self._hinted: dict[tuple[Peer, str], float] = {}  # refusals said, when
+        self._telling: asyncio.TimerHandle | None = None
+        self._retrying: asyncio.Task | None = None
+
+    def sizes(self) -> dict[str, int]:
+        """How big each table is (every one is bounded, whatever peers send)."""
+        return {"remotes": len(self.remotes), "pending": len(self._pending), "keys": len(self._keys),
+                "told": sum(len(reached) for _, reached in self._told.values()), "hinted": len(self._hinted)}
+
+    def heard_from_all(self) -> bool:
+        """Every verified peer that said it tells whom it reaches (its hello) has told us."""
+        return all(peer in self._told for peer in self._present.values() if peer.tells_reach)
+
+    # -- whom we reach, and through whom ----------------------------------------------------------
+    def changed(self) -> None:
+        """Whom we reach directly changed (a hello, a peer gone): told to everyone, together, soon."""
+        if self._telling is None:
+            self._telling = self._tasks.later(REACH_GATHER_S, self._tell)
+        self._recompute()
+
+    def _tell(self) -> None:
+        self._telling = None
+        peers = [p for p in self._present.values() if p.message_key is not None and p.author]
+        for peer in peers:
+            reached = {p.name: p.author for p in peers if p is not peer}
+            peer.send("chat", {"t": "reach", "relay": self.relay,
+                               "peers": dict(itertools.islice(reached.items(), MAX_REACH))})
+
+    def on_reach(self, peer: Peer, value: dict) -> None:
+        """Whom a verified peer reaches, and whether it relays. A name's key must be the one pinned for it."""
+        peers = value.get("peers")
+        if not isinstance(peers, dict):
+            return
+        reached = {}
+        for name, author in itertools.islice(peers.items(), MAX_REACH):
+            fp = self._author_fingerprint(author)
+            if not is_wire_name(name) or name in (self.scope.me, peer.name) or fp is None:
+                continue
+            pins = self.scope.trust.pins_for(bare_name(name))
+            if pins and fp not in pins:
+                log.info("%s says it reaches %s with a key not pinned for it: not through %s", peer.name, name,
+                         peer.name)
+                continue
+            reached[name] = {k: author[k] for k in ("key", "mkey", "mcert")}
+        self._told[peer] = (value.get("relay") is True, reached)
+        self._recompute()
+        self._changed()
+
+    def _author_fingerprint(self, author: Any) -> str | None:
+        """The fingerprint of an author's key if its certificate of its message key holds, else None."""
+        if not isinstance(author, dict):
+            return None
+        fields = tuple(author.get(k) for k in ("key", "mkey", "mcert"))
+        if not all(isinstance(f, str) and len(f) <= MAX_KEY_CHARS for f in fields):
+            return None
+        if fields not in self._keys:
+            if len(self._keys) > 4 * MAX_REACH:
+                self._keys.clear()
+            try:
+                self._keys[fields] = fingerprint(fields[0]) if verify_message_key(*fields) else None
+            except ValueError:
+                self._keys[fields] = None
+        return self._keys[fields]
+
+    def _recompute(self) -> None:
+        """Remotes: names a relaying peer reaches that we have no verified session with, through every relaying
+        peer that names the same key for them (the first one told wins a disagreement), best first."""
+        found: dict[str, tuple[dict, list[Peer]]] = {}
+        for peer, (relays, reached) in self._told.items():
+            if not relays or self._present.get(peer.name) is not peer:
+                continue
+            for name, author in reached.items():
+                if name in self._present:
+                    continue
+                first = found.setdefault(name, (author, []))
+                if first[0]["key"] == author["key"]:
+                    first[1].append(peer)
+        for name in [n for n in self.remotes if n not in found]:
+            del self.remotes[name]
+            if name not in self._present:
+                self._emit("relayed", name, None)
+        for name, (author, via) in found.items():
+            via.sort(key=lambda p: (p.rtt_ms if p.rtt_ms is not None else math.inf, collation_key(p.name)))
+            remote = self.remotes.get(name)
+            if remote is None or remote.author["key"] != author["key"]:
+                fp = fingerprint(author["key"])
+                pinned = fp in self.scope.trust.pins_for(bare_name(name))
+                remote = self.remotes[name] = Remote(name, author, fp, "relayed" if pinned else "unverified", via,
+                                                     self)
+                self._emit("relayed", name, via[0].name)
+                self._route_up(remote)
+            elif remote.via[:1] != via[:1]:
+                remote.via = via
+                self._emit("relayed", name, via[0].name)
+            remote.via = via
+        self._resend_due()
+
+    def peer_gone(self, peer: Peer) -> None:
+        """A member gone: what went through it and is not acknowledged goes through another one now."""
+        self._told.pop(peer, None)
+        for key in [k for k in self._hinted if k[0] is peer]:
+            del self._hinted[key]
+        for item in self._pending.values():
+            if item[3] == peer.name:
+                item[2] = 0.0
+        self.changed()
+
+    # -- out: through a member ----------------------------------------------------------------------
+    def _pick(self, remote: Remote) -> Peer | None:
+        """The member to go through: the one its last frame came through, else the best one that has not lost or
+        refused a frame for it."""
+        avoid = self._avoid.get(remote.name, set())
+        live = [p for p in remote.via if self._present.get(p.name) is p and p.is_verified]
+        if remote.last_via in live and remote.last_via.name not in avoid:
+            return remote.last_via
+        live.sort(key=lambda p: p.name in avoid)
+        return live[0] if live else None
+
+    def send(self, remotes: list[Remote], inner: dict, msg_id: str | None = None) -> None:
+        """inner to these members, each through a member that reaches it (those sharing one in one frame); with
+        msg_id, sent again until each acknowledges it."""
+        by_via: dict[Peer, list[str]] = {}
+        for remote in remotes:
+            via = self._pick(remote)
+            if via is not None:
+                by_via.setdefault(via, []).append(remote.name)
+            if msg_id is not None:
+                self._await_ack(msg_id, remote.name, inner, via)
+        for via, names in by_via.items():
+            via.send_paced("chat", {"t": "relay", "to": names, "d": inner})
+
+    def _await_ack(self, msg_id: str, name: str, inner: dict, via: Peer | None) -> None:
+        tries = self._pending.pop((msg_id, name), [None, 0])[1]
+        self._pending[(msg_id, name)] = [inner, tries + 1, time.monotonic() + RELAY_ACK_WAIT_S,
+                                         via.name if via else None]
+        if len(self._pending) > MAX_RELAYED_PENDING:
+            del self._pending[next(iter(self._pending))]
+        if self._retrying is None:
+            self._retrying = self._tasks.spawn(self._retry(), f"relay-retry-{self.scope.room}")
+
+    def send_ack(self, remote: Remote, ids: list[str]) -> bool:
+        """Our acks to a remote member, signed with our message key: a relay cannot make them up."""
+        sig = self.scope.identity.sign_message(signed_bytes("relay-ack", self.scope.topic, self.scope.me,
+                                                            remote.name, ids))
+        via = self._pick(remote)
+        return via is not None and via.send("chat", {"t": "relay", "to": [remote.name],
+                                                     "d": {"t": "ack", "ids": ids, "sig": sig}})
+
+    async def _retry(self) -> None:
+        try:
+            while self._pending:
+                await asyncio.sleep(RELAY_ACK_WAIT_S / 4)
+                self._resend_due()
+        finally:
+            self._retrying = None
+
+    def _resend_due(self) -> None:
+        """What is not acknowledged in time goes again, through another member if there is one (the one it went
+        through is avoided for that name from now on); given up after RELAY_TRIES."""
+        now = time.monotonic()
+        for (msg_id, name), (inner, tries, due, via) in list(self._pending.items()):
+            remote = self.remotes.get(name)
+            if due > now or remote is None:
+                continue
+            if tries >= RELAY_TRIES:
+                del self._pending[(msg_id, name)]
+                continue
+            if via is not None:
+                avoid = self._avoid.setdefault(name, set())
+                avoid.add(via)
+                if len(avoid) >= len(remote.via):  # every one failed once: start again
+                    avoid.clear()
+                if len(self._avoid) > 4 * MAX_REACH:
+                    self._avoid.pop(next(iter(self._avoid)))
+                if remote.last_via is not None and remote.last_via.name == via:
+                    remote.last_via = None
+            self.send([remote], inner, msg_id)
+
+    def forget(self, msg_id: str, name: str) -> None:
+        self._pending.pop((msg_id, name), None)
+
+    # -- as a relay -----------------------------------------------------------------------------------
+    def on_relay(self, peer: Peer, value: dict) -> None:
+        """A verified peer asks us to pass inner on to some of our verified peers: within its budgets, and only
+        if we relay; what we cannot pass on is refused, with the reason (at most once a second per reason)."""
+        to, inner = value.get("to"), value.get("d")
+        if not isinstance(to, list) or not isinstance(inner, dict):
+            return
+        to = [name for name in to[:MAX_REACH] if isinstance(name, str)]
+        if not self.relay:
+            self._refuse(peer, to, "off")
+            return
+        size = len(to_json(inner))
+        if size > RELAY_MAX_CHARS or not (peer.allow("relay", len(to)) and peer.allow("relay-bytes", size * len(to))):
+            self._refuse(peer, to, "busy")
+            return
+        unreachable = []
+        for name in to:
+            target = self._present.get(name)
+            if target is None or target is peer or target.message_key is None or \
+                    not target.send_reply("chat", {"t": "relayed", "from": peer.name, "d": inner}):
+                unreachable.append(name)
+        if unreachable:
+            self._refuse(peer, unreachable, "unreachable")
+
+    def _refuse(self, peer: Peer, names: list[str], why: str) -> None:
+        now = time.monotonic()
+        if now - self._hinted.get((peer, why), -math.inf) >= 1.0:
+            self._hinted[(peer, why)] = now
+            peer.send("chat", {"t": "relay-refused", "to": names, "why": why})
+
+    def on_refused(self, peer: Peer, value: dict) -> None:
+        """A member refuses to pass our frames on: 'off' (it does not relay), 'busy' (over its budget for us),
+        'unreachable' (it no longer reaches them). What awaits an ack goes through another member now."""
+        why, names = value.get("why"), value.get("to")
+        if why not in ("off", "busy", "unreachable") or not isinstance(names, list):
+            return
+        if why == "off" and peer in self._told:
+            self._told[peer] = (False, self._told[peer][1])
+        for name in (n for n in names[:MAX_REACH] if isinstance(n, str) and n in self.remotes):
+            self._avoid.setdefault(name, set()).add(peer.name)
+            for (_, pending), item in self._pending.items():
+                if pending == name and item[3] == peer.name:
+                    item[2] = 0.0
+        self._emit("relay-refused", peer, why)
+        self._recompute()
+
+    # -- in: through a member -------------------------------------------------------------------------
+    def on_relayed(self, peer: Peer, value: dict) -> None:
+        """Something a member passed on from another, checked end to end: a message (its id and its author's
+        signature, as history passed on), a sealed direct message, or an ack (signed by whoever acks)."""
+        sender, inner = value.get("from"), value.get("d")
+        if not (is_wire_name(sender) and isinstance(inner, dict)) or sender in (self.scope.me, peer.name):
+            return
+        author = self._told.get(peer, (False, {}))[1].get(sender)
+        if author is None or not peer.allow("chat"):
+            return  # it does not say it reaches the author: nothing to check it by
+        remote = self.remotes.get(sender) or Remote(sender, author, fingerprint(author["key"]), "unverified", [],
+                                                    self)
+        remote.last_via = peer
+        kind = inner.get("t")
+        if kind == "ack":
+            self._on_ack(remote, author, inner)
+            return
+        record = inner.get("m") if kind == "msg" else self._open(peer, sender, inner) if kind == "box" else None
+        if not isinstance(record, dict) or record.get("from") != sender or record.get("fingerprint") != \
+                remote.fingerprint or not is_signature_text(record.get("sig")):
+            return
+        checked = self._check(peer, {remote.fingerprint: author}, record, {})
+        if checked is None or not checked[0].sig:  # live words count only signed by their author
+            return
+        msg = checked[0]
+        msg.history = False
+        if kind == "box":
+            msg.kind, msg.to = "dm", self.scope.me
+        self._take(msg, self._present.get(sender) or remote, "chat" if kind == "msg" else "dm")
+
+    def _open(self, peer: Peer, sender: str, box: dict) -> dict | None:
+        if not peer.allow("box"):
+            return None
+        opened = self.scope.identity.open_box(box, signed_bytes("relay-box", self.scope.topic, sender,
+                                                                self.scope.me))
+        try:
+            return parse_json(opened) if opened is not None else None
+        except ValueError:
+            return None
+
+    def _on_ack(self, remote: Remote, author: dict, inner: dict) -> None:
+        ids, sig = inner.get("ids"), inner.get("sig")
+        if not (isinstance(ids, list) and len(ids) <= 1000 and all(is_message_id(i) for i in ids)):
+            return
+        if not verify_message(author["mkey"], sig, signed_bytes("relay-ack", self.scope.topic, remote.name,
+                                                                 self.scope.me, ids)):
+            log.info("an ack in %s's name through %s that %s did not sign: dropped", remote.name,
+                     remote.last_via.name if remote.last_via else "?", remote.name)
+            return
+        for msg_id in ids:
+            self.forget(msg_id, remote.name)
+        self._acked(remote, ids)
+
+    def seal(self, remote: Remote, record: dict) -> dict:
+        """A direct message's record, sealed to the remote member's key: the members passing it on read nothing."""
+        context = signed_bytes("relay-box", self.scope.topic, self.scope.me, remote.name)
+        return {"t": "box", **seal_box(remote.author["key"], canonical_json(record), context)}
+
+
 class Ledger:
     """Messages in and out of one room once a session is verified. Inputs are calls from the room: a verified peer
     came or went, a chat or dm frame came from one, the user said something. Outputs are frames handed to peers'
@@ -6727,7 +7098,8 @@ class Ledger:
     def __init__(self, scope: Scope, log: HistoryLog, emit: Callable[..., None], *, takes_files: bool = False,
                  is_connecting: Callable[[str], bool] = lambda name: False,
                  lookalike_of: Callable[[str], str | None] = lambda name: None,
-                 on_hello: Callable[[Peer], None] = lambda peer: None) -> None:
+                 on_hello: Callable[[Peer], None] = lambda peer: None, relay: bool = True,
+                 on_route: Callable[[], None] = lambda: None) -> None:
         self.scope, self.log, self._emit, self.takes_files, self._on_hello_heard = scope, log, emit, takes_files, \
             on_hello
         self._tasks = Tasks()
@@ -6736,6 +7108,9 @@ class Ledger:
         self.relays = Relays(scope, self.journal, self._accept_relayed, is_connecting, lookalike_of, emit,
                              self._tasks, lambda name, msg_id: name in self._unacked.get(msg_id, ()))
         self._present: dict[str, Peer] = {}     # verified peers, by name
+        self.routes = Routes(scope, self._present, emit, self._tasks, relay=relay, check=self.relays._relayed,
+                             take=self._take_relayed, acked=self._acked, route_up=self._send_outbox,
+                             changed=on_route)
         self._unacked: dict[str, set[str]] = {}  # our messages -> rtchat.py peers that have not acked them yet
         self._dm_ids: dict[str, str] = {}       # our DMs awaiting an ack: id -> recipient
         self._unsigned: dict[tuple[str, str], tuple[dict, Peer, str, float]] = {}  # theirs, waiting for signatures
@@ -6766,13 +7141,23 @@ class Ledger:
     def send(self, text: str, action: bool, peers: list[Peer]) -> Message:
         """Say something to these (verified) peers, and, through backfill, to who comes later."""
         msg = self._own_message(text, "message", action)
-        self._sign_now_if_wanted(msg, peers)
+        remotes = list(self.routes.remotes.values())
+        self._sign_now_if_wanted(msg, peers, relayed=bool(remotes))
         self.journal.add_own(msg, [(peer, "chat") for peer in peers if self._send_text(peer, "chat", msg)])
+        if remotes:
+            self._relay(msg, remotes)
         return msg
 
-    def dm(self, peer: Peer | None, target: str, text: str) -> Message:
-        """A direct message to a verified peer; to a known name with none (target, a bare name) it waits in the
-        outbox, kept across restarts, and a 'queued' event says so."""
+    def dm(self, peer: Peer | Remote | None, target: str, text: str) -> Message:
+        """A direct message to a verified peer, or sealed to a member reached through others; to a known name with
+        neither (target, a bare name) it waits in the outbox, kept across restarts, and a 'queued' event says so."""
+        if isinstance(peer, Remote):
+            msg = self._own_message(text, "dm", to=peer.name)
+            self._sign_now_if_wanted(msg, [], relayed=True)
+            self._relay(msg, [peer])
+            self._dm_ids[msg.id] = peer.name
+            self.journal.add_own(msg, [])
+            return msg
         if peer is not None:
             msg = self._own_message(text, "dm", to=peer.name)
             self._sign_now_if_wanted(msg, [peer])
@@ -6808,17 +7193,38 @@ class Ledger:
         at timeout, or as soon as only recipients that left are missing (see unacknowledged)."""
         def settled() -> bool:
             missing = self.unacknowledged()
-            return not missing & set(self._present) if missing else self.journal.idle
+            return not missing & (set(self._present) | set(self.routes.remotes)) if missing else self.journal.idle
         return await self.changed.until(settled, timeout) and not self.unacknowledged()
 
     def _own_message(self, text: str, kind: str, action: bool = False, to: str | None = None) -> Message:
         return own_message(self.scope, text, kind, action, to)
 
-    def _sign_now_if_wanted(self, msg: Message, peers: list[Peer]) -> None:
+    def _sign_now_if_wanted(self, msg: Message, peers: list[Peer], relayed: bool = False) -> None:
         """An rtchat.py peer that does not take batch signatures later (0.2, or one whose hello has not come) gets
-        the message's own signature inline, and then so does everyone."""
-        if any(p.can("signatures") and not p.late_signatures for p in peers):
+        the message's own signature inline, and then so does everyone; so does a message going through members
+        (relayed), which must be checkable alone, at once."""
+        if relayed or any(p.can("signatures") and not p.late_signatures for p in peers):
             msg.sig = self.scope.identity.sign_message(msg.signed_part(self.scope.topic))
+
+    def _relay(self, msg: Message, remotes: list[Remote]) -> None:
+        """Our message (signed) to members reached through others, as history is passed on; a direct message
+        sealed to its recipient's key. Each is awaited as an ack, as from a peer."""
+        record = self.relays._relay_record(msg.record(), False, {})[0]
+        for remote in remotes:
+            self._unacked.setdefault(msg.id, set()).add(remote.name)
+        if msg.kind == "dm":
+            for remote in remotes:
+                self.routes.send([remote], self.routes.seal(remote, record), msg.id)
+        else:
+            self.routes.send(remotes, {"t": "msg", "m": record}, msg.id)
+
+    def _take_relayed(self, msg: Message, ack_to: Peer | Remote, label: str) -> None:
+        """A message through a member, checked end to end: taken as from its author, acked to it."""
+        self._accept(msg, ack_to, label, ack_id=msg.id)
+        self.relays.note_claim(msg)
+
+    def _acked(self, remote: Peer | Remote, ids: list[str]) -> None:
+        self._on_ack(remote, "chat", {"ids": ids})
 
     # -- peers ----------------------------------------------------------------------------------
     def first_contact(self, peer: Peer) -> None:
@@ -6832,15 +7238,17 @@ class Ledger:
         if peer.can("signatures") and peer.channel_bound:
             peer.send("chat", {"t": "hello", "mkey": self.scope.identity.message_public,
                                "mcert": self.scope.identity.message_cert, "late_sigs": True, "batches": True,
-                               "files": self.takes_files})
+                               "files": self.takes_files, "reach": True})
         self._send_outbox(peer)
         self.relays.judge()
+        self.routes.changed()
 
     def peer_gone(self, peer: Peer) -> None:
         if self._present.get(peer.name) is peer:
             del self._present[peer.name]
         self._unsigned_bytes.pop(peer, None)
         self.relays.peer_gone(peer)
+        self.routes.peer_gone(peer)
         self.changed.fire()
 
     # -- frames from verified peers -------------------------------------------------------------
@@ -6983,6 +7391,7 @@ class Ledger:
             return
         delivered = []
         for msg_id in (i for i in ids[:1000] if isinstance(i, str)):
+            self.routes.forget(msg_id, peer.name)
             if msg_id in self._unacked:
                 self._unacked[msg_id].discard(peer.name)
                 if not self._unacked[msg_id]:
@@ -7005,11 +7414,13 @@ class Ledger:
         peer.message_key = value["mkey"]
         peer.late_signatures = value.get("late_sigs") is True and value.get("batches") is True
         peer.takes_files = value.get("files") is True
+        peer.tells_reach = value.get("reach") is True
         author = {"key": peer.key_string, "mkey": value["mkey"], "mcert": value["mcert"]}
         if self.scope.store.data["authors"].get(peer.fingerprint) != author:
             self.scope.store.defer(lambda d: d["authors"].__setitem__(peer.fingerprint, author))
         self._on_hello_heard(peer)
         self._tasks.spawn(self._sync(peer), f"sync-{peer.name}")
+        self.routes.changed()
 
     async def _sync(self, peer: Peer) -> None:
         """Tell a peer which messages we have: it answers with what we lack."""
@@ -7023,21 +7434,39 @@ class Ledger:
     def _on_backfill(self, peer: Peer, kind: str, value: dict) -> None:
         self.relays.on_backfill(peer, value)
 
-    def _send_outbox(self, peer: Peer) -> None:
-        """Direct messages that waited for this peer go out now; an ack takes them out of the outbox."""
+    def _send_outbox(self, peer: Peer | Remote) -> None:
+        """Direct messages that waited for this peer (or member reached through others) go out now; an ack takes
+        them out of the outbox."""
         waiting = [e for e in self.scope.store.data["outbox"]
                    if e.get("room") == self.scope.room and e.get("to") == bare_name(peer.name)]
         for entry in waiting:
             msg = Message.from_dict(entry)
-            if self._send_text(peer, "dm", msg):
+            if isinstance(peer, Remote):
+                if msg.salt is not None and msg.sig is not None:  # (one written by rtchat.py 0.2 waits on)
+                    self._relay(msg, [peer])
+                    self._dm_ids[msg.id] = peer.name
+            elif self._send_text(peer, "dm", msg):
                 self._dm_ids[msg.id] = peer.name
         if waiting and not peer.can("acks"):  # browsers do not acknowledge: sent is all we can know
             ids = {e["id"] for e in waiting}
             self.scope.store.update(lambda d: d.update(outbox=[e for e in d["outbox"] if e.get("id") not in ids]))
 
     # what rtchat.py peers send each other on chat and dm, besides plain text (browsers' frames)
+    def _on_reach(self, peer: Peer, kind: str, value: dict) -> None:
+        self.routes.on_reach(peer, value)
+
+    def _on_relay(self, peer: Peer, kind: str, value: dict) -> None:
+        self.routes.on_relay(peer, value)
+
+    def _on_relayed(self, peer: Peer, kind: str, value: dict) -> None:
+        self.routes.on_relayed(peer, value)
+
+    def _on_relay_refused(self, peer: Peer, kind: str, value: dict) -> None:
+        self.routes.on_refused(peer, value)
+
     _FRAMES = {"msg": _on_signed_text, "sigs": _on_signatures, "batch": _on_batch, "ack": _on_ack,
-               "hello": _on_hello, "sync": _on_sync, "backfill": _on_backfill}
+               "hello": _on_hello, "sync": _on_sync, "backfill": _on_backfill, "reach": _on_reach,
+               "relay": _on_relay, "relayed": _on_relayed, "relay-refused": _on_relay_refused}
 
 
 # =============================================================================
@@ -7194,6 +7623,10 @@ class PeerJSPlace(Emitter):
     def verified_peers(self) -> list[MeshMember]:
         return [member for member in self.peers.values() if member.is_verified]
 
+    def relayed_peers(self) -> list[Remote]:
+        """Nobody: on PeerJS the mesh itself passes lines on (a Room's members reached through others)."""
+        return []
+
     def label(self, member_or_name: MeshMember | str) -> str:
         """A member's name for display, marked if nothing proved it: 'bob?'."""
         member = self.peers.get(member_or_name) if isinstance(member_or_name, str) else member_or_name
@@ -7321,7 +7754,9 @@ class Room(Emitter):
         self.ledger = Ledger(Scope(name, self.topic, me, identity, store, trust),
                              history or HistoryLog(store.history_path(name)), self.emit,
                              takes_files=self.files.takes_files, is_connecting=self._is_connecting,
-                             lookalike_of=self.lookalike_of, on_hello=lambda peer: self.sessions.changes.fire())
+                             lookalike_of=self.lookalike_of, on_hello=lambda peer: self.sessions.changes.fire(),
+                             relay=relay, on_route=self.sessions.changes.fire)
+        self.negotiation.reached = lambda name: name in self.ledger.routes.remotes
         for part, events in ((self.network, ("key-changed",)), (self.admission, ("key-changed", "key-refused")),
                              (self.sessions, ("key-accepted", "no-route", "leave", "mitm-detected",
                                               "verify-failed"))):
@@ -7403,6 +7838,14 @@ class Room(Emitter):
     def verified_peers(self) -> list[Peer]:
         return self.sessions.verified()
 
+    def relayed_peers(self) -> list[Remote]:
+        """Members we have no session with but reach through others (see Routes); remote.via[0] is the member."""
+        return list(self.ledger.routes.remotes.values())
+
+    def reachable_peers(self) -> list[Peer | Remote]:
+        """Whom what we say reaches: verified peers, and members reached through them."""
+        return self.verified_peers() + self.relayed_peers()
+
     def label(self, peer_or_name: Peer | str) -> str:
         """A peer's name for display: 'alice', or 'alice#3f2a' while two keys share that name, or while it looks
         like another known or present name (see lookalike_of)."""
@@ -7442,9 +7885,19 @@ class Room(Emitter):
             target = bare_name(peer.name)
         except UsageError:
             peer, target = None, bare_name(name.lstrip("@"))
-            if not self.trust.pins_for(target):
+            if not self.trust.pins_for(target) and not self._remote(name):
                 raise
-        return self.ledger.dm(peer if peer is not None and peer.is_verified else None, target, text)
+        if peer is None or not peer.is_verified:
+            remote = self._remote(peer.name if peer is not None else name)
+            return self.ledger.dm(remote, bare_name(remote.name) if remote else target, text)
+        return self.ledger.dm(peer, target, text)
+
+    def _remote(self, name: str) -> Remote | None:
+        """A member reached through others, by wire name or (if only one fits) bare name."""
+        routes = self.ledger.routes.remotes
+        name = name.lstrip("@").rstrip(":,")
+        fits = [r for r in routes.values() if name in (r.name, bare_name(r.name))]
+        return routes.get(name) or (fits[0] if len(fits) == 1 else None)
 
     def outbox(self) -> list[Message]:
         """Our direct messages in this room still waiting for their recipients."""
@@ -7470,12 +7923,12 @@ class Room(Emitter):
             raise UsageError(f"{self.label(peer)} does not take files (a browser, or started without --files DIR)")
         return await self.files.send(peer, path, self.label(peer), progress)
 
-    async def wait_for_peers(self, count: int = 1, timeout: float = 30.0) -> list[Peer]:
-        """Until count peers are verified; NoPeers after timeout."""
-        if not await self.sessions.until(lambda: len(self.verified_peers()) >= count, timeout):
+    async def wait_for_peers(self, count: int = 1, timeout: float = 30.0) -> list[Peer | Remote]:
+        """Until count peers are verified or reached through a verified one; NoPeers after timeout."""
+        if not await self.sessions.until(lambda: len(self.reachable_peers()) >= count, timeout):
             raise NoPeers(f"no peer in #{self.name} within {timeout:g} s "
-                          f"({len(self.verified_peers())} of {count} verified){self._seal_hint()}")
-        return self.verified_peers()
+                          f"({len(self.reachable_peers())} of {count} verified){self._seal_hint()}")
+        return self.reachable_peers()
 
     async def wait_for_peer(self, name: str, timeout: float = 30.0) -> Peer:
         """Until the peer called name (wire name, bare name or label) is verified, and has said what it takes
@@ -7501,15 +7954,19 @@ class Room(Emitter):
             raise UsageError(f"{self.label(peer)} is connected but not verified (within {VERIFY_TIMEOUT_S:g} s)"
                              ) from None
 
-    async def wait_for_room(self, count: int = 1, timeout: float = 30.0, settle: float = SETTLE_S) -> list[Peer]:
-        """Until at least count peers are verified, then until every session being set up with a peer that took
-        part in it is verified or has failed (a name only announced may be made up: see Negotiation.in_setup), and
-        none began for `settle` seconds: what is sent then reaches everyone here. NoPeers if fewer than count are
-        verified by timeout; at timeout it returns the verified ones (see unverified_peers for the others)."""
+    async def wait_for_room(self, count: int = 1, timeout: float = 30.0, settle: float = SETTLE_S
+                            ) -> list[Peer | Remote]:
+        """Until at least count peers are verified (or reached through a verified one), then until every session
+        being set up with a peer that took part in it is verified or has failed (a name only announced may be made
+        up: see Negotiation.in_setup), and none began for `settle` seconds: what is sent then reaches everyone
+        here. NoPeers if fewer than count are reached by timeout; at timeout it returns the ones reached (see
+        unverified_peers for the others)."""
         deadline = time.monotonic() + timeout
         await self.wait_for_peers(count, timeout)
         await self.negotiation.settle(deadline - time.monotonic(), settle)
-        return self.verified_peers()
+        # and every verified rtchat.py peer has told whom it reaches: those are reached through it
+        await self.sessions.until(self.ledger.routes.heard_from_all, deadline - time.monotonic())
+        return self.reachable_peers()
 
     def unverified_peers(self) -> list[Peer]:
         """Peers here that are not verified: in session set-up with us (they took part in it), or whose sessions
@@ -8118,17 +8575,27 @@ async def _peers(ctx: Context, args: str) -> None:
     if not peers and not no_route:
         ctx.echo("nobody connected yet (/connect NAME)" if room.network_name == "peerjs" else
                  f"nobody else in #{room.name} yet")
+    relayed = {remote.name: remote for remote in room.relayed_peers() if remote.via}
     for peer in peers:
         kind = peer.dialect.name
         trust = ("verified, channel-bound" if peer.channel_bound else "verified (legacy, not channel-bound)") \
             if peer.is_verified else peer.state
         if peer.name in no_route and not peer.is_open:  # a room tries again now and then
             trust = _no_route_words(no_route[peer.name])
+        if peer.name in relayed and not peer.is_verified:
+            trust = _relayed_words(room, relayed.pop(peer.name))
         rtt = f", {peer.rtt_ms:.1f} ms" if peer.rtt_ms is not None else ""
         path = {"relay": ", through a TURN relay", "direct": ", direct"}.get(peer.path if peer.is_open else None, "")
         ctx.echo(f"{room.label(peer):<24} {trust}{rtt}{path}  [{kind}]")
-    for name in sorted(set(no_route) - set(room.peers), key=collation_key):  # between two tries
+    for name in sorted(set(no_route) - set(room.peers) - set(relayed), key=collation_key):  # between two tries
         ctx.echo(f"{room.label(name):<24} {_no_route_words(no_route[name])}")
+    for name, remote in sorted(relayed.items(), key=lambda item: collation_key(item[0])):  # never heard directly
+        ctx.echo(f"{room.label(name):<24} {_relayed_words(room, remote)}")
+
+
+def _relayed_words(room: Room, remote: Remote) -> str:
+    unpinned = "" if remote.trust == "relayed" else " (its key as that member told it: not verified by you)"
+    return f"relayed via {room.label(remote.via[0])}{unpinned}"
 
 
 def _no_route_words(when: float) -> str:
@@ -8544,6 +9011,13 @@ VERIFY_FAILED_TEXT = {   # a verify-failed event's reason in words
 }
 
 
+RELAY_REFUSED_TEXT = {   # a relay-refused event's reason in words
+    "off": "does not pass messages on (--no-relay); trying another member",
+    "busy": "passes on no more of your messages for now (over its budget); trying another member",
+    "unreachable": "no longer reaches whom you wrote to; trying another member",
+}
+
+
 def describe_transfer(transfer: Transfer, label: str) -> str:
     """'sending report.pdf to bob: 45.0 MB of 300.0 MB (15%), 13.6 MB/s, 19 s left'."""
     verb, way = ("receiving", "from") if transfer.incoming else ("sending", "to")
@@ -8663,6 +9137,14 @@ def event_record(room: Room, event: str, *args: Any) -> dict:
     elif event == "verify-failed":
         peer, reason = args
         record.update(_peer_fields(room, peer), reason=reason, text=VERIFY_FAILED_TEXT.get(reason, reason))
+    elif event == "relayed":
+        name, via = args
+        record.update({"from": room.label(name), "via": room.label(via) if via else None,
+                       "text": f"relayed via {room.label(via)} (no network path of your own)" if via else
+                       "no longer reached through another member"})
+    elif event == "relay-refused":
+        peer, why = args
+        record.update(_peer_fields(room, peer), reason=why, text=RELAY_REFUSED_TEXT[why])
     elif event == "history-conflict":
         peer, claimed = args
         record.update(_peer_fields(room, peer), claimed=claimed,
@@ -8908,7 +9390,8 @@ class App(Session):
                 self.changed()
             self.show(msg, mention=for_you)
         elif event in ("join", "leave", "key-changed", "file", "key-accepted", "key-refused", "disk-error", "disk-ok",
-                       "compaction-failed", "history-conflict", "mitm-detected", "verify-failed", "queued"):
+                       "compaction-failed", "history-conflict", "mitm-detected", "verify-failed", "queued",
+                       "relayed", "relay-refused"):
             record = event_record(room, event, *args)
             self.printer.event(event, record["from"] or "", record["text"], room.name if other else None)
             self.changed()
@@ -9240,6 +9723,12 @@ def _nobody(exc: NoPeers, refused: set[str]) -> RtchatError:
     return KeyMismatch(f"{exc}; {_refusal(refused)}") if refused else exc
 
 
+def _recipient(room: Room, peer: Peer | Remote) -> str:
+    """'bob', or 'bob (via carol)' for a member reached through another."""
+    return f"{room.label(peer)} (via {room.label(peer.via[0])})" if isinstance(peer, Remote) and peer.via \
+        else room.label(peer)
+
+
 async def run_pipe(app: App, wait_peers: int, timeout: float) -> int:
     """Send every stdin line to everyone in the room: once at least wait_peers peers are verified and the others
     heard of have connected too. Exit 0 only if every recipient acknowledged every line and nobody heard of in
@@ -9254,13 +9743,13 @@ async def run_pipe(app: App, wait_peers: int, timeout: float) -> int:
     except NoPeers as exc:
         raise _nobody(exc, refused) from None
     unreached = {p.name: room.label(p) for p in room.unverified_peers()}  # heard of, not verified by the timeout
-    app.printer.status(f"sending to {', '.join(room.label(p) for p in room.verified_peers()) or 'nobody'}")
+    app.printer.status(f"sending to {', '.join(_recipient(room, p) for p in room.reachable_peers()) or 'nobody'}")
     sent, recipients = 0, {}
     while (line := await queue.get()) is not None:
         if line.strip():
             room.send(line[:MAX_TEXT_CHARS])
             sent += 1
-            recipients.update((p.name, room.label(p)) for p in room.verified_peers())
+            recipients.update((p.name, room.label(p)) for p in room.reachable_peers())
     confirmed = await room.flush(timeout)
     missing = room.unacknowledged()
     got = sorted(label for name, label in recipients.items() if name not in missing)
@@ -9496,7 +9985,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--files", default=env("RTCHAT_FILES", "off"), metavar="DIR|off",
                         help="take files rtchat.py peers send you, into DIR (default off: refused)")
     parser.add_argument("--no-relay", action="store_true", default=env("RTCHAT_NO_RELAY", "0") not in ("", "0"),
-                        help="refuse to pass on anything for others (signaling between members; see Networks)")
+                        help="refuse to pass on anything for others (signaling and chat between members who "
+                             "have no network path to each other; see Networks)")
     parser.add_argument("--peerjs", nargs="?", const="", default=env("RTCHAT_PEERJS") or None, metavar="URL",
                         help="chat on the peerjs-multichat network instead of in an RTChat room: log in on this "
                              "PeerServer (ws[s]://HOST:PORT/PATH?key=KEY; without URL the page's own, "
