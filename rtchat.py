@@ -178,7 +178,9 @@ BOX_BUDGET = (50.0, 200)               # sealed direct messages opened per relay
 MAX_REACH = 32                         # members one peer says it reaches (larger rooms: gossip, issue 16)
 REACH_GATHER_S = 0.05                  # changes in whom we reach are told together, after this
 RELAY_ACK_WAIT_S = 2.0                 # a message through a member not acknowledged by then goes through another
-RELAY_TRIES = 8                        # ... this many times at most
+RELAY_GIVE_UP_S = 60.0                 # ... until this long after it was first sent
+GONE_GRACE_S = 5.0                     # a peer that left us is not taken as reached through others meanwhile (the
+#                                        others may not have seen it go yet)
 MAX_RELAYED_PENDING = 2000             # our messages through members awaiting their recipients' acks
 
 EVENTS = ("message", "dm", "join", "leave", "verified", "key-changed", "delivered", "file", "status", "history",
@@ -6801,9 +6803,10 @@ class Routes:
         self.remotes: dict[str, Remote] = {}
         self._told: dict[Peer, tuple[bool, dict[str, dict]]] = {}  # per peer: does it relay, whom it reaches
         self._keys: dict[tuple, str | None] = {}   # (key, mkey, mcert) -> fingerprint if the certificate holds
-        self._pending: dict[tuple[str, str], list] = {}  # (id, name) -> [inner, tries, due, via name]
+        self._pending: dict[tuple[str, str], list] = {}  # (id, name) -> [inner, first sent, due, via name]
         self._avoid: dict[str, set[str]] = {}     # name -> members that lost or refused our frames for it
         self._hinted: dict[tuple[Peer, str], float] = {}  # refusals said, when
+        self._gone: dict[str, float] = {}          # names whose session with us ended lately, when
         self._telling: asyncio.TimerHandle | None = None
         self._retrying: asyncio.Task | None = None
 
@@ -6871,11 +6874,14 @@ class Routes:
         """Remotes: names a relaying peer reaches that we have no verified session with, through every relaying
         peer that names the same key for them (the first one told wins a disagreement), best first."""
         found: dict[str, tuple[dict, list[Peer]]] = {}
+        now = time.monotonic()
+        while self._gone and now - next(iter(self._gone.values())) > GONE_GRACE_S:
+            del self._gone[next(iter(self._gone))]
         for peer, (relays, reached) in self._told.items():
             if not relays or self._present.get(peer.name) is not peer:
                 continue
             for name, author in reached.items():
-                if name in self._present:
+                if name in self._present or name in self._gone:
                     continue
                 first = found.setdefault(name, (author, []))
                 if first[0]["key"] == author["key"]:
@@ -6903,6 +6909,11 @@ class Routes:
     def peer_gone(self, peer: Peer) -> None:
         """A member gone: what went through it and is not acknowledged goes through another one now."""
         self._told.pop(peer, None)
+        self._gone.pop(peer.name, None)
+        self._gone[peer.name] = time.monotonic()
+        if len(self._gone) > MAX_SEEN_PEERS:
+            del self._gone[next(iter(self._gone))]
+        self._tasks.later(GONE_GRACE_S, self._recompute)
         for key in [k for k in self._hinted if k[0] is peer]:
             del self._hinted[key]
         for item in self._pending.values():
@@ -6935,9 +6946,9 @@ class Routes:
             via.send_paced("chat", {"t": "relay", "to": names, "d": inner})
 
     def _await_ack(self, msg_id: str, name: str, inner: dict, via: Peer | None) -> None:
-        tries = self._pending.pop((msg_id, name), [None, 0])[1]
-        self._pending[(msg_id, name)] = [inner, tries + 1, time.monotonic() + RELAY_ACK_WAIT_S,
-                                         via.name if via else None]
+        now = time.monotonic()
+        since = self._pending.pop((msg_id, name), [None, now])[1]
+        self._pending[(msg_id, name)] = [inner, since, now + RELAY_ACK_WAIT_S, via.name if via else None]
         if len(self._pending) > MAX_RELAYED_PENDING:
             del self._pending[next(iter(self._pending))]
         if self._retrying is None:
@@ -6961,14 +6972,14 @@ class Routes:
 
     def _resend_due(self) -> None:
         """What is not acknowledged in time goes again, through another member if there is one (the one it went
-        through is avoided for that name from now on); given up after RELAY_TRIES."""
+        through is avoided for that name from now on); given up RELAY_GIVE_UP_S after it was first sent."""
         now = time.monotonic()
-        for (msg_id, name), (inner, tries, due, via) in list(self._pending.items()):
+        for (msg_id, name), (inner, since, due, via) in list(self._pending.items()):
             remote = self.remotes.get(name)
-            if due > now or remote is None:
-                continue
-            if tries >= RELAY_TRIES:
+            if now - since > RELAY_GIVE_UP_S:
                 del self._pending[(msg_id, name)]
+                continue
+            if due > now or remote is None:
                 continue
             if via is not None:
                 avoid = self._avoid.setdefault(name, set())

@@ -1442,3 +1442,194 @@ def test_hostile_candidate_types_stay_out_of_the_no_route_line(monkeypatch):
         mallory.close()
     run(scenario(), 30)
     assert_blocked("13")
+
+
+# =============================================================================================================
+# 14. A relaying member (issue 15, item 3): alice and bob have no network path; carol, whom both reach, passes
+#     their messages on, and is hostile. dave, who joins later, relays honestly.
+# =============================================================================================================
+
+async def _relay_room(tmp_path, broker_url, names=("alice", "bob", "carol")):
+    clients = [await make_client(n, tmp_path, broker_url).start() for n in names]
+    rooms = [await c.join("hostile-relay") for c in clients]
+    return clients, rooms
+
+
+def _through(room) -> dict:
+    return {r.name: [p.name for p in r.via] for r in room.relayed_peers()}
+
+
+HOSTILE_RELAYS = {
+    # what carol does with each frame alice asks her to pass on: returns the frames bob gets instead
+    "drops": lambda value, mine: [],
+    "alters": lambda value, mine: [{**value, "d": {**value["d"], "m": {**value["d"]["m"], "text": "pay mallory"}}}
+                                   if value["d"].get("t") == "msg" else value],
+    "replays": lambda value, mine: [value] * 5,
+    "forges": lambda value, mine: [{**value, "d": {"t": "msg", "m": mine(value["d"].get("m", {}))}}],
+}
+
+
+@pytest.mark.parametrize("behaviour", sorted(HOSTILE_RELAYS))
+def test_a_relaying_member_cannot_alter_forge_drop_or_replay(broker, tmp_path, pathless, monkeypatch, behaviour):
+    """carol passes on alice's lines to bob as `behaviour` says, and answers alice with an ack in bob's name that
+    bob never signed. bob shows nothing carol altered or forged, and each line once; alice does not count bob as
+    delivered on carol's word: she sends again, and once dave relays, the genuine line reaches bob through him,
+    acknowledged by bob."""
+    pathless.add("alice", "bob")
+    monkeypatch.setattr(rtchat, "RELAY_ACK_WAIT_S", 0.5)
+
+    async def scenario():
+        clients, (ra, rb, rc) = await _relay_room(tmp_path, broker.url)
+        got_b, forged_acks = [], []
+        rb.on("message", got_b.append)
+        carol_key = clients[2].identity
+
+        def mine(record):   # carol's own words under alice's name, signed by carol's message key
+            forged = dict(record, text="forged by carol", salt=rtchat.new_id())
+            forged["id"] = rtchat.message_id("alice", forged.get("fingerprint"), forged.get("ts", 0),
+                                             forged["text"], False, forged["salt"])
+            forged["sig"] = carol_key.sign_message(rtchat.signed_bytes(
+                "message", ra.topic, "alice", forged["id"], forged.get("ts", 0), forged["text"], False))
+            return forged
+
+        def hostile(peer, value):
+            if not isinstance(value.get("d"), dict) or value["d"].get("t") not in ("msg", "box"):
+                return rc.ledger.routes.__class__.on_relay(rc.ledger.routes, peer, value)
+            for frame in HOSTILE_RELAYS[behaviour](value, mine):
+                rc.peers["bob"].send("chat", {"t": "relayed", "from": "alice", "d": frame["d"]})
+            ids = [value["d"].get("m", {}).get("id")]
+            sig = carol_key.sign_message(rtchat.signed_bytes("relay-ack", ra.topic, "bob", "alice", ids))
+            peer.send("chat", {"t": "relayed", "from": "bob", "d": {"t": "ack", "ids": ids, "sig": sig}})
+            forged_acks.append(ids[0])
+        rc.ledger.routes.on_relay = hostile
+        await eventually(lambda: _through(ra) == {"bob": ["carol"]} and "alice" in _through(rb), 30,
+                         "alice and bob reached through carol")
+        sent = ra.send("meet at noon")
+        resent = 1 if behaviour == "replays" else 2   # (a replayed genuine line is acked by bob: not sent again)
+        await eventually(lambda: len(forged_acks) >= resent, 10, "carol's forged acks, and alice sending again")
+        early = [m.text for m in got_b]
+        held = "bob" in ra.ledger.awaiting(sent.id) or behaviour == "replays"
+        dave = await make_client("dave", tmp_path, broker.url).start()
+        await dave.join("hostile-relay")
+        await eventually(lambda: [m.text for m in got_b if m.id == sent.id] == ["meet at noon"], 20,
+                         "the genuine line reaching bob")
+        await eventually(lambda: not ra.ledger.awaiting(sent.id), 20, "bob's own ack")
+        texts = [m.text for m in got_b]
+        record(f"14 relay {behaviour}: nothing altered or forged shown, each line once, no forged ack taken",
+               held and "pay mallory" not in texts and "forged by carol" not in texts
+               and texts.count("meet at noon") == 1 and set(early) <= {"meet at noon"},
+               f"texts={texts}, early={early}, held={held}")
+        await dave.close()
+        for c in clients:
+            await c.close()
+    run(scenario(), 90)
+    assert_blocked(f"14 relay {behaviour}")
+
+
+def test_a_relaying_member_that_delays_and_reorders_loses_nothing(broker, tmp_path, pathless):
+    """carol holds alice's lines and passes them on late, newest first: bob shows each once, with alice's time
+    stamps (so in the order she wrote them when sorted), and alice gets bob's acks for all."""
+    pathless.add("alice", "bob")
+
+    async def scenario():
+        clients, (ra, rb, rc) = await _relay_room(tmp_path, broker.url)
+        got_b, held = [], []
+        rb.on("message", got_b.append)
+        honest = rc.ledger.routes.on_relay
+        rc.ledger.routes.on_relay = lambda peer, value: held.append((peer, value)) \
+            if value.get("d", {}).get("t") == "msg" else honest(peer, value)
+        await eventually(lambda: _through(ra) == {"bob": ["carol"]} and "alice" in _through(rb), 30, "the route")
+        sent = [ra.send(f"line {n}") for n in range(5)]
+        await eventually(lambda: len(held) >= 5, 10, "carol holding five lines")
+        for peer, value in reversed(held):
+            honest(peer, value)
+        await eventually(lambda: len({m.id for m in got_b}) == 5, 10, "all five at bob")
+        ok = await ra.flush(10)
+        stamps = {m.id: m.ts for m in got_b}
+        record("14 relay delays and reorders: each line once, stamped as written, all acked",
+               ok and len(got_b) == 5 and [stamps[m.id] for m in sent] == [m.ts for m in sent],
+               f"got={[m.text for m in got_b]}, flushed={ok}")
+        for c in clients:
+            await c.close()
+    run(scenario(), 60)
+    assert_blocked("14 relay delays")
+
+
+def test_a_member_flooding_through_a_relay_is_bounded(broker, tmp_path, pathless):
+    """mallory (a verified member) asks carol to pass 5,000 frames to bob and passes bob 5,000 relayed frames
+    itself: carol passes on at most her budget and says she is busy; bob shows nothing forged and his tables stay
+    bounded; a sealed box flood costs bob at most his budget of decryptions."""
+    pathless.add("alice", "bob")
+
+    async def scenario():
+        clients, (ra, rb, rc) = await _relay_room(tmp_path, broker.url, ("alice", "bob", "carol"))
+        await eventually(lambda: "alice" in _through(rb), 30, "the route")
+        alice_at_carol, bob_at_carol = rc.peers["alice"], rc.peers["bob"]
+        passed, opened = [], []
+        send = bob_at_carol.send_reply
+        bob_at_carol.send_reply = lambda label, value: (passed.append(1), send(label, value))[1]
+        refusals = []
+        ra.on("relay-refused", lambda peer, why: refusals.append(why))
+        open_box = clients[1].identity.open_box
+        clients[1].identity.open_box = lambda box, context: (opened.append(1), open_box(box, context))[1]
+        junk = {"t": "box", "k": "QUFB", "n": "QUFBQUFBQUFBQUFB", "c": "QUFB"}
+        for _ in range(5000):
+            ra.peers["carol"].send("chat", {"t": "relay", "to": ["bob"], "d": junk})
+        await eventually(lambda: "busy" in refusals, 20, "carol saying she is busy")
+        await asyncio.sleep(0.5)   # what was in flight arrives
+        sizes = rb.ledger.routes.sizes()
+        record("14 relay flood: carol passes on at most her budget, bob opens at most his",
+               len(passed) <= rtchat.RELAY_BUDGET[1] + 2 * rtchat.RELAY_BUDGET[0]
+               and len(opened) <= rtchat.BOX_BUDGET[1] + 2 * rtchat.BOX_BUDGET[0]
+               and not rb.history(5) and sizes["pending"] == 0 and alice_at_carol.over_budget.get("relay"),
+               f"passed={len(passed)}, opened={len(opened)}, sizes={sizes}")
+        for c in clients:
+            await c.close()
+    run(scenario(), 90)
+    assert_blocked("14 relay flood")
+
+
+def test_a_relay_cannot_read_a_direct_message_or_swap_keys(broker, tmp_path, pathless):
+    """A direct message through carol is sealed to bob's key: carol's own key opens nothing of it, and the
+    frames she passes hold no plaintext. bob met alice before (her key is pinned): carol telling him another key
+    for alice is not believed, and words signed by that key are not shown."""
+    async def scenario():
+        clients, (ra, rb, rc) = await _relay_room(tmp_path, broker.url)
+        await eventually(lambda: ra.peers.get("bob") and ra.peers["bob"].is_verified, 30, "alice meeting bob")
+        for client in clients:
+            await client.leave(client.rooms["hostile-relay"])
+        pathless.add("alice", "bob")   # from now on they have no path
+        ra, rb, rc = [await c.join("hostile-relay-2") for c in clients]
+        frames, got_b = [], []
+        rb.on("dm", got_b.append)
+        rb.on("message", got_b.append)
+        honest = rc.ledger.routes.on_relay
+        rc.ledger.routes.on_relay = lambda peer, value: (frames.append(value), honest(peer, value))
+        await eventually(lambda: "bob" in _through(ra) and "alice" in _through(rb), 30, "the route")
+        trusted = rb.relayed_peers()[0].trust
+        ra.dm("bob", "the vault code is 7319")
+        await eventually(lambda: got_b, 10, "bob's dm")
+        box = next(f["d"] for f in frames if f["d"].get("t") == "box")
+        context = rtchat.signed_bytes("relay-box", ra.topic, "alice", "bob")
+        unreadable = clients[2].identity.open_box(box, context) is None and "7319" not in rtchat.to_json(frames)
+        # carol now tells bob that alice's key is one of hers, and passes on words signed by it
+        impostor = rtchat.Identity.generate()
+        fake = {"key": impostor.public_key_string, "mkey": impostor.message_public, "mcert": impostor.message_cert}
+        rb.ledger.routes.on_reach(rb.peers["carol"], {"relay": True, "peers": {"alice": fake}})
+        fp = rtchat.fingerprint(impostor.public_key_string)
+        stamp, salt = rtchat.now_ms(), rtchat.new_id()
+        msg_id = rtchat.message_id("alice", fp, stamp, "forged", False, salt)
+        sig = impostor.sign_message(rtchat.signed_bytes("message", rb.topic, "alice", msg_id, stamp, "forged", False))
+        rb.peers["carol"].send("chat", {"t": "relayed", "from": "alice", "d": {"t": "msg", "m": {
+            "id": msg_id, "from": "alice", "text": "forged", "ts": stamp, "action": False, "fingerprint": fp,
+            "sig": sig, "salt": salt}}})
+        await asyncio.sleep(0.5)   # (nothing is to come: what would have come by now)
+        believed = any(r.fingerprint == fp for r in rb.relayed_peers())
+        record("14 relay reads a sealed dm, or swaps a pinned key",
+               unreadable and trusted == "relayed" and not believed
+               and [m.text for m in got_b] == ["the vault code is 7319"],
+               f"unreadable={unreadable}, trust={trusted}, believed={believed}, got={[m.text for m in got_b]}")
+        for c in clients:
+            await c.close()
+    run(scenario(), 60)
+    assert_blocked("14 relay reads")

@@ -4,43 +4,9 @@ giving each side's offer or answer candidates nobody listens on (ICE then finds 
 NATs without TURN). The NAT lab does it with real NATs (test_networks.py)."""
 from __future__ import annotations
 
-import asyncio
-import re
-
-import pytest
 from conftest import eventually, make_client, run
 
 import rtchat
-
-NOWHERE = 9   # the discard port: nothing listens there on loopback
-
-
-@pytest.fixture
-def pathless(monkeypatch):
-    """pathless.add("alice", "bob"): the offers and answers between these two carry only candidates nobody
-    listens on, so they reach each other by signaling but find no network path."""
-    pairs: set[frozenset] = set()
-    publish = rtchat.RoomSignaling.publish
-    monkeypatch.setattr(rtchat, "NO_PATH_AFTER_S", 1.0)
-    monkeypatch.setattr(rtchat, "RETRY_AFTER_S", 600.0)
-
-    def blocked(self, subtopic, data, to=None, compact=False, topic=None):
-        if subtopic in ("RTCOffer", "RTCAnswer") and frozenset((bare(self.me), bare(to or ""))) in pairs:
-            holder = data["offer"] if subtopic == "RTCOffer" else data
-            sdp = holder["localDescription"]["sdp"]
-            holder["localDescription"] = {**holder["localDescription"], "sdp": re.sub(
-                r"(a=candidate:\S+ \d+ \w+ \d+ \S+ )(\d+)", lambda m: f"{m[1]}{NOWHERE}", sdp)}
-        return publish(self, subtopic, data, to=to, compact=compact, topic=topic)
-
-    def bare(name):
-        return rtchat.bare_name(name)
-    monkeypatch.setattr(rtchat.RoomSignaling, "publish", blocked)
-
-    class Pairs:
-        @staticmethod
-        def add(a: str, b: str) -> None:
-            pairs.add(frozenset((a, b)))
-    return Pairs
 
 
 async def room_of(tmp_path, broker_url, names, room="relay", **options):
@@ -65,11 +31,9 @@ def test_chat_and_acks_go_through_a_member_both_reach(broker, tmp_path, pathless
     pathless.add("alice", "bob")
 
     async def scenario():
-        # alice and bob meet carol first, so their keys are pinned at each other's ends by a direct meeting ...
         clients, rooms = await room_of(tmp_path, broker.url, ["alice", "bob", "carol"])
-        alice, bob, carol = clients
         ra, rb, rc = rooms
-        got_a, got_b, delivered, seen_by_carol = [], [], [], []
+        got_a, got_b, delivered = [], [], []
         ra.on("message", got_a.append)
         rb.on("message", got_b.append)
         rb.on("dm", got_b.append)
@@ -100,3 +64,42 @@ def test_chat_and_acks_go_through_a_member_both_reach(broker, tmp_path, pathless
         assert any('"t":"box"' in frame for frame in relay_frames)
         await close_all(clients)
     run(scenario(), 90)
+
+
+def test_a_member_that_leaves_or_refuses_is_replaced_by_another(broker, tmp_path, pathless):
+    """carol does not relay (--no-relay: Client(relay=False)) and says so when asked anyway; dave and erin do.
+    alice's line goes through one of them; when that one leaves, the next line goes through the other at once,
+    and what was not acknowledged yet goes again."""
+    pathless.add("alice", "bob")
+
+    async def scenario():
+        clients, rooms = await room_of(tmp_path, broker.url, ["alice", "bob", "carol", "dave", "erin"],
+                                       carol={"relay": False})
+        ra, rb, rc, rd, re_ = rooms
+        got_b, refused, routes = [], [], []
+        rb.on("message", got_b.append)
+        ra.on("relay-refused", lambda peer, why: refused.append((peer.name, why)))
+        ra.on("relayed", lambda name, via: routes.append((name, via)))
+        def through() -> set[str]:
+            return {p.name for r in ra.relayed_peers() for p in r.via}
+        await eventually(lambda: through() == {"dave", "erin"} and remote_names(rb), 30, "routes through both")
+        assert set(remote_names(ra)) == {"bob"}   # and not through carol: she said she does not relay
+        # asked anyway, carol refuses, with the reason
+        ra.peers["carol"].send("chat", {"t": "relay", "to": ["bob"], "d": {"t": "msg", "m": {}}})
+        await eventually(lambda: ("carol", "off") in refused, 10, "carol's refusal")
+        first = remote_names(ra)["bob"]
+        ra.send("one")
+        await eventually(lambda: [m.text for m in got_b] == ["one"], 10, "the first line")
+        assert got_b[0].relayed_by == first and await ra.flush(10)
+        leaving = next(c for c in clients if c.name == first)
+        await leaving.close()
+        other = ({"dave", "erin"} - {first}).pop()
+        await eventually(lambda: first not in ra.peers and remote_names(ra).get("bob") == other, 15,
+                         f"{first} gone, and the route through {other}")
+        assert ("bob", other) in routes
+        ra.send("two")
+        await eventually(lambda: [m.text for m in got_b] == ["one", "two"], 10, "the second line")
+        assert got_b[1].relayed_by == other
+        assert await ra.flush(10), ra.unacknowledged()
+        await close_all([c for c in clients if c is not leaving])
+    run(scenario(), 120)
