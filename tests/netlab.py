@@ -17,7 +17,8 @@ and deletes them, and a new lab first removes those of a run that died without c
 
 Run as a script inside a namespace it serves the lab's own probes (see `main`): `stun` sends STUN binding requests
 to several servers from one socket and prints the mapped addresses as JSON, then reports whether a datagram from
-elsewhere got through; `knock` sends such a datagram.
+elsewhere got through; `knock` sends such a datagram; `member` is an rtchat.py room member driven by its stdin
+(a line is said in the room) that prints what it gets and whom it reaches as JSON lines.
 """
 from __future__ import annotations
 
@@ -315,8 +316,54 @@ def knock(host: str, port: int, source_port: int) -> None:
             time.sleep(0.05)
 
 
+def member(name: str, room_name: str, state: str) -> None:
+    """An rtchat.py member (the library, configured from RTCHAT_* like the command line): each stdin line is
+    said in the room; printed, one JSON object a line: {"reach": {name: via or null}} whenever whom it reaches
+    changes, {"got": text, "from", "via"} for each message, {"acked": text} once every recipient still here acked a line."""
+    import asyncio
+    sys.path.insert(0, str(HERE.parent))
+    import rtchat
+
+    def say(**fields) -> None:
+        print(json.dumps(fields), flush=True)
+
+    async def run() -> None:
+        async with rtchat.Client(name, state=state) as client:
+            room = await client.join(room_name)
+            reached: dict = {}
+
+            def reach(*_) -> None:
+                now = {p.name: p.via[0].name if isinstance(p, rtchat.Remote) and p.via else None
+                       for p in room.reachable_peers()}
+                if now != reached:
+                    reached.clear()
+                    reached.update(now)
+                    say(reach=now)
+            async def watch() -> None:
+                while True:
+                    await room.sessions.changes.next(1.0)
+                    reach()
+            watching = asyncio.get_running_loop().create_task(watch())  # noqa: F841 (kept while it runs)
+            room.on("message", lambda msg: say(got=msg.text, **{"from": msg.sender, "via": msg.relayed_by}))
+            lines: asyncio.Queue = asyncio.Queue()
+            loop = asyncio.get_running_loop()
+            loop.add_reader(sys.stdin.fileno(), lambda: lines.put_nowait(sys.stdin.readline()))
+            while (line := (await lines.get()).strip()):
+                msg = room.send(line)
+                loop.create_task(acked(room, msg, say))
+
+    async def acked(room, msg, say) -> None:
+        """(one that left, or died, before it acked is not waited for once it is gone)"""
+        while room.ledger.awaiting(msg.id) & {p.name for p in room.reachable_peers()}:
+            await room.ledger.changed.next(1.0)
+        say(acked=msg.text)
+    asyncio.run(run())
+
+
 def main(argv: list[str]) -> None:
-    if argv[0] == "stun":
+    if argv[0] == "member":
+        member(*argv[1:4])
+    elif argv[0] == "stun":
         probe_stun(argv[1].split(","), float(argv[2]))
     elif argv[0] == "knock":
         knock(argv[1], int(argv[2]), int(argv[3]))

@@ -429,3 +429,96 @@ def test_broker_gone_while_a_new_member_joins(lab, tmp_path):
         for member in members.values():
             member.proc.kill()
             member.proc.wait(timeout=30)
+
+
+# -- relaying through members (issue 15, item 3) ---------------------------------------------------------------
+
+RELAY_ROOM = [("sym", "symmetric1"), ("resa", "restricted1"), ("resb", "restricted2"), ("opn", "open1"),
+              ("cone", "fullcone1")]   # sym has no path to resa nor to resb (no TURN): two pairs, relayed
+RELAY_ROUNDS = 10
+
+
+class Member:
+    """A room member in a lab namespace (netlab.py member): lines in, JSON lines out, read by a thread."""
+
+    def __init__(self, lab: netlab.Lab, name: str, client: str, room: str, workdir) -> None:
+        self.name = name
+        self.proc = lab.popen(client, [sys.executable, str(netlab.HERE / "netlab.py"), "member", name, room,
+                                       str(workdir / f"{name}.json")],
+                              env=lab_env(lab, lab.clients[client], False), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.reach: dict = {}
+        self.got: list[dict] = []
+        self.acked: list[str] = []
+        self.changed = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with contextlib.suppress(ValueError), self.changed:
+                event = json.loads(line)
+                if "reach" in event:
+                    self.reach = event["reach"]
+                elif "got" in event:
+                    self.got.append(event)
+                elif "acked" in event:
+                    self.acked.append(event["acked"])
+                self.changed.notify_all()
+
+    def say(self, text: str) -> None:
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+
+    def wait(self, predicate, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while not predicate(self):
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{self.name}: timed out waiting for {what}; reach {self.reach}, "
+                                         f"got {[g['got'] for g in self.got][-8:]}, acked {self.acked[-8:]}")
+                self.changed.wait(max(0.0, deadline - time.monotonic()))
+
+
+def _round(members: list[Member], tag: str, timeout: float = 30) -> float:
+    """Every member says one line; until each has every other's and its own is acked by all. Seconds taken."""
+    started = time.monotonic()
+    for member in members:
+        member.say(f"{tag} from {member.name}")
+    for member in members:
+        wanted = {f"{tag} from {other.name}" for other in members if other is not member}
+        member.wait(lambda m, wanted=wanted: wanted <= {g["got"] for g in m.got}, timeout, f"every line of {tag}")
+        member.wait(lambda m: f"{tag} from {m.name}" in m.acked, timeout, f"acks of its line of {tag}")
+    return time.monotonic() - started
+
+
+@pytest.mark.timeout(240)
+def test_a_room_of_five_reaches_everyone_through_members(lab, tmp_path, capsys):
+    """Five members, no TURN: sym has no path to resa nor to resb. Each of ten rounds, everyone says a line and
+    everyone gets all four others' (sym's and resa's and resb's to each other through a member), each acked end to
+    end. Then the member relaying between sym and resa is killed: the room goes through another, and the next
+    rounds reach the four left."""
+    members = [Member(lab, name, client, "five", tmp_path) for name, client in RELAY_ROOM]
+    try:
+        for member in members:
+            others = {m.name for m in members if m is not member}
+            member.wait(lambda m, others=others: set(m.reach) == others, 60, "everyone reached")
+        sym = members[0]
+        sym.wait(lambda m: m.reach.get("resa") and m.reach.get("resb"), 30, "resa and resb relayed")
+        times = [_round(members, f"round {n}") for n in range(RELAY_ROUNDS)]
+        via = {g["from"]: g["via"] for g in sym.got}
+        assert via["resa"] and via["resb"] and not via["opn"] and not via["cone"], via
+        relay = next(m for m in members if m.name == sym.reach["resa"])
+        relay.proc.kill()
+        killed = time.monotonic()
+        left = [m for m in members if m is not relay]
+        after = _round(left, "after the kill", timeout=60)
+        rerouted = time.monotonic() - killed
+        sym.wait(lambda m: m.reach.get("resa") not in (None, relay.name), 30, "resa through another member")
+        more = [_round(left, f"then {n}") for n in range(3)]
+        with capsys.disabled():
+            print(f"\n[relay lab] {RELAY_ROUNDS} rounds of 5 lines, each reached all 4 others: "
+                  f"{', '.join(f'{t:.2f}' for t in times)} s; killed {relay.name}: the next round done in "
+                  f"{after:.2f} s ({rerouted:.2f} s after the kill), then {', '.join(f'{t:.2f}' for t in more)} s")
+    finally:
+        for member in members:
+            member.proc.kill()

@@ -4,6 +4,10 @@ giving each side's offer or answer candidates nobody listens on (ICE then finds 
 NATs without TURN). The NAT lab does it with real NATs (test_networks.py)."""
 from __future__ import annotations
 
+import io
+import json
+import re
+
 from conftest import eventually, make_client, run
 
 import rtchat
@@ -103,3 +107,41 @@ def test_a_member_that_leaves_or_refuses_is_replaced_by_another(broker, tmp_path
         assert await ra.flush(10), ra.unacknowledged()
         await close_all([c for c in clients if c is not leaving])
     run(scenario(), 120)
+
+
+def test_the_chat_shows_relayed_peers_and_lines_and_json_says_it(broker, tmp_path, pathless):
+    """alice at a chat: bob's line reads '(via carol)', /peers says 'relayed via carol', and /msg bob goes through
+    carol, delivered on bob's ack. A --json listener's output has the 'relayed' event and the relayed_by field."""
+    pathless.add("alice", "bob")
+
+    async def scenario():
+        clients = [await make_client(n, tmp_path, broker.url).start() for n in ("alice", "bob", "carol")]
+        registry = rtchat.Registry()
+        registry.collect(vars(rtchat), "core")
+        out, json_out = io.StringIO(), io.StringIO()
+        app = rtchat.App(clients[0], registry, rtchat.Printer("chat", False, out, out))
+        listener = rtchat.App(clients[1], registry, rtchat.Printer("json", False, json_out, io.StringIO()))
+        await app.switch_room("relay")
+        await listener.switch_room("relay")
+        await clients[2].join("relay")
+        await eventually(lambda: remote_names(app.room) == {"bob": "carol"} and remote_names(listener.room), 30,
+                         "the routes")
+        listener.room.send("hi from bob")
+        await eventually(lambda: "hi from bob" in out.getvalue(), 10, "bob's line at alice")
+        assert re.search(r"<bob> \(via carol(, unverified)?\) hi from bob", out.getvalue()), out.getvalue()
+        assert "-!- bob relayed via carol (no network path of your own)" in out.getvalue()
+        start = len(out.getvalue())
+        await app.run_line("/peers")
+        peers = out.getvalue()[start:]
+        assert re.search(r"^bob +relayed via carol", peers, re.M) and re.search(r"^carol +verified", peers, re.M), \
+            peers
+        await app.run_line("/msg bob through carol")
+        await eventually(lambda: "delivered to bob" in out.getvalue(), 10, "the dm delivered")
+        events = [json.loads(line) for line in json_out.getvalue().splitlines()]
+        relayed = [e for e in events if e["type"] == "relayed"]
+        assert relayed and relayed[0]["from"] == "alice" and relayed[0]["via"] == "carol"
+        dm = next(e for e in events if e["type"] == "dm")
+        assert (dm["from"], dm["text"], dm["relayed_by"], dm["to"]) == ("alice", "through carol", "carol", "bob")
+        for client in clients:
+            await client.close()
+    run(scenario(), 60)
