@@ -319,7 +319,8 @@ def knock(host: str, port: int, source_port: int) -> None:
 def member(name: str, room_name: str, state: str) -> None:
     """An rtchat.py member (the library, configured from RTCHAT_* like the command line): each stdin line is
     said in the room; printed, one JSON object a line: {"reach": {name: via or null}} whenever whom it reaches
-    changes, {"got": text, "from", "via"} for each message, {"acked": text} once every recipient still here acked a line."""
+    changes, {"got": text, "from", "via"} for each message, {"acked": text} once every recipient still here
+    acked a line."""
     import asyncio
     sys.path.insert(0, str(HERE.parent))
     import rtchat

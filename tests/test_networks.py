@@ -522,3 +522,30 @@ def test_a_room_of_five_reaches_everyone_through_members(lab, tmp_path, capsys):
     finally:
         for member in members:
             member.proc.kill()
+
+
+@pytest.mark.timeout(120)
+def test_a_pipe_counts_a_member_reached_through_another(lab, tmp_path):
+    """A pipe behind a symmetric NAT, no TURN, --wait-peers 2: opn it reaches, resa only through opn. It sends
+    to both, and exits 0 only on resa's own ack; resa's --json has the relayed event and relayed_by."""
+    sym, resa, opn = (lab.clients[c] for c in ("symmetric1", "restricted1", "open1"))
+    argv = {name: rtchat_argv(name, "--room", "pipe-relay", "--state", str(tmp_path / f"{name}.json"))
+            for name in ("sym", "resa", "opn")}
+    listeners = [lab.popen(client.name, argv[name] + ["--listen", "--json"], env=lab_env(lab, client, False),
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                 for name, client in (("opn", opn), ("resa", resa))]
+    try:
+        sender = lab.run(sym.name, argv["sym"] + ["--wait-peers", "2", "--timeout", "60"],
+                         env=lab_env(lab, sym, False), input="through a member\n", timeout=90)
+        assert sender.returncode == 0, sender.stderr
+        assert "sending to opn, resa (via opn)" in sender.stderr or "sending to resa (via opn), opn" in \
+            sender.stderr, sender.stderr
+        assert "delivered 1 message(s) to 2 peer(s): opn, resa" in sender.stderr, sender.stderr
+    finally:
+        for listener in listeners:
+            listener.terminate()
+    events = [json.loads(line) for line in listeners[1].communicate(timeout=30)[0].splitlines()
+              if line.startswith("{")]
+    assert {"sym": "opn"} == {e["from"]: e["via"] for e in events if e["type"] == "relayed" and e["via"]}
+    assert [(e["from"], e["relayed_by"]) for e in events if e["type"] == "message"] == [("sym", "opn")]
+    listeners[0].communicate(timeout=30)
