@@ -5,7 +5,8 @@
     python bench/run.py --quick            few repetitions, N <= 5, small bulk (CI: proves it still works)
     python bench/run.py --only 1,3         selected figures (1 setup, 2 signaling bytes, 3 round trip,
                                            4 bulk, 5 pipe/startup, 6 room scale, 7 gossip simulation,
-                                           8 chat-ready through NATs and TURN: needs root, coturn)
+                                           8 chat-ready through NATs and TURN: needs root, coturn,
+                                           9 round trip through a relaying member, relay CPU)
     python bench/run.py --out FILE.json    where the results go (default bench/results/<timestamp>.json)
 
 Loopback only: as root the benchmark moves itself into a private network namespace in which only `lo` is up
@@ -1132,6 +1133,19 @@ class Bench:
         finally:
             await stop_all(ws)
 
+    # -- figure 9: a round trip through a relaying member, and its CPU (bench/relay_bench.py) -------------------
+    async def fig_relay(self) -> None:
+        sys.path.insert(0, str(RTCHAT.parent))  # this run's snapshot
+        import relay_bench
+
+        import rtchat
+        results, rows = await asyncio.to_thread(relay_bench.figure, rtchat, self.broker.url, self.workdir,
+                                                self.quick)
+        self.results["9_relay"] = results
+        self.notes.append("figure 9: " + results["method"])
+        for r in rows:
+            self.row(r["fig"], r["metric"], summary(r["ours"]), summary(r["base"]), r["unit"], r["goal"])
+
     # -- figure 7: the gossip core in a simulated large room (bench/gossip_sim.py) ------------------------------
     async def fig_gossip_sim(self) -> None:
         sys.path.insert(0, str(RTCHAT.parent))  # gossip_sim imports rtchat: this run's snapshot
@@ -1265,7 +1279,7 @@ def render(rows: list[dict]) -> str:
 
 
 async def orchestrate(args: argparse.Namespace, network: str) -> int:
-    figures = {int(x) for x in args.only.split(",")} if args.only else {1, 2, 3, 4, 5, 6, 7, 8}
+    figures = {int(x) for x in args.only.split(",")} if args.only else {1, 2, 3, 4, 5, 6, 7, 8, 9}
     global RTCHAT
     workdir = Path(tempfile.mkdtemp(prefix="rtchat-bench-"))
     # One consistent rtchat.py for the whole run, even if the file is edited meanwhile.
@@ -1293,6 +1307,8 @@ async def orchestrate(args: argparse.Namespace, network: str) -> int:
             steps.append(("gossip sim", bench.fig_gossip_sim))
         if 8 in figures:
             steps.append(("networks", bench.fig_networks))
+        if 9 in figures:
+            steps.append(("relay", bench.fig_relay))
         for label, step in steps:
             t = mono()
             print(f"bench: {label} ...", file=sys.stderr, flush=True)
@@ -1337,7 +1353,7 @@ async def orchestrate(args: argparse.Namespace, network: str) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few repetitions, N up to 5, small bulk (< ~60 s)")
-    parser.add_argument("--only", metavar="LIST", help="comma-separated figures: 1..8")
+    parser.add_argument("--only", metavar="LIST", help="comma-separated figures: 1..9")
     parser.add_argument("--out", metavar="FILE", help="results JSON (default bench/results/<timestamp>.json)")
     parser.add_argument("--sizes", metavar="LIST", help="figure 6 room sizes (default 2,5,10,20; quick 2,5)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (worker logs, state files)")

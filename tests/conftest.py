@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from support import (  # noqa: F401  (tests import these from here)
     enter_private_network,
     eventually,
     make_client,
+    make_pathless,
     mosquitto_binary,
     rtchat_cmd,
     run,
@@ -169,30 +169,16 @@ def own_peerserver():
 
 
 # -- pathless pairs on loopback (relaying through members) ---------------------------------------------------
-NOWHERE = 9   # the discard port: nothing listens there on loopback
-
 
 @pytest.fixture
 def pathless(monkeypatch):
     """pathless.add("alice", "bob"): the offers and answers between these two carry only candidates nobody
-    listens on, so they reach each other by signaling but find no network path."""
+    listens on, so they reach each other by signaling but find no network path (see support.make_pathless)."""
     import rtchat
-    pairs: set[frozenset] = set()
-    publish = rtchat.RoomSignaling.publish
     monkeypatch.setattr(rtchat, "NO_PATH_AFTER_S", 1.0)
     monkeypatch.setattr(rtchat, "RETRY_AFTER_S", 600.0)
-
-    def blocked(self, subtopic, data, to=None, compact=False, topic=None):
-        if subtopic in ("RTCOffer", "RTCAnswer") and frozenset((bare(self.me), bare(to or ""))) in pairs:
-            holder = data["offer"] if subtopic == "RTCOffer" else data
-            sdp = holder["localDescription"]["sdp"]
-            holder["localDescription"] = {**holder["localDescription"], "sdp": re.sub(
-                r"(a=candidate:\S+ \d+ \w+ \d+ \S+ )(\d+)", lambda m: f"{m[1]}{NOWHERE}", sdp)}
-        return publish(self, subtopic, data, to=to, compact=compact, topic=topic)
-
-    def bare(name):
-        return rtchat.bare_name(name)
-    monkeypatch.setattr(rtchat.RoomSignaling, "publish", blocked)
+    pairs: set[frozenset] = set()
+    monkeypatch.setattr(rtchat.RoomSignaling, "publish", make_pathless(rtchat.RoomSignaling.publish, pairs))
 
     class Pairs:
         @staticmethod

@@ -181,6 +181,26 @@ def offer_only_loopback() -> None:
     aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: ["127.0.0.1"] if use_ipv4 else []
 
 
+NOWHERE = 9   # the discard port: nothing listens there on loopback
+
+
+def make_pathless(publish, pairs: set[frozenset]):
+    """RoomSignaling.publish, except that offers and answers between two bare names in pairs carry only
+    candidates nobody listens on: the two reach each other by signaling but find no network path, as two
+    symmetric NATs without TURN (relaying through members is then what joins them)."""
+    import rtchat
+
+    def pathless(self, subtopic, data, to=None, compact=False, topic=None):
+        if subtopic in ("RTCOffer", "RTCAnswer") and \
+                frozenset((rtchat.bare_name(self.me), rtchat.bare_name(to or ""))) in pairs:
+            holder = data["offer"] if subtopic == "RTCOffer" else data
+            sdp = re.sub(r"(a=candidate:\S+ \d+ \w+ \d+ \S+ )(\d+)", lambda m: f"{m[1]}{NOWHERE}",
+                         holder["localDescription"]["sdp"])
+            holder["localDescription"] = {**holder["localDescription"], "sdp": sdp}
+        return publish(self, subtopic, data, to=to, compact=compact, topic=topic)
+    return pathless
+
+
 def make_client(name: str, tmp_path: Path, broker_url: str, **options):
     """A real rtchat Client on loopback with its own state file."""
     import rtchat
