@@ -5837,7 +5837,8 @@ FINGERPRINT_RE = re.compile(r"[0-9a-f]{64}")
 class Message:
     """A chat line. ts is epoch ms; trust: 'channel-bound', 'legacy', 'relayed', 'unverified' or 'self'.
 
-    sender is the author's wire name; relayed_by names the peer that passed it on (backfill). text is exactly what
+    sender is the author's wire name; relayed_by names the peer that passed it on (backfill, or live from a member
+    we have no path to: see Routes). text is exactly what
     the author sent (clean() it before showing it). id is message_id() of the rest, with salt; sig is the author's
     signature, of the message or (with proof) of the batch it was signed in, kept so the message can be passed on
     unaltered and checked alone. fingerprint is the author's key as checked by us;
@@ -6372,8 +6373,9 @@ class Files:
 # =============================================================================
 # Ledger: chat and direct messages once a session is verified. What is taken
 # (live, or passed on as history), written to disk and acknowledged; signatures
-# (one per batch of our messages); hello, sync and backfill; the outbox. Owns the
-# history log. Uses Peer's send and Trust; emits typed events; knows no Room.
+# (one per batch of our messages); hello, sync and backfill; the outbox; members
+# reached through others (Routes). Owns the history log. Uses Peer's send and
+# Trust; emits typed events; knows no Room.
 # =============================================================================
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,8 @@ def test_event_names():
     assert rtchat.EVENTS == ("message", "dm", "join", "leave", "verified", "key-changed", "delivered", "file",
                              "status", "history", "no-route", "file-progress", "question-failed", "key-accepted",
                              "key-refused", "disk-error", "disk-ok", "history-conflict", "compaction-failed",
-                             "mitm-detected", "verify-failed", "queued")  # names are only ever added
+                             "mitm-detected", "verify-failed", "queued", "relayed",
+                             "relay-refused")  # names are only ever added
 
 
 def test_signatures():

@@ -326,10 +326,12 @@ def test_json_has_a_line_for_every_event(broker, tmp_path):
     # history is type "message" with "history": true; no-route needs a network without a path (test_networks.py);
     # the others need a plugin, a /trust or a refusal to happen (test_screen.py); a full disk or forged history
     # (test_hardening.py), a failing compaction (test_ledger.py);
-    # a man in the middle, or a peer that proves no key (test_attacks.py); a DM to someone away (test_commands.py)
+    # a man in the middle, or a peer that proves no key (test_attacks.py); a DM to someone away (test_commands.py);
+    # members with no path to each other (test_relay.py)
     assert set(by_type) == set(rtchat.EVENTS) - {"history", "no-route", "status", "question-failed", "key-accepted",
                                                  "key-refused", "disk-error", "disk-ok", "history-conflict",
-                                                 "compaction-failed", "mitm-detected", "verify-failed", "queued"}
+                                                 "compaction-failed", "mitm-detected", "verify-failed", "queued",
+                                                 "relayed", "relay-refused"}
     earlier = [(e["type"], e["text"]) for e in events if e.get("history")]
     assert earlier == [("message", "said before"), ("dm", "waiting for you")]
     live = [(e["type"], e["text"]) for e in events if e["type"] in ("message", "dm") and not e.get("history")]
