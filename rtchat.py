@@ -175,6 +175,7 @@ RELAY_BUDGET = (200.0, 400)            # frames we pass on for one peer (one per
 RELAY_BYTES_BUDGET = (1024 ** 2, 4 * 1024 ** 2)  # ... and their bytes (one copy per recipient)
 RELAY_MAX_CHARS = 64 * 1024            # one frame passed on: a sealed 16 KiB direct message fits
 BOX_BUDGET = (50.0, 200)               # sealed direct messages opened per relaying peer (an RSA decryption each)
+REACH_BUDGET = (2.0, 20)               # reach frames (each may cost RSA checks of the keys it names)
 MAX_REACH = 32                         # members one peer says it reaches (larger rooms: gossip, issue 16)
 REACH_GATHER_S = 0.05                  # changes in whom we reach are told together, after this
 RELAY_ACK_WAIT_S = 2.0                 # a message through a member not acknowledged by then goes through another
@@ -2730,7 +2731,7 @@ class Peer(Emitter):
         self.budgets = {kind: Budget(budget) for kind, budget in (
             ("frame", FRAME_BUDGET), ("chat", CHAT_BUDGET), ("sync", SYNC_BUDGET), ("identify", IDENTIFY_BUDGET),
             ("file", FILE_OFFER_BUDGET), ("signal", SIGNAL_FRAME_BUDGET), ("relay", RELAY_BUDGET),
-            ("relay-bytes", RELAY_BYTES_BUDGET), ("box", BOX_BUDGET))}
+            ("relay-bytes", RELAY_BYTES_BUDGET), ("box", BOX_BUDGET), ("reach", REACH_BUDGET))}
         self.questions_open = 0                 # its questions being answered now
         self.over_budget: dict[str, int] = {}   # requests dropped, by kind
         self.pc = None
@@ -6822,16 +6823,20 @@ class Routes:
         return all(peer in self._told for peer in self._present.values() if peer.tells_reach)
 
     # -- whom we reach, and through whom ----------------------------------------------------------
-    def changed(self) -> None:
-        """Whom we reach directly changed (a hello, a peer gone): told to everyone, together, soon."""
+    def changed(self, new: Peer | None = None) -> None:
+        """Whom we reach directly changed (new: a peer's hello; or a peer gone): told to the new peer at once (a
+        pipe waits for it), to everyone else together, soon."""
+        if new is not None:
+            self._tell([new])
         if self._telling is None:
             self._telling = self._tasks.later(REACH_GATHER_S, self._tell)
         self._recompute()
 
-    def _tell(self) -> None:
-        self._telling = None
+    def _tell(self, to: list[Peer] | None = None) -> None:
+        if to is None:
+            self._telling = None
         peers = [p for p in self._present.values() if p.message_key is not None and p.author]
-        for peer in peers:
+        for peer in to or peers:
             reached = {p.name: p.author for p in peers if p is not peer}
             peer.send("chat", {"t": "reach", "relay": self.relay,
                                "peers": dict(itertools.islice(reached.items(), MAX_REACH))})
@@ -6839,7 +6844,7 @@ class Routes:
     def on_reach(self, peer: Peer, value: dict) -> None:
         """Whom a verified peer reaches, and whether it relays. A name's key must be the one pinned for it."""
         peers = value.get("peers")
-        if not isinstance(peers, dict):
+        if not isinstance(peers, dict) or not peer.allow("reach"):
             return
         reached = {}
         for name, author in itertools.islice(peers.items(), MAX_REACH):
@@ -7433,7 +7438,7 @@ class Ledger:
             self.scope.store.defer(lambda d: d["authors"].__setitem__(peer.fingerprint, author))
         self._on_hello_heard(peer)
         self._tasks.spawn(self._sync(peer), f"sync-{peer.name}")
-        self.routes.changed()
+        self.routes.changed(peer)
 
     async def _sync(self, peer: Peer) -> None:
         """Tell a peer which messages we have: it answers with what we lack."""
