@@ -1556,9 +1556,10 @@ def test_a_relaying_member_that_delays_and_reorders_loses_nothing(broker, tmp_pa
 
 
 def test_a_member_flooding_through_a_relay_is_bounded(broker, tmp_path, pathless):
-    """mallory (a verified member) asks carol to pass 5,000 frames to bob and passes bob 5,000 relayed frames
-    itself: carol passes on at most her budget and says she is busy; bob shows nothing forged and his tables stay
-    bounded; a sealed box flood costs bob at most his budget of decryptions."""
+    """alice (a verified member gone bad) asks carol to pass 5,000 junk boxes to bob: carol passes on at most her
+    budget and says she is busy; bob opens at most his budget of them and shows nothing. carol (gone bad too) then
+    tells bob 1,000 times that she reaches made-up members: bob checks at most his budget of such frames, and his
+    tables stay bounded."""
     pathless.add("alice", "bob")
 
     async def scenario():
@@ -1576,12 +1577,20 @@ def test_a_member_flooding_through_a_relay_is_bounded(broker, tmp_path, pathless
         for _ in range(5000):
             ra.peers["carol"].send("chat", {"t": "relay", "to": ["bob"], "d": junk})
         await eventually(lambda: "busy" in refusals, 20, "carol saying she is busy")
+        # carol tells bob, 1,000 times, that she reaches members with made-up keys
+        bob_gets = rb.peers["carol"]
+        for n in range(1000):
+            fake = rtchat.Identity(clients[2].identity.private_key)   # (a certificate that holds, each time anew)
+            rc.peers["bob"].send("chat", {"t": "reach", "relay": True, "peers": {f"m{n}": {
+                "key": fake.public_key_string, "mkey": fake.message_public, "mcert": fake.message_cert}}})
+        await eventually(lambda: bob_gets.over_budget.get("reach"), 20, "bob dropping reach frames")
         await asyncio.sleep(0.5)   # what was in flight arrives
         sizes = rb.ledger.routes.sizes()
         record("14 relay flood: carol passes on at most her budget, bob opens at most his",
                len(passed) <= rtchat.RELAY_BUDGET[1] + 2 * rtchat.RELAY_BUDGET[0]
                and len(opened) <= rtchat.BOX_BUDGET[1] + 2 * rtchat.BOX_BUDGET[0]
-               and not rb.history(5) and sizes["pending"] == 0 and alice_at_carol.over_budget.get("relay"),
+               and not rb.history(5) and sizes["pending"] == 0 and alice_at_carol.over_budget.get("relay")
+               and sizes["keys"] <= 4 * rtchat.MAX_REACH and sizes["remotes"] <= rtchat.REACH_BUDGET[1] + 20,
                f"passed={len(passed)}, opened={len(opened)}, sizes={sizes}")
         for c in clients:
             await c.close()
