@@ -6907,8 +6907,10 @@ class Routes:
                                                      self)
                 self._emit("relayed", name, via[0].name)
                 self._route_up(remote)
-            elif remote.via[:1] != via[:1]:
-                remote.via = via
+            elif remote.via and remote.via[0] in via:  # the member it goes through stays first while it can
+                via.remove(remote.via[0])
+                via.insert(0, remote.via[0])
+            else:
                 self._emit("relayed", name, via[0].name)
             remote.via = via
         self._resend_due()
