@@ -9160,7 +9160,7 @@ def event_record(room: Room, event: str, *args: Any) -> dict:
     elif event == "relayed":
         name, via = args
         record.update({"from": room.label(name), "via": room.label(via) if via else None,
-                       "text": f"relayed via {room.label(via)} (no network path of your own)" if via else
+                       "text": f"relayed via {room.label(via)} (no direct connection)" if via else
                        "no longer reached through another member"})
     elif event == "relay-refused":
         peer, why = args

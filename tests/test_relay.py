@@ -129,7 +129,7 @@ def test_the_chat_shows_relayed_peers_and_lines_and_json_says_it(broker, tmp_pat
         listener.room.send("hi from bob")
         await eventually(lambda: "hi from bob" in out.getvalue(), 10, "bob's line at alice")
         assert re.search(r"<bob> \(via carol(, unverified)?\) hi from bob", out.getvalue()), out.getvalue()
-        assert "-!- bob relayed via carol (no network path of your own)" in out.getvalue()
+        assert "-!- bob relayed via carol (no direct connection)" in out.getvalue()
         start = len(out.getvalue())
         await app.run_line("/peers")
         peers = out.getvalue()[start:]
