@@ -5496,6 +5496,11 @@ class Negotiation(Emitter):
                 soonest = min(soonest, self._offered_at[peer.name] + ANSWER_WAIT_S - now)
         return waiting, soonest
 
+    def trying(self, name: str) -> bool:
+        """A session with name is being set up (or proving its key), and none with it has found no path yet."""
+        peer = self.peers.get(name)
+        return peer is not None and peer.state in ("connecting", "open") and name not in self._failures
+
     def unreached(self) -> list[Peer]:
         """Peers that are here but not verified: sessions worth waiting for (see in_setup), and names whose
         sessions found no network path."""
@@ -6800,9 +6805,10 @@ class Routes:
 
     def __init__(self, scope: Scope, present: dict[str, Peer], emit: Callable[..., None], tasks: Tasks, *,
                  relay: bool, check: Callable, take: Callable, acked: Callable, route_up: Callable,
-                 changed: Callable[[], None]) -> None:
+                 changed: Callable[[], None], trying: Callable[[str], bool]) -> None:
         self.scope, self.relay, self._present, self._emit, self._tasks = scope, relay, present, emit, tasks
         self._check, self._take, self._acked, self._route_up, self._changed = check, take, acked, route_up, changed
+        self._trying = trying
         self.remotes: dict[str, Remote] = {}
         self._told: dict[Peer, tuple[bool, dict[str, dict]]] = {}  # per peer: does it relay, whom it reaches
         self._keys: dict[tuple, str | None] = {}   # (key, mkey, mcert) -> fingerprint if the certificate holds
@@ -6878,8 +6884,9 @@ class Routes:
         return self._keys[fields]
 
     def _recompute(self) -> None:
-        """Remotes: names a relaying peer reaches that we have no verified session with, through every relaying
-        peer that names the same key for them (the first one told wins a disagreement), best first."""
+        """Remotes: names a relaying peer reaches that we have no verified session with (nor one being set up that
+        may still find a path), through every relaying peer that names the same key for them (the first one told
+        wins a disagreement)."""
         found: dict[str, tuple[dict, list[Peer]]] = {}
         now = time.monotonic()
         while self._gone and now - next(iter(self._gone.values())) > GONE_GRACE_S:
@@ -6888,7 +6895,7 @@ class Routes:
             if not relays or self._present.get(peer.name) is not peer:
                 continue
             for name, author in reached.items():
-                if name in self._present or name in self._gone:
+                if name in self._present or name in self._gone or self._trying(name):
                     continue
                 first = found.setdefault(name, (author, []))
                 if first[0]["key"] == author["key"]:
@@ -6914,6 +6921,10 @@ class Routes:
                 self._emit("relayed", name, via[0].name)
             remote.via = via
         self._resend_due()
+
+    def refresh(self) -> None:
+        """A session ended (it may have found no path): who is reached through others, again."""
+        self._recompute()
 
     def peer_gone(self, peer: Peer) -> None:
         """A member gone: what went through it and is not acknowledged goes through another one now."""
@@ -7119,7 +7130,8 @@ class Ledger:
                  is_connecting: Callable[[str], bool] = lambda name: False,
                  lookalike_of: Callable[[str], str | None] = lambda name: None,
                  on_hello: Callable[[Peer], None] = lambda peer: None, relay: bool = True,
-                 on_route: Callable[[], None] = lambda: None) -> None:
+                 on_route: Callable[[], None] = lambda: None,
+                 trying: Callable[[str], bool] = lambda name: False) -> None:
         self.scope, self.log, self._emit, self.takes_files, self._on_hello_heard = scope, log, emit, takes_files, \
             on_hello
         self._tasks = Tasks()
@@ -7130,7 +7142,7 @@ class Ledger:
         self._present: dict[str, Peer] = {}     # verified peers, by name
         self.routes = Routes(scope, self._present, emit, self._tasks, relay=relay, check=self.relays._relayed,
                              take=self._take_relayed, acked=self._acked, route_up=self._send_outbox,
-                             changed=on_route)
+                             changed=on_route, trying=trying)
         self._unacked: dict[str, set[str]] = {}  # our messages -> rtchat.py peers that have not acked them yet
         self._dm_ids: dict[str, str] = {}       # our DMs awaiting an ack: id -> recipient
         self._unsigned: dict[tuple[str, str], tuple[dict, Peer, str, float]] = {}  # theirs, waiting for signatures
@@ -7775,7 +7787,7 @@ class Room(Emitter):
                              history or HistoryLog(store.history_path(name)), self.emit,
                              takes_files=self.files.takes_files, is_connecting=self._is_connecting,
                              lookalike_of=self.lookalike_of, on_hello=lambda peer: self.sessions.changes.fire(),
-                             relay=relay, on_route=self.sessions.changes.fire)
+                             relay=relay, on_route=self.sessions.changes.fire, trying=self.negotiation.trying)
         self.negotiation.reached = lambda name: name in self.ledger.routes.remotes
         for part, events in ((self.network, ("key-changed",)), (self.admission, ("key-changed", "key-refused")),
                              (self.sessions, ("key-accepted", "no-route", "leave", "mitm-detected",
@@ -8030,6 +8042,8 @@ class Room(Emitter):
     def _on_session_closed(self, peer: Peer, reason: str) -> None:
         if peer.verified_at is not None:
             self.ledger.peer_gone(peer)
+        else:
+            self.ledger.routes.refresh()  # it may have found no path: now reached through others
 
     def _is_connecting(self, name: str) -> bool:
         peer = self.peers.get(name)

@@ -145,3 +145,20 @@ def test_the_chat_shows_relayed_peers_and_lines_and_json_says_it(broker, tmp_pat
         for client in clients:
             await client.close()
     run(scenario(), 60)
+
+
+def test_a_room_forming_relays_nobody_who_is_still_connecting(broker, tmp_path):
+    """Five members join at once, every pair with a path: while they connect, each hears from the others whom
+    they reach, but a member with whom a session is being set up is not taken as reached through others (no
+    'relayed' event, nothing relayed)."""
+    async def scenario():
+        clients, rooms = await room_of(tmp_path, broker.url, ["alice", "bob", "carol", "dave", "erin"])
+        relayed = []
+        for room in rooms:
+            room.on("relayed", lambda name, via, me=room.me: relayed.append((me, name, via)))
+        for room in rooms:
+            await room.wait_for_room(4, timeout=30)
+        assert all(len(room.verified_peers()) == 4 and not room.relayed_peers() for room in rooms)
+        assert relayed == []
+        await close_all(clients)
+    run(scenario(), 60)
