@@ -6812,7 +6812,7 @@ class Routes:
         self.remotes: dict[str, Remote] = {}
         self._told: dict[Peer, tuple[bool, dict[str, dict]]] = {}  # per peer: does it relay, whom it reaches
         self._keys: dict[tuple, str | None] = {}   # (key, mkey, mcert) -> fingerprint if the certificate holds
-        self._pending: dict[tuple[str, str], list] = {}  # (id, name) -> [inner, first sent, due, via name]
+        self._pending: dict[tuple[str, str], list] = {}  # (id, name) -> [inner, first sent, due, via name, record]
         self._avoid: dict[str, set[str]] = {}     # name -> members that lost or refused our frames for it
         self._hinted: dict[tuple[Peer, str], float] = {}  # refusals said, when
         self._gone: dict[str, float] = {}          # names whose session with us ended lately, when
@@ -6952,23 +6952,23 @@ class Routes:
         live.sort(key=lambda p: p.name in avoid)
         return live[0] if live else None
 
-    def send(self, remotes: list[Remote], inner: dict, msg_id: str | None = None) -> None:
+    def send(self, remotes: list[Remote], inner: dict, msg_id: str | None = None, record: dict | None = None) -> None:
         """inner to these members, each through a member that reaches it (those sharing one in one frame); with
-        msg_id, sent again until each acknowledges it."""
+        msg_id, sent again until each acknowledges it (record: the message, should a direct session come first)."""
         by_via: dict[Peer, list[str]] = {}
         for remote in remotes:
             via = self._pick(remote)
             if via is not None:
                 by_via.setdefault(via, []).append(remote.name)
             if msg_id is not None:
-                self._await_ack(msg_id, remote.name, inner, via)
+                self._await_ack(msg_id, remote.name, inner, via, record)
         for via, names in by_via.items():
             via.send_paced("chat", {"t": "relay", "to": names, "d": inner})
 
-    def _await_ack(self, msg_id: str, name: str, inner: dict, via: Peer | None) -> None:
+    def _await_ack(self, msg_id: str, name: str, inner: dict, via: Peer | None, record: dict | None) -> None:
         now = time.monotonic()
         since = self._pending.pop((msg_id, name), [None, now])[1]
-        self._pending[(msg_id, name)] = [inner, since, now + RELAY_ACK_WAIT_S, via.name if via else None]
+        self._pending[(msg_id, name)] = [inner, since, now + RELAY_ACK_WAIT_S, via.name if via else None, record]
         if len(self._pending) > MAX_RELAYED_PENDING:
             del self._pending[next(iter(self._pending))]
         if self._retrying is None:
@@ -6994,7 +6994,7 @@ class Routes:
         """What is not acknowledged in time goes again, through another member if there is one (the one it went
         through is avoided for that name from now on); given up RELAY_GIVE_UP_S after it was first sent."""
         now = time.monotonic()
-        for (msg_id, name), (inner, since, due, via) in list(self._pending.items()):
+        for (msg_id, name), (inner, since, due, via, record) in list(self._pending.items()):
             remote = self.remotes.get(name)
             if now - since > RELAY_GIVE_UP_S:
                 del self._pending[(msg_id, name)]
@@ -7010,10 +7010,16 @@ class Routes:
                     self._avoid.pop(next(iter(self._avoid)))
                 if remote.last_via is not None and remote.last_via.name == via:
                     remote.last_via = None
-            self.send([remote], inner, msg_id)
+            self.send([remote], inner, msg_id, record)
 
     def forget(self, msg_id: str, name: str) -> None:
         self._pending.pop((msg_id, name), None)
+
+    def hand_over(self, name: str) -> list[dict]:
+        """What awaits name's ack through a member, now that we have a session of our own with it: those records,
+        no longer sent through members (the caller sends them on that session)."""
+        keys = [key for key in self._pending if key[1] == name]
+        return [record for key in keys if (record := self._pending.pop(key)[4]) is not None]
 
     # -- as a relay -----------------------------------------------------------------------------------
     def on_relay(self, peer: Peer, value: dict) -> None:
@@ -7246,9 +7252,9 @@ class Ledger:
             self._unacked.setdefault(msg.id, set()).add(remote.name)
         if msg.kind == "dm":
             for remote in remotes:
-                self.routes.send([remote], self.routes.seal(remote, record), msg.id)
+                self.routes.send([remote], self.routes.seal(remote, record), msg.id, {**record, "type": "dm"})
         else:
-            self.routes.send(remotes, {"t": "msg", "m": record}, msg.id)
+            self.routes.send(remotes, {"t": "msg", "m": record}, msg.id, {**record, "type": "message"})
 
     def _take_relayed(self, msg: Message, ack_to: Peer | Remote, label: str) -> None:
         """A message through a member, checked end to end: taken as from its author, acked to it."""
@@ -7272,6 +7278,8 @@ class Ledger:
                                "mcert": self.scope.identity.message_cert, "late_sigs": True, "batches": True,
                                "files": self.takes_files, "reach": True})
         self._send_outbox(peer)
+        for record in self.routes.hand_over(peer.name):  # it went through a member, and is not acked yet
+            self._send_text(peer, "dm" if record["type"] == "dm" else "chat", Message.from_dict(record))
         self.relays.judge()
         self.routes.changed()
 

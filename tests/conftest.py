@@ -173,7 +173,8 @@ def own_peerserver():
 @pytest.fixture
 def pathless(monkeypatch):
     """pathless.add("alice", "bob"): the offers and answers between these two carry only candidates nobody
-    listens on, so they reach each other by signaling but find no network path (see support.make_pathless)."""
+    listens on, so they reach each other by signaling but find no network path (see support.make_pathless);
+    pathless.remove gives them their path back for the next try."""
     import rtchat
     monkeypatch.setattr(rtchat, "NO_PATH_AFTER_S", 1.0)
     monkeypatch.setattr(rtchat, "RETRY_AFTER_S", 600.0)
@@ -184,4 +185,8 @@ def pathless(monkeypatch):
         @staticmethod
         def add(a: str, b: str) -> None:
             pairs.add(frozenset((a, b)))
+
+        @staticmethod
+        def remove(a: str, b: str) -> None:
+            pairs.discard(frozenset((a, b)))
     return Pairs

@@ -162,3 +162,26 @@ def test_a_room_forming_relays_nobody_who_is_still_connecting(broker, tmp_path):
         assert relayed == []
         await close_all(clients)
     run(scenario(), 60)
+
+
+def test_a_line_not_acked_through_a_member_goes_on_a_direct_session_when_one_comes(broker, tmp_path, pathless,
+                                                                                    monkeypatch):
+    """carol passes nothing on (she says she relays, but drops); alice's line to bob waits for his ack. The next
+    try finds a path: the line goes on the new direct session, and bob acks it there."""
+    pathless.add("alice", "bob")
+    monkeypatch.setattr(rtchat, "RETRY_AFTER_S", 2.0)
+
+    async def scenario():
+        clients, (ra, rb, rc) = await room_of(tmp_path, broker.url, ["alice", "bob", "carol"])
+        got_b = []
+        rb.on("message", got_b.append)
+        rc.ledger.routes.on_relay = lambda peer, value: None
+        await eventually(lambda: remote_names(ra) == {"bob": "carol"}, 30, "bob reached through carol")
+        sent = ra.send("are you there?")
+        pathless.remove("alice", "bob")
+        await eventually(lambda: ra.peers.get("bob") and ra.peers["bob"].is_verified, 30, "a direct session")
+        await eventually(lambda: [m.text for m in got_b] == ["are you there?"], 10, "the line, directly")
+        assert got_b[0].relayed_by is None and await ra.flush(10) and not ra.ledger.awaiting(sent.id)
+        assert ra.ledger.routes.sizes()["pending"] == 0
+        await close_all(clients)
+    run(scenario(), 60)
