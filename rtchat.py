@@ -175,9 +175,10 @@ RELAY_BUDGET = (200.0, 400)            # frames we pass on for one peer (one per
 RELAY_BYTES_BUDGET = (1024 ** 2, 4 * 1024 ** 2)  # ... and their bytes (one copy per recipient)
 RELAY_MAX_CHARS = 64 * 1024            # one frame passed on: a sealed 16 KiB direct message fits
 BOX_BUDGET = (50.0, 200)               # sealed direct messages opened per relaying peer (an RSA decryption each)
-REACH_BUDGET = (2.0, 20)               # reach frames (each may cost RSA checks of the keys it names)
+REACH_BUDGET = (5.0, 40)               # reach frames (each may cost RSA checks of the keys it names): above
+#                                        what one peer sends (at most one per REACH_GATHER_S, and one per hello)
 MAX_REACH = 32                         # members one peer says it reaches (larger rooms: gossip, issue 16)
-REACH_GATHER_S = 0.05                  # changes in whom we reach are told together, after this
+REACH_GATHER_S = 0.25                  # changes in whom we reach are told together, after this
 RELAY_ACK_WAIT_S = 2.0                 # a message through a member not acknowledged by then goes through another
 RELAY_GIVE_UP_S = 60.0                 # ... until this long after it was first sent
 GONE_GRACE_S = 5.0                     # a peer that left us is not taken as reached through others meanwhile (the
