@@ -179,6 +179,7 @@ REACH_BUDGET = (5.0, 40)               # reach frames (each may cost RSA checks 
 #                                        what one peer sends (at most one per REACH_GATHER_S, and one per hello)
 MAX_REACH = 32                         # members one peer says it reaches (larger rooms: gossip, issue 16)
 REACH_GATHER_S = 0.25                  # changes in whom we reach are told together, after this
+REACH_WAIT_S = 2.0                     # a pipe waits this long at most for its peers to tell whom they reach
 RELAY_ACK_WAIT_S = 2.0                 # a message through a member not acknowledged by then goes through another
 RELAY_GIVE_UP_S = 60.0                 # ... until this long after it was first sent
 GONE_GRACE_S = 5.0                     # a peer that left us is not taken as reached through others meanwhile (the
@@ -8005,8 +8006,9 @@ class Room(Emitter):
         deadline = time.monotonic() + timeout
         await self.wait_for_peers(count, timeout)
         await self.negotiation.settle(deadline - time.monotonic(), settle)
-        # and every verified rtchat.py peer has told whom it reaches: those are reached through it
-        await self.sessions.until(self.ledger.routes.heard_from_all, deadline - time.monotonic())
+        # and every verified rtchat.py peer has told whom it reaches (those are reached through it): it does so
+        # at once after our hello; one that does not is not waited for long
+        await self.sessions.until(self.ledger.routes.heard_from_all, min(REACH_WAIT_S, deadline - time.monotonic()))
         return self.reachable_peers()
 
     def unverified_peers(self) -> list[Peer]:
