@@ -6814,6 +6814,8 @@ class Routes:
         self.remotes: dict[str, Remote] = {}
         self._told: dict[Peer, tuple[bool, dict[str, dict]]] = {}  # per peer: does it relay, whom it reaches
         self._keys: dict[tuple, str | None] = {}   # (key, mkey, mcert) -> fingerprint if the certificate holds
+        self._authors: dict[str, dict] = {}        # fingerprint -> key, mkey, mcert, as told in a reach (checked)
+        self._sent: dict[Peer, set[str]] = {}      # per peer: fingerprints whose keys we told it already
         self._pending: dict[tuple[str, str], list] = {}  # (id, name) -> [inner, first sent, due, via name, record]
         self._avoid: dict[str, set[str]] = {}     # name -> members that lost or refused our frames for it
         self._hinted: dict[tuple[Peer, str], float] = {}  # refusals said, when
@@ -6824,6 +6826,7 @@ class Routes:
     def sizes(self) -> dict[str, int]:
         """How big each table is (every one is bounded, whatever peers send)."""
         return {"remotes": len(self.remotes), "pending": len(self._pending), "keys": len(self._keys),
+                "authors": len(self._authors), "sent": sum(len(fps) for fps in self._sent.values()),
                 "told": sum(len(reached) for _, reached in self._told.values()), "hinted": len(self._hinted)}
 
     def heard_from_all(self) -> bool:
@@ -6841,13 +6844,19 @@ class Routes:
         self._recompute()
 
     def _tell(self, to: list[Peer] | None = None) -> None:
+        """Whom we reach, to each peer: a member's keys the first time, its fingerprint after."""
         if to is None:
             self._telling = None
         peers = [p for p in self._present.values() if p.message_key is not None and p.author]
         for peer in to or peers:
-            reached = {p.name: p.author for p in peers if p is not peer}
-            peer.send("chat", {"t": "reach", "relay": self.relay,
-                               "peers": dict(itertools.islice(reached.items(), MAX_REACH))})
+            sent = self._sent.setdefault(peer, set())
+            if len(sent) > 4 * MAX_REACH:
+                sent.clear()
+            reached = {}
+            for other in itertools.islice((p for p in peers if p is not peer), MAX_REACH):
+                reached[other.name] = {"fp": other.fingerprint} if other.fingerprint in sent else other.author
+                sent.add(other.fingerprint)
+            peer.send("chat", {"t": "reach", "relay": self.relay, "peers": reached})
 
     def on_reach(self, peer: Peer, value: dict) -> None:
         """Whom a verified peer reaches, and whether it relays. A name's key must be the one pinned for it."""
@@ -6855,8 +6864,8 @@ class Routes:
         if not isinstance(peers, dict) or not peer.allow("reach"):
             return
         reached = {}
-        for name, author in itertools.islice(peers.items(), MAX_REACH):
-            fp = self._author_fingerprint(author)
+        for name, told in itertools.islice(peers.items(), MAX_REACH):
+            fp, author = self._told_author(told)
             if not is_wire_name(name) or name in (self.scope.me, peer.name) or fp is None:
                 continue
             pins = self.scope.trust.pins_for(bare_name(name))
@@ -6864,18 +6873,26 @@ class Routes:
                 log.info("%s says it reaches %s with a key not pinned for it: not through %s", peer.name, name,
                          peer.name)
                 continue
-            reached[name] = {k: author[k] for k in ("key", "mkey", "mcert")}
+            reached[name] = author
         self._told[peer] = (value.get("relay") is True, reached)
         self._recompute()
         self._changed()
 
-    def _author_fingerprint(self, author: Any) -> str | None:
-        """The fingerprint of an author's key if its certificate of its message key holds, else None."""
-        if not isinstance(author, dict):
-            return None
-        fields = tuple(author.get(k) for k in ("key", "mkey", "mcert"))
+    def _told_author(self, told: Any) -> tuple[str | None, dict | None]:
+        """(fingerprint, {key, mkey, mcert}) of a member as a reach names it: with its keys (the certificate of its
+        message key must hold), or by a fingerprint whose keys were told before (or that we met); (None, None)
+        otherwise."""
+        if isinstance(told, dict) and set(told) == {"fp"}:
+            fp = told["fp"]
+            author = self._authors.get(fp) if isinstance(fp, str) else None
+            author = author or (self.scope.author(fp) if isinstance(fp, str) else None)
+            return (fp, author) if isinstance(author, dict) and all(
+                isinstance(author.get(k), str) for k in ("key", "mkey", "mcert")) else (None, None)
+        if not isinstance(told, dict):
+            return None, None
+        fields = tuple(told.get(k) for k in ("key", "mkey", "mcert"))
         if not all(isinstance(f, str) and len(f) <= MAX_KEY_CHARS for f in fields):
-            return None
+            return None, None
         if fields not in self._keys:
             if len(self._keys) > 4 * MAX_REACH:
                 self._keys.clear()
@@ -6883,7 +6900,15 @@ class Routes:
                 self._keys[fields] = fingerprint(fields[0]) if verify_message_key(*fields) else None
             except ValueError:
                 self._keys[fields] = None
-        return self._keys[fields]
+        fp = self._keys[fields]
+        if fp is None:
+            return None, None
+        author = dict(zip(("key", "mkey", "mcert"), fields, strict=True))
+        self._authors.pop(fp, None)
+        self._authors[fp] = author
+        if len(self._authors) > 8 * MAX_REACH:
+            del self._authors[next(iter(self._authors))]
+        return fp, author
 
     def _recompute(self) -> None:
         """Remotes: names a relaying peer reaches that we have no verified session with (nor one being set up that
@@ -6931,6 +6956,7 @@ class Routes:
     def peer_gone(self, peer: Peer) -> None:
         """A member gone: what went through it and is not acknowledged goes through another one now."""
         self._told.pop(peer, None)
+        self._sent.pop(peer, None)
         self._gone.pop(peer.name, None)
         self._gone[peer.name] = time.monotonic()
         if len(self._gone) > MAX_SEEN_PEERS:

@@ -147,10 +147,20 @@ def test_the_chat_shows_relayed_peers_and_lines_and_json_says_it(broker, tmp_pat
     run(scenario(), 60)
 
 
-def test_a_room_forming_relays_nobody_who_is_still_connecting(broker, tmp_path):
+def test_a_room_forming_relays_nobody_who_is_still_connecting(broker, tmp_path, monkeypatch):
     """Five members join at once, every pair with a path: while they connect, each hears from the others whom
     they reach, but a member with whom a session is being set up is not taken as reached through others (no
-    'relayed' event, nothing relayed)."""
+    'relayed' event, nothing relayed). Each member's keys go to a peer once; after that, its fingerprint."""
+    told: dict[tuple[int, str], int] = {}
+    send = rtchat.Peer.send
+
+    def counting(peer, label, value):
+        if isinstance(value, dict) and value.get("t") == "reach":
+            for name, entry in value["peers"].items():
+                told[(id(peer), name)] = told.get((id(peer), name), 0) + ("key" in entry)
+        return send(peer, label, value)
+    monkeypatch.setattr(rtchat.Peer, "send", counting)
+
     async def scenario():
         clients, rooms = await room_of(tmp_path, broker.url, ["alice", "bob", "carol", "dave", "erin"])
         relayed = []
@@ -160,6 +170,7 @@ def test_a_room_forming_relays_nobody_who_is_still_connecting(broker, tmp_path):
             await room.wait_for_room(4, timeout=30)
         assert all(len(room.verified_peers()) == 4 and not room.relayed_peers() for room in rooms)
         assert relayed == []
+        assert told and max(told.values()) == 1, told
         await close_all(clients)
     run(scenario(), 60)
 
