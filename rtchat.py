@@ -178,8 +178,8 @@ BOX_BUDGET = (50.0, 200)               # sealed direct messages opened per relay
 REACH_BUDGET = (5.0, 40)               # reach frames (each may cost RSA checks of the keys it names): above
 #                                        what one peer sends (at most one per REACH_GATHER_S, and one per hello)
 MAX_REACH = 32                         # members one peer says it reaches (larger rooms: gossip, issue 16)
-REACH_GATHER_S = 0.25                  # changes in whom we reach are told together, after this
-REACH_WAIT_S = 2.0                     # a pipe waits this long at most for its peers to tell whom they reach
+REACH_GATHER_S = 0.5                   # changes in whom we reach are told together, after this (told at once,
+#                                        they slowed the first lines of a room just formed)
 RELAY_ACK_WAIT_S = 2.0                 # a message through a member not acknowledged by then goes through another
 RELAY_GIVE_UP_S = 60.0                 # ... until this long after it was first sent
 GONE_GRACE_S = 5.0                     # a peer that left us is not taken as reached through others meanwhile (the
@@ -2728,7 +2728,6 @@ class Peer(Emitter):
         self.late_signatures = False            # it takes a batch signature for messages sent ahead of it (hello)
         self.author: dict | None = None         # its key, message key and certificate, once proven in the channel
         self.takes_files = False                # it said so in its hello
-        self.tells_reach = False                # it tells whom it reaches (its hello): relaying through members
         self.lookalike: str | None = None       # a known name its name looks like (Room decides, when verified)
         self.budgets = {kind: Budget(budget) for kind, budget in (
             ("frame", FRAME_BUDGET), ("chat", CHAT_BUDGET), ("sync", SYNC_BUDGET), ("identify", IDENTIFY_BUDGET),
@@ -6816,6 +6815,7 @@ class Routes:
         self._keys: dict[tuple, str | None] = {}   # (key, mkey, mcert) -> fingerprint if the certificate holds
         self._authors: dict[str, dict] = {}        # fingerprint -> key, mkey, mcert, as told in a reach (checked)
         self._sent: dict[Peer, set[str]] = {}      # per peer: fingerprints whose keys we told it already
+        self._last: dict[Peer, tuple] = {}         # per peer: whom we told it we reach, last time
         self._pending: dict[tuple[str, str], list] = {}  # (id, name) -> [inner, first sent, due, via name, record]
         self._avoid: dict[str, set[str]] = {}     # name -> members that lost or refused our frames for it
         self._hinted: dict[tuple[Peer, str], float] = {}  # refusals said, when
@@ -6829,26 +6829,23 @@ class Routes:
                 "authors": len(self._authors), "sent": sum(len(fps) for fps in self._sent.values()),
                 "told": sum(len(reached) for _, reached in self._told.values()), "hinted": len(self._hinted)}
 
-    def heard_from_all(self) -> bool:
-        """Every verified peer that said it tells whom it reaches (its hello) has told us."""
-        return all(peer in self._told for peer in self._present.values() if peer.tells_reach)
-
     # -- whom we reach, and through whom ----------------------------------------------------------
-    def changed(self, new: Peer | None = None) -> None:
-        """Whom we reach directly changed (new: a peer's hello; or a peer gone): told to the new peer at once (a
-        pipe waits for it), to everyone else together, soon."""
-        if new is not None:
-            self._tell([new])
+    def changed(self) -> None:
+        """Whom we reach directly changed (a peer's hello, a peer gone): told to everyone, together, soon."""
         if self._telling is None:
             self._telling = self._tasks.later(REACH_GATHER_S, self._tell)
         self._recompute()
 
-    def _tell(self, to: list[Peer] | None = None) -> None:
-        """Whom we reach, to each peer: a member's keys the first time, its fingerprint after."""
-        if to is None:
-            self._telling = None
+    def _tell(self) -> None:
+        """Whom we reach, to each peer whose view of it changed: a member's keys the first time, its fingerprint
+        after."""
+        self._telling = None
         peers = [p for p in self._present.values() if p.message_key is not None and p.author]
-        for peer in to or peers:
+        for peer in peers:
+            told = (self.relay, *(p.name for p in peers if p is not peer))
+            if self._last.get(peer) == told:
+                continue
+            self._last[peer] = told
             sent = self._sent.setdefault(peer, set())
             if len(sent) > 4 * MAX_REACH:
                 sent.clear()
@@ -6957,6 +6954,7 @@ class Routes:
         """A member gone: what went through it and is not acknowledged goes through another one now."""
         self._told.pop(peer, None)
         self._sent.pop(peer, None)
+        self._last.pop(peer, None)
         self._gone.pop(peer.name, None)
         self._gone[peer.name] = time.monotonic()
         if len(self._gone) > MAX_SEEN_PEERS:
@@ -7482,13 +7480,12 @@ class Ledger:
         peer.message_key = value["mkey"]
         peer.late_signatures = value.get("late_sigs") is True and value.get("batches") is True
         peer.takes_files = value.get("files") is True
-        peer.tells_reach = value.get("reach") is True
         author = {"key": peer.key_string, "mkey": value["mkey"], "mcert": value["mcert"]}
         if self.scope.store.data["authors"].get(peer.fingerprint) != author:
             self.scope.store.defer(lambda d: d["authors"].__setitem__(peer.fingerprint, author))
         self._on_hello_heard(peer)
         self._tasks.spawn(self._sync(peer), f"sync-{peer.name}")
-        self.routes.changed(peer)
+        self.routes.changed()
 
     async def _sync(self, peer: Peer) -> None:
         """Tell a peer which messages we have: it answers with what we lack."""
@@ -8032,9 +8029,6 @@ class Room(Emitter):
         deadline = time.monotonic() + timeout
         await self.wait_for_peers(count, timeout)
         await self.negotiation.settle(deadline - time.monotonic(), settle)
-        # and every verified rtchat.py peer has told whom it reaches (those are reached through it): it does so
-        # at once after our hello; one that does not is not waited for long
-        await self.sessions.until(self.ledger.routes.heard_from_all, min(REACH_WAIT_S, deadline - time.monotonic()))
         return self.reachable_peers()
 
     def unverified_peers(self) -> list[Peer]:

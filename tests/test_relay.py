@@ -169,7 +169,9 @@ def test_a_room_forming_relays_nobody_who_is_still_connecting(broker, tmp_path, 
         for room in rooms:
             await room.wait_for_room(4, timeout=30)
         assert all(len(room.verified_peers()) == 4 and not room.relayed_peers() for room in rooms)
-        assert relayed == []
+        await eventually(lambda: all(r.ledger.routes.sizes()["told"] == 4 * 3 for r in rooms), 10,
+                         "each told by the four others whom they reach (the three others each)")
+        assert relayed == [] and not any(room.relayed_peers() for room in rooms)
         assert told and max(told.values()) == 1, told
         await close_all(clients)
     run(scenario(), 60)
