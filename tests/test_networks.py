@@ -438,7 +438,7 @@ RELAY_ROOM = [("sym", "symmetric1"), ("resa", "restricted1"), ("resb", "restrict
 RELAY_ROUNDS = 10
 
 
-class Member:
+class RelayMember:
     """A room member in a lab namespace (netlab.py member): lines in, JSON lines out, read by a thread."""
 
     def __init__(self, lab: netlab.Lab, name: str, client: str, room: str, workdir) -> None:
@@ -479,7 +479,7 @@ class Member:
                 self.changed.wait(max(0.0, deadline - time.monotonic()))
 
 
-def _round(members: list[Member], tag: str, timeout: float = 30) -> tuple[float, float]:
+def _round(members: list[RelayMember], tag: str, timeout: float = 30) -> tuple[float, float]:
     """Every member says one line; until each has every other's, then until its own is acked by all still here.
     Seconds taken to each."""
     started = time.monotonic()
@@ -500,7 +500,7 @@ def test_a_room_of_five_reaches_everyone_through_members(lab, tmp_path, capsys):
     everyone gets all four others' (sym's and resa's and resb's to each other through a member), each acked end to
     end. Then the member relaying between sym and resa is killed: the room goes through another, and the next
     rounds reach the four left."""
-    members = [Member(lab, name, client, "five", tmp_path) for name, client in RELAY_ROOM]
+    members = [RelayMember(lab, name, client, "five", tmp_path) for name, client in RELAY_ROOM]
     try:
         for member in members:
             others = {m.name for m in members if m is not member}
