@@ -9917,63 +9917,68 @@ exit codes:
 """
 
 
-def peerjs_event(kind: str, name: str, reason: str = "") -> dict:
-    """A member joining or leaving the mesh, as --json prints it (event_record's fields)."""
-    text = UNVERIFIED_JOIN if kind == "join" else \
-        "left" if reason in ("", "left") else f"left ({reason})"
-    record = {"type": kind, "room": PEERJS_ROOM, "from": clean(name, MAX_NAME_CHARS), "text": clean(text, 200),
-              "fingerprint": None, "ts": now_ms(), "network": "peerjs"}
-    return record | ({"reason": clean(reason, 200)} if kind == "leave" else {})
+PEERJS_TOLD = ("key-changed", "key-accepted", "mitm-detected", "verify-failed", "disk-error", "disk-ok",
+               "compaction-failed")  # what pipes and listeners on PeerJS say on stderr (--json: stdout), besides
+#                                      a listener's joins and leaves
 
 
-async def run_peerjs(args: argparse.Namespace, name: str) -> int:
-    """Pipes and listeners on a peerjs-multichat mesh: dial each --connect user (the mesh merges through them) or
-    wait to be dialled, then send stdin's lines to everyone (pipe mode) or print what is said (--listen)."""
+def peerjs_record(place: PeerJSPlace, event: str, *args: Any) -> dict:
+    """An event on the PeerJS network as --json prints it: event_record's, with "network", and a member's name in
+    "from" as it is (no mark: "fingerprint" and "channel_bound" say what it proved)."""
+    record = event_record(place, event, *args) | {"network": "peerjs"}
+    if event in ("join", "leave"):
+        record["from"] = clean(args[0].name, MAX_NAME_CHARS)
+    if event == "leave" and args[1] in ("", "left"):
+        record["text"] = "left"
+    return record
+
+
+async def run_peerjs(args: argparse.Namespace, client: Client) -> int:
+    """Pipes and listeners on a peerjs-multichat mesh, with the state file's identity and pins as in rooms: dial
+    each --connect user (the mesh merges through them) or wait to be dialled, then send stdin's lines to everyone
+    (pipe mode) or print what is said (--listen). No MQTT connection is made."""
     printer = Printer("json" if args.json else "plain" if args.listen else "quiet", use_color(sys.stdout, args.color))
-    if args.ice_host:
-        restrict_ice_hosts(args.ice_host)
-    ice = ice_configuration([IceServer.parse(url) for url in (DEFAULT_ICE if args.ice is None else args.ice)])
-    mesh = PeerJSMesh(name, server=args.peerjs or None, ice=ice)
     stop = asyncio.Event()  # a listener's --count reached, or its stdout closed
     received = 0
 
-    def on_chat(chat: PeerJSChat) -> None:
+    def on_message(msg: Message) -> None:
         nonlocal received
         if args.mode != "listen":
             return
         if printer.style == "json":
-            printer.json_line(message_record(peerjs_message(chat)) | {"network": "peerjs"})
+            printer.json_line(message_record(msg) | {"network": "peerjs"})
         else:
-            printer.message(peerjs_message(chat), name)
+            printer.message(msg, place.me)
         received += 1
         if args.count is not None and received >= args.count or printer.broken:
             stop.set()
 
-    def on_member(kind: str, who: str, reason: str = "") -> None:
-        if args.mode != "listen":
+    def on_event(event: str, *facts: Any) -> None:
+        if event in ("join", "leave") and args.mode != "listen":
             return
-        record = peerjs_event(kind, who, reason)
+        record = peerjs_record(place, event, *facts)
         if printer.style == "json":
             printer.json_line(record)
         else:
-            printer.event(kind, record["from"], record["text"])
-    mesh.on("chat", on_chat)
-    mesh.on("join", lambda who: on_member("join", who))
-    mesh.on("leave", lambda who, reason: on_member("leave", who, reason))
-    queue: asyncio.Queue = asyncio.Queue()
-    if args.mode == "pipe":
-        _stdin_lines(queue)
-    await mesh.start()
+            printer.event(event, record["from"] or "", record["text"])
+    await client.start(broker=False)
     try:
+        place = await client.join_peerjs(args.peerjs or None)
+        place.on("message", on_message)
+        for event in ("join", "leave", *PEERJS_TOLD):
+            place.on(event, functools.partial(on_event, event))
         for friend in args.connect:
-            await mesh.connect(friend, args.timeout)
+            await place.connect(friend, args.timeout)
         if args.mode == "listen":
-            printer.status(f"listening on PeerJS as {name}" + (f" for {args.count} message(s)" if args.count else ""))
+            printer.status(f"listening on PeerJS as {place.me}" + (f" for {args.count} message(s)" if args.count
+                                                                   else ""))
             await stop.wait()
             return 0
-        return await _peerjs_pipe(mesh, args, printer, queue)
+        queue: asyncio.Queue = asyncio.Queue()
+        _stdin_lines(queue)
+        return await _peerjs_pipe(place.mesh, args, printer, queue)
     finally:
-        await mesh.close()
+        await client.close()
 
 
 async def _peerjs_pipe(mesh: PeerJSMesh, args: argparse.Namespace, printer: Printer, queue: asyncio.Queue) -> int:
@@ -10184,14 +10189,14 @@ async def run(args: argparse.Namespace) -> int:
         stored = Store(state_path).load().get("identity")
         if isinstance(stored, dict) and stored.get("encrypted"):
             passphrase = getpass.getpass("passphrase for your rtchat key: ")
-    if args.peerjs is not None and not interactive:
-        interrupt = asyncio.Event()
-        interrupted = _on_signals(interrupt.set, sigint=True)
-        code = await _unless(run_peerjs(args, name), interrupt)
-        return 130 if interrupted or code is None else code
     client = Client(name, broker=args.broker, state=state_path, ice=args.ice, ice_hosts=args.ice_host,
                     trust=args.trust, passphrase=passphrase, files=None if args.files == "off" else args.files,
                     relay=not args.no_relay)
+    if args.peerjs is not None and not interactive:
+        interrupt = asyncio.Event()
+        interrupted = _on_signals(interrupt.set, sigint=True)
+        code = await _unless(run_peerjs(args, client), interrupt)
+        return 130 if interrupted or code is None else code
     style = "chat" if interactive else "json" if args.json else "plain" if args.listen else "quiet"
     screen = ScreenOutput() if interactive else None
     printer = Printer(style, use_color(sys.stdout, args.color), out=screen, err=screen,

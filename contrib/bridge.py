@@ -23,41 +23,42 @@ MARK = "[via "  # a line that starts so was carried by a bridge already: carryin
 
 class Bridge:
     """One room and one mesh. A marked line is not carried again, so two bridges between the same places make no
-    loop; what we say ourselves raises no event on either side, so nothing comes back to its author."""
+    loop; what we say ourselves raises no event on either side, so nothing comes back to its author. In the mesh
+    the bridge proves the client's key to other rtchat.py peers, so their chats see it verified."""
 
-    def __init__(self, room: rtchat.Room, mesh: rtchat.PeerJSMesh) -> None:
+    def __init__(self, room: rtchat.Room, mesh: rtchat.PeerJSPlace) -> None:
         self.room, self.mesh = room, mesh
         room.on("message", self.from_room)
-        mesh.on("chat", self.from_mesh)
+        mesh.on("message", self.from_mesh)
 
     def from_room(self, msg: rtchat.Message) -> None:
         if msg.kind == "message" and not msg.history and not msg.text.startswith(MARK):
-            text = f"* {msg.text}" if msg.action else msg.text
-            self.mesh.send_chat(fit(f"[via #{self.room.name}] {msg.sender}: {text}"))
+            self.mesh.send(fit(f"[via #{self.room.name}] {msg.sender}: {said(msg)}"))
 
-    def from_mesh(self, chat) -> None:
-        if not chat.text.startswith(MARK):
-            self.room.send(fit(f"[via peerjs] {chat.sender}: {chat.text}"))
+    def from_mesh(self, msg: rtchat.Message) -> None:
+        if not msg.text.startswith(MARK):
+            self.room.send(fit(f"[via peerjs] {msg.sender}: {said(msg)}"))
 
-    async def close(self) -> None:
+    def close(self) -> None:
         self.room.off("message", self.from_room)
-        await self.mesh.close()
+        self.mesh.off("message", self.from_mesh)
+
+
+def said(msg: rtchat.Message) -> str:
+    return f"* {msg.text}" if msg.action else msg.text
 
 
 def fit(text: str) -> str:
     return text if len(text) <= rtchat.MAX_TEXT_CHARS else text[:rtchat.MAX_TEXT_CHARS - 1] + "…"
 
 
-async def open_mesh(name: str, server: str | None, ice, friends: list[str]) -> rtchat.PeerJSMesh:
-    """Logged in on the PeerServer and connected to each friend (the meshes merge through them)."""
-    mesh = await rtchat.PeerJSMesh(name, server=server, ice=ice).start()
-    try:
-        for friend in friends:
-            await mesh.connect(friend)
-    except BaseException:
-        await mesh.close()
-        raise
-    return mesh
+async def open_mesh(client: rtchat.Client, server: str | None, friends: list[str]) -> rtchat.PeerJSPlace:
+    """The client logged in on the PeerServer (with its key and pins) and connected to each friend (the meshes
+    merge through them); the client leaves it when it closes."""
+    place = await client.join_peerjs(server)
+    for friend in friends:
+        await place.connect(friend)
+    return place
 
 
 # -- as a daemon -----------------------------------------------------------------------------------------------
@@ -68,10 +69,10 @@ async def run(args: argparse.Namespace) -> int:
         asyncio.get_running_loop().add_signal_handler(signum, stop.set)
     async with rtchat.Client(args.name, broker=args.broker, state=args.state) as client:
         room = await client.join(args.room, secret=args.secret)
-        carrying = Bridge(room, await open_mesh(args.name, args.peerjs, client.ice, args.connect))
+        carrying = Bridge(room, await open_mesh(client, args.peerjs, args.connect))
         print(f"bridging #{room.name} and the PeerJS mesh as {args.name}", file=sys.stderr, flush=True)
         await stop.wait()
-        await carrying.close()
+        carrying.close()
         await room.flush(5)
     return 130  # as rtchat.py: stopped by a signal
 

@@ -9,6 +9,7 @@ import asyncio
 import json
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 from support import Proc, cli_env, rtchat_cmd
@@ -16,6 +17,7 @@ from support import Proc, cli_env, rtchat_cmd
 import rtchat
 
 NO_BROKER = "mqtt://127.0.0.1:9"   # nothing listens there: any attempt to use it would fail the run
+STATES: list[Path] = []            # the folder of the running test, where each name keeps its state file
 
 
 @pytest.fixture(autouse=True)
@@ -23,12 +25,28 @@ def _loopback_ice():
     rtchat.restrict_ice_hosts(["127.0.0.1"])
 
 
+@pytest.fixture(autouse=True)
+def state_files(tmp_path):
+    """Each rtchat.py a test starts keeps its key and pins in NAME.json in the test's own folder (as the chat's
+    --state in test_peerjs_chat.py)."""
+    STATES[:] = [tmp_path]
+
+
+def state_env(name: str, **extra: str) -> dict:
+    return cli_env(NO_BROKER, RTCHAT_STATE=str(STATES[0] / f"{name}.json"), **extra)
+
+
+def key_of(name: str) -> str:
+    """The fingerprint of the key in NAME's state file."""
+    return rtchat.fingerprint(json.loads((STATES[0] / f"{name}.json").read_text())["identity"]["public_key"])
+
+
 def peerjs(server, name: str, *args: str, stdin=subprocess.DEVNULL) -> Proc:
-    return Proc([name, "--peerjs", server.url(), *args], cli_env(NO_BROKER), stdin=stdin)
+    return Proc([name, "--peerjs", server.url(), *args], state_env(name), stdin=stdin)
 
 
 def pipe(server, name: str, text: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(rtchat_cmd(name, "--peerjs", server.url(), *args), input=text, env=cli_env(NO_BROKER),
+    return subprocess.run(rtchat_cmd(name, "--peerjs", server.url(), *args), input=text, env=state_env(name),
                           capture_output=True, text=True, timeout=60)
 
 
@@ -48,10 +66,12 @@ def test_a_pipe_reaches_the_whole_mesh_through_one_user(peerserver):
     events = carol.events()
     assert [(e["type"], e["from"]) for e in events if e["type"] == "join"][:1] == [("join", "bob")]
     joined = next(e for e in events if e["type"] == "join")
-    assert joined["room"] == "peerjs" and joined["network"] == "peerjs" and "unverified" in joined["text"]
+    assert joined["room"] == "peerjs" and joined["network"] == "peerjs"
+    assert joined["text"] == "joined (verified, channel-bound)" and joined["channel_bound"]  # keys on both ends
     message = next(e for e in events if e["type"] == "message")
     assert (message["from"], message["text"], message["trust"], message["room"], message["network"]) == \
-        ("ci", "deployed", "unverified", "peerjs", "peerjs")
+        ("ci", "deployed", "channel-bound", "peerjs", "peerjs")
+    assert message["fingerprint"] == key_of("ci")
 
 
 def test_a_pipe_without_connect_waits_to_be_dialled(peerserver):
@@ -151,11 +171,12 @@ def test_a_member_that_stops_answering_is_named_and_nothing_breaks(peerserver):
 
 def test_settings_from_the_environment_for_the_other_network_are_no_usage_errors(peerserver, broker):
     """RTCHAT_SECRET and RTCHAT_ROOM in the environment do not stop --peerjs; an empty RTCHAT_PEERJS is unset."""
-    env = cli_env(NO_BROKER, RTCHAT_SECRET="for the rooms", RTCHAT_ROOM="ops")
+    env = state_env("ivy", RTCHAT_SECRET="for the rooms", RTCHAT_ROOM="ops")
     listener = Proc(["ivy", "--peerjs", peerserver.url(), "--listen"], env)
     listener.said("listening on PeerJS as ivy")
     assert listener.stop(signal.SIGINT) == 130
-    mqtt = Proc(["ivy", "--room", "ops", "--listen"], cli_env(broker.url, RTCHAT_PEERJS=""))
+    mqtt = Proc(["ivy", "--room", "ops", "--listen"],
+                cli_env(broker.url, RTCHAT_PEERJS="", RTCHAT_STATE=env["RTCHAT_STATE"]))
     mqtt.said("listening in #ops")
     assert mqtt.stop(signal.SIGINT) == 130
 
@@ -175,3 +196,29 @@ def test_lines_that_reach_nobody_are_not_delivered(peerserver):
         finally:
             await mesh.close()
     asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_the_state_file_is_read_as_for_rooms_before_the_server_is_reached(peerserver):
+    """Pipes and listeners on PeerJS load the state file's key as in rooms: a damaged file or a key under a
+    passphrase not given is the rooms' one line and exit code, before any log-in; with the passphrase (here
+    RTCHAT_PASSPHRASE) the key is opened and proven (the listener sees the pipe verified)."""
+    (STATES[0] / "yan.json").write_text("{not json")
+    store = rtchat.Store(STATES[0] / "zoe.json")
+    store.load()
+    sealed = store.identity("open sesame")
+    for name, words in (("yan", "is damaged"), ("zoe", "the identity key is encrypted: give its passphrase")):
+        for args in (["--listen"], ["--connect", "nobody"]):
+            done = subprocess.run(rtchat_cmd(name, "--peerjs", peerserver.url(), *args), input="x\n",
+                                  env=state_env(name), capture_output=True, text=True, timeout=60)
+            assert done.returncode == rtchat.EX_CONFIG, done.stderr
+            assert len(done.stderr.strip().splitlines()) == 1 and words in done.stderr, done.stderr
+    assert not any(e.get("id") in ("secure-p2p-multichat-yan", "secure-p2p-multichat-zoe") for e in peerserver.events)
+    listener = peerjs(peerserver, "abe", "--listen", "--json", "--count", "1")
+    listener.said("listening on PeerJS as abe")
+    sent = subprocess.run(rtchat_cmd("zoe", "--peerjs", peerserver.url(), "--connect", "abe"), input="sealed\n",
+                          env=state_env("zoe", RTCHAT_PASSPHRASE="open sesame"), capture_output=True, text=True,
+                          timeout=60)
+    assert sent.returncode == 0, sent.stderr
+    assert listener.finish() == 0
+    message = next(e for e in listener.events() if e["type"] == "message")
+    assert (message["from"], message["trust"], message["fingerprint"]) == ("zoe", "channel-bound", sealed.fingerprint)
