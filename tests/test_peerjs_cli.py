@@ -222,3 +222,21 @@ def test_the_state_file_is_read_as_for_rooms_before_the_server_is_reached(peerse
     assert listener.finish() == 0
     message = next(e for e in listener.events() if e["type"] == "message")
     assert (message["from"], message["trust"], message["fingerprint"]) == ("zoe", "channel-bound", sealed.fingerprint)
+
+
+def test_a_listener_refuses_a_changed_key_and_says_so_in_its_json(peerserver):
+    """bea's state file pins another key for cal: the pipe cal is refused, bea's --json says key-changed (with
+    "network"), cal's line is not printed, and the pipe exits 75 (its line reached nobody)."""
+    store = rtchat.Store(STATES[0] / "bea.json")
+    store.load()
+    rtchat.Trust(store).pin("cal", rtchat.Identity.generate().public_key_string, signs=True)
+    bea = peerjs(peerserver, "bea", "--listen", "--json")
+    bea.said("listening on PeerJS as bea")
+    sent = pipe(peerserver, "cal", "impostor?\n", "--connect", "bea", "--timeout", "10")
+    assert sent.returncode == rtchat.EX_TEMPFAIL and "Traceback" not in sent.stderr, sent.stderr
+    bea.wait_for(lambda p: any(e["type"] == "key-changed" for e in p.events()), what="the refusal")
+    refused = next(e for e in bea.events() if e["type"] == "key-changed")
+    assert (refused["from"], refused["verdict"], refused["fingerprint"], refused["network"]) == \
+        ("cal", "changed", key_of("cal"), "peerjs")
+    assert bea.stop(signal.SIGINT) == 130
+    assert not any(e["type"] in ("message", "join") for e in bea.events())
