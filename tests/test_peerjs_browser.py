@@ -343,14 +343,15 @@ def test_command_line_pipe_and_listener_with_two_pages(prerequisites, tmp_path):
     `rtchat.py bot --peerjs URL --connect bob --listen --count 1` prints what amy's page says."""
     async def scenario():
         async with Pages(tmp_path) as pages:
-            env = cli_env("mqtt://127.0.0.1:9")  # no broker: --peerjs alone uses none
+            def env(name: str) -> dict:  # no broker: --peerjs alone uses none; a key of its own
+                return cli_env("mqtt://127.0.0.1:9", RTCHAT_STATE=str(tmp_path / f"{name}.json"))
             await pages.call("open", user="amy")
             await pages.call("open", user="bob")
             await pages.call("connect", user="bob", target="amy")
             await pages.lists("amy", "bob")
             started = now_ms()
             sent = await asyncio.create_subprocess_exec(
-                *rtchat_cmd("ci", "--peerjs", pages.server, "--connect", "amy"), env=env,
+                *rtchat_cmd("ci", "--peerjs", pages.server, "--connect", "amy"), env=env("ci"),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
             out, err = await sent.communicate("deployed \u00e9\n".encode())
             assert sent.returncode == 0, err.decode()
@@ -359,7 +360,7 @@ def test_command_line_pipe_and_listener_with_two_pages(prerequisites, tmp_path):
                 shown = await pages.shows(page, "ci", "deployed \u00e9")
             listener = await asyncio.create_subprocess_exec(
                 *rtchat_cmd("bot", "--peerjs", pages.server, "--connect", "bob", "--listen", "--count", "1"),
-                env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+                env=env("bot"), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
             while not (await asyncio.wait_for(listener.stderr.readline(), 60)).startswith(b"--> amy"):
                 pass  # through bob's mesh: the page says its line only to those it is connected to
             await pages.call("say", user="amy", text="from amy's page")
