@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import time
 
@@ -38,6 +39,32 @@ def heard(room: rtchat.Room) -> list[str]:
     return said
 
 
+@contextlib.asynccontextmanager
+async def cut_off(broker, tmp_path, secret: str | None = None, **carol):
+    """alice, bob and carol in a room; then alice's and bob's broker stops passing their messages, so that only
+    carol hears the broker (and a newcomer's announcement). Yields (clients, rooms, links); closes them all."""
+    links = {name: await LossyLink(broker.tcp_port).start() for name in ("alice", "bob")}
+    clients = [make_client("alice", tmp_path, links["alice"].url), make_client("bob", tmp_path, links["bob"].url),
+               make_client("carol", tmp_path, broker.url, **carol)]
+    rooms = await join_all(clients, secret=secret)
+    try:
+        for room in rooms:
+            await room.wait_for_peers(2, 20)
+        for link in links.values():
+            link.drop = 1.0
+        yield clients, rooms, links
+    finally:
+        await close_all(*clients, *links.values())
+
+
+async def newcomer(clients: list[rtchat.Client], name: str, tmp_path, broker,
+                   secret: str | None = None) -> rtchat.Room:
+    """name joins the room on the broker itself (and is closed with the others)."""
+    client = make_client(name, tmp_path, broker.url)
+    clients.append(client)
+    return (await join_all([client], secret=secret))[0]
+
+
 async def chat_both_ways(newcomer: rtchat.Room, others: list[rtchat.Room]) -> None:
     """The newcomer and each of the others hear each other, directly, once both sides have verified each other."""
     for room in others:
@@ -59,18 +86,8 @@ def test_newcomer_meets_everyone_through_a_member_after_the_broker_dies(own_brok
     and bob over direct links whose offers and answers carol passed on, and they chat both ways; in a sealed room
     too, where what carol passes on is sealed as on the broker."""
     async def scenario():
-        links = {name: await LossyLink(own_broker.tcp_port).start() for name in ("alice", "bob")}
-        clients = [make_client("alice", tmp_path, links["alice"].url), make_client("bob", tmp_path, links["bob"].url),
-                   make_client("carol", tmp_path, own_broker.url)]
-        rooms = await join_all(clients, secret=secret)
-        try:
-            for room in rooms:
-                await room.wait_for_peers(2, 20)
-            for link in links.values():
-                link.drop = 1.0
-            dave = make_client("dave", tmp_path, own_broker.url)
-            clients.append(dave)
-            rd = (await join_all([dave], secret=secret))[0]
+        async with cut_off(own_broker, tmp_path, secret) as (clients, rooms, links):
+            rd = await newcomer(clients, "dave", tmp_path, own_broker, secret)
             await rd.wait_for_peer("carol", 20)
             own_broker.stop()
             await rd.wait_for_peers(3, 30)
@@ -83,8 +100,6 @@ def test_newcomer_meets_everyone_through_a_member_after_the_broker_dies(own_brok
             assert rc.assisted.counts["passed"] >= 2, rc.assisted.counts
             assert ra.assisted.counts["received"] and rb.assisted.counts["received"], (ra.assisted.counts,
                                                                                         rb.assisted.counts)
-        finally:
-            await close_all(*clients, *links.values())
     run(scenario(), 120)
 
 
@@ -93,27 +108,15 @@ def test_a_newcomer_who_offers_hears_of_members_through_a_member(own_broker, tmp
     hear of him from carol, and tell him they are here through carol too, so that he offers: each of their
     sessions with him begins with his offer, not with theirs after waiting for it."""
     async def scenario():
-        links = {name: await LossyLink(own_broker.tcp_port).start() for name in ("alice", "bob")}
-        clients = [make_client("alice", tmp_path, links["alice"].url), make_client("bob", tmp_path, links["bob"].url),
-                   make_client("carol", tmp_path, own_broker.url)]
-        rooms = await join_all(clients)
-        begun: dict[str, list[str]] = {"alice": [], "bob": []}
-        for room in rooms[:2]:
-            room.negotiation.on("phase", lambda name, step, me=room.me: begun[me].append(step) if name == "aaron"
-                                and step in ("offering", "offered") else None)
-        try:
-            for room in rooms:
-                await room.wait_for_peers(2, 20)
-            for link in links.values():
-                link.drop = 1.0
-            aaron = make_client("aaron", tmp_path, own_broker.url)
-            clients.append(aaron)
-            newcomer = (await join_all([aaron]))[0]
-            await newcomer.wait_for_peers(3, 30)
-            await chat_both_ways(newcomer, rooms)
+        async with cut_off(own_broker, tmp_path) as (clients, rooms, _):
+            begun: dict[str, list[str]] = {"alice": [], "bob": []}
+            for room in rooms[:2]:
+                room.negotiation.on("phase", lambda name, step, me=room.me: begun[me].append(step)
+                                    if name == "aaron" and step in ("offering", "offered") else None)
+            ro = await newcomer(clients, "aaron", tmp_path, own_broker)
+            await ro.wait_for_peers(3, 30)
+            await chat_both_ways(ro, rooms)
             assert begun == {"alice": ["offered"], "bob": ["offered"]}, begun
-        finally:
-            await close_all(*clients, *links.values())
     run(scenario(), 120)
 
 
@@ -143,26 +146,14 @@ def test_no_relay_member_passes_nothing_on(own_broker, tmp_path):
     """The same room with carol refusing to pass anything on (--no-relay): dave meets carol only, and carol counts
     what she refused."""
     async def scenario():
-        links = {name: await LossyLink(own_broker.tcp_port).start() for name in ("alice", "bob")}
-        clients = [make_client("alice", tmp_path, links["alice"].url), make_client("bob", tmp_path, links["bob"].url),
-                   make_client("carol", tmp_path, own_broker.url, relay=False)]
-        rooms = await join_all(clients)
-        try:
-            for room in rooms:
-                await room.wait_for_peers(2, 20)
-            for link in links.values():
-                link.drop = 1.0
-            dave = make_client("dave", tmp_path, own_broker.url)
-            clients.append(dave)
-            rd = (await join_all([dave]))[0]
+        async with cut_off(own_broker, tmp_path, relay=False) as (clients, rooms, _):
+            rd = await newcomer(clients, "dave", tmp_path, own_broker)
             await rd.wait_for_peer("carol", 20)
             rc = rooms[2]
             await eventually(lambda: rc.assisted.counts["refused-no-relay"] >= 1, 10, "carol refusing to pass on")
             assert rc.assisted.counts["passed"] == 0
             assert not any(r.peers.get("dave") for r in rooms[:2])
             assert [p.name for p in rd.verified_peers()] == ["carol"]
-        finally:
-            await close_all(*clients, *links.values())
     run(scenario(), 120)
 
 
