@@ -139,6 +139,8 @@ FILE_PROGRESS_EVERY_S = 0.25          # a transfer reports its progress at most 
 ACCEPT_NEXT_KEY_S = 600.0              # after /trust NAME with no key to pin, the next key NAME proves is pinned
 REFUSAL_HINT_EVERY_S = 30.0            # we tell a refused peer why at most this often per name
 BACKFILL_MAX = 200                     # messages one peer passes another when they meet
+FRESH_BACKFILL_MS = 3000               # in a large room history said less than this long ago waits: it may come
+#                                        as news too, by gossip, a little later
 BACKFILL_FRAME_CHARS = 48 * 1024
 SETTLE_S = 0.25                        # a room is complete once nobody new was heard of for this long (since
 #                                        joining: everyone there answers our announcement within ~0.1 s)
@@ -177,7 +179,8 @@ RELAY_MAX_CHARS = 64 * 1024            # one frame passed on: a sealed 16 KiB di
 BOX_BUDGET = (50.0, 200)               # sealed direct messages opened per relaying peer (an RSA decryption each)
 REACH_BUDGET = (5.0, 40)               # reach frames (each may cost RSA checks of the keys it names): above
 #                                        what one peer sends (at most one per REACH_GATHER_S, and one per hello)
-MAX_REACH = 32                         # members one peer says it reaches (larger rooms: gossip, issue 16)
+MAX_REACH = 32                         # members one peer says it reaches (larger rooms: gossip)
+GOSSIP_BUDGET = (400.0, 2000)          # gossip frames from one neighbour in a large room
 REACH_GATHER_S = 0.5                   # changes in whom we reach are told together, after this (told at once,
 #                                        they slowed the first lines of a room just formed)
 RELAY_ACK_WAIT_S = 2.0                 # a message through a member not acknowledged by then goes through another
@@ -643,6 +646,7 @@ SIGNED_CONTEXTS = {  # a context per purpose: what is signed for one purpose nev
     "message-batch": b"rtchat-message-batch-v1\n",  # the root of a batch of chat messages, by their author
     "relay-ack": b"rtchat-relay-ack-v1\n",     # acks to a member reached through others, by whoever acks
     "relay-box": b"rtchat-relay-box-v1\n",     # what a direct message sealed to its recipient is bound to
+    "presence": b"rtchat-presence-v1\n",      # a member of a large room is here, or leaving
 }
 
 
@@ -2732,7 +2736,8 @@ class Peer(Emitter):
         self.budgets = {kind: Budget(budget) for kind, budget in (
             ("frame", FRAME_BUDGET), ("chat", CHAT_BUDGET), ("sync", SYNC_BUDGET), ("identify", IDENTIFY_BUDGET),
             ("file", FILE_OFFER_BUDGET), ("signal", SIGNAL_FRAME_BUDGET), ("relay", RELAY_BUDGET),
-            ("relay-bytes", RELAY_BYTES_BUDGET), ("box", BOX_BUDGET), ("reach", REACH_BUDGET))}
+            ("relay-bytes", RELAY_BYTES_BUDGET), ("box", BOX_BUDGET), ("reach", REACH_BUDGET),
+            ("gossip", GOSSIP_BUDGET))}
         self.questions_open = 0                 # its questions being answered now
         self.over_budget: dict[str, int] = {}   # requests dropped, by kind
         self.pc = None
@@ -5418,6 +5423,29 @@ class AssistedSignaling:
         return {"carriers": len(self._carriers), "pending": sum(len(p) for p in self._pending.values())}
 
 
+class SessionPolicy:
+    """With whom Negotiation sets up sessions: here, everyone (a full mesh). A large room's Overlay answers
+    otherwise (it keeps at most D sessions with the members that gossip)."""
+
+    def heard(self, name: str, data: Any, dialect: Dialect) -> None:
+        """A member announced itself (data: its userInfo)."""
+
+    def offered(self, name: str, data: Any, dialect: Dialect) -> None:
+        """A member offered us a session (data: its userInfo)."""
+
+    def wants(self, name: str, dialect: Dialect) -> bool:
+        """A session with this member, now?"""
+        return True
+
+    def answers(self, name: str) -> bool:
+        """Answer a newcomer we want no session with, so that it can find the room?"""
+        return True
+
+    def announces(self, due: bool) -> bool:
+        """Announce on schedule (due: a full mesh would)?"""
+        return due
+
+
 class Negotiation(Emitter):
     """How the sessions of one room begin: signaling in (through RoomSignaling), who offers, glare, fallback
     offers, candidates that come before their session, the seen table (names announced, bounded), hints that a
@@ -5445,6 +5473,7 @@ class Negotiation(Emitter):
         self._failures: dict[str, tuple[int, float]] = {}  # name -> (set-ups failed in a row, when to try again)
         self._last_setup = 0.0                # when a session last began, or a peer last answered one
         self.reached: Callable[[str], bool] = lambda name: False  # reached through another member (not waited for)
+        self.policy: SessionPolicy = SessionPolicy()   # with whom to set up sessions (a large room's Overlay)
         self._tasks = Tasks()
         sessions.on("verified", lambda peer: self._failures.pop(peer.name, None))
         sessions.on("closed", self._on_closed)
@@ -5471,6 +5500,21 @@ class Negotiation(Emitter):
             self._failures.pop(peer.name, None)
             peer.close("trying again")
         self.network.announce()
+
+    def open(self, name: str) -> None:
+        """Set up a session with an rtchat.py member whichever name sorts first: a large room's overlay wants it,
+        and the member may not know of us yet. A session already there or on its way is left as it is."""
+        peer = self.peers.get(name)
+        if peer is None or peer.state == "closed":
+            peer = self._new_peer(name, RTCHAT_PY, None, None)
+        if peer.state == "seen" and self.running and not self._backing_off(name):
+            self._offer(peer)
+
+    def note_activity(self) -> None:
+        """Something that what is sent should wait for happened (a large room's member became known): the room
+        settles again (see settle)."""
+        self._last_setup = time.monotonic()
+        self.sessions.changes.fire()
 
     def sizes(self) -> dict[str, int]:
         """How big each table is (every one is bounded, whatever the broker brings)."""
@@ -5552,8 +5596,13 @@ class Negotiation(Emitter):
             peer = self._new_peer(sender, dialect, key, tag)
         # else a repeat while our offer is on its way: replacing the peer would orphan that offer's answer
         self._note_seen(sender)
+        self.policy.heard(sender, signal.data, dialect)
         if self._backing_off(sender):
             return  # the next try is set
+        if not self.policy.wants(sender, dialect):
+            if self.policy.answers(sender):
+                self.network.answer(sender, dialect)  # a newcomer to a large room: a few members let it find us
+            return
         if self.should_offer(sender):
             self._offer(peer)
         else:
@@ -5564,7 +5613,8 @@ class Negotiation(Emitter):
     def _fallback_offer(self, name: str) -> None:
         self._timers.pop(name, None)
         peer = self.peers.get(name)
-        if peer is not None and peer.state == "seen" and self.running and not self._backing_off(name):
+        if peer is not None and peer.state == "seen" and self.running and not self._backing_off(name) and \
+                self.policy.wants(name, peer.dialect):
             self._offer(peer)
 
     def _offer(self, peer: Peer) -> None:
@@ -5616,6 +5666,7 @@ class Negotiation(Emitter):
         if not self.admission.admits(sender, key, dialect):
             return
         self.network.note_inbox(sender, data.get("userInfo"), self.admission.trusts_signaling(sender, signal.signer))
+        self.policy.offered(sender, data.get("userInfo"), dialect)
         existing = self.peers.get(sender)
         if existing is not None and existing.state != "closed":
             if existing.signal_ts is not None and signal.stamp <= existing.signal_ts:
@@ -5742,7 +5793,8 @@ class Negotiation(Emitter):
             await asyncio.sleep(delay)
             self._expire_seen()
             steady = tick >= len(ANNOUNCE_EVERY_S) - 1
-            if not self.peers or not all(p.is_open for p in self.peers.values()) or (steady and self._sorts_first()):
+            due = not self.peers or not all(p.is_open for p in self.peers.values()) or (steady and self._sorts_first())
+            if self.policy.announces(due):
                 self.network.announce()
 
     def _sorts_first(self) -> bool:
@@ -5804,7 +5856,7 @@ class Negotiation(Emitter):
     def _try_again(self, name: str) -> None:
         self._timers.pop(name, None)
         peer = self.peers.get(name)
-        if peer is None or peer.state != "seen" or not self.running:
+        if peer is None or peer.state != "seen" or not self.running or not self.policy.wants(name, peer.dialect):
             return
         if self.should_offer(name):
             self._offer(peer)
@@ -5828,7 +5880,8 @@ class Negotiation(Emitter):
             self._failures.pop(name, None)
         elif peer.remote_sdp is not None and not peer.was_open and reason in SETUP_FAILURES and name not in self.peers:
             self._back_off(peer)
-        elif peer.remote_sdp is not None and not reason.startswith("replaced"):
+        elif peer.remote_sdp is not None and not reason.startswith("replaced") and self.policy.wants(name,
+                                                                                                   peer.dialect):
             self.network.answer(name, peer.dialect)  # the other side may still be there: let it offer again
 
 
@@ -6563,6 +6616,7 @@ class Relays:
         self._is_connecting, self._lookalike_of, self._on_its_way = is_connecting, lookalike_of, on_its_way
         self._waiting: list[tuple[Message, dict | None]] = []  # relayed messages waiting for their authors
         self._judge_timer: asyncio.TimerHandle | None = None
+        self.hold_fresh: Callable[[], bool] = lambda: False  # a large room: what was just said may come as news too
         self._claims: dict[str, set[str]] = {}  # name never verified -> keys unverified relays said it signed with
         self._allowance: dict[Peer, int] = {}   # relayed messages we still take from a peer (in answer to our sync)
 
@@ -6662,7 +6716,12 @@ class Relays:
         if self._judge_timer is not None:
             self._judge_timer.cancel()
             self._judge_timer = None
-        waiting, self._waiting = sorted(self._waiting, key=lambda relayed: relayed[0].ts), []
+        fresh_since = now_ms() - FRESH_BACKFILL_MS if self.hold_fresh() else math.inf
+        waiting = sorted((r for r in self._waiting if r[0].ts <= fresh_since), key=lambda relayed: relayed[0].ts)
+        self._waiting = [r for r in self._waiting if r[0].ts > fresh_since]
+        if self._waiting:  # said a moment ago: it may still be on its way to us as news (a large room's gossip)
+            due = min(r[0].ts for r in self._waiting) - fresh_since
+            self._judge_timer = self._tasks.later(max(0.05, due / 1000), self.judge, True)
         for msg, author in waiting:
             if self.journal.knows(msg.id):
                 continue
@@ -6779,7 +6838,7 @@ class Remote:
     fingerprint: str
     trust: str                       # "relayed": the key pinned for its name; "unverified": no key pinned yet
     via: list[Peer]
-    routes: Routes
+    routes: Routes | Overlay         # what its acks and direct messages go through
     lookalike: str | None = None
     channel_bound = False
     client_tag = None
@@ -6808,6 +6867,7 @@ class Routes:
                  relay: bool, check: Callable, take: Callable, acked: Callable, route_up: Callable,
                  changed: Callable[[], None], trying: Callable[[str], bool]) -> None:
         self.scope, self.relay, self._present, self._emit, self._tasks = scope, relay, present, emit, tasks
+        self.covered: Callable[[str], bool] = lambda name: False  # reached by a large room's gossip instead
         self._check, self._take, self._acked, self._route_up, self._changed = check, take, acked, route_up, changed
         self._trying = trying
         self.remotes: dict[str, Remote] = {}
@@ -6862,7 +6922,7 @@ class Routes:
             return
         reached = {}
         for name, told in itertools.islice(peers.items(), MAX_REACH):
-            fp, author = self._told_author(told)
+            fp, author = self.told_author(told)
             if not is_wire_name(name) or name in (self.scope.me, peer.name) or fp is None:
                 continue
             pins = self.scope.trust.pins_for(bare_name(name))
@@ -6875,7 +6935,7 @@ class Routes:
         self._recompute()
         self._changed()
 
-    def _told_author(self, told: Any) -> tuple[str | None, dict | None]:
+    def told_author(self, told: Any) -> tuple[str | None, dict | None]:
         """(fingerprint, {key, mkey, mcert}) of a member as a reach names it: with its keys (the certificate of its
         message key must hold), or by a fingerprint whose keys were told before (or that we met); (None, None)
         otherwise."""
@@ -6919,7 +6979,7 @@ class Routes:
             if not relays or self._present.get(peer.name) is not peer:
                 continue
             for name, author in reached.items():
-                if name in self._present or name in self._gone or self._trying(name):
+                if name in self._present or name in self._gone or self._trying(name) or self.covered(name):
                     continue
                 first = found.setdefault(name, (author, []))
                 if first[0]["key"] == author["key"]:
@@ -7106,10 +7166,15 @@ class Routes:
         remote = self.remotes.get(sender) or Remote(sender, author, fingerprint(author["key"]), "unverified", [],
                                                     self)
         remote.last_via = peer
-        kind = inner.get("t")
-        if kind == "ack":
+        if inner.get("t") == "ack":
             self._on_ack(remote, author, inner)
-            return
+        else:
+            self.take(peer, remote, author, inner)
+
+    def take(self, peer: Peer, remote: Remote, author: dict, inner: dict) -> None:
+        """A message ('msg') or a sealed direct message ('box') from remote that peer passed on: taken as news if its
+        author signed it (its id bound to its words), and acked to it (directly if we have a session with it)."""
+        kind, sender = inner.get("t"), remote.name
         record = inner.get("m") if kind == "msg" else self._open(peer, sender, inner) if kind == "box" else None
         if not isinstance(record, dict) or record.get("from") != sender or record.get("fingerprint") != \
                 remote.fingerprint or not is_signature_text(record.get("sig")):
@@ -7173,13 +7238,14 @@ class Ledger:
                              self._tasks, lambda name, msg_id: name in self._unacked.get(msg_id, ()))
         self._present: dict[str, Peer] = {}     # verified peers, by name
         self.routes = Routes(scope, self._present, emit, self._tasks, relay=relay, check=self.relays._relayed,
-                             take=self._take_relayed, acked=self._acked, route_up=self._send_outbox,
+                             take=self.take_relayed, acked=self.acked, route_up=self._send_outbox,
                              changed=on_route, trying=trying)
         self._unacked: dict[str, set[str]] = {}  # our messages -> rtchat.py peers that have not acked them yet
         self._dm_ids: dict[str, str] = {}       # our DMs awaiting an ack: id -> recipient
         self._unsigned: dict[tuple[str, str], tuple[dict, Peer, str, float]] = {}  # theirs, waiting for signatures
         self._unsigned_bytes: dict[Peer, int] = {}  # per peer: text waiting for its signatures
         self._sweep: asyncio.TimerHandle | None = None
+        self.members: Callable[[], list[str]] = lambda: []  # a large room's members reached by gossip
 
     async def open(self) -> None:
         for entry in await self.journal.open():
@@ -7211,6 +7277,23 @@ class Ledger:
         if remotes:
             self._relay(msg, remotes)
         return msg
+
+    def spread(self, text: str, action: bool, peers: list[Peer], overlay: Overlay) -> Message:
+        """In a large room: our message, signed, to every member by gossip, and directly to the verified peers that
+        do not gossip (browsers); each member known is awaited as an ack."""
+        msg = self._own_message(text, "message", action)
+        msg.sig = self.scope.identity.sign_message(msg.signed_part(self.scope.topic))
+        direct = [peer for peer in peers if not overlay.gossips_with(peer)]
+        self.journal.add_own(msg, [(peer, "chat") for peer in direct if self._send_text(peer, "chat", msg)])
+        names = overlay.member_names()
+        if names:
+            self._unacked.setdefault(msg.id, set()).update(names)
+        overlay.spread_message(self.relays._relay_record(msg.record(), False, {})[0])
+        return msg
+
+    def check_relayed(self, peer: Peer, authors: dict, record: dict) -> tuple[Message, dict | None] | None:
+        """A record a peer passed on as a Message, checked (see Relays._relayed)."""
+        return self.relays._relayed(peer, authors, record, {})
 
     def dm(self, peer: Peer | Remote | None, target: str, text: str) -> Message:
         """A direct message to a verified peer, or sealed to a member reached through others; to a known name with
@@ -7257,7 +7340,8 @@ class Ledger:
         at timeout, or as soon as only recipients that left are missing (see unacknowledged)."""
         def settled() -> bool:
             missing = self.unacknowledged()
-            return not missing & (set(self._present) | set(self.routes.remotes)) if missing else self.journal.idle
+            here = set(self._present) | set(self.routes.remotes) | set(self.members())
+            return not missing & here if missing else self.journal.idle
         return await self.changed.until(settled, timeout) and not self.unacknowledged()
 
     def _own_message(self, text: str, kind: str, action: bool = False, to: str | None = None) -> Message:
@@ -7277,17 +7361,17 @@ class Ledger:
         for remote in remotes:
             self._unacked.setdefault(msg.id, set()).add(remote.name)
         if msg.kind == "dm":
-            for remote in remotes:
-                self.routes.send([remote], self.routes.seal(remote, record), msg.id, {**record, "type": "dm"})
+            for remote in remotes:  # through a member, or by a large room's gossip (remote.routes)
+                remote.routes.send([remote], remote.routes.seal(remote, record), msg.id, {**record, "type": "dm"})
         else:
             self.routes.send(remotes, {"t": "msg", "m": record}, msg.id, {**record, "type": "message"})
 
-    def _take_relayed(self, msg: Message, ack_to: Peer | Remote, label: str) -> None:
+    def take_relayed(self, msg: Message, ack_to: Peer | Remote, label: str) -> None:
         """A message through a member, checked end to end: taken as from its author, acked to it."""
         self._accept(msg, ack_to, label, ack_id=msg.id)
         self.relays.note_claim(msg)
 
-    def _acked(self, remote: Peer | Remote, ids: list[str]) -> None:
+    def acked(self, remote: Peer | Remote, ids: list[str]) -> None:
         self._on_ack(remote, "chat", {"ids": ids})
 
     # -- peers ----------------------------------------------------------------------------------
@@ -7535,6 +7619,522 @@ class Ledger:
 
 
 # =============================================================================
+# Large rooms: past LARGE_ROOM_FACTOR times D rtchat.py members a room runs on
+# gossip (the Gossip section's core) instead of a full mesh. Each member keeps
+# at most D sessions with other rtchat.py members, the ones Membership chooses;
+# what is said goes along the BroadcastTree signed by its author (a direct
+# message also sealed to its recipient), and acks come back the way each
+# message came, signed by whoever acks; who is in the room is known from signed
+# presence. Browsers keep their direct sessions. Uses Negotiation (which
+# sessions to set up) and the Ledger (what is taken, and checked as it is).
+# =============================================================================
+
+LARGE_ROOM_FACTOR = 2        # a room is large once it has more than this many times D rtchat.py members
+MAX_PEERS_LIMIT = 64         # the largest D --max-peers takes
+JOIN_CONTACTS = 3            # members of a large room that answer one newcomer's announcement, on average
+PRESENCE_EVERY_S = 30.0      # each member of a large room says it is here this often (signed, by gossip) ...
+MEMBER_EXPIRE_S = 100.0      # ... and is forgotten when not heard from for this long (a member killed, not left)
+MAX_MEMBERS = 2000           # members of a large room known at once
+MEMBERS_PER_FRAME = 32       # presence records in one frame to a new neighbour
+LINK_GRACE_S = 10.0          # a session with an rtchat.py member that is no neighbour of ours is closed after this
+MAX_QUEUED_GOSSIP = 16       # frames waiting for the session with the member they go to
+ORDER_WAIT_S = 2 * (GRAFT_WAIT_S + GRAFT_RETRY_S)  # a message ahead of its turn waits this long for those before
+MAX_HELD_PER_AUTHOR = 64     # ... and at most this many wait at once
+ACK_WANDER_HOPS = 8          # an ack whose way back is broken goes on to a random neighbour at most this often
+ACK_PATHS = 10_000           # our neighbours that brought us messages, remembered to send acks back the same way
+MAX_GOSSIP_CHARS = RELAY_MAX_CHARS  # one gossip frame
+OVERLAY_FRAMES = ("g", "gack", "members")  # the `t` of what members of a large room send each other on chat
+
+
+def presence_id(topic: str, name: str, ts: int, kind: str) -> str:
+    """A presence record's gossip id, bound to what it says: nobody can take the id of another's record."""
+    return "p" + hashlib.sha256(signed_bytes("presence", topic, name, ts, kind)).hexdigest()[:40]
+
+
+@dataclasses.dataclass(slots=True)
+class Ordering:
+    """One author's messages in a large room, in the order it numbered them: one that comes ahead of its turn (the
+    tree is being repaired) is held until those before it come, or for ORDER_WAIT_S at most."""
+    epoch: str
+    last: int                                   # the number of the last message taken
+    held: dict[int, Callable[[], None]] = dataclasses.field(default_factory=dict)
+    timer: asyncio.TimerHandle | None = None
+
+    def came(self, number: int, take: Callable[[], None]) -> None:
+        if number <= self.last:
+            take()  # one we gave up waiting for: late, but not lost
+        elif number == self.last + 1 or len(self.held) >= MAX_HELD_PER_AUTHOR:
+            self.last = number
+            take()
+            self._release()
+        else:
+            self.held[number] = take
+
+    def _release(self) -> None:
+        while self.last + 1 in self.held:
+            self.last += 1
+            self.held.pop(self.last)()
+
+    def give_up(self) -> None:
+        """Those before did not come in time: what is held is taken, in order."""
+        self.timer = None
+        for number in sorted(self.held):
+            self.last = max(self.last, number)
+            self.held.pop(number)()
+
+
+class Overlay(SessionPolicy):
+    """A large room's overlay, for one member (see the section's banner). Negotiation asks it which sessions to
+    set up (wants, answers, announces) and tells it who announced (heard); the room hands it its gossip frames
+    and sessions; the ledger sends through it (spread, send) and it hands the ledger what it delivers, checked.
+
+    max_peers: D (0: never large, a full mesh whatever the room's size). Members are Remotes whose routes is this
+    overlay (acks to them go back by gossip paths). Emits nothing: what is taken is the ledger's to say."""
+
+    def __init__(self, scope: Scope, sessions: Sessions, negotiation: Negotiation, network: RoomSignaling,
+                 ledger: Ledger, *, max_peers: int, rng: random.Random | None = None) -> None:
+        self.scope, self.sessions, self.negotiation, self.network, self.ledger = scope, sessions, negotiation, \
+            network, ledger
+        self.max_peers = max_peers
+        self.rng = rng or random.Random()
+        self.gossip: Gossip | None = None       # made when the room becomes large
+        self.members: dict[str, tuple[Remote, dict, float]] = {}  # name -> member, its presence record, heard when
+        self._speakers: dict[str, None] = {}    # rtchat.py members that announced they gossip (bounded)
+        self._queued: dict[str, list[dict]] = {}  # frames for members whose session is being set up
+        self._paths: dict[str, str] = {}        # message id -> the neighbour it came from (acks go back that way)
+        self._checked: dict[str, tuple] = {}    # gossip id -> what checking its payload found, until delivered
+        self._grace: dict[str, asyncio.TimerHandle] = {}  # sessions that are no neighbour's, closed unless wanted
+        self._epoch, self._said = secrets.token_hex(4), 0  # our messages are numbered from 1 in this epoch
+        self._order: dict[str, Ordering] = {}   # per author: what came ahead of its turn, held briefly
+        self._tasks = Tasks()
+        if max_peers:
+            network.user_info["gossip"] = network.compact_info["gossip"] = max_peers
+
+    @property
+    def large(self) -> bool:
+        return self.gossip is not None
+
+    async def close(self) -> None:
+        """We leave: neighbours are told (so they repair at once), and so is the room."""
+        if self.gossip is not None:
+            self._spread_presence("bye")
+            self._run(self.gossip.handle(Leave(), time.monotonic()))
+        await self._tasks.close()
+
+    # -- asked by Negotiation ------------------------------------------------------------------------
+    def heard(self, name: str, data: Any, dialect: Dialect) -> None:
+        """An rtchat.py member announced itself: one more that gossips, in a large room a contact, and perhaps the
+        member that makes the room large (or its announcement says the room is)."""
+        if self.offered(name, data, dialect) and self.gossip is not None:
+            self._handle(Join(name))
+
+    def offered(self, name: str, data: Any, dialect: Dialect) -> bool:
+        """A member's userInfo (announced or with an offer): whether it gossips. One that says the room is
+        large, or one too many, makes it large."""
+        if not (self.max_peers and dialect.compact and isinstance(data, dict) and data.get("gossip")):
+            return False
+        self._note_speaker(name)
+        if self.gossip is None and (data.get("large") is True or self._speakers_here() >= LARGE_ROOM_FACTOR *
+                                    self.max_peers):
+            self._become_large()
+        return True
+
+    def _speakers_here(self) -> int:
+        """Members that gossip and are here (announced lately, or in a session with us)."""
+        return sum(1 for name in self._speakers if (peer := self.sessions.peers.get(name)) is not None
+                   and peer.state != "closed")
+
+    def _note_speaker(self, name: str) -> None:
+        self._speakers.pop(name, None)
+        self._speakers[name] = None
+        if len(self._speakers) > MAX_MEMBERS:
+            del self._speakers[next(iter(self._speakers))]
+
+    def covers(self, name: str) -> bool:
+        """Whether a member is reached by gossip (so not through a member that says it reaches it)."""
+        return self.gossip is not None and name in self._speakers
+
+    def gossips_with(self, peer: Peer) -> bool:
+        """Whether what we say reaches this verified peer by gossip (in a large room, a member that gossips)."""
+        return self.gossip is not None and peer.name in self._speakers
+
+    def wants(self, name: str, dialect: Dialect) -> bool:
+        """A session with this member now: in a full mesh with everyone; in a large room with browsers, members
+        that do not gossip, and neighbours (or members asked to be one)."""
+        if self.gossip is None or not dialect.compact or name not in self._speakers:
+            return True
+        membership = self.gossip.membership
+        return name in membership.active or name in membership.pending
+
+    def answers(self, name: str) -> bool:
+        """Whether to answer a newcomer we do not want a session with: in a large room only a few members do
+        (about JOIN_CONTACTS), so that a join costs the broker a few deliveries, not one per member; a member
+        short of neighbours always does."""
+        if self.gossip is None:
+            return True
+        short = 2 * len(self.gossip.membership.active) < self.max_peers
+        return short or self.rng.random() < JOIN_CONTACTS / max(1, len(self.members))
+
+    def announces(self, due: bool) -> bool:
+        """Whether to announce on schedule: in a large room only while short of neighbours (members it is
+        connected to find the others)."""
+        if self.gossip is None:
+            return due
+        return 2 * len(self.gossip.membership.up_neighbors()) < self.max_peers
+
+    # -- becoming large ------------------------------------------------------------------------------------
+    def _become_large(self) -> None:
+        """The room is large: from now on, at most D sessions with members that gossip. Those we have are the
+        first contacts; the ones Membership does not keep are closed after LINK_GRACE_S."""
+        self.gossip = Gossip(self.scope.me, self.rng, max_neighbors=self.max_peers)
+        self.network.user_info["large"] = self.network.compact_info["large"] = True
+        log.info("#%s is large: gossip with at most %d neighbours", self.scope.room, self.max_peers)
+        self._tasks.later(0, self._spread_presence, "here")
+        for peer in self.sessions.verified():
+            if peer.name in self._speakers:
+                self._handle(Join(peer.name))
+                self._on_probation(peer)
+                self._tell_members(peer)
+
+    # -- sessions -------------------------------------------------------------------------------------------
+    def peer_verified(self, peer: Peer) -> None:
+        if self.gossip is None or peer.name not in self._speakers:
+            return
+        self._tell_members(peer)
+        membership = self.gossip.membership
+        if peer.name in membership.active:
+            self._handle(NeighborUp(peer.name))
+        else:
+            self._on_probation(peer)
+        for frame in self._queued.pop(peer.name, []):
+            peer.send_paced("chat", {"t": "g", "g": frame})
+
+    def peer_gone(self, peer: Peer) -> None:
+        self._queued.pop(peer.name, None)
+        handle = self._grace.pop(peer.name, None)
+        if handle is not None:
+            handle.cancel()
+        if self.gossip is not None and peer.name in self.gossip.membership.active:
+            self._handle(NeighborDown(peer.name))
+
+    def _on_probation(self, peer: Peer) -> None:
+        """A session with a member that is no neighbour (yet): it may be asking to be one; if it is not one by
+        LINK_GRACE_S, it is closed."""
+        if peer.name not in self._grace:
+            self._grace[peer.name] = self._tasks.later(LINK_GRACE_S, self._end_probation, peer)
+
+    def _end_probation(self, peer: Peer) -> None:
+        self._grace.pop(peer.name, None)
+        if self.sessions.peers.get(peer.name) is peer and not self.wants(peer.name, peer.dialect):
+            peer.close("not a neighbour in a large room")
+
+    # -- the core, run ------------------------------------------------------------------------------------------
+    def _handle(self, event: Any) -> None:
+        if self.gossip is not None:
+            self._run(self.gossip.handle(event, time.monotonic()))
+
+    def _run(self, actions: list) -> None:
+        for action in actions:
+            kind = type(action)
+            if kind is SendMessage:
+                self._send(action.peer, action.msg)
+            elif kind is Deliver:
+                self._deliver(action)
+            elif kind is ScheduleTimer:
+                self._tasks.later(action.delay, self._handle, TimerExpired(action.timer))
+            elif kind is Connect:
+                peer = self.sessions.peers.get(action.peer)
+                if peer is not None and peer.is_verified:
+                    self._tasks.later(0, self._handle, NeighborUp(action.peer))
+                else:
+                    self.negotiation.open(action.peer)
+            elif kind is Disconnect:
+                peer = self.sessions.peers.get(action.peer)
+                if peer is not None and peer.is_verified:
+                    self._on_probation(peer)  # what we said last (why we drop it) goes out first
+                elif peer is not None and peer.state != "closed" and not self.wants(peer.name, peer.dialect):
+                    peer.close("no longer a neighbour")
+            elif kind is FindContact:
+                self.network.announce()
+
+    def _send(self, name: str, frame: dict) -> None:
+        """A frame of the core to a member: on our session with it; one that asks to be a neighbour (join, nbr)
+        sets up a session first; others to a member we have no session with are dropped (a shuffle's answer, a
+        goodbye: the core does without them)."""
+        peer = self.sessions.peers.get(name)
+        if peer is not None and peer.is_verified:
+            peer.send_paced("chat", {"t": "g", "g": frame})
+        elif frame.get("t") in ("join", "nbr") or (peer is not None and peer.state in ("connecting", "open")):
+            queue = self._queued.setdefault(name, [])
+            if len(queue) < MAX_QUEUED_GOSSIP:
+                queue.append(frame)
+            self.negotiation.open(name)
+
+    def on_frame(self, peer: Peer, value: dict) -> None:
+        """A frame from a verified session: gossip ('g', which makes the room large if it was not), an ack going
+        back ('gack') or who is here ('members')."""
+        if not (self.max_peers and peer.is_rtchat_py and peer.allow("gossip")):
+            return
+        self._note_speaker(peer.name)
+        if value.get("t") == "gack":
+            self._on_ack(peer, value)
+            return
+        if value.get("t") == "members":
+            self._on_members(peer, value.get("ms"))
+            return
+        frame = value.get("g")
+        if not isinstance(frame, dict):
+            return
+        if self.gossip is None:
+            self._become_large()
+        if frame.get("t") == "gossip" and not self._precheck(peer, frame):
+            return
+        self._handle(RecvMessage(peer.name, frame))
+
+    # -- what goes round ------------------------------------------------------------------------------------
+    def spread(self, payload: dict, msg_id: str) -> None:
+        """Our own message (or presence) to the whole room, by the tree."""
+        if self.gossip is not None:
+            self._handle(Broadcast(msg_id, payload))
+
+    def spread_message(self, record: dict) -> None:
+        """Our chat message (its record, signed) to the whole room, numbered so that each member shows our
+        messages in the order we said them."""
+        self._said += 1
+        self.spread({"t": "msg", "m": record, "a": self.scope.author(self.scope.identity.fingerprint),
+                     "e": self._epoch, "n": self._said}, record["id"])
+
+    def send(self, remotes: list[Remote], inner: dict, msg_id: str | None = None, record: dict | None = None
+             ) -> None:
+        """A direct message, sealed to its recipient (inner, see Routes.seal), to the whole room by the tree:
+        only its recipient can open it. (Routes' interface: the ledger sends through either.)"""
+        for remote in remotes:
+            self.spread({"t": "dm", "to": remote.name, "from": self.scope.me, "a": self.scope.author(
+                self.scope.identity.fingerprint), "box": inner}, msg_id or new_id())
+
+    def seal(self, remote: Remote, record: dict) -> dict:
+        return self.ledger.routes.seal(remote, record)
+
+    def _precheck(self, peer: Peer, frame: dict) -> bool:
+        """A gossip frame's payload is checked before it is passed on: a forged one stops at the first member. What
+        was found waits for the delivery."""
+        msg_id, payload = frame.get("id"), frame.get("d")
+        if not isinstance(msg_id, str) or self.gossip.tree.has_seen(msg_id):
+            return True  # a duplicate: the core prunes the link
+        if not isinstance(payload, dict) or len(to_json(payload)) > MAX_GOSSIP_CHARS:
+            return False
+        kind = payload.get("t")
+        author = self._author(payload.get("a"))
+        if author is None:
+            return False
+        if kind == "msg":
+            record = payload.get("m")
+            if not isinstance(record, dict) or record.get("id") != msg_id or \
+                    record.get("fingerprint") != author[0]:
+                return False
+            checked = self.ledger.check_relayed(peer, {author[0]: author[1]}, record)
+            if checked is None or not checked[0].sig:
+                return False
+            found = (checked[0],)
+        elif kind in ("here", "bye"):
+            presence = self._check_presence(payload, msg_id)
+            if presence is None:
+                return False
+            found = (presence[0],)
+        elif kind == "dm":
+            sender = payload.get("from")
+            if not (is_wire_name(sender) and is_wire_name(payload.get("to")) and isinstance(payload.get("box"),
+                                                                                             dict)):
+                return False
+            found = (sender,)
+        else:
+            return False
+        if not self._pinned_ok(found[0] if kind != "msg" else found[0].sender, author[0]):
+            return False
+        self._checked[msg_id] = (kind, author, *found)
+        if len(self._checked) > MAX_CACHED:
+            del self._checked[next(iter(self._checked))]
+        return True
+
+    def _author(self, told: Any) -> tuple[str, dict] | None:
+        """(fingerprint, credentials) from a payload's author field, if its certificate holds (see Routes)."""
+        fp, author = self.ledger.routes.told_author(told)
+        return (fp, author) if fp is not None else None
+
+    def _pinned_ok(self, name: str, fp: str) -> bool:
+        pins = self.scope.trust.pins_for(bare_name(name))
+        if pins and fp not in pins:
+            log.info("gossip in %s's name signed by a key not pinned for it: dropped", name)
+            return False
+        return True
+
+    def _deliver(self, delivered: Deliver) -> None:
+        found = self._checked.pop(delivered.id, None)
+        via = self.sessions.peers.get(delivered.via)
+        if found is None or via is None:
+            return
+        kind, (fp, author) = found[0], found[1]
+        if kind in ("here", "bye"):
+            self._presence(found[2], fp, author, kind, delivered.payload)
+            return
+        sender = found[2].sender if kind == "msg" else found[2]
+        if kind == "dm" and delivered.payload.get("to") != self.scope.me:
+            return  # passed on by the tree; only its recipient can open it
+        self._paths[delivered.id] = delivered.via
+        if len(self._paths) > ACK_PATHS:
+            del self._paths[next(iter(self._paths))]
+        remote = self._member(sender, fp, author)
+        if kind == "dm":
+            self.ledger.routes.take(via, remote, author, delivered.payload["box"])
+            return
+        epoch, number = delivered.payload.get("e"), _count_field(delivered.payload.get("n"), 2 ** 53)
+        take = functools.partial(self.ledger.routes.take, via, remote, author,
+                                 {"t": "msg", "m": delivered.payload["m"]})
+        if not (isinstance(epoch, str) and len(epoch) <= 16 and number):
+            take()
+            return
+        order = self._order.pop(sender, None)
+        if order is None or order.epoch != epoch:
+            order = Ordering(epoch, number - 1)
+        self._order[sender] = order  # most recent last: the table is bounded oldest first
+        if len(self._order) > MAX_MEMBERS:
+            del self._order[next(iter(self._order))]
+        order.came(number, take)
+        if order.held and order.timer is None:
+            order.timer = self._tasks.later(ORDER_WAIT_S, order.give_up)
+
+    def _member(self, name: str, fp: str, author: dict) -> Remote:
+        known = self.members.get(name)
+        if known is not None and known[0].fingerprint == fp:
+            return known[0]
+        pinned = fp in self.scope.trust.pins_for(bare_name(name))
+        return Remote(name, author, fp, "relayed" if pinned else "unverified", [], self)
+
+    # -- who is here ----------------------------------------------------------------------------------------
+    def _spread_presence(self, kind: str) -> None:
+        """That we are here (again, every PRESENCE_EVERY_S) or leaving, signed, to the whole room."""
+        if self.gossip is None:
+            return
+        record = self._own_presence(kind)
+        self.spread(record, presence_id(self.scope.topic, self.scope.me, record["ts"], kind))
+        if kind == "here":
+            self._expire_members()
+            self._tasks.later(PRESENCE_EVERY_S * self.rng.uniform(0.9, 1.1), self._spread_presence, "here")
+
+    def _own_presence(self, kind: str) -> dict:
+        ts, me = now_ms(), self.scope.me
+        sig = self.scope.identity.sign_message(signed_bytes("presence", self.scope.topic, me, ts, kind))
+        return {"t": kind, "n": me, "ts": ts, "sig": sig, "a": self.scope.author(self.scope.identity.fingerprint)}
+
+    def _tell_members(self, peer: Peer) -> None:
+        """Who is here, as each member said it (signed), to a member we have a session with: a newcomer knows the
+        room at once, not at the next round of presence."""
+        records = [self._own_presence("here")] + [record for _, record, _ in self.members.values()]
+        for start in range(0, len(records), MEMBERS_PER_FRAME):
+            peer.send_paced("chat", {"t": "members", "ms": records[start:start + MEMBERS_PER_FRAME]})
+
+    def _on_members(self, peer: Peer, records: Any) -> None:
+        """Who is here, from a member: each record checked as if it came by gossip."""
+        if not isinstance(records, list) or len(records) > MEMBERS_PER_FRAME:
+            return
+        for record in records:
+            found = self._check_presence(record) if isinstance(record, dict) else None
+            if found is not None and record["t"] == "here":
+                self._presence(found[0], found[1], found[2], "here", record)
+
+    def _check_presence(self, payload: dict, msg_id: str | None = None) -> tuple[str, str, dict] | None:
+        """(name, fingerprint, credentials) of a signed presence record (with msg_id: its gossip id), or None."""
+        kind, name, ts, sig = (payload.get(k) for k in ("t", "n", "ts", "sig"))
+        author = self._author(payload.get("a"))
+        if not (kind in ("here", "bye") and author is not None and is_wire_name(name) and valid_ts(ts)
+                and msg_id in (None, presence_id(self.scope.topic, name, ts, kind))
+                and self._pinned_ok(name, author[0])
+                and verify_message(author[1]["mkey"], sig, signed_bytes("presence", self.scope.topic, name, ts,
+                                                                        kind))):
+            return None
+        return name, *author
+
+    def _presence(self, name: str, fp: str, author: dict, kind: str, record: dict) -> None:
+        if name == self.scope.me:
+            return
+        known = self.members.get(name)
+        if known is not None and known[1].get("ts", 0) > record["ts"]:
+            return  # older than what we know
+        if kind == "bye":
+            self.members.pop(name, None)
+            self.ledger.changed.fire()
+            return
+        self.members.pop(name, None)
+        self.members[name] = (self._member(name, fp, author), record, time.monotonic())
+        if len(self.members) > MAX_MEMBERS:
+            del self.members[next(iter(self.members))]
+        if known is None:
+            self.negotiation.note_activity()
+
+    def _expire_members(self) -> None:
+        now = time.monotonic()
+        for name in [n for n, (_, _, heard) in self.members.items() if now - heard > MEMBER_EXPIRE_S]:
+            del self.members[name]
+
+    def member_names(self) -> list[str]:
+        """Every member of a large room known to be here (not us), for the ledger to await acks from."""
+        return list(self.members)
+
+    # -- acks, back the way each message came -----------------------------------------------------------------
+    def send_ack(self, remote: Remote, ids: list[str]) -> bool:
+        """Our acks to a member, signed with our message key, to the neighbour each message came from (on the
+        way back to its author)."""
+        sig = self.scope.identity.sign_message(signed_bytes("relay-ack", self.scope.topic, self.scope.me,
+                                                            remote.name, ids))
+        ways: dict[str, list[str]] = {}
+        for msg_id in ids:
+            ways.setdefault(self._paths.get(msg_id, remote.name), []).append(msg_id)
+        sent = False
+        for via in ways:
+            peer = self.sessions.peers.get(via)
+            if peer is not None and peer.is_verified:
+                sent |= peer.send("chat", {"t": "gack", "to": remote.name, "from": self.scope.me, "ids": ids,
+                                           "sig": sig})
+        return sent
+
+    def _pass_ack(self, peer: Peer, to: str, value: dict) -> None:
+        """Acks on their way to another member: the way the message came, else straight to the author if we have a
+        session with it, else to another neighbour (a few hops at most: a path broken by churn, mended)."""
+        via = self.sessions.peers.get(self._paths.get(value["ids"][0], to))
+        if via is None or via is peer or not via.is_verified:
+            hops = _count_field(value.get("h", ACK_WANDER_HOPS), ACK_WANDER_HOPS)
+            others = [n for n in self.neighbors() if n != peer.name]
+            if not hops or not others:
+                return
+            value = {**value, "h": hops - 1}
+            via = self.sessions.peers.get(self.rng.choice(others))
+        if via is not None and via.is_verified:
+            via.send("chat", value)
+
+    def _on_ack(self, peer: Peer, value: dict) -> None:
+        """Acks for a member's messages: ours are checked and taken; others go on the way their messages came."""
+        to, sender, ids, sig = (value.get(k) for k in ("to", "from", "ids", "sig"))
+        if not (is_wire_name(to) and is_wire_name(sender) and isinstance(ids, list) and 0 < len(ids) <= 1000
+                and all(is_message_id(i) for i in ids)):
+            return
+        if to != self.scope.me:
+            self._pass_ack(peer, to, value)
+            return
+        member = self.members.get(sender)
+        present = self.sessions.peers.get(sender)
+        mkey = member[0].author["mkey"] if member else present.message_key if present else None
+        if mkey is None or not verify_message(mkey, sig, signed_bytes("relay-ack", self.scope.topic, sender,
+                                                                       self.scope.me, ids)):
+            log.info("an ack in %s's name through %s that %s did not sign: dropped", sender, peer.name, sender)
+            return
+        self.ledger.acked(member[0] if member else present, ids)
+
+    # -- what the room shows ------------------------------------------------------------------------------------
+    def neighbors(self) -> list[str]:
+        return self.gossip.membership.up_neighbors() if self.gossip is not None else []
+
+
+# =============================================================================
 # PeerJS place: the chat on a PeerJS mesh as a front end sees a room, a thin
 # adapter over PeerJSMesh: say a line, the members with their state and round
 # trip, events (message, join, leave, key-changed, verify-failed, mitm-detected,
@@ -7623,6 +8223,7 @@ class PeerJSPlace(Emitter):
 
     network_name = "peerjs"
     seal = None                 # no sealed meshes
+    large = False               # a mesh is whom you connect to
 
     def __init__(self, name: str, *, server: str | None, ice: RTCConfiguration, identity: Identity, store: Store,
                  trust: Trust) -> None:
@@ -7796,7 +8397,7 @@ class Room(Emitter):
     def __init__(self, name: str, *, me: str, identity: Identity, signaling: Signaling, trust: Trust,
                  store: Store, ice: RTCConfiguration, questions: dict[str, Callable],
                  seal: Seal | None = None, history: HistoryLog | None = None, files: Path | None = None,
-                 relay: bool = True) -> None:
+                 relay: bool = True, max_peers: int = MAX_NEIGHBORS) -> None:
         super().__init__()
         self.name = name
         self.files = Files(name, files, self.emit)  # file transfer, both ways (files: where received ones go)
@@ -7816,17 +8417,23 @@ class Room(Emitter):
                                  ice=ice)
         self.negotiation = Negotiation(self.network, self.admission, self.sessions, trust)
         self.assisted = AssistedSignaling(self.network, self.sessions, relay)
-        self.ledger = Ledger(Scope(name, self.topic, me, identity, store, trust),
-                             history or HistoryLog(store.history_path(name)), self.emit,
+        scope = Scope(name, self.topic, me, identity, store, trust)
+        self.ledger = Ledger(scope, history or HistoryLog(store.history_path(name)), self.emit,
                              takes_files=self.files.takes_files, is_connecting=self._is_connecting,
                              lookalike_of=self.lookalike_of, on_hello=lambda peer: self.sessions.changes.fire(),
                              relay=relay, on_route=self.sessions.changes.fire, trying=self.negotiation.trying)
         self.negotiation.reached = lambda name: name in self.ledger.routes.remotes
+        self.overlay = Overlay(scope, self.sessions, self.negotiation, self.network, self.ledger, max_peers=max_peers)
+        self.negotiation.policy = self.overlay
+        self.ledger.members = self.overlay.member_names
+        self.ledger.routes.covered = self.overlay.covers
+        self.ledger.relays.hold_fresh = lambda: self.overlay.large
         for part, events in ((self.network, ("key-changed",)), (self.admission, ("key-changed", "key-refused")),
-                             (self.sessions, ("key-accepted", "no-route", "leave", "mitm-detected",
-                                              "verify-failed"))):
+                             (self.sessions, ("key-accepted", "no-route", "mitm-detected", "verify-failed"))):
             for event in events:
                 part.on(event, functools.partial(self.emit, event))
+        self.sessions.on("leave", lambda peer, reason: None if self.overlay.gossips_with(peer) else
+                         self.emit("leave", peer, reason))
         self.sessions.on("first-contact", self.ledger.first_contact)  # before the pin: what history named for it
         self.sessions.on("verified", self._on_verified)
         self.sessions.on("frame", self._on_frame)
@@ -7878,6 +8485,7 @@ class Room(Emitter):
         self.joined = False
         self.ledger.stop()
         await self.ledger.written(COMMIT_EVERY_S * 20)  # what came is written and acknowledged (while peers talk on)
+        await self.overlay.close()  # a large room's neighbours are told, and the room
         await self._drain(LEAVE_DRAIN_S)  # and the acks have arrived: our unload must not overtake them
         self.network.say_goodbye()
         await self.network.close()  # nothing more from the broker: our goodbye's echo, offers from who comes now
@@ -7903,9 +8511,20 @@ class Room(Emitter):
     def verified_peers(self) -> list[Peer]:
         return self.sessions.verified()
 
+    @property
+    def large(self) -> bool:
+        """Whether the room runs on gossip (see Overlay): sessions with at most max_peers of its rtchat.py
+        members, the others reached by gossip."""
+        return self.overlay.large
+
     def relayed_peers(self) -> list[Remote]:
-        """Members we have no session with but reach through others (see Routes); remote.via[0] is the member."""
-        return list(self.ledger.routes.remotes.values())
+        """Members we have no session with but reach through others: through one member (see Routes; remote.via[0]
+        is the member), or in a large room by gossip (remote.via is empty)."""
+        remotes = dict(self.ledger.routes.remotes)
+        for name, (remote, _, _) in self.overlay.members.items():
+            if name not in remotes and not (name in self.peers and self.peers[name].is_verified):
+                remotes[name] = remote
+        return list(remotes.values())
 
     def reachable_peers(self) -> list[Peer | Remote]:
         """Whom what we say reaches: verified peers, and members reached through them."""
@@ -7940,7 +8559,10 @@ class Room(Emitter):
         raise UsageError(f"no peer called {name!r} in #{self.name} (see /peers)")
 
     def send(self, text: str, action: bool = False) -> Message:
-        """Say something to everyone verified in the room (and, through backfill, to who comes later)."""
+        """Say something to everyone verified in the room (in a large room, to every member by gossip), and,
+        through backfill, to who comes later."""
+        if self.overlay.large:
+            return self.ledger.spread(text, action, self.verified_peers(), self.overlay)
         return self.ledger.send(text, action, self.verified_peers())
 
     def dm(self, name: str, text: str) -> Message:
@@ -7959,7 +8581,7 @@ class Room(Emitter):
 
     def _remote(self, name: str) -> Remote | None:
         """A member reached through others, by wire name or (if only one fits) bare name."""
-        routes = self.ledger.routes.remotes
+        routes = {r.name: r for r in self.relayed_peers()}
         name = name.lstrip("@").rstrip(":,")
         fits = [r for r in routes.values() if name in (r.name, bare_name(r.name))]
         return routes.get(name) or (fits[0] if len(fits) == 1 else None)
@@ -8067,10 +8689,13 @@ class Room(Emitter):
     # -- from the sessions ----------------------------------------------------------------------
     def _on_verified(self, peer: Peer) -> None:
         self.emit("verified", peer)
-        self.emit("join", peer)
+        if not self.overlay.gossips_with(peer):  # in a large room sessions with members come and go: see /who
+            self.emit("join", peer)
         self.ledger.peer_verified(peer)
+        self.overlay.peer_verified(peer)
 
     def _on_session_closed(self, peer: Peer, reason: str) -> None:
+        self.overlay.peer_gone(peer)
         if peer.verified_at is not None:
             self.ledger.peer_gone(peer)
         else:
@@ -8084,6 +8709,8 @@ class Room(Emitter):
     def _on_frame(self, peer: Peer, label: str, value: Any) -> None:
         if isinstance(value, dict) and value.get("t") == SIGNAL_FRAME:
             self.assisted.on_frame(peer, label, value)
+        elif isinstance(value, dict) and value.get("t") in OVERLAY_FRAMES and label == "chat":
+            self.overlay.on_frame(peer, value)
         elif label != "question":
             self.ledger.on_frame(peer, label, value)
         elif peer.questions_open < MAX_QUESTIONS_AT_ONCE:  # an asker waits for answers; a flood does not
@@ -8165,9 +8792,11 @@ class Client(Emitter):
 
     def __init__(self, name: str, *, broker: str | None = None, state: str | os.PathLike | None = None,
                  ice: list[str] | None = None, ice_hosts: list[str] | None = None, trust: str = "new",
-                 passphrase: str | None = None, files: str | os.PathLike | None = None, relay: bool = True) -> None:
+                 passphrase: str | None = None, files: str | os.PathLike | None = None, relay: bool = True,
+                 max_peers: int = MAX_NEIGHBORS) -> None:
         super().__init__()
         self.relay = relay  # pass on what members send each other (False: --no-relay)
+        self.max_peers = max_peers  # sessions with rtchat.py members in a large room (0: always a full mesh)
         self.files = Path(files).expanduser() if files else None  # where files peers send go; None: refused
         require_packages()
         self.name = check_display_name(name)
@@ -8231,7 +8860,7 @@ class Client(Emitter):
         seal = await asyncio.get_running_loop().run_in_executor(None, Seal, name, secret) if secret else None
         joined = Room(name, me=self.me, identity=self.identity, signaling=self.signaling, trust=self.trust,
                       store=self.store, ice=self.ice, questions=self.questions, seal=seal, files=self.files,
-                      relay=self.relay)
+                      relay=self.relay, max_peers=self.max_peers)
         self.rooms[name] = joined
         await joined.join()
         return joined
@@ -8631,10 +9260,12 @@ async def _connect(ctx: Context, args: str) -> None:
     await ctx.room.connect(name)
 
 
-@command("peers", "who", "names", help="who is seen, connected, verified, with round trip", usage="/peers")
+@command("peers", help="who is seen, connected, verified, with round trip (in a large room: your sessions)",
+         usage="/peers")
 async def _peers(ctx: Context, args: str) -> None:
     room = ctx.room
-    peers = sorted(room.peers.values(), key=lambda p: collation_key(p.name))
+    peers = sorted((p for p in room.peers.values() if not (room.large and p.state == "seen")),
+                   key=lambda p: collation_key(p.name))
     no_route = {name: when for (where, name), when in ctx.session.no_route.items()
                 if where == room.name and time.monotonic() - when < SEEN_EXPIRE_S}
     if not peers and not no_route:
@@ -8656,6 +9287,26 @@ async def _peers(ctx: Context, args: str) -> None:
         ctx.echo(f"{room.label(name):<24} {_no_route_words(no_route[name])}")
     for name, remote in sorted(relayed.items(), key=lambda item: collation_key(item[0])):  # never heard directly
         ctx.echo(f"{room.label(name):<24} {_relayed_words(room, remote)}")
+    if room.large:
+        gossip = sum(1 for remote in room.relayed_peers() if not remote.via)
+        ctx.echo(f"#{room.name} is a large room: {len(room.verified_peers())} verified directly, {len(relayed)} "
+                 f"through a member, {gossip} reached by gossip (/who lists everyone)")
+
+
+@command("who", "names", help="everyone in the room you reach: directly, through a member, by gossip", usage="/who")
+async def _who(ctx: Context, args: str) -> None:
+    room = ctx.room
+    groups: dict[str, list[str]] = {"directly": [], "through a member": [], "by gossip": []}
+    for peer in room.verified_peers():
+        groups["directly"].append(room.label(peer))
+    for remote in room.relayed_peers():
+        groups["through a member" if remote.via else "by gossip"].append(room.label(remote.name))
+    counts = ", ".join(f"{len(names)} {how}" for how, names in groups.items() if names)
+    ctx.echo(f"{1 + sum(map(len, groups.values()))} in #{room.name}: you ({room.label(room.me)})"
+             + (f", {counts}" if counts else ""))
+    for how, names in groups.items():
+        if names:
+            ctx.echo(f"{how}: {', '.join(sorted(names, key=collation_key))}")
 
 
 def _relayed_words(room: Room, remote: Remote) -> str:
@@ -9794,6 +10445,11 @@ def _recipient(room: Room, peer: Peer | Remote) -> str:
         else room.label(peer)
 
 
+def _some(names: list[str], most: int = 12) -> str:
+    """'a, b, c' or, in a large room, the first ones and how many more."""
+    return ", ".join(names) if len(names) <= most else f"{', '.join(names[:most])} and {len(names) - most} more"
+
+
 async def run_pipe(app: App, wait_peers: int, timeout: float) -> int:
     """Send every stdin line to everyone in the room: once at least wait_peers peers are verified and the others
     heard of have connected too. Exit 0 only if every recipient acknowledged every line and nobody heard of in
@@ -9808,7 +10464,7 @@ async def run_pipe(app: App, wait_peers: int, timeout: float) -> int:
     except NoPeers as exc:
         raise _nobody(exc, refused) from None
     unreached = {p.name: room.label(p) for p in room.unverified_peers()}  # heard of, not verified by the timeout
-    app.printer.status(f"sending to {', '.join(_recipient(room, p) for p in room.reachable_peers()) or 'nobody'}")
+    app.printer.status(f"sending to {_some([_recipient(room, p) for p in room.reachable_peers()]) or 'nobody'}")
     sent, recipients = 0, {}
     while (line := await queue.get()) is not None:
         if line.strip():
@@ -9818,10 +10474,10 @@ async def run_pipe(app: App, wait_peers: int, timeout: float) -> int:
     confirmed = await room.flush(timeout)
     missing = room.unacknowledged()
     got = sorted(label for name, label in recipients.items() if name not in missing)
-    app.printer.status(f"delivered {sent} message(s) to {len(got)} peer(s)" + (f": {', '.join(got)}" if got else ""))
+    app.printer.status(f"delivered {sent} message(s) to {len(got)} peer(s)" + (f": {_some(got)}" if got else ""))
     left_out = sorted(label for name, label in unreached.items() if name not in recipients)
     if missing or not confirmed:
-        names = ", ".join(sorted(recipients.get(name, name) for name in missing)) or "every peer"
+        names = _some(sorted(recipients.get(name, name) for name in missing), 30) or "every peer"
         raise NoPeers(f"{sent} message(s) sent, but not confirmed delivered by {names} within {timeout:g} s")
     if refused:
         raise KeyMismatch(f"not delivered to everyone: {_refusal(refused)}")
@@ -10057,6 +10713,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-relay", action="store_true", default=env("RTCHAT_NO_RELAY", "0") not in ("", "0"),
                         help="refuse to pass on anything for others (signaling and chat between members who "
                              "have no network path to each other; see Networks)")
+    parser.add_argument("--max-peers", type=int, metavar="D", default=None,
+                        help=f"in a room of more than {LARGE_ROOM_FACTOR}×D rtchat.py users, keep sessions with at "
+                             f"most D of them and reach the others by gossip (default {MAX_NEIGHBORS}; 0: always "
+                             f"connect to everyone; see Large rooms)")
     parser.add_argument("--peerjs", nargs="?", const="", default=env("RTCHAT_PEERJS") or None, metavar="URL",
                         help="chat on the peerjs-multichat network instead of in an RTChat room: log in on this "
                              "PeerServer (ws[s]://HOST:PORT/PATH?key=KEY; without URL the page's own, "
@@ -10116,6 +10776,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if (args.history or 0) < 0 or (args.wait_peers or 0) < 0:
         parser.error("--history and --wait-peers must be 0 or more")
     args.history, args.wait_peers = args.history or 0, 1 if args.wait_peers is None else args.wait_peers
+    if args.max_peers is None:
+        given = env("RTCHAT_MAX_PEERS") or str(MAX_NEIGHBORS)
+        args.max_peers = int(given) if given.isdigit() else -1
+    if args.max_peers != 0 and not 2 <= args.max_peers <= MAX_PEERS_LIMIT:
+        parser.error(f"--max-peers (or RTCHAT_MAX_PEERS) must be 0 (always a full mesh) or 2 to {MAX_PEERS_LIMIT}")
     args.timeout = 30.0 if args.timeout is None else args.timeout
     return args
 
@@ -10191,7 +10856,7 @@ async def run(args: argparse.Namespace) -> int:
             passphrase = getpass.getpass("passphrase for your rtchat key: ")
     client = Client(name, broker=args.broker, state=state_path, ice=args.ice, ice_hosts=args.ice_host,
                     trust=args.trust, passphrase=passphrase, files=None if args.files == "off" else args.files,
-                    relay=not args.no_relay)
+                    relay=not args.no_relay, max_peers=args.max_peers)
     if args.peerjs is not None and not interactive:
         interrupt = asyncio.Event()
         interrupted = _on_signals(interrupt.set, sigint=True)
