@@ -3399,6 +3399,13 @@ class Join:
 
 
 @dataclasses.dataclass(slots=True)
+class Merge:
+    """A member of the room that we do not hear by gossip (it is in another part of a split overlay, seen on the
+    broker): ask it to be a neighbour, at high priority, so the parts become one."""
+    peer: str
+
+
+@dataclasses.dataclass(slots=True)
 class Leave:
     """We are leaving: neighbours are told, so they repair at once."""
 
@@ -3504,6 +3511,13 @@ class Membership:
             self._refill(now, out)
         else:
             self._ask(contact, {"t": "join"}, out)
+
+    def merge(self, peer: str, out: list) -> None:
+        """Bridge to a member of another part of a split overlay: a high-priority request (never refused; each side
+        makes room by dropping a neighbour, which repairs from its passive view)."""
+        if peer != self.me and peer not in self.active and peer not in self.pending:
+            self._add_passive(peer)
+            self._ask(peer, {"t": "nbr", "hi": True}, out)
 
     def on_join(self, peer: str, out: list) -> None:
         """A newcomer: ours even if someone must go, and introduced to the room by walks from each neighbour."""
@@ -3917,6 +3931,9 @@ class Gossip:
         elif kind is Join:
             if _peer_field(event.contact) is not None:
                 self.membership.join(event.contact, now, out)
+        elif kind is Merge:
+            if _peer_field(event.peer) is not None:
+                self.membership.merge(event.peer, out)
         elif kind is Leave:
             self.membership.leave(out)
             self.has_left = True
@@ -5437,8 +5454,8 @@ class SessionPolicy:
         """A session with this member, now?"""
         return True
 
-    def answers(self, name: str) -> bool:
-        """Answer a newcomer we want no session with, so that it can find the room?"""
+    def answers(self, name: str, data: Any) -> bool:
+        """Answer a newcomer we want no session with (data: its userInfo), so that it can find the room?"""
         return True
 
     def announces(self, due: bool) -> bool:
@@ -5600,7 +5617,7 @@ class Negotiation(Emitter):
         if self._backing_off(sender):
             return  # the next try is set
         if not self.policy.wants(sender, dialect):
-            if self.policy.answers(sender):
+            if self.policy.answers(sender, signal.data):
                 self.network.answer(sender, dialect)  # a newcomer to a large room: a few members let it find us
             return
         if self.should_offer(sender):
@@ -7633,6 +7650,7 @@ LARGE_ROOM_FACTOR = 2        # a room is large once it has more than this many t
 MAX_PEERS_LIMIT = 64         # the largest D --max-peers takes
 JOIN_CONTACTS = 3            # members of a large room that answer one newcomer's announcement, on average
 PRESENCE_EVERY_S = 30.0      # each member of a large room says it is here this often (signed, by gossip) ...
+PRESENCE_FRESH_MS = 45_000   # a member whose presence is older than this is not heard by gossip (split, or gone)
 MEMBER_EXPIRE_S = 100.0      # ... and is forgotten when not heard from for this long (a member killed, not left)
 MAX_MEMBERS = 2000           # members of a large room known at once
 MEMBERS_PER_FRAME = 32       # presence records in one frame to a new neighbour
@@ -7723,10 +7741,17 @@ class Overlay(SessionPolicy):
 
     # -- asked by Negotiation ------------------------------------------------------------------------
     def heard(self, name: str, data: Any, dialect: Dialect) -> None:
-        """An rtchat.py member announced itself: one more that gossips, in a large room a contact, and perhaps the
-        member that makes the room large (or its announcement says the room is)."""
-        if self.offered(name, data, dialect) and self.gossip is not None:
-            self._handle(Join(name))
+        """An rtchat.py member announced itself: one more that gossips, perhaps the member that makes the room large
+        (or its announcement says the room is); in a large room our contact if we have no neighbour, or a member
+        of another part of a split overlay."""
+        if not self.offered(name, data, dialect) or self.gossip is None:
+            return
+        membership = self.gossip.membership
+        if not membership.active and not membership.pending:
+            self._handle(Join(name))  # our way in (a member that has one lets newcomers find their own)
+        elif data.get("large") is True and not self._hears(name) and self.rng.random() < JOIN_CONTACTS / max(
+                1, len(self.members)):
+            self._handle(Merge(name))  # a member of the room we do not hear: the overlay is split
 
     def offered(self, name: str, data: Any, dialect: Dialect) -> bool:
         """A member's userInfo (announced or with an offer): whether it gossips. One that says the room is
@@ -7766,21 +7791,30 @@ class Overlay(SessionPolicy):
         membership = self.gossip.membership
         return name in membership.active or name in membership.pending
 
-    def answers(self, name: str) -> bool:
+    def _hears(self, name: str) -> bool:
+        """Whether a member's presence reached us lately (by gossip, or from a neighbour that heard it)."""
+        known = self.members.get(name)
+        return known is not None and now_ms() - known[1]["ts"] < PRESENCE_FRESH_MS
+
+    def answers(self, name: str, data: Any) -> bool:
         """Whether to answer a newcomer we do not want a session with: in a large room only a few members do
         (about JOIN_CONTACTS), so that a join costs the broker a few deliveries, not one per member; a member
-        short of neighbours always does."""
+        short of neighbours always does. A member of the large room (its announcement says so) needs no answer."""
         if self.gossip is None:
             return True
+        if isinstance(data, dict) and data.get("large") is True:
+            return False
         short = 2 * len(self.gossip.membership.active) < self.max_peers
         return short or self.rng.random() < JOIN_CONTACTS / max(1, len(self.members))
 
     def announces(self, due: bool) -> bool:
-        """Whether to announce on schedule: in a large room only while short of neighbours (members it is
-        connected to find the others)."""
+        """Whether to announce on schedule: in a large room while short of neighbours, and the member that sorts
+        first among those whose presence reaches it (one per part of the overlay: should it be split, each part
+        hears the other's, and they merge)."""
         if self.gossip is None:
             return due
-        return 2 * len(self.gossip.membership.up_neighbors()) < self.max_peers
+        first = all(collation_key(self.scope.me) < collation_key(name) for name in self.members if self._hears(name))
+        return first or 2 * len(self.gossip.membership.up_neighbors()) < self.max_peers
 
     # -- becoming large ------------------------------------------------------------------------------------
     def _become_large(self) -> None:

@@ -34,6 +34,7 @@ from rtchat import (
     Gossip,
     Join,
     Leave,
+    Merge,
     NeighborDown,
     NeighborUp,
     RecvMessage,
@@ -108,6 +109,23 @@ def test_join_makes_newcomer_and_contact_neighbours_on_both_sides():
     contact.handle(NeighborUp("new"), 1.0)
     assert newcomer.membership.active == {"old": True} and contact.membership.active == {"new": True}
     assert "old" in newcomer.tree.eager and "new" in contact.tree.eager
+
+
+def test_a_member_of_another_part_is_asked_at_high_priority_and_accepted_by_a_full_view():
+    """A split overlay (each part with full views) becomes one: the member that hears another part's member on the
+    broker asks it to be a neighbour at high priority; the other makes room by dropping one of its own."""
+    here = with_neighbors(node("here", max_neighbors=2), "a", "b")
+    out = here.handle(Merge("there"), 0.0)
+    assert sends(out) == [("there", {"t": "nbr", "hi": True})] and "there" in here.membership.pending
+    assert here.handle(Merge("there"), 0.1) == []  # asked already
+    there = with_neighbors(node("there", max_neighbors=2), "c", "d")
+    out = there.handle(RecvMessage("here", {"t": "nbr", "hi": True}), 0.2)
+    assert ("here", {"t": "nbr-re", "ok": True}) in sends(out) and of(out, Connect) == [Connect("here")]
+    dropped = sends(out, "dis")
+    assert len(dropped) == 1 and dropped[0][0] in "cd" and dropped[0][1]["alive"] is True
+    assert len(there.membership.active) == 2
+    out = here.handle(RecvMessage("there", {"t": "nbr-re", "ok": True}), 0.3)
+    assert of(out, Connect) == [Connect("there")] and len(sends(out, "dis")) == 1
 
 
 def test_a_join_is_walked_from_each_neighbour_of_the_contact():
