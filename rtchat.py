@@ -7724,6 +7724,7 @@ class Overlay(SessionPolicy):
         self._grace: dict[str, asyncio.TimerHandle] = {}  # sessions that are no neighbour's, closed unless wanted
         self._epoch, self._said = secrets.token_hex(4), 0  # our messages are numbered from 1 in this epoch
         self._order: dict[str, Ordering] = {}   # per author: what came ahead of its turn, held briefly
+        self._left: dict[str, int] = {}         # members that said they left -> when (older presence is not taken)
         self._tasks = Tasks()
         if max_peers:
             network.user_info["gossip"] = network.compact_info["gossip"] = max_peers
@@ -7759,15 +7760,16 @@ class Overlay(SessionPolicy):
         if not (self.max_peers and dialect.compact and isinstance(data, dict) and data.get("gossip")):
             return False
         self._note_speaker(name)
-        if self.gossip is None and (data.get("large") is True or self._speakers_here() >= LARGE_ROOM_FACTOR *
-                                    self.max_peers):
+        if self.gossip is None and data.get("large") is True:
             self._become_large()
         return True
 
-    def _speakers_here(self) -> int:
-        """Members that gossip and are here (announced lately, or in a session with us)."""
-        return sum(1 for name in self._speakers if (peer := self.sessions.peers.get(name)) is not None
-                   and peer.state != "closed")
+    def _count(self) -> None:
+        """Past 2×D members that gossip, verified in sessions with us, the room is large. (Only verified ones
+        count: names announced cost a stranger nothing.)"""
+        if self.gossip is None and sum(1 for p in self.sessions.verified() if p.name in self._speakers) >= \
+                LARGE_ROOM_FACTOR * self.max_peers:
+            self._become_large()
 
     def _note_speaker(self, name: str) -> None:
         self._speakers.pop(name, None)
@@ -7832,6 +7834,8 @@ class Overlay(SessionPolicy):
 
     # -- sessions -------------------------------------------------------------------------------------------
     def peer_verified(self, peer: Peer) -> None:
+        if self.max_peers and peer.name in self._speakers:
+            self._count()
         if self.gossip is None or peer.name not in self._speakers:
             return
         self._tell_members(peer)
@@ -8074,7 +8078,7 @@ class Overlay(SessionPolicy):
         for record in records:
             found = self._check_presence(record) if isinstance(record, dict) else None
             if found is not None and record["t"] == "here":
-                self._presence(found[0], found[1], found[2], "here", record)
+                self._presence(found[0], found[1], found[2], "here", record, by_gossip=False)
 
     def _check_presence(self, payload: dict, msg_id: str | None = None) -> tuple[str, str, dict] | None:
         """(name, fingerprint, credentials) of a signed presence record (with msg_id: its gossip id), or None."""
@@ -8088,18 +8092,24 @@ class Overlay(SessionPolicy):
             return None
         return name, *author
 
-    def _presence(self, name: str, fp: str, author: dict, kind: str, record: dict) -> None:
+    def _presence(self, name: str, fp: str, author: dict, kind: str, record: dict, by_gossip: bool = True) -> None:
+        """A presence record: by gossip it is news from its author; from a neighbour's list (by_gossip False) it
+        counts as heard when it was said, so a member killed long ago is not kept alive by lists passed around."""
         if name == self.scope.me:
             return
         known = self.members.get(name)
-        if known is not None and known[1].get("ts", 0) > record["ts"]:
-            return  # older than what we know
+        if (known is not None and known[1]["ts"] >= record["ts"]) or self._left.get(name, -1) >= record["ts"]:
+            return  # not newer than what we know, or said before it left
         if kind == "bye":
             self.members.pop(name, None)
+            self._left[name] = record["ts"]
+            if len(self._left) > MAX_MEMBERS:
+                del self._left[next(iter(self._left))]
             self.ledger.changed.fire()
             return
+        heard = time.monotonic() - (0.0 if by_gossip else max(0.0, (now_ms() - record["ts"]) / 1000))
         self.members.pop(name, None)
-        self.members[name] = (self._member(name, fp, author), record, time.monotonic())
+        self.members[name] = (self._member(name, fp, author), record, heard)
         if len(self.members) > MAX_MEMBERS:
             del self.members[next(iter(self.members))]
         if known is None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import platform
@@ -122,9 +123,11 @@ class RtWorker:
         self.rooms: dict[str, object] = {}
         self.listeners: list[tuple[object, str, object]] = []
 
-    async def do_start(self, name: str, broker: str, state: str) -> dict:
+    async def do_start(self, name: str, broker: str, state: str, full_mesh: bool = False) -> dict:
         t = mono()
-        self.client = self.rt.Client(name, broker=broker, state=state, files=state + ".files", **support.LOOPBACK_ICE)
+        options = {"max_peers": 0} if full_mesh and "max_peers" in inspect.signature(self.rt.Client).parameters else {}
+        self.client = self.rt.Client(name, broker=broker, state=state, files=state + ".files", **support.LOOPBACK_ICE,
+                                     **options)
         self.client.questions["echo"] = lambda q: q.content
         await self.client.start()
         return {"t_start": t, "t_started": mono(), "me": self.client.me, "pid": os.getpid()}
@@ -551,9 +554,10 @@ class Bench:
     def state(self, name: str) -> str:
         return str(self.workdir / f"state-{name}.json")
 
-    async def rt(self, name: str) -> Worker:
+    async def rt(self, name: str, full_mesh: bool = False) -> Worker:
+        """A library client in a process of its own (full_mesh: never a large room, as figure 6 measures)."""
         w = await Worker("rt", name, self.workdir).spawn()
-        await w.call("start", name=name, broker=self.broker.url, state=self.state(name))
+        await w.call("start", name=name, broker=self.broker.url, state=self.state(name), full_mesh=full_mesh)
         return w
 
     async def raw(self, name: str) -> Worker:
@@ -1075,7 +1079,7 @@ class Bench:
         ws = []
         try:
             for i in range(0, n, 4):  # start in small groups: 20 concurrent imports on 2 cores thrash
-                ws += await asyncio.gather(*(self.rt(name) for name in names[i:i + 4]))
+                ws += await asyncio.gather(*(self.rt(name, full_mesh=True) for name in names[i:i + 4]))
             room = f"scale{n}-{rand_tag()}"
             cpu0 = [cpu_s(w.pid) for w in ws]
             joins = await asyncio.gather(*(w.call("join", room=room, expect=n - 1) for w in ws))
