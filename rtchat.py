@@ -7003,7 +7003,7 @@ class Routes:
                     first[1].append(peer)
         for name in [n for n in self.remotes if n not in found]:
             del self.remotes[name]
-            if name not in self._present:
+            if name not in self._present and not self.covered(name):
                 self._emit("relayed", name, None)
         for name, (author, via) in found.items():
             via.sort(key=lambda p: (p.rtt_ms if p.rtt_ms is not None else math.inf, collation_key(p.name)))
@@ -7647,7 +7647,7 @@ class Ledger:
 # =============================================================================
 
 LARGE_ROOM_FACTOR = 2        # a room is large once it has more than this many times D rtchat.py members
-MAX_PEERS_LIMIT = 64         # the largest D --max-peers takes
+MIN_PEERS, MAX_PEERS_LIMIT = 3, 64  # the D --max-peers takes (with 2 the overlay is rings, easily cut in two)
 JOIN_CONTACTS = 3            # members of a large room that answer one newcomer's announcement, on average
 PRESENCE_EVERY_S = 30.0      # each member of a large room says it is here this often (signed, by gossip) ...
 PRESENCE_FRESH_MS = 45_000   # a member whose presence is older than this is not heard by gossip (split, or gone)
@@ -7706,14 +7706,16 @@ class Overlay(SessionPolicy):
     set up (wants, answers, announces) and tells it who announced (heard); the room hands it its gossip frames
     and sessions; the ledger sends through it (spread, send) and it hands the ledger what it delivers, checked.
 
-    max_peers: D (0: never large, a full mesh whatever the room's size). Members are Remotes whose routes is this
-    overlay (acks to them go back by gossip paths). Emits nothing: what is taken is the ledger's to say."""
+    max_peers: D (0: never large, a full mesh whatever the room's size). present=False: we do not say we are here
+    (a pipe: nobody should wait to hear from it, or send it acks it will not stay for). Members are Remotes whose
+    routes is this overlay (acks to them go back by gossip paths). Emits nothing: what is taken is the ledger's to
+    say."""
 
     def __init__(self, scope: Scope, sessions: Sessions, negotiation: Negotiation, network: RoomSignaling,
-                 ledger: Ledger, *, max_peers: int, rng: random.Random | None = None) -> None:
+                 ledger: Ledger, *, max_peers: int, present: bool = True, rng: random.Random | None = None) -> None:
         self.scope, self.sessions, self.negotiation, self.network, self.ledger = scope, sessions, negotiation, \
             network, ledger
-        self.max_peers = max_peers
+        self.max_peers, self.present = max_peers, present
         self.rng = rng or random.Random()
         self.gossip: Gossip | None = None       # made when the room becomes large
         self.members: dict[str, tuple[Remote, dict, float]] = {}  # name -> member, its presence record, heard when
@@ -7724,7 +7726,7 @@ class Overlay(SessionPolicy):
         self._grace: dict[str, asyncio.TimerHandle] = {}  # sessions that are no neighbour's, closed unless wanted
         self._epoch, self._said = secrets.token_hex(4), 0  # our messages are numbered from 1 in this epoch
         self._order: dict[str, Ordering] = {}   # per author: what came ahead of its turn, held briefly
-        self._left: dict[str, int] = {}         # members that said they left -> when (older presence is not taken)
+        self._left: dict[str, dict] = {}        # members that said they left -> that record (older ones not taken)
         self._tasks = Tasks()
         if max_peers:
             network.user_info["gossip"] = network.compact_info["gossip"] = max_peers
@@ -8051,7 +8053,7 @@ class Overlay(SessionPolicy):
     # -- who is here ----------------------------------------------------------------------------------------
     def _spread_presence(self, kind: str) -> None:
         """That we are here (again, every PRESENCE_EVERY_S) or leaving, signed, to the whole room."""
-        if self.gossip is None:
+        if self.gossip is None or not self.present:
             return
         record = self._own_presence(kind)
         self.spread(record, presence_id(self.scope.topic, self.scope.me, record["ts"], kind))
@@ -8067,7 +8069,8 @@ class Overlay(SessionPolicy):
     def _tell_members(self, peer: Peer) -> None:
         """Who is here, as each member said it (signed), to a member we have a session with: a newcomer knows the
         room at once, not at the next round of presence."""
-        records = [self._own_presence("here")] + [record for _, record, _ in self.members.values()]
+        records = [self._own_presence("here")] if self.present else []
+        records += [record for _, record, _ in self.members.values()] + list(self._left.values())
         for start in range(0, len(records), MEMBERS_PER_FRAME):
             peer.send_paced("chat", {"t": "members", "ms": records[start:start + MEMBERS_PER_FRAME]})
 
@@ -8077,8 +8080,8 @@ class Overlay(SessionPolicy):
             return
         for record in records:
             found = self._check_presence(record) if isinstance(record, dict) else None
-            if found is not None and record["t"] == "here":
-                self._presence(found[0], found[1], found[2], "here", record, by_gossip=False)
+            if found is not None:
+                self._presence(found[0], found[1], found[2], record["t"], record, by_gossip=False)
 
     def _check_presence(self, payload: dict, msg_id: str | None = None) -> tuple[str, str, dict] | None:
         """(name, fingerprint, credentials) of a signed presence record (with msg_id: its gossip id), or None."""
@@ -8098,11 +8101,13 @@ class Overlay(SessionPolicy):
         if name == self.scope.me:
             return
         known = self.members.get(name)
-        if (known is not None and known[1]["ts"] >= record["ts"]) or self._left.get(name, -1) >= record["ts"]:
+        if (known is not None and known[1]["ts"] >= record["ts"]) or \
+                self._left.get(name, {}).get("ts", -1) >= record["ts"]:
             return  # not newer than what we know, or said before it left
         if kind == "bye":
             self.members.pop(name, None)
-            self._left[name] = record["ts"]
+            self._left.pop(name, None)
+            self._left[name] = record
             if len(self._left) > MAX_MEMBERS:
                 del self._left[next(iter(self._left))]
             self.ledger.changed.fire()
@@ -8441,7 +8446,7 @@ class Room(Emitter):
     def __init__(self, name: str, *, me: str, identity: Identity, signaling: Signaling, trust: Trust,
                  store: Store, ice: RTCConfiguration, questions: dict[str, Callable],
                  seal: Seal | None = None, history: HistoryLog | None = None, files: Path | None = None,
-                 relay: bool = True, max_peers: int = MAX_NEIGHBORS) -> None:
+                 relay: bool = True, max_peers: int = MAX_NEIGHBORS, present: bool = True) -> None:
         super().__init__()
         self.name = name
         self.files = Files(name, files, self.emit)  # file transfer, both ways (files: where received ones go)
@@ -8467,7 +8472,8 @@ class Room(Emitter):
                              lookalike_of=self.lookalike_of, on_hello=lambda peer: self.sessions.changes.fire(),
                              relay=relay, on_route=self.sessions.changes.fire, trying=self.negotiation.trying)
         self.negotiation.reached = lambda name: name in self.ledger.routes.remotes
-        self.overlay = Overlay(scope, self.sessions, self.negotiation, self.network, self.ledger, max_peers=max_peers)
+        self.overlay = Overlay(scope, self.sessions, self.negotiation, self.network, self.ledger, max_peers=max_peers,
+                               present=present)
         self.negotiation.policy = self.overlay
         self.ledger.members = self.overlay.member_names
         self.ledger.routes.covered = self.overlay.covers
@@ -8837,10 +8843,13 @@ class Client(Emitter):
     def __init__(self, name: str, *, broker: str | None = None, state: str | os.PathLike | None = None,
                  ice: list[str] | None = None, ice_hosts: list[str] | None = None, trust: str = "new",
                  passphrase: str | None = None, files: str | os.PathLike | None = None, relay: bool = True,
-                 max_peers: int = MAX_NEIGHBORS) -> None:
+                 max_peers: int = MAX_NEIGHBORS, present: bool = True) -> None:
         super().__init__()
         self.relay = relay  # pass on what members send each other (False: --no-relay)
+        if max_peers and not MIN_PEERS <= max_peers <= MAX_PEERS_LIMIT:
+            raise UsageError(f"max_peers is 0 (always a full mesh) or {MIN_PEERS} to {MAX_PEERS_LIMIT}")
         self.max_peers = max_peers  # sessions with rtchat.py members in a large room (0: always a full mesh)
+        self.present = present      # False: in a large room, not listed as a member (a pipe that sends and goes)
         self.files = Path(files).expanduser() if files else None  # where files peers send go; None: refused
         require_packages()
         self.name = check_display_name(name)
@@ -8904,7 +8913,7 @@ class Client(Emitter):
         seal = await asyncio.get_running_loop().run_in_executor(None, Seal, name, secret) if secret else None
         joined = Room(name, me=self.me, identity=self.identity, signaling=self.signaling, trust=self.trust,
                       store=self.store, ice=self.ice, questions=self.questions, seal=seal, files=self.files,
-                      relay=self.relay, max_peers=self.max_peers)
+                      relay=self.relay, max_peers=self.max_peers, present=self.present)
         self.rooms[name] = joined
         await joined.join()
         return joined
@@ -10823,8 +10832,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.max_peers is None:
         given = env("RTCHAT_MAX_PEERS") or str(MAX_NEIGHBORS)
         args.max_peers = int(given) if given.isdigit() else -1
-    if args.max_peers != 0 and not 2 <= args.max_peers <= MAX_PEERS_LIMIT:
-        parser.error(f"--max-peers (or RTCHAT_MAX_PEERS) must be 0 (always a full mesh) or 2 to {MAX_PEERS_LIMIT}")
+    if args.max_peers != 0 and not MIN_PEERS <= args.max_peers <= MAX_PEERS_LIMIT:
+        parser.error(f"--max-peers (or RTCHAT_MAX_PEERS) must be 0 (always a full mesh) or {MIN_PEERS} to "
+                     f"{MAX_PEERS_LIMIT}")
     args.timeout = 30.0 if args.timeout is None else args.timeout
     return args
 
@@ -10900,7 +10910,7 @@ async def run(args: argparse.Namespace) -> int:
             passphrase = getpass.getpass("passphrase for your rtchat key: ")
     client = Client(name, broker=args.broker, state=state_path, ice=args.ice, ice_hosts=args.ice_host,
                     trust=args.trust, passphrase=passphrase, files=None if args.files == "off" else args.files,
-                    relay=not args.no_relay, max_peers=args.max_peers)
+                    relay=not args.no_relay, max_peers=args.max_peers, present=args.mode not in ("pipe", "send"))
     if args.peerjs is not None and not interactive:
         interrupt = asyncio.Event()
         interrupted = _on_signals(interrupt.set, sigint=True)

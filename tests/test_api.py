@@ -33,7 +33,7 @@ def test_event_names():
 
 def test_signatures():
     assert list(inspect.signature(rtchat.Client).parameters) == [
-        "name", "broker", "state", "ice", "ice_hosts", "trust", "passphrase", "files", "relay"]
+        "name", "broker", "state", "ice", "ice_hosts", "trust", "passphrase", "files", "relay", "max_peers", "present"]
     assert list(inspect.signature(rtchat.Room.send).parameters) == ["self", "text", "action"]
     # sending never waits (it queues on the channel), so an event handler can reply at once
     assert not inspect.iscoroutinefunction(rtchat.Room.send) and not inspect.iscoroutinefunction(rtchat.Room.dm)

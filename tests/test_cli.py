@@ -92,7 +92,7 @@ def test_unreachable_broker_is_one_clear_line(tmp_path):
     (["alice", "--count", "0", "--listen"], rtchat.EX_USAGE, "--count"),
     (["alice", "--ice", "turn:nobody@host?transport=sctp"], rtchat.EX_USAGE, "bad ICE server"),
     (["--netcheck", "--ice", "none"], 0, "no STUN or TURN server to ask"),
-    (["alice", "--max-peers", "1"], rtchat.EX_USAGE, "--max-peers (or RTCHAT_MAX_PEERS) must be 0"),
+    (["alice", "--max-peers", "2"], rtchat.EX_USAGE, "--max-peers (or RTCHAT_MAX_PEERS) must be 0"),
 ])
 def test_usage_errors_and_info(tmp_path, args, code, text):
     result = subprocess.run(rtchat_cmd(*args, "--state", str(tmp_path / "s.json")), env=cli_env("mqtt://127.0.0.1:9"),
