@@ -7263,6 +7263,7 @@ class Ledger:
         self._unsigned_bytes: dict[Peer, int] = {}  # per peer: text waiting for its signatures
         self._sweep: asyncio.TimerHandle | None = None
         self.members: Callable[[], list[str]] = lambda: []  # a large room's members reached by gossip
+        self.syncs: Callable[[Peer], bool] = lambda peer: True  # compare history with this peer (a large room: few)
 
     async def open(self) -> None:
         for entry in await self.journal.open():
@@ -7585,7 +7586,8 @@ class Ledger:
         if self.scope.store.data["authors"].get(peer.fingerprint) != author:
             self.scope.store.defer(lambda d: d["authors"].__setitem__(peer.fingerprint, author))
         self._on_hello_heard(peer)
-        self._tasks.spawn(self._sync(peer), f"sync-{peer.name}")
+        if self.syncs(peer):
+            self._tasks.spawn(self._sync(peer), f"sync-{peer.name}")
         self.routes.changed()
 
     async def _sync(self, peer: Peer) -> None:
@@ -7658,6 +7660,7 @@ LINK_GRACE_S = 10.0          # a session with an rtchat.py member that is no nei
 MAX_QUEUED_GOSSIP = 16       # frames waiting for the session with the member they go to
 ORDER_WAIT_S = 2 * (GRAFT_WAIT_S + GRAFT_RETRY_S)  # a message ahead of its turn waits this long for those before
 MAX_HELD_PER_AUTHOR = 64     # ... and at most this many wait at once
+SYNC_PEERS = 2               # members of a large room a member compares history with (when it joins)
 ACK_WANDER_HOPS = 8          # an ack whose way back is broken goes on to a random neighbour at most this often
 ACK_PATHS = 10_000           # our neighbours that brought us messages, remembered to send acks back the same way
 MAX_GOSSIP_CHARS = RELAY_MAX_CHARS  # one gossip frame
@@ -7726,6 +7729,7 @@ class Overlay(SessionPolicy):
         self._grace: dict[str, asyncio.TimerHandle] = {}  # sessions that are no neighbour's, closed unless wanted
         self._epoch, self._said = secrets.token_hex(4), 0  # our messages are numbered from 1 in this epoch
         self._order: dict[str, Ordering] = {}   # per author: what came ahead of its turn, held briefly
+        self._synced = 0                        # members we compared history with since the room became large
         self._left: dict[str, dict] = {}        # members that said they left -> that record (older ones not taken)
         self._tasks = Tasks()
         if max_peers:
@@ -7782,6 +7786,15 @@ class Overlay(SessionPolicy):
     def covers(self, name: str) -> bool:
         """Whether a member is reached by gossip (so not through a member that says it reaches it)."""
         return self.gossip is not None and name in self._speakers
+
+    def syncs(self, peer: Peer) -> bool:
+        """Whether to compare history with a peer whose session just began: in a large room with the first
+        SYNC_PEERS members only (sessions come and go there, and one history is the room's history), so that what
+        a member passes on when it joins is bounded, not one backfill per session."""
+        if self.gossip is None or peer.name not in self._speakers:
+            return True
+        self._synced += 1
+        return self._synced <= SYNC_PEERS
 
     def gossips_with(self, peer: Peer) -> bool:
         """Whether what we say reaches this verified peer by gossip (in a large room, a member that gossips)."""
@@ -8478,6 +8491,7 @@ class Room(Emitter):
         self.ledger.members = self.overlay.member_names
         self.ledger.routes.covered = self.overlay.covers
         self.ledger.relays.hold_fresh = lambda: self.overlay.large
+        self.ledger.syncs = self.overlay.syncs
         for part, events in ((self.network, ("key-changed",)), (self.admission, ("key-changed", "key-refused")),
                              (self.sessions, ("key-accepted", "no-route", "mitm-detected", "verify-failed"))):
             for event in events:

@@ -73,6 +73,8 @@ def test_a_newcomer_to_a_large_room_hears_from_a_few_members_not_all(broker, tmp
     async def scenario():
         clients = await large_room(tmp_path, broker, count=9)
         await settled([c.rooms["big"] for c in clients])
+        clients[2].rooms["big"].send("said before the newcomer came")
+        await eventually(lambda: all(len(c.rooms["big"].history(5)) == 1 for c in clients), 20, "the line everywhere")
         sniffer = Sniffer(broker.tcp_port)
         newcomer = await make_client("newcomer", tmp_path, broker.url, max_peers=D).start()
         started = asyncio.get_running_loop().time()
@@ -86,6 +88,9 @@ def test_a_newcomer_to_a_large_room_hears_from_a_few_members_not_all(broker, tmp
                        and e.get("subtopic") == "connect"}
             print(f"the newcomer's announcement was answered by {len(answers)} of {len(clients)} members")
             assert 0 < len(answers) < len(clients)
+            # History is compared with the first members met only (SYNC_PEERS), and what was said before comes.
+            await eventually(lambda: [m.text for m in room.history(5)] == ["said before the newcomer came"], 20,
+                             "history passed on to the newcomer")
             got = []
             room.on("message", lambda m: got.append(m.text))
             clients[4].rooms["big"].send("welcome")
