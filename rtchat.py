@@ -3555,7 +3555,9 @@ class Membership:
             return  # not asked, or given up on: its connection will not be wanted here, and so will not open
         if not ok:
             self._refuse(peer, now)
-            self._refill(now, out)  # the repair goes on with someone else
+            if 2 * len(self.active) < self.max_active:
+                self._refill(now, out)  # short of neighbours: the repair goes on with someone else
+            # (else it ends here: in a room every request is a session set up, and most members' views are full)
         elif peer not in self.active:
             self._add_active(peer, out)
 
@@ -5527,6 +5529,12 @@ class Negotiation(Emitter):
         if peer.state == "seen" and self.running and not self._backing_off(name):
             self._offer(peer)
 
+    def _began(self, name: str) -> None:
+        """A session with name is being set up: what is sent waits for it (see settle), unless name is reached
+        another way (through a member; in a large room by gossip, where sessions come and go)."""
+        if not self.reached(name):
+            self._last_setup = time.monotonic()
+
     def note_activity(self) -> None:
         """Something that what is sent should wait for happened (a large room's member became known): the room
         settles again (see settle)."""
@@ -5640,7 +5648,8 @@ class Negotiation(Emitter):
         now = time.monotonic()
         if now - self._offered_at.get(peer.name, -OFFER_DEDUP_S) < OFFER_DEDUP_S:
             return
-        self._offered_at[peer.name] = self._last_setup = now
+        self._offered_at[peer.name] = now
+        self._began(peer.name)
         handle = self._timers.pop(peer.name, None)
         if handle:
             handle.cancel()
@@ -5715,7 +5724,7 @@ class Negotiation(Emitter):
     def _answer(self, signal: RoomSignal, sdp: str, key: str | None, dialect: Dialect, tag: str | None) -> None:
         peer = self._new_peer(signal.sender, dialect, key, tag)
         peer.begin(signal.signer, signal.mkey, signal.stamp)
-        self._last_setup = time.monotonic()
+        self._began(peer.name)
         self.emit("phase", peer.name, "offered")
         self._tasks.spawn(self._send_answer(peer, sdp), f"answer-{peer.name}")
 
@@ -5741,7 +5750,7 @@ class Negotiation(Emitter):
             return  # only the peer we offered to, and only once (§9.2)
         if signal.signer is None and signal.mkey is None and peer.dialect.compact:
             return  # rtchat.py signs its answers
-        self._last_setup = time.monotonic()
+        self._began(peer.name)
         self._tasks.spawn(self._accept_answer(peer, peer.accept_answer(sdp, signal.signer, signal.mkey,
                                                                        signal.stamp)), f"accept-{peer.name}")
 
@@ -8484,7 +8493,7 @@ class Room(Emitter):
                              takes_files=self.files.takes_files, is_connecting=self._is_connecting,
                              lookalike_of=self.lookalike_of, on_hello=lambda peer: self.sessions.changes.fire(),
                              relay=relay, on_route=self.sessions.changes.fire, trying=self.negotiation.trying)
-        self.negotiation.reached = lambda name: name in self.ledger.routes.remotes
+        self.negotiation.reached = lambda name: name in self.ledger.routes.remotes or self.overlay.covers(name)
         self.overlay = Overlay(scope, self.sessions, self.negotiation, self.network, self.ledger, max_peers=max_peers,
                                present=present)
         self.negotiation.policy = self.overlay

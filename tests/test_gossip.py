@@ -256,6 +256,16 @@ def test_a_refusal_goes_on_to_the_next_member_and_an_acceptance_ends_the_repair(
     assert of(out, Connect) == [Connect(second)] and not sends(out, "nbr")
 
 
+def test_a_refusal_ends_the_repair_of_a_member_with_half_its_neighbours():
+    """Each request is a session set up in a room: a member with D/2 neighbours or more takes a refusal as the end
+    of its repair instead of asking member after member (whose views are mostly full)."""
+    core = with_neighbors(node("me"), *[f"n{i}" for i in range(MAX_NEIGHBORS // 2 + 1)])
+    with_passive(core, "n0", "p", "q", "r")
+    out = core.handle(NeighborDown("n0"), 1.0)
+    ((first, _),) = sends(out, "nbr")
+    assert not sends(core.handle(RecvMessage(first, {"t": "nbr-re", "ok": False}), 1.1), "nbr")
+
+
 def test_contacts_are_asked_for_only_when_short_of_neighbours_with_no_one_to_ask():
     lonely = with_neighbors(node("me"), "a")
     assert of(lonely.handle(TimerExpired(Timer("repair")), 5.0), FindContact) == [FindContact()]
