@@ -16,7 +16,8 @@ joins less its leaves, and UDP sockets per process (its fds matched against /pro
 being set up or up, with loopback-only ICE). Delivery: each sender writes --messages lines --gap-ms apart; a latency
 is a listener printing a line less the moment it was written to the sender's stdin; delivered counts (line,
 listener) pairs. RSS: VmRSS of every rtchat.py process after delivery. CPU per message: utime+stime of all rtchat.py
-processes from the first line written until the last printed, over lines x listeners. Kill: SIGKILL a third of the
+processes from the first line written until the last printed, over lines x listeners (beside it, their CPU in
+--idle seconds of quiet just before, which the send phase pays too). Kill: SIGKILL a third of the
 listeners at once and keep writing a line every --gap-ms; repair is from the kill until a line is printed by every
 survivor; then the delivery phase again among the survivors. No timing is asserted.
 """
@@ -215,6 +216,16 @@ async def form(room: Room, started: float, timeout: float) -> dict:
             "sessions_per_listener": [m.sessions for m in room.listeners], "udp_sockets": udp_sockets(pids)}
 
 
+async def idle_cpu(room: Room, seconds: float) -> float:
+    """CPU of all the room's processes while nothing is said, in % of one core: what the room costs by itself
+    (pings, announcements, sessions still being set up), which the send phase pays too."""
+    pids = room.pids()
+    before = [cpu_s(pid) for pid in pids]
+    await asyncio.sleep(seconds)
+    after = [cpu_s(pid) for pid in pids]
+    return sum(b - a for a, b in zip(before, after, strict=True) if a is not None and b is not None) / seconds * 100
+
+
 async def deliver(room: Room, tag: str, count: int, gap: float, drain: float) -> dict:
     """Each sender writes count lines gap apart (the senders in turn); every listener should print every one."""
     listeners = room.listeners
@@ -280,6 +291,7 @@ async def one_room(args: argparse.Namespace, workdir: Path, broker: support.Brok
         result.update(await form(room, started, args.form_timeout))
         print(f"  {label}: formed {fmt(result['formed_s'], 's')}, best probe at {result['best_probe_reached']}",
               file=sys.stderr, flush=True)
+        result["idle_cpu_pct"] = await idle_cpu(room, args.idle)
         result["delivery"] = await deliver(room, "line", args.messages, args.gap_ms / 1000, args.drain)
         if args.kill_third:
             listeners = room.listeners
@@ -314,6 +326,7 @@ ROWS = [  # (figure, metric, unit, format, value taken from one room's result)
     ("large room", "RSS per process, max (MB)", "{:.1f}", lambda r: max(r["delivery"]["rss_mb"])),
     ("large room", "CPU per line per listener, all processes (ms)", "{:.2f}",
      lambda r: r["delivery"]["cpu_ms_per_message"]),
+    ("large room", "idle CPU before the lines, all processes (% of a core)", "{:.0f}", lambda r: r["idle_cpu_pct"]),
     ("kill third", "repair: kill to a line at every survivor (s)", "{:.2f}", lambda r: r["kill"]["repair_s"]),
     ("kill third", "every victim's leave printed by every survivor (s)", "{:.2f}",
      lambda r: r["kill"]["noticed_s"]),
@@ -373,6 +386,7 @@ def main() -> int:
     parser.add_argument("--kill-third", action=argparse.BooleanOptionalAction, default=True,
                         help="kill a third of the listeners after delivery, measure repair")
     parser.add_argument("--form-timeout", type=float, default=180, help="seconds for a room to form, and to repair")
+    parser.add_argument("--idle", type=float, default=2, help="seconds of a quiet room whose CPU is measured")
     parser.add_argument("--drain", type=float, default=15, help="seconds to wait for the last lines of a phase")
     parser.add_argument("--timeout", type=float, default=3600, help="the whole benchmark, seconds")
     parser.add_argument("--quick", action="store_true", help="8 processes beside 4, 1 sender, 5 lines, 1 run")
