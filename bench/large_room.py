@@ -10,16 +10,17 @@ its listeners is killed, beside a full mesh of --baseline-processes measured in 
 
 Every member is a real `rtchat.py` process with its own HOME and state file, on loopback, with the bench's own
 mosquitto: listeners (`--listen --json`, their stdout read here) and --senders pipes whose stdin stays open (a pipe
-sends each line as it comes). Times are this process's time.monotonic(). Formed: from starting the processes until,
-for every sender, one of its probes (one a second, each new) is printed by every listener. Sessions: a listener's
-joins less its leaves, and UDP sockets per process (its fds matched against /proc/net/udp: one per peer connection
-being set up or up, with loopback-only ICE). Delivery: each sender writes --messages lines --gap-ms apart; a latency
-is a listener printing a line less the moment it was written to the sender's stdin; delivered counts (line,
-listener) pairs. RSS: VmRSS of every rtchat.py process after delivery. CPU per message: utime+stime of all rtchat.py
-processes from the first line written until the last printed, over lines x listeners (beside it, their CPU in
---idle seconds of quiet just before, which the send phase pays too). Kill: SIGKILL a third of the
-listeners at once and keep writing a line every --gap-ms; repair is from the kill until a line is printed by every
-survivor; then the delivery phase again among the survivors. No timing is asserted.
+sends each line as it comes, once the room has settled or its --timeout, here --pipe-timeout, has passed). Times are
+this process's time.monotonic(). Formed: from starting the processes until, for every sender, one of its probes (one
+a second, each new) is printed by every listener. Sessions: a listener's joins less its leaves, and UDP sockets per
+process (its fds matched against /proc/net/udp: one per peer connection being set up or up, with loopback-only ICE).
+Delivery: each sender writes --messages lines --gap-ms apart; a latency is a listener printing a line less the
+moment it was written to the sender's stdin; delivered counts (line, listener) pairs. RSS: VmRSS of every rtchat.py
+process after delivery. CPU per message: utime+stime of all rtchat.py processes from the first line written until
+the last printed, over lines x listeners (beside it, their CPU in --idle seconds of quiet just before, which the
+send phase pays too). Kill: SIGKILL a third of the listeners at once and keep writing a line every --gap-ms; repair
+is from the kill until a line is printed by every survivor; then the delivery phase again among the survivors. No
+timing is asserted.
 """
 from __future__ import annotations
 
@@ -112,8 +113,8 @@ class Room:
 
     groups: set[int] = set()
 
-    def __init__(self, workdir: Path, broker: support.Broker, name: str, extra: list[str]) -> None:
-        self.workdir, self.broker, self.name, self.extra = workdir, broker, name, extra
+    def __init__(self, workdir: Path, broker: support.Broker, name: str, rtchat: Path, extra: list[str]) -> None:
+        self.workdir, self.broker, self.name, self.rtchat, self.extra = workdir, broker, name, rtchat, extra
         self.members: list[Member] = []
         self.changed = asyncio.Event()
         self.pgid = 0
@@ -129,7 +130,7 @@ class Room:
         log = home / "stderr.log"
         with log.open("wb") as err:
             proc = await asyncio.create_subprocess_exec(
-                *support.rtchat_cmd(name, "--room", self.name, *mode, *self.extra),
+                sys.executable, str(self.rtchat), name, "--room", self.name, *mode, *self.extra,
                 env=support.cli_env(self.broker.url, HOME=str(home), RTCHAT_STATE=str(home / "state.json")),
                 stdin=asyncio.subprocess.PIPE if sender else asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL if sender else asyncio.subprocess.PIPE, stderr=err,
@@ -183,8 +184,20 @@ def kill_group(pgid: int) -> None:
         Room.groups.discard(pgid)
 
 
+def cpu_since(pids: list[int], before: list[float | None]) -> float:
+    """CPU seconds the processes spent since before was read (those that have not exited)."""
+    after = [cpu_s(pid) for pid in pids]
+    return sum(b - a for a, b in zip(before, after, strict=True) if a is not None and b is not None)
+
+
 def reached_all(listeners: list[Member], text: str) -> bool:
     return all(text in m.arrivals for m in listeners)
+
+
+def coverage(room: Room, probes: dict[str, list[str]]) -> str:
+    """How many listeners printed the probe that most of them did."""
+    best = max((sum(t in m.arrivals for m in room.listeners) for texts in probes.values() for t in texts), default=0)
+    return f"{best}/{len(room.listeners)} listeners"
 
 
 async def form(room: Room, started: float, timeout: float) -> dict:
@@ -207,12 +220,14 @@ async def form(room: Room, started: float, timeout: float) -> dict:
                         formed[name] = max(m.arrivals[hit] for m in room.listeners)
             return len(formed) == len(probes) or bool(room.exited())
         await room.until(done, min(1.0, timeout - (mono() - started)))
+        if n % 15 == 0:
+            print(f"  {room.name}: {mono() - started:.0f} s, {len(formed)}/{len(probes)} senders reached every "
+                  f"listener, best probe at {coverage(room, probes)}", file=sys.stderr, flush=True)
         if room.exited():
             raise RuntimeError("a member exited while the room formed: " + "; ".join(room.exited()))
-    best = max((sum(t in m.arrivals for m in room.listeners) for texts in probes.values() for t in texts), default=0)
     pids = room.pids()
     return {"formed_s": max(formed.values()) - started if len(formed) == len(probes) else None,
-            "probes_written": n, "best_probe_reached": f"{best}/{len(room.listeners)} listeners",
+            "probes_written": n, "best_probe_reached": coverage(room, probes),
             "sessions_per_listener": [m.sessions for m in room.listeners], "udp_sockets": udp_sockets(pids)}
 
 
@@ -222,8 +237,7 @@ async def idle_cpu(room: Room, seconds: float) -> float:
     pids = room.pids()
     before = [cpu_s(pid) for pid in pids]
     await asyncio.sleep(seconds)
-    after = [cpu_s(pid) for pid in pids]
-    return sum(b - a for a, b in zip(before, after, strict=True) if a is not None and b is not None) / seconds * 100
+    return cpu_since(pids, before) / seconds * 100
 
 
 async def deliver(room: Room, tag: str, count: int, gap: float, drain: float) -> dict:
@@ -238,11 +252,10 @@ async def deliver(room: Room, tag: str, count: int, gap: float, drain: float) ->
             written[text] = await sender.write(text)
         await asyncio.sleep(gap)
     await room.until(lambda: all(reached_all(listeners, t) for t in written), drain)
-    cpu1 = [cpu_s(pid) for pid in pids]
+    cpu = cpu_since(pids, cpu0)
     latencies = [(m.arrivals[t] - w) * 1000 for t, w in written.items() for m in listeners if t in m.arrivals]
     missing = {m.name: sorted(t for t in written if t not in m.arrivals) for m in listeners}
     pairs = len(written) * len(listeners)
-    cpu = sum(b - a for a, b in zip(cpu0, cpu1, strict=True) if a is not None and b is not None)
     return {"delivered_pct": 100 * len(latencies) / pairs, "pairs": pairs,
             "latency_p50_ms": pct(latencies, 50), "latency_p99_ms": pct(latencies, 99),
             "cpu_ms_per_message": cpu * 1000 / pairs, "rss_mb": [rss_mb(pid) for pid in pids],
@@ -275,18 +288,19 @@ def noticed(room: Room, gone: set[str], t_kill: float) -> dict:
     return {"noticed_all_gone": f"{len(times)}/{len(room.listeners)}", "noticed_s": max(times) if times else None}
 
 
-async def one_room(args: argparse.Namespace, workdir: Path, broker: support.Broker, total: int, label: str,
-                   extra: list[str]) -> dict:
-    """A room of total processes (--senders of them pipes): formed, delivery, and (--kill-third) repair."""
+async def one_room(args: argparse.Namespace, workdir: Path, broker: support.Broker, rtchat: Path, total: int,
+                   label: str, extra: list[str], result: dict) -> None:
+    """A room of total processes (--senders of them pipes): formed, delivery, and (--kill-third) repair, into
+    result as each is measured (what was measured stays there if a later step fails)."""
     senders = min(args.senders, total - 1)
-    room = Room(workdir / label, broker, f"large-{label}", extra)
-    result: dict = {"processes": total, "listeners": total - senders, "senders": senders, "options": extra}
+    room = Room(workdir / label, broker, f"large-{label}", rtchat, extra)
+    result.update({"processes": total, "listeners": total - senders, "senders": senders, "options": extra})
     try:
         started = mono()
         for i in range(total - senders):
-            await room.spawn(f"l{i:02d}", False, args.timeout)
+            await room.spawn(f"l{i:02d}", False, args.pipe_timeout)
         for i in range(senders):
-            await room.spawn(f"s{i}", True, args.timeout)
+            await room.spawn(f"s{i}", True, args.pipe_timeout)
         result["spawned_s"] = mono() - started
         result.update(await form(room, started, args.form_timeout))
         print(f"  {label}: formed {fmt(result['formed_s'], 's')}, best probe at {result['best_probe_reached']}",
@@ -302,10 +316,9 @@ async def one_room(args: argparse.Namespace, workdir: Path, broker: support.Brok
             gone = {v.name for v in victims}
             await room.until(lambda: all(gone <= m.left.keys() for m in room.listeners), args.drain)
             result["kill"].update(noticed(room, gone, t_kill))
-        result["exited"] = room.exited()
     finally:
+        result["exited"] = room.exited()
         await room.close()
-    return result
 
 
 def fmt(value: float | None, unit: str) -> str:
@@ -351,6 +364,8 @@ def table(results: dict) -> list[dict]:
 
 async def bench(args: argparse.Namespace, results: dict) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="rtchat-large-room-"))
+    rtchat = workdir / "rtchat.py"  # one consistent rtchat.py for the whole run, even if the file is edited meanwhile
+    shutil.copy2(args.rtchat, rtchat)
     broker = support.Broker(workdir).start()
     large = ["--max-peers", str(args.max_peers)] if args.max_peers is not None else []
     try:
@@ -358,7 +373,8 @@ async def bench(args: argparse.Namespace, results: dict) -> None:
             for case, total, extra in (("baseline", args.baseline_processes, []), ("large", args.processes, large)):
                 print(f"run {n + 1}/{args.runs}: {case}, {total} processes {' '.join(extra)}", file=sys.stderr,
                       flush=True)
-                results[case].append(await one_room(args, workdir, broker, total, f"{case}{n}", extra))
+                results[case].append({})
+                await one_room(args, workdir, broker, rtchat, total, f"{case}{n}", extra, results[case][-1])
                 for missing in ("delivery", "after_kill"):
                     for name, texts in results[case][-1].get(missing, {}).get("missing", {}).items():
                         print(f"  {case} {missing}: {name} did not print {len(texts)}: {', '.join(texts[:8])}"
@@ -386,10 +402,14 @@ def main() -> int:
     parser.add_argument("--kill-third", action=argparse.BooleanOptionalAction, default=True,
                         help="kill a third of the listeners after delivery, measure repair")
     parser.add_argument("--form-timeout", type=float, default=180, help="seconds for a room to form, and to repair")
+    parser.add_argument("--pipe-timeout", type=float, default=60, help="the senders' --timeout: a pipe sends once "
+                        "the room has settled, or this has passed")
     parser.add_argument("--idle", type=float, default=2, help="seconds of a quiet room whose CPU is measured")
     parser.add_argument("--drain", type=float, default=15, help="seconds to wait for the last lines of a phase")
     parser.add_argument("--timeout", type=float, default=3600, help="the whole benchmark, seconds")
     parser.add_argument("--quick", action="store_true", help="8 processes beside 4, 1 sender, 5 lines, 1 run")
+    parser.add_argument("--rtchat", default=str(support.ROOT / "rtchat.py"),
+                        help="the rtchat.py to measure (copied once at start; default: the one beside bench/)")
     parser.add_argument("--out", metavar="FILE", help="write the results as JSON too")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (each process's stderr)")
     args = parser.parse_args()
