@@ -4,23 +4,24 @@ its listeners is killed, beside a full mesh of --baseline-processes measured in 
 
     python bench/large_room.py                         60 processes beside a full mesh of 20, 3 runs
     python bench/large_room.py --processes 30 --runs 5
-    python bench/large_room.py --max-peers 8           every process of the large room runs with --max-peers 8
-    python bench/large_room.py --quick                 8 beside 4, 1 run (CI: proves it still works)
+    python bench/large_room.py --max-peers 0           the large room a full mesh too (0: connect to everyone)
+    python bench/large_room.py --quick                 8 (--max-peers 2) beside 4, 1 run (CI: proves it still works)
     python bench/large_room.py --out FILE.json         the results as JSON too
 
 Every member is a real `rtchat.py` process with its own HOME and state file, on loopback, with the bench's own
 mosquitto: listeners (`--listen --json`, their stdout read here) and --senders pipes whose stdin stays open (a pipe
 sends each line as it comes, once the room has settled or its --timeout, here --pipe-timeout, has passed). Times are
 this process's time.monotonic(). Formed: from starting the processes until, for every sender, one of its probes (one
-a second, each new) is printed by every listener. Sessions: a listener's joins less its leaves, and UDP sockets per
-process (its fds matched against /proc/net/udp: one per peer connection being set up or up, with loopback-only ICE).
-Delivery: each sender writes --messages lines --gap-ms apart; a latency is a listener printing a line less the
-moment it was written to the sender's stdin; delivered counts (line, listener) pairs. RSS: VmRSS of every rtchat.py
-process after delivery. CPU per message: utime+stime of all rtchat.py processes from the first line written until
-the last printed, over lines x listeners (beside it, their CPU in --idle seconds of quiet just before, which the
-send phase pays too). Kill: SIGKILL a third of the listeners at once and keep writing a line every --gap-ms; repair
-is from the kill until a line is printed by every survivor; then the delivery phase again among the survivors. No
-timing is asserted.
+a second, each new) is printed by every listener. Sessions: UDP sockets per process when formed and after each
+delivery phase (its fds matched against /proc/net/udp: one per peer connection being set up or up, with
+loopback-only ICE; in a room on gossip a listener prints no join or leave for its sessions). Delivery: each sender
+writes --messages lines --gap-ms apart; a latency is a listener printing a line less the moment it was written to
+the sender's stdin; delivered counts (line, listener) pairs. RSS: VmRSS of every rtchat.py process after delivery.
+CPU per message: utime+stime of all rtchat.py processes from the first line written until the last printed, over
+lines x listeners (beside it, their CPU in --idle seconds of quiet just before, which the send phase pays too).
+Kill: SIGKILL a third of the listeners at once and keep writing a line every --gap-ms; repair is from the kill until
+a line is printed by every survivor; then the delivery phase again among the survivors, and how long until every
+survivor has printed a leave for every victim (full mesh only). No timing is asserted.
 """
 from __future__ import annotations
 
@@ -69,30 +70,31 @@ def udp_sockets(pids: list[int]) -> list[int]:
 
 class Member:
     """One rtchat.py process in the room: a listener whose --json stdout is read as it comes (each message's
-    arrival time by text; joins and leaves), or a pipe sender whose stdin is written to."""
+    arrival time by text, and when it printed a leave by name), or a pipe sender whose stdin is written to."""
 
     def __init__(self, name: str, sender: bool, proc: asyncio.subprocess.Process, log: Path,
                  changed: asyncio.Event) -> None:
         self.name, self.sender, self.proc, self.log, self.changed = name, sender, proc, log, changed
         self.arrivals: dict[str, float] = {}
-        self.sessions = 0
         self.left: dict[str, float] = {}
         self.reader = None if sender else asyncio.ensure_future(self._read())
 
     async def _read(self) -> None:
-        while line := await self.proc.stdout.readline():
-            t = mono()
-            with contextlib.suppress(ValueError):
-                event = json.loads(line)
-                kind = event.get("type")
-                if kind == "message":
-                    self.arrivals.setdefault(event["text"], t)
-                elif kind == "join":
-                    self.sessions += 1
-                elif kind == "leave":
-                    self.sessions -= 1
-                    self.left.setdefault(event["from"], t)
-            self.changed.set()
+        with (self.log.parent / "stdout.jsonl").open("wb") as kept:  # beside stderr.log, for --keep
+            while line := await self.proc.stdout.readline():
+                t = mono()
+                kept.write(line)
+                self.took(t, line)
+        self.changed.set()
+
+    def took(self, t: float, line: bytes) -> None:
+        with contextlib.suppress(ValueError):
+            event = json.loads(line)
+            kind = event.get("type")
+            if kind == "message":
+                self.arrivals.setdefault(event["text"], t)
+            elif kind == "leave":
+                self.left.setdefault(event["from"], t)
         self.changed.set()
 
     async def write(self, text: str) -> float:
@@ -228,7 +230,7 @@ async def form(room: Room, started: float, timeout: float) -> dict:
     pids = room.pids()
     return {"formed_s": max(formed.values()) - started if len(formed) == len(probes) else None,
             "probes_written": n, "best_probe_reached": coverage(room, probes),
-            "sessions_per_listener": [m.sessions for m in room.listeners], "udp_sockets": udp_sockets(pids)}
+            "udp_sockets": udp_sockets(pids)}
 
 
 async def idle_cpu(room: Room, seconds: float) -> float:
@@ -259,6 +261,7 @@ async def deliver(room: Room, tag: str, count: int, gap: float, drain: float) ->
     return {"delivered_pct": 100 * len(latencies) / pairs, "pairs": pairs,
             "latency_p50_ms": pct(latencies, 50), "latency_p99_ms": pct(latencies, 99),
             "cpu_ms_per_message": cpu * 1000 / pairs, "rss_mb": [rss_mb(pid) for pid in pids],
+            "udp_sockets": udp_sockets(pids),
             "missing": {name: texts for name, texts in missing.items() if texts}}
 
 
@@ -328,10 +331,13 @@ def fmt(value: float | None, unit: str) -> str:
 ROWS = [  # (figure, metric, unit, format, value taken from one room's result)
     ("large room", "room formed: start to every sender's probe at every listener (s)", "{:.2f}",
      lambda r: r["formed_s"]),
-    ("large room", "sessions per listener (joins less leaves), median", "{:.0f}",
-     lambda r: statistics.median(r["sessions_per_listener"])),
-    ("large room", "UDP sockets per process, median", "{:.0f}", lambda r: statistics.median(r["udp_sockets"])),
-    ("large room", "UDP sockets per process, max", "{:.0f}", lambda r: max(r["udp_sockets"])),
+    ("large room", "UDP sockets per process when formed, median", "{:.0f}",
+     lambda r: statistics.median(r["udp_sockets"])),
+    ("large room", "UDP sockets per process when formed, max", "{:.0f}", lambda r: max(r["udp_sockets"])),
+    ("large room", "UDP sockets per process after the lines, median", "{:.0f}",
+     lambda r: statistics.median(r["delivery"]["udp_sockets"])),
+    ("large room", "UDP sockets per process after the lines, max", "{:.0f}",
+     lambda r: max(r["delivery"]["udp_sockets"])),
     ("large room", "delivered (line, listener) pairs (%)", "{:.2f}", lambda r: r["delivery"]["delivered_pct"]),
     ("large room", "latency p50 (ms)", "{:.1f}", lambda r: r["delivery"]["latency_p50_ms"]),
     ("large room", "latency p99 (ms)", "{:.1f}", lambda r: r["delivery"]["latency_p99_ms"]),
@@ -341,11 +347,13 @@ ROWS = [  # (figure, metric, unit, format, value taken from one room's result)
      lambda r: r["delivery"]["cpu_ms_per_message"]),
     ("large room", "idle CPU before the lines, all processes (% of a core)", "{:.0f}", lambda r: r["idle_cpu_pct"]),
     ("kill third", "repair: kill to a line at every survivor (s)", "{:.2f}", lambda r: r["kill"]["repair_s"]),
-    ("kill third", "every victim's leave printed by every survivor (s)", "{:.2f}",
+    ("kill third", "every victim's leave printed by every survivor (s; full mesh only)", "{:.2f}",
      lambda r: r["kill"]["noticed_s"]),
     ("kill third", "delivered after repair (%)", "{:.2f}", lambda r: r["after_kill"]["delivered_pct"]),
     ("kill third", "latency p50 after repair (ms)", "{:.1f}", lambda r: r["after_kill"]["latency_p50_ms"]),
     ("kill third", "latency p99 after repair (ms)", "{:.1f}", lambda r: r["after_kill"]["latency_p99_ms"]),
+    ("kill third", "UDP sockets per process after repair, max", "{:.0f}",
+     lambda r: max(r["after_kill"]["udp_sockets"])),
 ]
 
 
@@ -370,7 +378,8 @@ async def bench(args: argparse.Namespace, results: dict) -> None:
     large = ["--max-peers", str(args.max_peers)] if args.max_peers is not None else []
     try:
         for n in range(args.runs):
-            for case, total, extra in (("baseline", args.baseline_processes, []), ("large", args.processes, large)):
+            for case, total, extra in (("baseline", args.baseline_processes, ["--max-peers", "0"]),
+                                       ("large", args.processes, large)):
                 print(f"run {n + 1}/{args.runs}: {case}, {total} processes {' '.join(extra)}", file=sys.stderr,
                       flush=True)
                 results[case].append({})
@@ -393,8 +402,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--processes", type=int, default=60, help="rtchat.py processes in the large room")
     parser.add_argument("--baseline-processes", type=int, default=20, help="rtchat.py processes in the baseline "
-                        "room, a full mesh (no --max-peers)")
-    parser.add_argument("--max-peers", type=int, metavar="D", help="passed to every process of the large room")
+                        "room, a full mesh (--max-peers 0)")
+    parser.add_argument("--max-peers", type=int, metavar="D", help="passed to every process of the large room "
+                        "(default: none, so rtchat.py's own default)")
     parser.add_argument("--senders", type=int, default=2, help="of the processes, how many are pipes that send")
     parser.add_argument("--messages", type=int, default=20, help="lines each sender writes in a delivery phase")
     parser.add_argument("--gap-ms", type=float, default=50, help="between two lines of one sender")
@@ -407,7 +417,8 @@ def main() -> int:
     parser.add_argument("--idle", type=float, default=2, help="seconds of a quiet room whose CPU is measured")
     parser.add_argument("--drain", type=float, default=15, help="seconds to wait for the last lines of a phase")
     parser.add_argument("--timeout", type=float, default=3600, help="the whole benchmark, seconds")
-    parser.add_argument("--quick", action="store_true", help="8 processes beside 4, 1 sender, 5 lines, 1 run")
+    parser.add_argument("--quick", action="store_true", help="8 processes beside 4, 1 sender, 5 lines, 1 run; "
+                        "--max-peers 2 unless given, so that the large room runs on gossip")
     parser.add_argument("--rtchat", default=str(support.ROOT / "rtchat.py"),
                         help="the rtchat.py to measure (copied once at start; default: the one beside bench/)")
     parser.add_argument("--out", metavar="FILE", help="write the results as JSON too")
@@ -415,6 +426,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.processes, args.baseline_processes, args.senders, args.messages, args.runs = 8, 4, 1, 5, 1
+        args.max_peers = 2 if args.max_peers is None else args.max_peers
     network = support.enter_private_network()
     results: dict[str, list[dict]] = {"baseline": [], "large": []}
     failure = None
@@ -431,8 +443,8 @@ def main() -> int:
     finally:
         for pgid in list(Room.groups):
             kill_group(pgid)
-    large = f"{args.processes} processes" + (f", --max-peers {args.max_peers}" if args.max_peers is not None
-                                             else ", full mesh")
+    large = f"{args.processes} processes, " + (f"--max-peers {args.max_peers}" if args.max_peers is not None
+                                               else "rtchat.py's default --max-peers")
     print(f"large room ({network}): rtchat = {large}; baseline = a full mesh of {args.baseline_processes}; "
           f"{args.senders} sender(s), {args.messages} lines each; medians over {len(results['large'])} run(s)")
     print(render(table(results)))
