@@ -42,7 +42,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
-import support  # noqa: E402  (the tests' broker, network namespace, loopback ICE, rtchat.py command line)
+import support  # noqa: E402  (the tests' broker, network namespace, and rtchat.py's environment: loopback ICE)
 from run import cpu_s, pct, render, rss_mb, summary  # noqa: E402  (figures are printed as bench/run.py's)
 
 mono = time.monotonic
@@ -99,8 +99,11 @@ class Member:
 
     async def write(self, text: str) -> float:
         t = mono()
-        self.proc.stdin.write(text.encode() + b"\n")
-        await self.proc.stdin.drain()
+        try:
+            self.proc.stdin.write(text.encode() + b"\n")
+            await self.proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            raise RuntimeError(f"{self.name} exited {await self.proc.wait()}: {self.tail()}") from None
         return t
 
     def tail(self) -> str:
