@@ -387,10 +387,14 @@ async def bench(args: argparse.Namespace, results: dict) -> None:
                       flush=True)
                 results[case].append({})
                 await one_room(args, workdir, broker, rtchat, total, f"{case}{n}", extra, results[case][-1])
-                for missing in ("delivery", "after_kill"):
-                    for name, texts in results[case][-1].get(missing, {}).get("missing", {}).items():
-                        print(f"  {case} {missing}: {name} did not print {len(texts)}: {', '.join(texts[:8])}"
-                              + (" ..." if len(texts) > 8 else ""), file=sys.stderr)
+                for phase in ("delivery", "after_kill"):
+                    missing = results[case][-1].get(phase, {}).get("missing", {})
+                    for name, texts in list(missing.items())[:5]:
+                        print(f"  {case} {phase}: {name} did not print {len(texts)}: {', '.join(texts[:6])}"
+                              + (" ..." if len(texts) > 6 else ""), file=sys.stderr)
+                    if len(missing) > 5:
+                        print(f"  {case} {phase}: and {len(missing) - 5} more listeners missed lines",
+                              file=sys.stderr)
                 for line in results[case][-1]["exited"]:
                     print(f"  {case}: {line}", file=sys.stderr)
     finally:
