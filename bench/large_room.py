@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Large-room benchmark (issue 16): --processes rtchat.py processes in one room, and the same room once a third of
-its listeners is killed, beside a full mesh of --baseline-processes measured in the same run, alternating.
+"""Benchmark figure 10, large rooms (issue 16): --processes rtchat.py processes in one room, and the same room once
+a third of its listeners is killed, beside a full mesh of --baseline-processes measured in the same run, alternating.
 
     python bench/large_room.py                         60 processes beside a full mesh of 20, 3 runs
     python bench/large_room.py --processes 30 --runs 5
@@ -332,30 +332,30 @@ def fmt(value: float | None, unit: str) -> str:
 
 
 ROWS = [  # (figure, metric, unit, format, value taken from one room's result)
-    ("large room", "room formed: start to every sender's probe at every listener (s)", "{:.2f}",
+    ("10 large room", "room formed: start to every sender's probe at every listener (s)", "{:.2f}",
      lambda r: r["formed_s"]),
-    ("large room", "UDP sockets per process when formed, median", "{:.0f}",
+    ("10 large room", "UDP sockets per process when formed, median", "{:.0f}",
      lambda r: statistics.median(r["udp_sockets"])),
-    ("large room", "UDP sockets per process when formed, max", "{:.0f}", lambda r: max(r["udp_sockets"])),
-    ("large room", "UDP sockets per process after the lines, median", "{:.0f}",
+    ("10 large room", "UDP sockets per process when formed, max", "{:.0f}", lambda r: max(r["udp_sockets"])),
+    ("10 large room", "UDP sockets per process after the lines, median", "{:.0f}",
      lambda r: statistics.median(r["delivery"]["udp_sockets"])),
-    ("large room", "UDP sockets per process after the lines, max", "{:.0f}",
+    ("10 large room", "UDP sockets per process after the lines, max", "{:.0f}",
      lambda r: max(r["delivery"]["udp_sockets"])),
-    ("large room", "delivered (line, listener) pairs (%)", "{:.2f}", lambda r: r["delivery"]["delivered_pct"]),
-    ("large room", "latency p50 (ms)", "{:.1f}", lambda r: r["delivery"]["latency_p50_ms"]),
-    ("large room", "latency p99 (ms)", "{:.1f}", lambda r: r["delivery"]["latency_p99_ms"]),
-    ("large room", "RSS per process, median (MB)", "{:.1f}", lambda r: statistics.median(r["delivery"]["rss_mb"])),
-    ("large room", "RSS per process, max (MB)", "{:.1f}", lambda r: max(r["delivery"]["rss_mb"])),
-    ("large room", "CPU per line per listener, all processes (ms)", "{:.2f}",
+    ("10 large room", "delivered (line, listener) pairs (%)", "{:.2f}", lambda r: r["delivery"]["delivered_pct"]),
+    ("10 large room", "latency p50 (ms)", "{:.1f}", lambda r: r["delivery"]["latency_p50_ms"]),
+    ("10 large room", "latency p99 (ms)", "{:.1f}", lambda r: r["delivery"]["latency_p99_ms"]),
+    ("10 large room", "RSS per process, median (MB)", "{:.1f}", lambda r: statistics.median(r["delivery"]["rss_mb"])),
+    ("10 large room", "RSS per process, max (MB)", "{:.1f}", lambda r: max(r["delivery"]["rss_mb"])),
+    ("10 large room", "CPU per line per listener, all processes (ms)", "{:.2f}",
      lambda r: r["delivery"]["cpu_ms_per_message"]),
-    ("large room", "idle CPU before the lines, all processes (% of a core)", "{:.0f}", lambda r: r["idle_cpu_pct"]),
-    ("kill third", "repair: kill to a line at every survivor (s)", "{:.2f}", lambda r: r["kill"]["repair_s"]),
-    ("kill third", "every victim's leave printed by every survivor (s; full mesh only)", "{:.2f}",
+    ("10 large room", "idle CPU before the lines, all processes (% of a core)", "{:.0f}", lambda r: r["idle_cpu_pct"]),
+    ("10 kill third", "repair: kill to a line at every survivor (s)", "{:.2f}", lambda r: r["kill"]["repair_s"]),
+    ("10 kill third", "every victim's leave printed by every survivor (s; full mesh only)", "{:.2f}",
      lambda r: r["kill"]["noticed_s"]),
-    ("kill third", "delivered after repair (%)", "{:.2f}", lambda r: r["after_kill"]["delivered_pct"]),
-    ("kill third", "latency p50 after repair (ms)", "{:.1f}", lambda r: r["after_kill"]["latency_p50_ms"]),
-    ("kill third", "latency p99 after repair (ms)", "{:.1f}", lambda r: r["after_kill"]["latency_p99_ms"]),
-    ("kill third", "UDP sockets per process after repair, max", "{:.0f}",
+    ("10 kill third", "delivered after repair (%)", "{:.2f}", lambda r: r["after_kill"]["delivered_pct"]),
+    ("10 kill third", "latency p50 after repair (ms)", "{:.1f}", lambda r: r["after_kill"]["latency_p50_ms"]),
+    ("10 kill third", "latency p99 after repair (ms)", "{:.1f}", lambda r: r["after_kill"]["latency_p99_ms"]),
+    ("10 kill third", "UDP sockets per process after repair, max", "{:.0f}",
      lambda r: max(r["after_kill"]["udp_sockets"])),
 ]
 
