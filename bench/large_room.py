@@ -331,7 +331,7 @@ def fmt(value: float | None, unit: str) -> str:
     return "not within the timeout" if value is None else f"{value:.2f} {unit}"
 
 
-ROWS = [  # (figure, metric, unit, format, value taken from one room's result)
+ROWS = [  # (figure, metric, format, the value taken from one room's result)
     ("10 large room", "room formed: start to every sender's probe at every listener (s)", "{:.2f}",
      lambda r: r["formed_s"]),
     ("10 large room", "UDP sockets per process when formed, median", "{:.0f}",
