@@ -5,7 +5,7 @@ a third of its listeners is killed, beside a full mesh of --baseline-processes m
     python bench/large_room.py                         60 processes beside a full mesh of 20, 3 runs
     python bench/large_room.py --processes 30 --runs 5
     python bench/large_room.py --max-peers 0           the large room a full mesh too (0: connect to everyone)
-    python bench/large_room.py --quick                 8 (--max-peers 2) beside 4, 1 run (CI: proves it still works)
+    python bench/large_room.py --quick                 8 (--max-peers 3) beside 4, 1 run (CI: proves it still works)
     python bench/large_room.py --out FILE.json         the results as JSON too
 
 Every member is a real `rtchat.py` process with its own HOME and state file, on loopback, with the bench's own
@@ -425,7 +425,7 @@ def main() -> int:
     parser.add_argument("--drain", type=float, default=15, help="seconds to wait for the last lines of a phase")
     parser.add_argument("--timeout", type=float, default=3600, help="the whole benchmark, seconds")
     parser.add_argument("--quick", action="store_true", help="8 processes beside 4, 1 sender, 5 lines, 1 run; "
-                        "--max-peers 2 unless given, so that the large room runs on gossip")
+                        "--max-peers 3 unless given, so that the large room runs on gossip")
     parser.add_argument("--rtchat", default=str(support.ROOT / "rtchat.py"),
                         help="the rtchat.py to measure (copied once at start; default: the one beside bench/)")
     parser.add_argument("--out", metavar="FILE", help="write the results as JSON too")
@@ -433,7 +433,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.processes, args.baseline_processes, args.senders, args.messages, args.runs = 8, 4, 1, 5, 1
-        args.max_peers = 2 if args.max_peers is None else args.max_peers
+        args.max_peers = 3 if args.max_peers is None else args.max_peers
     network = support.enter_private_network()
     results: dict[str, list[dict]] = {"baseline": [], "large": []}
     failure = None
