@@ -520,7 +520,7 @@ def test_the_flood_baseline_runs_over_the_same_overlay():
     tree = gossip_sim.run_room(2, peers=60, messages=10)
     flood = gossip_sim.run_room(2, peers=60, messages=10, flood=True)
     assert tree["overlay"] == flood["overlay"]
-    assert flood["copies_per_delivery"] > 2 * tree["copies_per_delivery"]
+    assert flood["copies_per_delivery"] > 1.5 * tree["copies_per_delivery"]
 
 
 def _sim_in_subprocess(seed: int, hash_seed: str) -> dict:
