@@ -7198,18 +7198,21 @@ class Routes:
         else:
             self.take(peer, remote, author, inner)
 
-    def take(self, peer: Peer, remote: Remote, author: dict, inner: dict) -> None:
+    def take(self, peer: Peer, remote: Remote, author: dict, inner: dict, checked: Message | None = None) -> None:
         """A message ('msg') or a sealed direct message ('box') from remote that peer passed on: taken as news if its
-        author signed it (its id bound to its words), and acked to it (directly if we have a session with it)."""
+        author signed it (its id bound to its words), and acked to it (directly if we have a session with it).
+        checked: the message, if the caller has checked the record already."""
         kind, sender = inner.get("t"), remote.name
         record = inner.get("m") if kind == "msg" else self._open(peer, sender, inner) if kind == "box" else None
         if not isinstance(record, dict) or record.get("from") != sender or record.get("fingerprint") != \
                 remote.fingerprint or not is_signature_text(record.get("sig")):
             return
-        checked = self._check(peer, {remote.fingerprint: author}, record, {})
-        if checked is None or not checked[0].sig:  # live words count only signed by their author
+        if checked is None:
+            found = self._check(peer, {remote.fingerprint: author}, record, {})
+            checked = found[0] if found is not None else None
+        if checked is None or not checked.sig:  # live words count only signed by their author
             return
-        msg = checked[0]
+        msg = checked
         msg.history = False
         if kind == "box":
             msg.kind, msg.to = "dm", self.scope.me
@@ -7671,6 +7674,8 @@ MAX_QUEUED_GOSSIP = 16       # frames waiting for the session with the member th
 ORDER_WAIT_S = 1.0           # a message ahead of its turn waits this long for those before it
 MAX_HELD_PER_AUTHOR = 64     # ... and at most this many wait at once
 SYNC_PEERS = 2               # members of a large room a member compares history with (when it joins)
+ACK_GATHER_S = 0.01          # acks going to one neighbour are gathered this long into one frame ...
+ACKS_PER_FRAME = 64          # ... of at most this many
 ACK_WANDER_HOPS = 8          # an ack whose way back is broken goes on to a random neighbour at most this often
 ACK_PATHS = 10_000           # our neighbours that brought us messages, remembered to send acks back the same way
 MAX_GOSSIP_CHARS = RELAY_MAX_CHARS  # one gossip frame
@@ -7739,6 +7744,8 @@ class Overlay(SessionPolicy):
         self._grace: dict[str, asyncio.TimerHandle] = {}  # sessions that are no neighbour's, closed unless wanted
         self._epoch, self._said = secrets.token_hex(4), 0  # our messages are numbered from 1 in this epoch
         self._order: dict[str, Ordering] = {}   # per author: what came ahead of its turn, held briefly
+        self._acks_out: dict[Peer, list[dict]] = {}  # acks gathered per neighbour, sent together
+        self._acks_due: asyncio.TimerHandle | None = None
         self._synced = 0                        # members we compared history with since the room became large
         self._left: dict[str, dict] = {}        # members that said they left -> that record (older ones not taken)
         self._tasks = Tasks()
@@ -7940,7 +7947,7 @@ class Overlay(SessionPolicy):
             return
         self._note_speaker(peer.name)
         if value.get("t") == "gack":
-            self._on_ack(peer, value)
+            self._on_acks(peer, value)
             return
         if value.get("t") == "members":
             self._on_members(peer, value.get("ms"))
@@ -7984,7 +7991,7 @@ class Overlay(SessionPolicy):
         msg_id, payload = frame.get("id"), frame.get("d")
         if not isinstance(msg_id, str) or self.gossip.tree.has_seen(msg_id):
             return True  # a duplicate: the core prunes the link
-        if not isinstance(payload, dict) or len(to_json(payload)) > MAX_GOSSIP_CHARS:
+        if not isinstance(payload, dict):
             return False
         kind = payload.get("t")
         author = self._author(payload.get("a"))
@@ -8006,8 +8013,9 @@ class Overlay(SessionPolicy):
             found = (presence[0],)
         elif kind == "dm":
             sender = payload.get("from")
-            if not (is_wire_name(sender) and is_wire_name(payload.get("to")) and isinstance(payload.get("box"),
-                                                                                             dict)):
+            box = payload.get("box")
+            if not (is_wire_name(sender) and is_wire_name(payload.get("to")) and isinstance(box, dict)
+                    and len(to_json(box)) <= MAX_GOSSIP_CHARS):
                 return False
             found = (sender,)
         else:
@@ -8052,7 +8060,7 @@ class Overlay(SessionPolicy):
             return
         epoch, number = delivered.payload.get("e"), _count_field(delivered.payload.get("n"), 2 ** 53)
         take = functools.partial(self.ledger.routes.take, via, remote, author,
-                                 {"t": "msg", "m": delivered.payload["m"]})
+                                 {"t": "msg", "m": delivered.payload["m"]}, found[2])
         if not (isinstance(epoch, str) and len(epoch) <= 16 and number):
             take()
             return
@@ -8165,9 +8173,29 @@ class Overlay(SessionPolicy):
         for via in ways:
             peer = self.sessions.peers.get(via)
             if peer is not None and peer.is_verified:
-                sent |= peer.send("chat", {"t": "gack", "to": remote.name, "from": self.scope.me, "ids": ids,
-                                           "sig": sig})
+                self._ack_to(peer, {"to": remote.name, "from": self.scope.me, "ids": ids, "sig": sig})
+                sent = True
         return sent
+
+    def _ack_to(self, peer: Peer, entry: dict) -> None:
+        """An ack to a neighbour, gathered for ACK_GATHER_S with the others going its way: acks converge on their
+        authors along the tree, and one frame carries many."""
+        queue = self._acks_out.setdefault(peer, [])
+        queue.append(entry)
+        if len(queue) >= ACKS_PER_FRAME:
+            self._flush_acks(peer)
+        elif self._acks_due is None:
+            self._acks_due = self._tasks.later(ACK_GATHER_S, self._flush_all_acks)
+
+    def _flush_all_acks(self) -> None:
+        self._acks_due = None
+        for peer in list(self._acks_out):
+            self._flush_acks(peer)
+
+    def _flush_acks(self, peer: Peer) -> None:
+        entries = self._acks_out.pop(peer, None)
+        if entries and peer.is_verified:
+            peer.send("chat", {"t": "gack", "acks": entries})
 
     def _pass_ack(self, peer: Peer, to: str, value: dict) -> None:
         """Acks on their way to another member: the way the message came, else straight to the author if we have a
@@ -8181,10 +8209,17 @@ class Overlay(SessionPolicy):
             value = {**value, "h": hops - 1}
             via = self.sessions.peers.get(self.rng.choice(others))
         if via is not None and via.is_verified:
-            via.send("chat", value)
+            self._ack_to(via, value)
+
+    def _on_acks(self, peer: Peer, value: dict) -> None:
+        entries = value.get("acks")
+        if isinstance(entries, list) and len(entries) <= ACKS_PER_FRAME:
+            for entry in entries:
+                if isinstance(entry, dict):
+                    self._on_ack(peer, entry)
 
     def _on_ack(self, peer: Peer, value: dict) -> None:
-        """Acks for a member's messages: ours are checked and taken; others go on the way their messages came."""
+        """An ack for a member's messages: ours are checked and taken; others go on the way their messages came."""
         to, sender, ids, sig = (value.get(k) for k in ("to", "from", "ids", "sig"))
         if not (is_wire_name(to) and is_wire_name(sender) and isinstance(ids, list) and 0 < len(ids) <= 1000
                 and all(is_message_id(i) for i in ids)):
@@ -10912,7 +10947,18 @@ async def _enter_peerjs(app: App, server: str | None, friends: list[str], timeou
         await place.connect(friend, timeout)
 
 
+def _after_close(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """aiortc's SCTP timers send on a transport that a closed session has shut, in tasks nobody awaits: the
+    ConnectionError they end with is expected (in a large room sessions are closed all the time), not news to the
+    user. Logged with --debug; anything else is reported as asyncio would."""
+    if isinstance(context.get("exception"), ConnectionError):
+        log.debug("after a session closed: %s (%s)", context.get("message"), context["exception"])
+    else:
+        loop.default_exception_handler(context)
+
+
 async def run(args: argparse.Namespace) -> int:
+    asyncio.get_running_loop().set_exception_handler(_after_close)
     if args.mode == "netcheck":
         return await run_netcheck(args)
     state_path = Path(args.state).expanduser() if args.state else default_state_path()

@@ -311,6 +311,7 @@ async def one_room(args: argparse.Namespace, workdir: Path, broker: support.Brok
         result.update(await form(room, started, args.form_timeout))
         print(f"  {label}: formed {fmt(result['formed_s'], 's')}, best probe at {result['best_probe_reached']}",
               file=sys.stderr, flush=True)
+        await asyncio.sleep(args.settle)  # a room just formed is still reshaping (sessions set up to ask close)
         result["idle_cpu_pct"] = await idle_cpu(room, args.idle)
         result["delivery"] = await deliver(room, "line", args.messages, args.gap_ms / 1000, args.drain)
         if args.kill_third:
@@ -422,6 +423,8 @@ def main() -> int:
     parser.add_argument("--pipe-timeout", type=float, default=60, help="the senders' --timeout: a pipe sends once "
                         "the room has settled, or this has passed")
     parser.add_argument("--idle", type=float, default=2, help="seconds of a quiet room whose CPU is measured")
+    parser.add_argument("--settle", type=float, default=30, help="seconds a formed room is left alone before the "
+                        "lines (a large room closes the sessions it set up to ask for neighbours 10 s after)")
     parser.add_argument("--drain", type=float, default=15, help="seconds to wait for the last lines of a phase")
     parser.add_argument("--timeout", type=float, default=3600, help="the whole benchmark, seconds")
     parser.add_argument("--quick", action="store_true", help="8 processes beside 4, 1 sender, 5 lines, 1 run; "
@@ -433,6 +436,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.processes, args.baseline_processes, args.senders, args.messages, args.runs = 8, 4, 1, 5, 1
+        args.settle = 12
         args.max_peers = 3 if args.max_peers is None else args.max_peers
     network = support.enter_private_network()
     results: dict[str, list[dict]] = {"baseline": [], "large": []}

@@ -180,7 +180,7 @@ def test_forged_gossip_stops_at_the_first_member(broker, tmp_path):
                                                                     [line.id]))
             waiting = rooms[0].ledger.awaiting(line.id)
             forger = next(p for p in mallory.verified_peers() if p.name == neighbor.name)
-            forger.send("chat", {"t": "gack", "to": "u0", "from": "u1", "ids": [line.id], "sig": sig})
+            forger.send("chat", {"t": "gack", "acks": [{"to": "u0", "from": "u1", "ids": [line.id], "sig": sig}]})
             await asyncio.sleep(0.5)
             assert rooms[0].ledger.awaiting(line.id) <= waiting
             assert await rooms[0].flush(20)   # the genuine acks still come
