@@ -7782,23 +7782,26 @@ class Overlay(SessionPolicy):
         large, or one too many, makes it large."""
         if not (self.max_peers and dialect.compact and isinstance(data, dict) and data.get("gossip")):
             return False
-        self._note_speaker(name)
-        if self.gossip is None and data.get("large") is True:
+        new = self._note_speaker(name)
+        if self.gossip is None and (data.get("large") is True or new and self._here() >= LARGE_ROOM_FACTOR *
+                                    self.max_peers):
             self._become_large()
         return True
 
-    def _count(self) -> None:
-        """Past 2×D members that gossip, verified in sessions with us, the room is large. (Only verified ones
-        count: names announced cost a stranger nothing.)"""
-        if self.gossip is None and sum(1 for p in self.sessions.verified() if p.name in self._speakers) >= \
-                LARGE_ROOM_FACTOR * self.max_peers:
-            self._become_large()
+    def _here(self) -> int:
+        """Members that gossip and are here: announced lately, or in a session with us. (Counted as announced, not
+        once verified: processes started together would otherwise each set up sessions with all the others
+        before any is verified. Made-up names can make a room large; it then runs on gossip, nothing is lost.)"""
+        return sum(1 for name in self._speakers if (peer := self.sessions.peers.get(name)) is not None
+                   and peer.state != "closed")
 
-    def _note_speaker(self, name: str) -> None:
-        self._speakers.pop(name, None)
+    def _note_speaker(self, name: str) -> bool:
+        """Whether name is new among the members that gossip."""
+        new = self._speakers.pop(name, False) is False
         self._speakers[name] = None
         if len(self._speakers) > MAX_MEMBERS:
             del self._speakers[next(iter(self._speakers))]
+        return new
 
     def covers(self, name: str) -> bool:
         """Whether a member is reached by gossip (so not through a member that says it reaches it)."""
@@ -7866,8 +7869,6 @@ class Overlay(SessionPolicy):
 
     # -- sessions -------------------------------------------------------------------------------------------
     def peer_verified(self, peer: Peer) -> None:
-        if self.max_peers and peer.name in self._speakers:
-            self._count()
         if self.gossip is None or peer.name not in self._speakers:
             return
         self._tell_members(peer)
