@@ -3489,8 +3489,9 @@ class Membership:
 
     Members that agree to be neighbours both emit Connect, so a connection exists only while both want it."""
 
-    def __init__(self, me: str, rng: random.Random, max_active: int = MAX_NEIGHBORS) -> None:
-        self.me, self.rng, self.max_active = me, rng, max_active
+    def __init__(self, me: str, rng: random.Random, max_active: int = MAX_NEIGHBORS,
+                 neighbor_wait: float = NEIGHBOR_WAIT_S) -> None:
+        self.me, self.rng, self.max_active, self.neighbor_wait = me, rng, max_active, neighbor_wait
         self.active: dict[str, bool] = {}        # neighbour -> is its connection up
         self.passive: dict[str, None] = {}       # an ordered set, so runs with one seed repeat exactly
         self.pending: dict[str, tuple[int, dict, int]] = {}  # joins and neighbour requests out -> timer seq, msg, try
@@ -3566,7 +3567,7 @@ class Membership:
         seq = next(self._seq)
         self.pending[peer] = (seq, msg, attempt)
         out.append(SendMessage(peer, msg))
-        out.append(ScheduleTimer(NEIGHBOR_WAIT_S, Timer("nbr", peer, seq)))
+        out.append(ScheduleTimer(self.neighbor_wait, Timer("nbr", peer, seq)))
 
     def _accept(self, peer: str, out: list) -> None:
         out.append(SendMessage(peer, {"t": "nbr-re", "ok": True}))
@@ -3902,9 +3903,9 @@ class Gossip:
     in; randomness comes from rng, so a seeded simulation repeats exactly."""
 
     def __init__(self, me: str, rng: random.Random, *, max_neighbors: int = MAX_NEIGHBORS, flood: bool = False,
-                 check: Callable[[str, Any], bool] | None = None) -> None:
+                 check: Callable[[str, Any], bool] | None = None, neighbor_wait: float = NEIGHBOR_WAIT_S) -> None:
         self.me = me
-        self.membership = Membership(me, rng, max_neighbors)
+        self.membership = Membership(me, rng, max_neighbors, neighbor_wait)
         self.tree = BroadcastTree(lazy=not flood, check=check)
         self.has_left = False
         self._started = False
@@ -7671,6 +7672,9 @@ MAX_MEMBERS = 2000           # members of a large room known at once
 MEMBERS_PER_FRAME = 32       # presence records in one frame to a new neighbour
 LINK_GRACE_S = 10.0          # a session with an rtchat.py member that is no neighbour of ours is closed after this
 MAX_QUEUED_GOSSIP = 16       # frames waiting for the session with the member they go to
+ROOM_NEIGHBOR_WAIT_S = 10.0  # a join or neighbour request in a room: a session is set up first (3 s is too short
+#                              on a loaded machine: each try given up set up another session elsewhere)
+MERGE_EVERY_S = 30.0         # a member asks a member of another part of a split overlay at most this often
 ORDER_WAIT_S = 1.0           # a message ahead of its turn waits this long for those before it
 MAX_HELD_PER_AUTHOR = 64     # ... and at most this many wait at once
 SYNC_PEERS = 2               # members of a large room a member compares history with (when it joins)
@@ -7746,6 +7750,7 @@ class Overlay(SessionPolicy):
         self._order: dict[str, Ordering] = {}   # per author: what came ahead of its turn, held briefly
         self._acks_out: dict[Peer, list[dict]] = {}  # acks gathered per neighbour, sent together
         self._acks_due: asyncio.TimerHandle | None = None
+        self._last_merge = -math.inf            # when we last asked a member of another part
         self._synced = 0                        # members we compared history with since the room became large
         self._left: dict[str, dict] = {}        # members that said they left -> that record (older ones not taken)
         self._tasks = Tasks()
@@ -7773,8 +7778,8 @@ class Overlay(SessionPolicy):
         membership = self.gossip.membership
         if not membership.active and not membership.pending:
             self._handle(Join(name))  # our way in (a member that has one lets newcomers find their own)
-        elif data.get("large") is True and not self._hears(name) and self.rng.random() < JOIN_CONTACTS / max(
-                1, len(self.members)):
+        elif data.get("large") is True and self._split_from(name):
+            self._last_merge = time.monotonic()
             self._handle(Merge(name))  # a member of the room we do not hear: the overlay is split
 
     def offered(self, name: str, data: Any, dialect: Dialect) -> bool:
@@ -7828,6 +7833,14 @@ class Overlay(SessionPolicy):
         membership = self.gossip.membership
         return name in membership.active or name in membership.pending
 
+    def _split_from(self, name: str) -> bool:
+        """Whether a member of the large room that announced itself seems to be in another part of a split overlay
+        (its presence does not reach us), and we should ask it (a few members do, at most once per MERGE_EVERY_S
+        each, and only members settled in their own part: a room forming is not a split room)."""
+        settled = 2 * len(self.gossip.membership.up_neighbors()) >= self.max_peers
+        return settled and not self._hears(name) and time.monotonic() - self._last_merge > MERGE_EVERY_S and \
+            self.rng.random() < JOIN_CONTACTS / max(1, len(self.members))
+
     def _hears(self, name: str) -> bool:
         """Whether a member's presence reached us lately (by gossip, or from a neighbour that heard it)."""
         known = self.members.get(name)
@@ -7857,7 +7870,7 @@ class Overlay(SessionPolicy):
     def _become_large(self) -> None:
         """The room is large: from now on, at most D sessions with members that gossip. Those we have are the
         first contacts; the ones Membership does not keep are closed after LINK_GRACE_S."""
-        self.gossip = Gossip(self.scope.me, self.rng, max_neighbors=self.max_peers)
+        self.gossip = Gossip(self.scope.me, self.rng, max_neighbors=self.max_peers, neighbor_wait=ROOM_NEIGHBOR_WAIT_S)
         self.network.user_info["large"] = self.network.compact_info["large"] = True
         log.info("#%s is large: gossip with at most %d neighbours", self.scope.room, self.max_peers)
         self._tasks.later(0, self._spread_presence, "here")
