@@ -7269,7 +7269,7 @@ class Ledger:
                              self._tasks, lambda name, msg_id: name in self._unacked.get(msg_id, ()))
         self._present: dict[str, Peer] = {}     # verified peers, by name
         self.routes = Routes(scope, self._present, emit, self._tasks, relay=relay, check=self.relays._relayed,
-                             take=self.take_relayed, acked=self.acked, route_up=self._send_outbox,
+                             take=self.take_relayed, acked=self.acked, route_up=self.send_outbox,
                              changed=on_route, trying=trying)
         self._unacked: dict[str, set[str]] = {}  # our messages -> rtchat.py peers that have not acked them yet
         self._dm_ids: dict[str, str] = {}       # our DMs awaiting an ack: id -> recipient
@@ -7419,7 +7419,7 @@ class Ledger:
             peer.send("chat", {"t": "hello", "mkey": self.scope.identity.message_public,
                                "mcert": self.scope.identity.message_cert, "late_sigs": True, "batches": True,
                                "files": self.takes_files, "reach": True})
-        self._send_outbox(peer)
+        self.send_outbox(peer)
         for record in self.routes.hand_over(peer.name):  # it went through a member, and is not acked yet
             self._send_text(peer, "dm" if record["type"] == "dm" else "chat", Message.from_dict(record))
         self.relays.judge()
@@ -7616,7 +7616,7 @@ class Ledger:
     def _on_backfill(self, peer: Peer, kind: str, value: dict) -> None:
         self.relays.on_backfill(peer, value)
 
-    def _send_outbox(self, peer: Peer | Remote) -> None:
+    def send_outbox(self, peer: Peer | Remote) -> None:
         """Direct messages that waited for this peer (or member reached through others) go out now; an ack takes
         them out of the outbox."""
         waiting = [e for e in self.scope.store.data["outbox"]
@@ -8164,6 +8164,8 @@ class Overlay(SessionPolicy):
             del self.members[next(iter(self.members))]
         if known is None:
             self.negotiation.note_activity()
+            if not (name in self.sessions.peers and self.sessions.peers[name].is_verified):
+                self.ledger.send_outbox(self.members[name][0])  # direct messages that waited for it
 
     def _expire_members(self) -> None:
         now = time.monotonic()

@@ -126,10 +126,23 @@ def test_who_lists_every_member_and_peers_counts_them(broker, tmp_path):
             await clients[-1].close()
             await eventually(lambda: all(f"u{MEMBERS - 1}" not in c.rooms["big"].overlay.members
                                          for c in clients[:-1]), 20, "the member that left gone from the room")
+            # A direct message to it waits in the outbox, and goes out when it is back.
+            away = f"u{MEMBERS - 1}"
+            if not clients[0].trust.pins_for(away):
+                clients[0].trust.pin(away, clients[-1].identity.public_key_string)
+            queued = []
+            app.room.on("queued", queued.append)
+            app.room.dm(away, "while you were away")
+            assert queued
+            clients[-1] = await make_client(away, tmp_path, broker.url, max_peers=D).start()
+            back = await clients[-1].join("big")
+            got = []
+            back.on("dm", lambda m: got.append(m.text))
+            await eventually(lambda: got == ["while you were away"], 40, "the direct message that waited")
         finally:
-            for client in clients[:-1]:
+            for client in clients:
                 await client.close()
-    run(scenario(), 150)
+    run(scenario(), 180)
 
 
 def test_forged_gossip_stops_at_the_first_member(broker, tmp_path):
