@@ -3371,9 +3371,11 @@ class RecvMessage:
 
 @dataclasses.dataclass(slots=True)
 class Broadcast:
-    """Our own message for the room. The id is the caller's; payload is any JSON value, passed on unread."""
+    """Our own message for the room. The id is the caller's; payload is any JSON value, passed on unread. whole:
+    pushed whole to every neighbour, not announced to some (our last words: nobody can ask us for it later)."""
     id: str
     payload: Any
+    whole: bool = False
 
 
 @dataclasses.dataclass(slots=True)
@@ -3757,9 +3759,14 @@ class BroadcastTree:
     def has_seen(self, msg_id: str) -> bool:
         return msg_id in self._seen
 
-    def broadcast(self, msg_id: str, payload: Any, now: float, out: list) -> None:
-        if msg_id not in self._seen:
-            self._remember(msg_id, payload, 0, now)
+    def broadcast(self, msg_id: str, payload: Any, now: float, out: list, whole: bool = False) -> None:
+        if msg_id in self._seen:
+            return
+        self._remember(msg_id, payload, 0, now)
+        if whole:
+            out.extend(SendMessage(peer, {"t": "gossip", "id": msg_id, "r": 1, "d": payload})
+                       for peer in [*self.eager, *self.lazy])
+        else:
             self._push(msg_id, payload, 0, None, out)
 
     def neighbor_up(self, peer: str, now: float, out: list) -> None:
@@ -3924,7 +3931,7 @@ class Gossip:
         elif kind is Broadcast:
             if _id_field(event.id) is None:
                 raise ValueError(f"a message id is a string of 1 to {MAX_MESSAGE_ID_CHARS} characters")
-            self.tree.broadcast(event.id, event.payload, now, out)
+            self.tree.broadcast(event.id, event.payload, now, out, event.whole)
         elif kind is TimerExpired:
             part = self.tree if event.timer.kind in ("graft", "ihave") else self.membership
             part.on_timer(event.timer, now, out)
@@ -7976,10 +7983,10 @@ class Overlay(SessionPolicy):
         self._handle(RecvMessage(peer.name, frame))
 
     # -- what goes round ------------------------------------------------------------------------------------
-    def spread(self, payload: dict, msg_id: str) -> None:
-        """Our own message (or presence) to the whole room, by the tree."""
+    def spread(self, payload: dict, msg_id: str, whole: bool = False) -> None:
+        """Our own message (or presence) to the whole room, by the tree (whole: to every neighbour at once)."""
         if self.gossip is not None:
-            self._handle(Broadcast(msg_id, payload))
+            self._handle(Broadcast(msg_id, payload, whole))
 
     def spread_message(self, record: dict) -> None:
         """Our chat message (its record, signed) to the whole room, numbered so that each member shows our
@@ -8101,7 +8108,7 @@ class Overlay(SessionPolicy):
         if self.gossip is None or not self.present:
             return
         record = self._own_presence(kind)
-        self.spread(record, presence_id(self.scope.topic, self.scope.me, record["ts"], kind))
+        self.spread(record, presence_id(self.scope.topic, self.scope.me, record["ts"], kind), whole=kind == "bye")
         if kind == "here":
             self._expire_members()
             self._tasks.later(PRESENCE_EVERY_S * self.rng.uniform(0.9, 1.1), self._spread_presence, "here")

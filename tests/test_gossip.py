@@ -128,6 +128,14 @@ def test_a_member_of_another_part_is_asked_at_high_priority_and_accepted_by_a_fu
     assert of(out, Connect) == [Connect("there")] and len(sends(out, "dis")) == 1
 
 
+def test_last_words_go_whole_to_every_neighbour():
+    core = with_neighbors(node("me"), "a", "b", "c")
+    core.tree.on_prune("b")  # b is a lazy link now: an ordinary message is only announced to it
+    assert sorted(p for p, _ in sends(core.handle(Broadcast("m1", 1), 0.0), "gossip")) == ["a", "c"]
+    out = core.handle(Broadcast("bye", 2, whole=True), 0.1)
+    assert sorted(p for p, _ in sends(out, "gossip")) == ["a", "b", "c"] and not sends(out, "ihave")
+
+
 def test_a_join_is_walked_from_each_neighbour_of_the_contact():
     contact = with_neighbors(node("old"), "a", "b", "c")
     out = contact.handle(RecvMessage("new", {"t": "join"}), 0.0)

@@ -125,7 +125,7 @@ def test_who_lists_every_member_and_peers_counts_them(broker, tmp_path):
             # A member that leaves says so: it is gone from everyone's /who at once.
             await clients[-1].close()
             await eventually(lambda: all(f"u{MEMBERS - 1}" not in c.rooms["big"].overlay.members
-                                         for c in clients[:-1]), 20, "the member that left gone from the room")
+                                         for c in clients[:-1]), 30, "the member that left gone from the room")
             # A direct message to it waits in the outbox, and goes out when it is back.
             away = f"u{MEMBERS - 1}"
             if not clients[0].trust.pins_for(away):
