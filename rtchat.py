@@ -7673,8 +7673,8 @@ LARGE_ROOM_FACTOR = 2        # a room is large once it has more than this many t
 MIN_PEERS, MAX_PEERS_LIMIT = 3, 64  # the D --max-peers takes (with 2 the overlay is rings, easily cut in two)
 JOIN_CONTACTS = 3            # members of a large room that answer one newcomer's announcement, on average
 PRESENCE_EVERY_S = 30.0      # each member of a large room says it is here this often (signed, by gossip) ...
-PRESENCE_FRESH_MS = 45_000   # a member whose presence is older than this is not heard by gossip (split, or gone)
 MEMBER_EXPIRE_S = 100.0      # ... and is forgotten when not heard from for this long (a member killed, not left)
+PRESENCE_FRESH_MS = 45_000   # a member whose presence is older than this is not heard by gossip (split, or gone)
 MAX_MEMBERS = 2000           # members of a large room known at once
 MEMBERS_PER_FRAME = 32       # presence records in one frame to a new neighbour
 LINK_GRACE_S = 10.0          # a session with an rtchat.py member that is no neighbour of ours is closed after this
@@ -7689,7 +7689,7 @@ ACK_GATHER_S = 0.01          # acks going to one neighbour are gathered this lon
 ACKS_PER_FRAME = 64          # ... of at most this many
 ACK_WANDER_HOPS = 8          # an ack whose way back is broken goes on to a random neighbour at most this often
 ACK_PATHS = 10_000           # our neighbours that brought us messages, remembered to send acks back the same way
-MAX_GOSSIP_CHARS = RELAY_MAX_CHARS  # one gossip frame
+MAX_GOSSIP_CHARS = RELAY_MAX_CHARS  # a sealed direct message passed on by gossip
 OVERLAY_FRAMES = ("g", "gack", "members")  # the `t` of what members of a large room send each other on chat
 
 
@@ -7830,7 +7830,7 @@ class Overlay(SessionPolicy):
 
     def gossips_with(self, peer: Peer) -> bool:
         """Whether what we say reaches this verified peer by gossip (in a large room, a member that gossips)."""
-        return self.gossip is not None and peer.name in self._speakers
+        return self.covers(peer.name)
 
     def wants(self, name: str, dialect: Dialect) -> bool:
         """A session with this member now: in a full mesh with everyone; in a large room with browsers, members
