@@ -153,6 +153,7 @@ def test_forged_gossip_stops_at_the_first_member(broker, tmp_path):
         mallory = rooms[-1]
         victim_name = "u0"
         try:
+            await settled(rooms)  # acks go back the way lines came: not through sessions about to be closed
             await eventually(lambda: mallory.overlay.neighbors(), 20, "mallory has a neighbour")
             neighbor = mallory.peers[mallory.overlay.neighbors()[0]]
             target = next(r for r in rooms if r.me == neighbor.name)
